@@ -1,0 +1,1 @@
+"""RL post-training: task, GRPO loss, micro-batch packing."""
