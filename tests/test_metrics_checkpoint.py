@@ -1,0 +1,110 @@
+"""MetricsLogger / plot / summary, and the Orbax Checkpointer with NNX model + optimizer state."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from foremoe_jax import checkpoint, metrics
+
+
+def test_metrics_logger_jsonl_tensorboard_summary_and_plot(tmp_path):
+  run = tmp_path / "run"
+  with metrics.MetricsLogger(run) as log:
+    for step in range(3):
+      log.log(step, {"reward": np.float32(0.25 * step), "kl": jnp.asarray(0.1), "time": {"rollout": 1.5},
+                     "imbalance_per_micro_step": {"static": [1.3, 1.2], "foremoe": [1.01, 1.0]},
+                     "loss": float("nan")})
+  with metrics.MetricsLogger(run, tensorboard=False) as log:  # A resumed run appends.
+    log.log(3, {"reward": 1.0, "imbalance_per_micro_step": {"static": [1.5], "foremoe": [1.0]}})
+  records = metrics.read_metrics(run)
+  assert [r["step"] for r in records] == [0, 1, 2, 3]
+  assert records[2]["reward"] == 0.5 and records[0]["time"] == {"rollout": 1.5} and records[0]["loss"] is None
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tb"))
+
+  png = metrics.plot_run(run, tmp_path / "plots" / "run.png")
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  metrics.plot_run(records[:1], tmp_path / "one.png")  # Records work as input too.
+
+  path = metrics.write_summary(run, {"steps": 4, "imbalance": {"static": np.float64(1.3)}, "devices": 8})
+  assert json.load(open(path)) == {"steps": 4, "imbalance": {"static": 1.3}, "devices": 8}
+
+
+def test_read_metrics_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    metrics.read_metrics(tmp_path)
+  (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "rew')  # Killed mid-write.
+  assert metrics.read_metrics(tmp_path) == [{"step": 0}]
+  (tmp_path / "metrics.jsonl").write_text('{"step": 0}\nbroken\n{"step": 2}\n')
+  with pytest.raises(ValueError, match="metrics.jsonl:2"):
+    metrics.read_metrics(tmp_path)
+
+
+def _model_and_opt(seed, d_out=4):
+  model = nnx.Linear(3, d_out, rngs=nnx.Rngs(seed))
+  return model, nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+
+@nnx.jit
+def _train_step(model, opt):
+  grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((2, 3))) ** 2))(model)
+  opt.update(model, grads)
+
+
+def test_checkpoint_round_trip_latest_and_retention(tmp_path):
+  model, opt = _model_and_opt(0)
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2)
+  assert ckpt.latest_step() is None
+  for step in (1, 2, 3):
+    _train_step(model, opt)
+    ckpt.save(step, {"model": nnx.state(model), "opt": nnx.state(opt)}, {"step": step, "note": "x"})
+  assert ckpt.latest_step() == 3 and ckpt.all_steps() == [2, 3]
+
+  fresh_model, fresh_opt = _model_and_opt(1)
+  assert not np.allclose(fresh_model.kernel[...], model.kernel[...])
+  abstract = {"model": nnx.state(fresh_model), "opt": nnx.state(fresh_opt)}
+  state, extra = checkpoint.Checkpointer(tmp_path / "ckpt").restore(3, abstract)
+  assert extra == {"step": 3, "note": "x"}
+  nnx.update(fresh_model, state["model"])
+  nnx.update(fresh_opt, state["opt"])
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(fresh_model), nnx.state(model))
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(fresh_opt), nnx.state(opt))
+  assert int(fresh_opt.step[...]) == 3
+  # The restored optimizer continues exactly like the original.
+  _train_step(model, opt)
+  _train_step(fresh_model, fresh_opt)
+  np.testing.assert_array_equal(fresh_model.kernel[...], model.kernel[...])
+  with pytest.raises(FileNotFoundError, match="no checkpoint for step 1"):
+    ckpt.restore(1, abstract)
+  ckpt.close()
+
+
+def test_checkpoint_restore_from_eval_shape(tmp_path):
+  model, _ = _model_and_opt(0)
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(7, nnx.state(model))
+    abstract = nnx.state(nnx.eval_shape(lambda: nnx.Linear(3, 4, rngs=nnx.Rngs(5))))
+    state, extra = ckpt.restore(ckpt.latest_step(), abstract)
+  assert extra == {}
+  np.testing.assert_array_equal(state["kernel"][...], model.kernel[...])
+
+
+def test_checkpoint_shape_mismatch_is_caught_before_restore(tmp_path):
+  model, opt = _model_and_opt(0, d_out=4)
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, {"model": nnx.state(model), "opt": nnx.state(opt)})
+    other, other_opt = _model_and_opt(0, d_out=5)
+    with pytest.raises(ValueError, match=r"model\.kernel\.value: checkpoint \(3, 4\) float32 vs target \(3, 5\)"):
+      ckpt.restore(1, {"model": nnx.state(other), "opt": nnx.state(other_opt)})
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model))
+    with pytest.raises(ValueError, match=r"model\.bias\.value: checkpoint \(4,\) float32 vs target \(4,\) bfloat16"):
+      ckpt.restore(1, {"model": bf16, "opt": nnx.state(opt)})
+    with pytest.raises(ValueError, match="structure: leaves missing from the checkpoint"):
+      ckpt.restore(1, {"model": nnx.state(model), "opt": nnx.state(opt), "ema": nnx.state(model)})
+  assert checkpoint.Checkpointer(tmp_path).latest_step() == 1  # The failed restores left it intact.
