@@ -108,3 +108,14 @@ def test_checkpoint_shape_mismatch_is_caught_before_restore(tmp_path):
     with pytest.raises(ValueError, match="structure: leaves missing from the checkpoint"):
       ckpt.restore(1, {"model": nnx.state(model), "opt": nnx.state(opt), "ema": nnx.state(model)})
   assert checkpoint.Checkpointer(tmp_path).latest_step() == 1  # The failed restores left it intact.
+
+
+def test_checkpoint_keeps_target_sharding(tmp_path):
+  mesh = jax.make_mesh((len(jax.devices()),), ("expert",))
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert"))
+  x = jax.device_put(jnp.arange(8.0 * len(jax.devices())).reshape(-1, 2), sharded)
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(0, {"w": x})
+    state, _ = ckpt.restore(0, {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharded)})
+  assert state["w"].sharding == sharded
+  np.testing.assert_array_equal(state["w"], x)
