@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -47,8 +48,16 @@ class MetricsLogger:
     self._file = open(self.path, "a", encoding="utf-8")
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter  # Imported here: it is slow and only the logger needs it.
-      self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+      try:  # Imported here: it is slow, and some images (e.g. the GPU one) lack it; JSONL still works.
+        from tensorboardX import SummaryWriter
+      except ImportError:
+        warnings.warn("tensorboardX is not installed: metrics go to metrics.jsonl only", stacklevel=2)
+      else:
+        self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+  @property
+  def tensorboard(self) -> bool:
+    return self._tb is not None
 
   def log(self, step: int, record: dict) -> None:
     record = _jsonable({"step": int(step), **record})
