@@ -39,6 +39,19 @@ def _scalars(record: dict, prefix: str = ""):
       yield f"{prefix}{k}", float(v)
 
 
+def _summary_writer_cls():
+  """tensorboardX's SummaryWriter, else torch's (the GPU image has torch + tensorboard only), else None.
+  Imported lazily: both are slow to import and only the logger needs them."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    try:
+      from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+      return None
+  return SummaryWriter
+
+
 class MetricsLogger:
   """`log(step, record)` appends `{"step": step, **record}` to metrics.jsonl and scalars to TensorBoard."""
 
@@ -48,12 +61,12 @@ class MetricsLogger:
     self._file = open(self.path, "a", encoding="utf-8")
     self._tb = None
     if tensorboard:
-      try:  # Imported here: it is slow, and some images (e.g. the GPU one) lack it; JSONL still works.
-        from tensorboardX import SummaryWriter
-      except ImportError:
-        warnings.warn("tensorboardX is not installed: metrics go to metrics.jsonl only", stacklevel=2)
+      writer = _summary_writer_cls()
+      if writer is None:
+        warnings.warn("neither tensorboardX nor torch.utils.tensorboard is installed: metrics go to "
+                      "metrics.jsonl only", stacklevel=2)
       else:
-        self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+        self._tb = writer(os.path.join(run_dir, "tb"))
 
   @property
   def tensorboard(self) -> bool:

@@ -17,7 +17,7 @@ from foremoe_jax import checkpoint, metrics
 def test_metrics_logger_jsonl_tensorboard_summary_and_plot(tmp_path):
   run = tmp_path / "run"
   with metrics.MetricsLogger(run) as first:
-    assert first.tensorboard or importlib.util.find_spec("tensorboardX") is None
+    assert first.tensorboard or not importlib.util.find_spec("tensorboardX")
     for step in range(3):
       first.log(step, {"reward": np.float32(0.25 * step), "kl": jnp.asarray(0.1), "time": {"rollout": 1.5},
                        "imbalance_per_micro_step": {"static": [1.3, 1.2], "foremoe": [1.01, 1.0]},
