@@ -50,6 +50,7 @@ def grpo_loss(logp_new_BxT: jax.Array, logp_old_BxT: jax.Array, advantages_B: ja
   """
   if logp_ref_BxT is None and isinstance(kl_coef, (int, float)) and kl_coef:
     raise ValueError("grpo_loss: kl_coef > 0 needs logp_ref_BxT")
+  sg = jax.lax.stop_gradient
   valid_BxT = mask_BxT.astype(bool)
   mask_BxT = mask_BxT.astype(jnp.float32)
   denom = jnp.sum(mask_BxT) if num_tokens_total is None else jnp.asarray(num_tokens_total, jnp.float32)
@@ -58,24 +59,22 @@ def grpo_loss(logp_new_BxT: jax.Array, logp_old_BxT: jax.Array, advantages_B: ja
   def token_sum(x_BxT):
     return jnp.sum(x_BxT * mask_BxT) / denom
 
-  adv_Bx1 = jax.lax.stop_gradient(advantages_B.astype(jnp.float32))[:, None]
+  adv_Bx1 = sg(advantages_B.astype(jnp.float32))[:, None]
   # Zeroed outside the mask before exp, so padding can't make inf * 0 = NaN in values or gradients.
   log_ratio_BxT = jnp.where(valid_BxT, logp_new_BxT.astype(jnp.float32)
-                            - jax.lax.stop_gradient(logp_old_BxT.astype(jnp.float32)), 0.0)
+                            - sg(logp_old_BxT.astype(jnp.float32)), 0.0)
   ratio_BxT = jnp.exp(log_ratio_BxT)
   unclipped_BxT = -ratio_BxT * adv_Bx1
   clipped_BxT = -jnp.clip(ratio_BxT, 1.0 - clip_eps, 1.0 + clip_eps) * adv_Bx1
   per_token_BxT = jnp.maximum(unclipped_BxT, clipped_BxT)
-
-  sg = jax.lax.stop_gradient
   metrics = {
       "clip_frac": token_sum(sg((clipped_BxT > unclipped_BxT).astype(jnp.float32))),
       "approx_kl": token_sum(sg(ratio_BxT - 1.0 - log_ratio_BxT)),
       "ratio_mean": token_sum(sg(ratio_BxT)),
   }
   if logp_ref_BxT is not None:
-    ref_minus_new_BxT = jnp.where(valid_BxT, jax.lax.stop_gradient(logp_ref_BxT.astype(jnp.float32))
-                                  - logp_new_BxT.astype(jnp.float32), 0.0)
+    ref_minus_new_BxT = jnp.where(valid_BxT, sg(logp_ref_BxT.astype(jnp.float32)) - logp_new_BxT.astype(jnp.float32),
+                                  0.0)
     kl_BxT = jnp.exp(ref_minus_new_BxT) - ref_minus_new_BxT - 1.0
     per_token_BxT = per_token_BxT + kl_coef * kl_BxT
     metrics["kl_ref"] = token_sum(sg(kl_BxT))
