@@ -1,0 +1,158 @@
+"""The "foremoe" policy: step-level base placement, per-micro-step replicas, exact token split.
+
+1. Base (once per step and layer, from the step's summed counts W): either
+   a. "lpt": a permutation of experts, E/D per device, by balanced packing of W (LPT with cardinality),
+      plus the redundant slots filled by the replica greedy below (run on W), or
+   b. "eplb": EPLB's placement of W (the eplb_step plan);
+   whichever gives the lower summed max device load over the step's micro-steps.
+2. Per micro-step and layer: up to `max_moves_per_device` movable slots per device (slots holding a
+   non-primary copy, or empty) are re-decided by a greedy that pairs the lightest device with a free slot
+   with the heaviest other device and gives it a replica of the expert that relieves the most; a base
+   replica that relieves as much is kept (no transfer). The cost model then keeps these moves only where
+   they beat the unchanged base on estimated layer time.
+3. Exact split: water-filled per-slot loads, rounded per expert, decomposed per source (local first).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from foremoe_jax.planner import eplb, slots, split
+from foremoe_jax.planner.config import PlanConfig
+
+
+def place_replicas(slot_expert_BxDxS: np.ndarray, free_BxDxS: np.ndarray, w_BxE: np.ndarray):
+  """Re-decides the free slots of a placement. Returns (slot_expert int32 [B, D, S], x float [B, G]).
+
+  The content of a free slot is its default: kept when it relieves the device of its expert's first
+  fixed copy at least as much as the best new replica would relieve the heaviest device.
+  x is the greedy's per-slot load estimate (each expert's slots sum to its load).
+  """
+  batch, num_devices, num_slots = slot_expert_BxDxS.shape
+  default_BxG = slot_expert_BxDxS.reshape(batch, -1).astype(np.int64)
+  free_BxG = free_BxDxS.reshape(batch, -1).copy()
+  se_BxG = np.where(free_BxG, -1, default_BxG)
+  x_BxG = split.even_slot_loads(se_BxG.reshape(slot_expert_BxDxS.shape), w_BxE)
+  load_BxD = x_BxG.reshape(batch, num_devices, num_slots).sum(-1)
+  free_BxD = free_BxDxS.sum(-1)
+  rows = np.arange(batch)
+  # The fixed slot a default would draw its pairs from: the first fixed copy of its expert.
+  first = slots.first_copy_mask(se_BxG)
+  first_slot_BxE = np.full(w_BxE.shape, -1, np.int64)
+  rows_BxG = np.broadcast_to(rows[:, None], se_BxG.shape)
+  first_slot_BxE[rows_BxG[first], se_BxG[first]] = np.nonzero(first)[1]
+  default_src_BxG = np.where(default_BxG >= 0, first_slot_BxE[rows_BxG, np.maximum(default_BxG, 0)], -1)
+  for _ in range(int(free_BxD.sum(1).max(initial=0))):
+    active = free_BxD.any(1)
+    target = np.argmin(np.where(free_BxD > 0, load_BxD, np.inf), axis=1)
+    target_slots = target[:, None] * num_slots + np.arange(num_slots)
+    new_slot = target * num_slots + np.argmax(free_BxG[rows[:, None], target_slots], axis=1)
+    on_target = se_BxG[rows[:, None], target_slots]
+    target_load = load_BxD[rows, target]
+    heavy = np.argmax(np.where(np.arange(num_devices) == target[:, None], -np.inf, load_BxD), axis=1)
+    heavy_slots = heavy[:, None] * num_slots + np.arange(num_slots)
+    heavy_experts = se_BxG[rows[:, None], heavy_slots]
+    duplicate = (heavy_experts[:, :, None] == on_target[:, None, :]).any(-1)
+    gap = (load_BxD[rows, heavy] - target_load) / 2
+    relief = np.where((heavy_experts >= 0) & ~duplicate,
+                      np.minimum(x_BxG[rows[:, None], heavy_slots], gap[:, None]), -np.inf)
+    best_j = np.argmax(relief, axis=1)
+    best = relief[rows, best_j]
+    default = default_BxG[rows, new_slot]
+    default_src = np.maximum(default_src_BxG[rows, new_slot], 0)
+    default_relief = np.minimum(x_BxG[rows, default_src], (load_BxD[rows, default_src // num_slots] - target_load) / 2)
+    keep = (default >= 0) & ~(on_target == default[:, None]).any(1) & (default_relief >= best)
+    place = active & (keep | np.isfinite(best))
+    src = np.where(keep, default_src, heavy * num_slots + best_j)
+    expert = np.where(keep, default, heavy_experts[rows, best_j])
+    delta = np.where(place, np.maximum(np.where(keep, default_relief, best), 0.0), 0.0)
+    se_BxG[rows[place], new_slot[place]] = expert[place]
+    x_BxG[rows, src] -= delta
+    x_BxG[rows, new_slot] += delta
+    load_BxD[rows, src // num_slots] -= delta
+    load_BxD[rows, target] += delta
+    free_BxG[rows[active], new_slot[active]] = False
+    free_BxD[rows[active], target[active]] -= 1
+  return se_BxG.astype(np.int32).reshape(slot_expert_BxDxS.shape), x_BxG
+
+
+def primary_mask(base_BxDxS: np.ndarray) -> np.ndarray:
+  """bool [B, D, S]: the copy of each expert that never moves: the first one visiting slots j-major."""
+  batch, num_devices, num_slots = base_BxDxS.shape
+  j_major_G = np.arange(num_devices * num_slots).reshape(num_devices, num_slots).T.ravel()
+  return slots.first_copy_mask(base_BxDxS.reshape(batch, -1), j_major_G).reshape(base_BxDxS.shape)
+
+
+def lpt_base(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
+  """int32 [L, D, S]: a permutation of experts (E/D per device, balanced on W) plus greedy replicas."""
+  num_layers = w_LxE.shape[0]
+  pack_LxE, position_LxE = eplb.balanced_packing(w_LxE, cfg.num_devices, cfg.experts_per_device)
+  base = np.full((num_layers, cfg.num_devices, cfg.slots_per_device), -1, np.int32)
+  rows = np.broadcast_to(np.arange(num_layers)[:, None], pack_LxE.shape)
+  base[rows, pack_LxE, position_LxE] = np.arange(cfg.num_experts)
+  free = np.broadcast_to(np.arange(cfg.slots_per_device) >= cfg.experts_per_device, base.shape)
+  return place_replicas(base, free, w_LxE)[0]
+
+
+def free_slots(base_BxDxS: np.ndarray, primary_BxDxS: np.ndarray, w_BxE: np.ndarray, per_device: int) -> np.ndarray:
+  """bool [B, D, S]: up to `per_device` non-primary slots per device, empty first, then lowest load per copy."""
+  batch = base_BxDxS.shape[0]
+  se_BxG = base_BxDxS.reshape(batch, -1)
+  copies = slots.copies_per_expert(se_BxG, w_BxE.shape[1])
+  per_copy = np.take_along_axis(w_BxE / np.maximum(copies, 1), np.maximum(se_BxG, 0), axis=1)
+  score = np.where(se_BxG >= 0, per_copy, -1.0).reshape(base_BxDxS.shape)
+  rank = np.argsort(np.argsort(np.where(primary_BxDxS, np.inf, score), axis=2, kind="stable"), axis=2)
+  return ~primary_BxDxS & (rank < per_device)
+
+
+def micro_step_placements(counts_MxLxDxE: np.ndarray, base_LxDxS: np.ndarray, cfg: PlanConfig, with_moves: bool):
+  """Per-(m, l) placements on one base. Returns (slot_expert [M, L, D, S], x [M, L, G], max_load [M, L]).
+
+  Without moves every micro-step keeps the base; with them each (m, l) takes the greedy's moves where
+  the cost model says they beat keeping the base.
+  """
+  num_micro, num_layers, num_devices, num_experts = counts_MxLxDxE.shape
+  batch = num_micro * num_layers
+  w_BxE = counts_MxLxDxE.sum(2).reshape(batch, num_experts).astype(np.float64)
+  base_BxDxS = np.broadcast_to(base_LxDxS, (num_micro, *base_LxDxS.shape)).reshape(batch, num_devices, -1)
+  candidates_se, candidates_x = [base_BxDxS], [split.even_slot_loads(base_BxDxS, w_BxE)]
+  if with_moves:
+    primary = np.broadcast_to(primary_mask(base_LxDxS), (num_micro, *base_LxDxS.shape)).reshape(base_BxDxS.shape)
+    moved_se, moved_x = place_replicas(base_BxDxS, free_slots(base_BxDxS, primary, w_BxE, cfg.max_moves_per_device), w_BxE)
+    candidates_se.append(moved_se)
+    candidates_x.append(split.merge_same_device_copies(moved_se, moved_x.reshape(moved_se.shape)).reshape(batch, -1))
+  se_CxBxDxS = np.stack(candidates_se)
+  x_CxBxG = split.waterfill_slot_loads(se_CxBxDxS.reshape(-1, num_devices, cfg.slots_per_device),
+                                       np.concatenate(candidates_x), num_experts,
+                                       cfg.split_sweeps).reshape(len(candidates_se), batch, -1)
+  max_load_CxB = x_CxBxG.reshape(*x_CxBxG.shape[:2], num_devices, -1).sum(-1).max(-1)
+  moves_CxB = (se_CxBxDxS != base_BxDxS).sum(-1).max(-1)
+  choice_B = np.argmin(cfg.cost.layer_s(max_load_CxB, moves_CxB), axis=0)
+  rows = np.arange(batch)
+  return (se_CxBxDxS[choice_B, rows].reshape(num_micro, num_layers, num_devices, -1),
+          x_CxBxG[choice_B, rows].reshape(num_micro, num_layers, -1),
+          max_load_CxB[choice_B, rows].reshape(num_micro, num_layers))
+
+
+def plan_foremoe(counts_MxLxDxE: np.ndarray, cfg: PlanConfig):
+  """Returns (slot_expert int32 [M, L, D, S], slot_pairs int64 [M*L, G], base int32 [L, D, S])."""
+  num_micro, num_layers, num_devices, num_experts = counts_MxLxDxE.shape
+  w_LxE = counts_MxLxDxE.sum((0, 2)).astype(np.float64)
+  bases = [lpt_base(w_LxE, cfg)]
+  if cfg.eplb_base_candidate and cfg.redundant_per_device > 0:
+    bases.append(eplb.eplb_placement(w_LxE, num_devices, cfg.slots_per_device))
+  # Moves on the EPLB base rarely win (never on the ESFT traces); it is kept as a no-move fallback.
+  results = [micro_step_placements(counts_MxLxDxE, base, cfg, with_moves=i == 0) for i, base in enumerate(bases)]
+  step_load_CxL = np.stack([max_load.sum(0) for _, _, max_load in results])
+  choice_L = np.argmin(step_load_CxL, axis=0)
+  layer = np.arange(num_layers)
+  base = np.stack(bases)[choice_L, layer]
+  slot_expert = np.stack([r[0] for r in results])[choice_L, :, layer].transpose(1, 0, 2, 3)
+  x = np.stack([r[1] for r in results])[choice_L, :, layer].transpose(1, 0, 2)
+
+  batch = num_micro * num_layers
+  se_BxDxS = slot_expert.reshape(batch, num_devices, -1)
+  counts_BxDxE = counts_MxLxDxE.reshape(batch, num_devices, num_experts)
+  w_BxE = counts_BxDxE.sum(1)
+  slot_pairs = split.integer_slot_loads(se_BxDxS.reshape(batch, -1), x.reshape(batch, -1), w_BxE)
+  return slot_expert, slot_pairs, base.astype(np.int32)

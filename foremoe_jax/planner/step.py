@@ -1,0 +1,71 @@
+"""plan_step: one optimizer step's counts -> Plan, for every policy behind one call."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from foremoe_jax.planner import eplb, foremoe, slots, split
+from foremoe_jax.planner.config import PlanConfig
+from foremoe_jax.planner.plan import Plan
+
+
+def check_counts(counts, cfg: PlanConfig, name: str = "counts") -> np.ndarray:
+  """int64 [M, L, D, E] from any integral, non-negative array of that shape; ValueError otherwise."""
+  array = np.asarray(counts)
+  if array.ndim != 4:
+    raise ValueError(f"{name} must have rank 4 [M, L, D, E], got shape {array.shape}")
+  if array.shape[2:] != (cfg.num_devices, cfg.num_experts):
+    raise ValueError(f"{name} has shape {array.shape}; its last two axes must be "
+                     f"(num_devices={cfg.num_devices}, num_experts={cfg.num_experts})")
+  if array.shape[0] < 1 or array.shape[1] < 1:
+    raise ValueError(f"{name} needs at least one micro-step and one layer, got shape {array.shape}")
+  if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+    raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
+  if np.issubdtype(array.dtype, np.floating) and not (np.isfinite(array).all() and (array == np.round(array)).all()):
+    raise ValueError(f"{name} must hold whole numbers of (token, expert) pairs")
+  if (array < 0).any():
+    raise ValueError(f"{name} has negative entries")
+  return array.astype(np.int64, copy=False)
+
+
+def _plan(counts, placement_MxLxDxS, base_LxDxS, cfg: PlanConfig, slot_pairs_BxG=None) -> Plan:
+  """A Plan with exact shares for slot_pairs, or EPLB's even split over copies when it is None."""
+  num_micro, num_layers, num_devices, num_slots = placement_MxLxDxS.shape
+  batch = num_micro * num_layers
+  share = split.plan_shares(np.ascontiguousarray(placement_MxLxDxS).reshape(batch, num_devices, num_slots),
+                            counts.reshape(batch, num_devices, -1), slot_pairs_BxG)
+  return Plan(placement_MxLxDxS.astype(np.int32), share.reshape(num_micro, num_layers, num_devices, -1),
+              base_LxDxS.astype(np.int32), cfg.policy, cfg)
+
+
+def _step_placement(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
+  return eplb.eplb_placement(w_LxE.astype(np.float64), cfg.num_devices, cfg.slots_per_device)
+
+
+def plan_step(counts, cfg: PlanConfig, history=None) -> Plan:
+  """Plans one optimizer step. counts: int [M, L, D, E]; history: the previous step's counts or None."""
+  counts = check_counts(counts, cfg)
+  num_micro, num_layers = counts.shape[:2]
+  home = slots.home_placement(cfg.num_experts, cfg.num_devices, cfg.slots_per_device)
+  home_LxDxS = np.broadcast_to(home, (num_layers, *home.shape))
+  policy = cfg.policy
+  if policy == "eplb_history" and history is None:
+    policy = "static"
+  if policy == "static":
+    return _plan(counts, np.broadcast_to(home_LxDxS, (num_micro, *home_LxDxS.shape)), home_LxDxS, cfg)
+  if policy == "eplb_step":
+    base = _step_placement(counts.sum((0, 2)), cfg)
+    return _plan(counts, np.broadcast_to(base, (num_micro, *base.shape)), base, cfg)
+  if policy == "eplb_history":
+    history = check_counts(history, cfg, "history")
+    if history.shape[1] != num_layers:
+      raise ValueError(f"history has {history.shape[1]} layers, counts have {num_layers}")
+    base = _step_placement(history.sum((0, 2)), cfg)
+    return _plan(counts, np.broadcast_to(base, (num_micro, *base.shape)), base, cfg)
+  if policy == "eplb_microstep":
+    base = _step_placement(counts.sum((0, 2)), cfg)
+    w_BxE = counts.sum(2).reshape(num_micro * num_layers, -1).astype(np.float64)
+    placement = eplb.eplb_placement(w_BxE, cfg.num_devices, cfg.slots_per_device)
+    return _plan(counts, placement.reshape(num_micro, num_layers, cfg.num_devices, -1), base, cfg)
+  slot_expert, slot_pairs_BxG, base = foremoe.plan_foremoe(counts, cfg)
+  return _plan(counts, slot_expert, base, cfg, slot_pairs_BxG)
