@@ -1,0 +1,193 @@
+"""Expert-parallel MoE FFN (Flax NNX): softmax top-k router, replay, placement-aware dispatch, SwiGLU.
+
+Tokens are sharded over the batch axes ("data" and "expert" where present); expert weights `[E, ...]` are
+sharded over "expert" (home layout). Dispatch runs inside `jax.shard_map`; a placement (`Tables`) moves
+replicas between physical slots without changing the math.
+"""
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import pallas_kernels
+from foremoe_jax import backends
+from foremoe_jax.dispatch import AXIS, padded_exchange, ragged_exchange, route
+from foremoe_jax.placement import Tables, home_tables
+from foremoe_jax.transfer import working_slots_local
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  d_model: int
+  d_ff: int
+  num_experts: int
+  top_k: int
+  slots_per_device: int | None = None  # default E / D (no redundant slots)
+  dispatch: str = "auto"  # auto | padded | ragged (see backends.choose_dispatch)
+  capacity_factor: float = 2.0  # padded rows per (source, destination) over the even share
+  dtype: Any = jnp.float32  # expert matmul dtype
+  param_dtype: Any = jnp.float32
+  gmm_backend: str | None = None  # pallas_kernels backend; None picks by platform
+
+
+class MoEOutput(NamedTuple):
+  y: jax.Array  # [B, T, d_model]
+  topk: jax.Array  # int32 [B, T, k]
+  counts: jax.Array  # int32 [E] pairs routed to each logical expert (global)
+  slot_counts: jax.Array  # int32 [D*S] pairs each physical slot processed
+  aux_loss: jax.Array  # scalar switch-style load-balance loss
+  dropped: jax.Array  # int32 scalar pairs dropped by a too-small padded capacity
+
+
+def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+  return tuple(a for a in mesh.axis_names if a in ("data", AXIS))
+
+
+def check_mesh(cfg: MoEConfig, mesh: jax.sharding.Mesh) -> tuple[int, int]:
+  """Returns (D, S) or raises ValueError naming the problem."""
+  if AXIS not in mesh.axis_names:
+    raise ValueError(f"the mesh needs an axis named {AXIS!r}, got {mesh.axis_names}")
+  num_devices = mesh.shape[AXIS]
+  if cfg.num_experts % num_devices:
+    raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the expert axis size {num_devices}")
+  slots = cfg.slots_per_device or cfg.num_experts // num_devices
+  if slots * num_devices < cfg.num_experts:
+    raise ValueError(f"slots_per_device * D = {slots * num_devices} < num_experts = {cfg.num_experts}")
+  if not 1 <= cfg.top_k <= cfg.num_experts:
+    raise ValueError(f"top_k={cfg.top_k} must be in [1, num_experts={cfg.num_experts}]")
+  return num_devices, slots
+
+
+def default_capacity(cfg: MoEConfig, local_tokens: int, num_devices: int) -> int:
+  """Padded rows per (source, destination): the even share times the capacity factor, 8-aligned."""
+  pairs = local_tokens * cfg.top_k
+  cap = math.ceil(pairs / num_devices * cfg.capacity_factor / 8) * 8
+  return max(8, min(cap, math.ceil(pairs / 8) * 8))
+
+
+def swiglu_experts(rows_RxH, group_sizes_S, w_gate_up_SxHx2F, w_down_SxFxH, dtype, backend):
+  """SwiGLU over rows grouped by slot: down(silu(gate) * up)."""
+  gmm = functools.partial(pallas_kernels.gmm, backend=backend) if backend else pallas_kernels.gmm
+  h_Rx2F = gmm(rows_RxH.astype(dtype), w_gate_up_SxHx2F.astype(dtype), group_sizes_S)
+  gate_RxF, up_RxF = jnp.split(h_Rx2F, 2, axis=-1)
+  act_RxF = (jax.nn.silu(gate_RxF.astype(jnp.float32)) * up_RxF.astype(jnp.float32)).astype(dtype)
+  return gmm(act_RxF, w_down_SxFxH.astype(dtype), group_sizes_S)
+
+
+class MoE(nnx.Module):
+  """`out = moe(x_BxTxH, tables=None, replay=None)`; see `MoEOutput`."""
+
+  def __init__(self, cfg: MoEConfig, *, mesh: jax.sharding.Mesh, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.mesh = mesh
+    self.num_devices, self.slots = check_mesh(cfg, mesh)
+    e, h, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+    home = NamedSharding(mesh, P(AXIS))
+
+    def init(shape, fan_in, sharding):
+      w = jax.random.normal(rngs.params(), shape, cfg.param_dtype) / np.sqrt(fan_in)
+      return jax.device_put(w, sharding)
+
+    self.router = nnx.Param(init((h, e), h, NamedSharding(mesh, P())))
+    self.w_gate_up = nnx.Param(init((e, h, 2 * f), h, home))
+    self.w_down = nnx.Param(init((e, f, h), f, home))
+
+  def __call__(self, x_BxTxH: jax.Array, tables: Tables | None = None, replay: jax.Array | None = None,
+               *, capacity: int | None = None, working=None) -> MoEOutput:
+    """`capacity`: padded rows per (source, destination) (static); `working`: precomputed
+    (w_gate_up [D*S, H, 2F], w_down [D*S, F, H]) slots from the transfer engine, else built here."""
+    cfg, mesh = self.cfg, self.mesh
+    b, t, h = x_BxTxH.shape
+    if h != cfg.d_model:
+      raise ValueError(f"x has hidden size {h}, expected d_model={cfg.d_model}")
+    axes = batch_axes(mesh)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if b % shards:
+      raise ValueError(f"batch {b} is not divisible by the {shards} devices of the batch axes {axes}")
+    if replay is not None:
+      check_replay(replay, (b, t, cfg.top_k), cfg.num_experts)
+    if tables is None:
+      tables = home_tables(cfg.num_experts, self.num_devices, self.slots)
+    if tables.slot_expert_G.shape != (self.num_devices * self.slots,):
+      raise ValueError(f"tables are for {tables.slot_expert_G.shape[0]} slots, this layer has "
+                       f"D*S = {self.num_devices * self.slots}")
+    mode = backends.choose_dispatch(cfg.dispatch)
+    local_tokens = b // shards * t
+    if capacity is None:
+      capacity = default_capacity(cfg, local_tokens, self.num_devices)
+    if working is None:
+      working = (None, None)
+    fn = functools.partial(self._local, mode=mode, capacity=capacity, axes=axes,
+                           total_tokens=b * t, replayed=replay is not None)
+    bspec = P(axes)
+    wspec = P(AXIS)
+    out = jax.shard_map(
+        fn, mesh=mesh,
+        in_specs=(bspec, P(), wspec, wspec, P(), P(), bspec, wspec, wspec),
+        out_specs=MoEOutput(bspec, bspec, P(), P(), P(), P()),
+    )(x_BxTxH, self.router[...], self.w_gate_up[...], self.w_down[...], tables.slot_expert_G,
+      tables.slot_share_DxG, replay, *working)
+    return out
+
+  def _local(self, x_bxTxH, router_HxE, w_gate_up_home, w_down_home, slot_expert_G, share_DxG, replay,
+             w_gate_up_work, w_down_work, *, mode, capacity, axes, total_tokens, replayed):
+    cfg = self.cfg
+    b, t, h = x_bxTxH.shape
+    k, e = cfg.top_k, cfg.num_experts
+    x_NxH = x_bxTxH.reshape(b * t, h)
+    logits_NxE = x_NxH.astype(jnp.float32) @ router_HxE.astype(jnp.float32)
+    probs_NxE = jax.nn.softmax(logits_NxE, axis=-1)
+    if replayed:
+      topk_NxK = replay.reshape(b * t, k).astype(jnp.int32)
+    else:
+      topk_NxK = jax.lax.top_k(probs_NxE, k)[1].astype(jnp.int32)
+    gate_NxK = jnp.take_along_axis(probs_NxE, topk_NxK, axis=1)
+    gate_NxK = gate_NxK / gate_NxK.sum(axis=1, keepdims=True)
+
+    if w_gate_up_work is None:
+      w_gate_up_work = working_slots_local(w_gate_up_home, slot_expert_G, self.slots)
+      w_down_work = working_slots_local(w_down_home, slot_expert_G, self.slots)
+    expert_fn = functools.partial(swiglu_experts, w_gate_up_SxHx2F=w_gate_up_work,
+                                  w_down_SxFxH=w_down_work, dtype=cfg.dtype, backend=cfg.gmm_backend)
+    expert_P = topk_NxK.reshape(-1)
+    me = jax.lax.axis_index(AXIS)
+    routing = route(expert_P, slot_expert_G, share_DxG[me], e)
+    exchange = padded_exchange if mode == "padded" else ragged_exchange
+    out_PxH, group_sizes_S, dropped = exchange(x_NxH, routing, k, self.slots, capacity, expert_fn)
+    y_NxH = (out_PxH.reshape(b * t, k, h).astype(jnp.float32) * gate_NxK[..., None]).sum(axis=1)
+
+    counts_E = jax.lax.psum(jnp.bincount(expert_P, length=e).astype(jnp.int32), axes)
+    # A psum of one-hot blocks (all_gather's result is not marked replicated).
+    slot_counts_G = jnp.zeros(self.num_devices * self.slots, jnp.int32)
+    slot_counts_G = jax.lax.dynamic_update_slice(slot_counts_G, group_sizes_S, (me * self.slots,))
+    slot_counts_G = jax.lax.psum(slot_counts_G, axes)
+    mean_prob_E = jax.lax.psum(probs_NxE.sum(axis=0), axes) / total_tokens
+    aux_loss = e * jnp.sum(counts_E / (total_tokens * k) * mean_prob_E)
+    return MoEOutput(y_NxH.astype(x_bxTxH.dtype).reshape(b, t, h), topk_NxK.reshape(b, t, k), counts_E,
+                     slot_counts_G, aux_loss, jax.lax.psum(dropped.astype(jnp.int32), axes))
+
+
+def check_replay(replay, shape: tuple[int, ...], num_experts: int) -> None:
+  """Shape and dtype always; values too when the array is concrete (not traced)."""
+  if tuple(replay.shape) != shape:
+    raise ValueError(f"replay must have shape {shape} ([B, T, k]), got {tuple(replay.shape)}")
+  if not jnp.issubdtype(replay.dtype, jnp.integer):
+    raise ValueError(f"replay must hold integer expert ids, got dtype {replay.dtype}")
+  if not isinstance(replay, jax.core.Tracer):
+    values = np.asarray(replay)
+    if values.size and (values.min() < 0 or values.max() >= num_experts):
+      raise ValueError(f"replay expert ids must be in [0, {num_experts}), got [{values.min()}, {values.max()}]")
+    if has_duplicate_ids(values):
+      raise ValueError("replay repeats an expert within one token's top-k")
+
+
+def has_duplicate_ids(topk_xK: np.ndarray) -> bool:
+  s = np.sort(topk_xK.reshape(-1, topk_xK.shape[-1]), axis=-1)
+  return bool(np.any(s[:, 1:] == s[:, :-1]))
