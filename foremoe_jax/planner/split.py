@@ -69,13 +69,15 @@ def _waterfill(others_BxR: np.ndarray, amount_B: np.ndarray) -> np.ndarray:
   return np.maximum(level - others_BxR, 0.0)
 
 
-def waterfill_slot_loads(slot_expert_BxDxS, x_BxG, num_experts: int, sweeps: int) -> np.ndarray:
+def waterfill_slot_loads(slot_expert_BxDxS, x_BxG, num_experts: int, sweeps: int,
+                         tolerance: float = CONVERGED_PAIRS) -> np.ndarray:
   """float [B, G]: per-slot loads with the most even device loads reachable by re-splitting replicas.
 
   Block coordinate descent on the sum of squared device loads, one replicated expert per block: each
   block re-pours that expert's pairs over its devices (water-filling). The min-norm point of this load
   polytope also minimizes the max load (Fujishige), and no block step raises the max, so starting from
   EPLB's even split the result is never worse than it. `x_BxG` must already hold each expert's total.
+  Stops early once a sweep moves no slot load by `tolerance` pairs or more.
   """
   batch, num_devices, num_slots = slot_expert_BxDxS.shape
   table_KxBxR = np.ascontiguousarray(np.moveaxis(replica_table(slot_expert_BxDxS, num_experts), 1, 0))
@@ -95,7 +97,7 @@ def waterfill_slot_loads(slot_expert_BxDxS, x_BxG, num_experts: int, sweeps: int
       new -= old
       load_flat[device] += new
       largest_change = max(largest_change, float(np.abs(new).max(initial=0.0)))
-    if largest_change < CONVERGED_PAIRS:
+    if largest_change < tolerance:
       break
   return x_flat[:-1].reshape(batch, -1)
 
