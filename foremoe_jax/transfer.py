@@ -1,12 +1,15 @@
-"""Working expert slots from home-layout weights.
+"""Working expert slots from home-layout weights, and the transfer engine that moves them.
 
 Home weights are `[E, ...]` sharded over "expert" (device d holds experts d*E/D ... (d+1)*E/D - 1).
 The working layout is `[D*S, ...]` sharded over "expert": slot j of device d holds expert
 `slot_expert[d*S + j]`. Everything is differentiable: the transpose of the gather is a scatter-add and
 the transpose of the all-gather a reduce-scatter, so replica gradients are summed into the home layout.
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.dispatch import AXIS
@@ -33,3 +36,88 @@ def materialize(home_weights, tables: Tables, mesh: jax.sharding.Mesh):
   working = jax.shard_map(local, mesh=mesh, in_specs=(specs, P()), out_specs=specs)(
       home_weights, tables.slot_expert_G)
   return jax.tree.map(lambda w: w.reshape(num_devices, slots, *w.shape[1:]), working)
+
+
+class MoveTables(NamedTuple):
+  """Rows to move between devices in rounds; leading axes may be stacked ([L, ...], [M, L, ...]).
+
+  In round r device d sends to device (d + r) % D (round 0 is a local copy). Shapes per layer:
+  send_DxRxK int32: the source row each device sends in each round (-1 = nothing);
+  recv_DxRxK int32: the destination row each device writes with what it receives (-1 = nothing);
+  active_R bool: rounds where any device moves a row (others are skipped at run time).
+  """
+  send_DxRxK: jax.Array
+  recv_DxRxK: jax.Array
+  active_R: jax.Array
+
+
+def move_tables(moves, num_devices: int, capacity: int) -> MoveTables:
+  """Host: (src_device, src_row, dst_device, dst_row) rows -> numpy MoveTables with K = capacity."""
+  send = np.full((num_devices, num_devices, capacity), -1, np.int32)
+  recv = np.full((num_devices, num_devices, capacity), -1, np.int32)
+  used = np.zeros((num_devices, num_devices), np.int64)
+  for src_dev, src_row, dst_dev, dst_row in moves:
+    r = (dst_dev - src_dev) % num_devices
+    k = used[src_dev, r]
+    if k >= capacity:
+      raise ValueError(f"more than capacity={capacity} rows move from device {src_dev} to {dst_dev}")
+    send[src_dev, r, k], recv[dst_dev, r, k] = src_row, dst_row
+    used[src_dev, r] += 1
+  return MoveTables(send, recv, (send >= 0).any(axis=(0, 2)))
+
+
+def moves_needed(moves, num_devices: int) -> int:
+  """The largest number of rows any (source, destination) pair moves."""
+  pairs = np.zeros((num_devices, num_devices), np.int64)
+  for src_dev, _, dst_dev, _ in moves:
+    pairs[src_dev, dst_dev] += 1
+  return int(pairs.max(initial=0))
+
+
+def home_to_base_moves(base_DxS: np.ndarray, num_experts: int):
+  """Moves that build a base placement from the home layout (expert e at device e // (E/D), row e % (E/D))."""
+  per_device = num_experts // base_DxS.shape[0]
+  return [(e // per_device, e % per_device, d, j) for (d, j), e in np.ndenumerate(base_DxS) if e >= 0]
+
+
+def fill_moves(slot_expert_DxS: np.ndarray, base_DxS: np.ndarray):
+  """Moves that turn the base into one micro-step's placement: each slot whose expert differs from the
+  base is copied from a base slot holding that expert, on the same device when there is one."""
+  moves = []
+  for (d, j), e in np.ndenumerate(slot_expert_DxS):
+    if e < 0 or e == base_DxS[d, j]:
+      continue  # an emptied slot gets no tokens: its stale weights are never read
+    holders = np.argwhere(base_DxS == e)
+    local = holders[holders[:, 0] == d]
+    src_dev, src_row = local[0] if len(local) else holders[np.argmin((d - holders[:, 0]) % len(base_DxS))]
+    moves.append((int(src_dev), int(src_row), d, j))
+  return moves
+
+
+def move_rows_local(src_RsxX, dst_RdxX, send_RxK, recv_RxK, active_R):
+  """Per device (inside shard_map): copies rows of `src` into `dst` following the round tables.
+
+  Inactive rounds are skipped with `lax.cond` (the flag is replicated, so all devices agree). The
+  transpose of each `ppermute` is the reverse `ppermute`, so gradients of `dst` flow back to `src`.
+  """
+  num_devices = send_RxK.shape[0]
+  for r in range(num_devices):
+    def move(dst, r=r):
+      rows = src_RsxX[jnp.maximum(send_RxK[r], 0)]
+      rows = jnp.where((send_RxK[r] >= 0).reshape(-1, *[1] * (rows.ndim - 1)), rows, 0)
+      if r:
+        rows = jax.lax.ppermute(rows, AXIS, [(d, (d + r) % num_devices) for d in range(num_devices)])
+      target = jnp.where(recv_RxK[r] >= 0, recv_RxK[r], dst.shape[0])
+      return dst.at[target].set(rows.astype(dst.dtype), mode="drop")
+    dst_RdxX = jax.lax.cond(active_R[r], move, lambda dst: dst, dst_RdxX)
+  return dst_RdxX
+
+
+def apply_moves(src, dst, moves: MoveTables, mesh: jax.sharding.Mesh):
+  """Global: pytrees of `[D*rows, ...]` arrays sharded over "expert"; returns the new `dst`."""
+  def local(src, dst, send, recv, active):
+    return jax.tree.map(lambda s, t: move_rows_local(s, t, send[0], recv[0], active), src, dst)
+
+  spec = jax.tree.map(lambda _: P(AXIS), dst)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P(AXIS), P(AXIS), P()), out_specs=spec)(
+      src, dst, moves.send_DxRxK, moves.recv_DxRxK, moves.active_R)
