@@ -1,0 +1,229 @@
+"""Qwen3-MoE-style decoder: embedding, L blocks of (RMSNorm -> GQA attention -> RMSNorm -> FFN), final
+RMSNorm, untied LM head. The FFN is the expert-parallel `MoE` in every `moe_every`-th block, a dense
+SwiGLU otherwise. Attention and dense parts are plain jnp under jit (tokens sharded over the batch axes);
+only the MoE dispatch runs inside `shard_map`.
+
+Forward for training: `model(tokens_BxT, tables, replay)` -> `ModelOutput` (logits, per-layer routes).
+Decoding: `cache = model.init_cache(B, S)`, `model.prefill(prompt_BxP, cache)` writes positions 0..P-1,
+`model.decode(tokens_Bx1, cache, positions_B)` one token per row at its own position.
+"""
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from foremoe_jax import mesh as mesh_lib
+from foremoe_jax.attention import Attention, KVCache, RMSNorm, init_param
+from foremoe_jax.moe import MoE, MoEConfig
+from foremoe_jax.placement import Tables
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 18
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  d_ff_dense: int = 128
+  num_experts: int = 16
+  top_k: int = 2
+  d_ff_expert: int = 32
+  slots_per_device: int | None = None  # None: E / D (no redundant slots)
+  dispatch: str = "auto"
+  capacity_factor: float = 2.0
+  moe_every: int = 1  # block i is MoE when (i + 1) % moe_every == 0 (Qwen's decoder_sparse_step)
+  qk_norm: bool = True
+  rope_theta: float = 1e6
+  max_seq_len: int = 64
+  dtype: str = "float32"  # activations and matmuls
+  param_dtype: str = "float32"
+
+  @property
+  def moe_layer_ids(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.num_layers) if (i + 1) % self.moe_every == 0)
+
+  def validate(self, expert_devices: int | None = None) -> "ModelConfig":
+    """Raises ValueError naming the first bad field; `expert_devices` also checks E against D."""
+    positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff_dense",
+                "num_experts", "top_k", "d_ff_expert", "moe_every", "max_seq_len")
+    for name in positive:
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"ModelConfig: num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads} (GQA)")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig: head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+    if self.top_k > self.num_experts:
+      raise ValueError(f"ModelConfig: top_k={self.top_k} > num_experts={self.num_experts}")
+    if not self.moe_layer_ids:
+      raise ValueError(f"ModelConfig: moe_every={self.moe_every} > num_layers={self.num_layers} leaves no MoE layer")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"ModelConfig.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+    if self.capacity_factor <= 0:
+      raise ValueError(f"ModelConfig: capacity_factor must be > 0, got {self.capacity_factor}")
+    if expert_devices is not None:
+      if self.num_experts % expert_devices:
+        raise ValueError(f"ModelConfig: num_experts={self.num_experts} is not divisible by the expert axis "
+                         f"size D={expert_devices}")
+      slots = self.slots_per_device or self.num_experts // expert_devices
+      if slots * expert_devices < self.num_experts:
+        raise ValueError(f"ModelConfig: slots_per_device={slots} x D={expert_devices} < num_experts="
+                         f"{self.num_experts}")
+    return self
+
+  def moe_config(self) -> MoEConfig:
+    return MoEConfig(d_model=self.d_model, d_ff=self.d_ff_expert, num_experts=self.num_experts, top_k=self.top_k,
+                     slots_per_device=self.slots_per_device, dispatch=self.dispatch,
+                     capacity_factor=self.capacity_factor, dtype=jnp.dtype(self.dtype),
+                     param_dtype=jnp.dtype(self.param_dtype))
+
+
+class ModelOutput(NamedTuple):
+  logits: jax.Array  # float32 [B, T, V]
+  routes: jax.Array  # int32 [B, T, L_moe, k]
+  aux_loss: jax.Array  # scalar: mean over MoE layers of the switch-style load-balance loss
+  counts: jax.Array  # int32 [L_moe, E]
+  slot_counts: jax.Array  # int32 [L_moe, D*S]
+  dropped: jax.Array  # int32 scalar, summed over MoE layers
+
+
+class DenseFFN(nnx.Module):
+  """SwiGLU: down(silu(gate) * up)."""
+
+  def __init__(self, cfg: ModelConfig, *, mesh, rngs: nnx.Rngs):
+    pd, h, f = jnp.dtype(cfg.param_dtype), cfg.d_model, cfg.d_ff_dense
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.w_gate_up = init_param(rngs, (h, 2 * f), h, mesh, pd)
+    self.w_down = init_param(rngs, (f, h), f, mesh, pd)
+
+  def __call__(self, x_BxTxH):
+    gate, up = jnp.split(x_BxTxH.astype(self.dtype) @ self.w_gate_up[...].astype(self.dtype), 2, axis=-1)
+    act = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
+    return act @ self.w_down[...].astype(self.dtype)
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, is_moe: bool, *, mesh, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.is_moe = is_moe
+    self.attn_norm = RMSNorm(cfg.d_model, mesh=mesh, param_dtype=pd)
+    self.attn = Attention(cfg, mesh=mesh, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model, mesh=mesh, param_dtype=pd)
+    self.ffn = MoE(cfg.moe_config(), mesh=mesh, rngs=rngs) if is_moe else DenseFFN(cfg, mesh=mesh, rngs=rngs)
+
+  def __call__(self, x_BxTxH, positions_BxT, cache, start_B, moe_kw):
+    """-> (x, MoEOutput or None, cache)."""
+    a_BxTxH, cache = self.attn(self.attn_norm(x_BxTxH), positions_BxT, cache, start_B)
+    x_BxTxH = x_BxTxH + a_BxTxH.astype(x_BxTxH.dtype)
+    h_BxTxH = self.ffn_norm(x_BxTxH)
+    moe_out = self.ffn(h_BxTxH, **moe_kw) if self.is_moe else None
+    f_BxTxH = moe_out.y if self.is_moe else self.ffn(h_BxTxH)
+    return x_BxTxH + f_BxTxH.astype(x_BxTxH.dtype), moe_out, cache
+
+
+class Model(nnx.Module):
+  """`model(tokens_BxT, tables=None, replay=None, *, capacity=None, working=None) -> ModelOutput`.
+
+  `tables`: a `Tables` with a leading L_moe axis (one placement per MoE layer); `replay`: int32
+  [B, T, L_moe, k]; `working`: None or one entry per MoE layer for that layer's `working=`.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, mesh: jax.sharding.Mesh, rngs: nnx.Rngs):
+    cfg.validate(mesh.shape["expert"] if "expert" in mesh.axis_names else None)
+    self.cfg, self.mesh = cfg, mesh
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = init_param(rngs, (cfg.vocab_size, cfg.d_model), 1.0, mesh, pd)
+    moe_ids = set(cfg.moe_layer_ids)
+    self.blocks = nnx.List([Block(cfg, i in moe_ids, mesh=mesh, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, mesh=mesh, param_dtype=pd)
+    self.lm_head = init_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model, mesh, pd)
+
+  def moe_layers(self) -> list[MoE]:
+    return [b.ffn for b in self.blocks if b.is_moe]
+
+  def no_drop_capacity(self, batch: int, seq_len: int) -> int:
+    """Padded dispatch capacity that can hold every (token, expert) pair of a device: exact results
+    whatever the routing (rollout uses it so that prefill, decode and replay agree)."""
+    local = batch // mesh_lib.batch_shards(self.mesh) * seq_len * self.cfg.top_k
+    return max(8, math.ceil(local / 8) * 8)
+
+  def __call__(self, tokens_BxT, tables: Tables | None = None, replay=None, *, capacity=None,
+               working=None) -> ModelOutput:
+    b, t = tokens_BxT.shape
+    positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    out, _ = self._run(tokens_BxT, positions_BxT, None, None, tables, replay, capacity, working)
+    return out
+
+  def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+    """Zeroed KV caches, one per block, sharded over the batch axes."""
+    cfg = self.cfg
+    if max_len > cfg.max_seq_len:
+      raise ValueError(f"cache length {max_len} > max_seq_len={cfg.max_seq_len}")
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    sharding = NamedSharding(self.mesh, P(*mesh_lib.batch_spec(self.mesh), None, None, None))
+    zeros = lambda: jax.device_put(jnp.zeros(shape, jnp.dtype(cfg.dtype)), sharding)  # noqa: E731
+    return [KVCache(zeros(), zeros()) for _ in range(cfg.num_layers)]
+
+  def prefill(self, tokens_BxP, cache, *, tables=None, capacity=None) -> tuple[ModelOutput, list[KVCache]]:
+    """Processes a (right-padded) prompt block at positions 0..P-1 and writes it into the cache."""
+    b, p = tokens_BxP.shape
+    positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    return self._run(tokens_BxP, positions_BxP, cache, jnp.zeros((b,), jnp.int32), tables, None, capacity, None)
+
+  def decode(self, tokens_Bx1, cache, positions_B, *, tables=None, capacity=None):
+    """One token per row at its own position -> (logits_Bx1xV, routes_Bx1xLxk, cache)."""
+    positions_B = positions_B.astype(jnp.int32)
+    out, cache = self._run(tokens_Bx1, positions_B[:, None], cache, positions_B, tables, None, capacity, None)
+    return out.logits, out.routes, cache
+
+  def _run(self, tokens_BxT, positions_BxT, cache, start_B, tables, replay, capacity, working):
+    cfg = self.cfg
+    num_moe = len(cfg.moe_layer_ids)
+    if replay is not None and replay.shape != (*tokens_BxT.shape, num_moe, cfg.top_k):
+      raise ValueError(f"replay must be [B, T, L_moe, k] = {(*tokens_BxT.shape, num_moe, cfg.top_k)}, "
+                       f"got {tuple(replay.shape)}")
+    if working is not None and len(working) != num_moe:
+      raise ValueError(f"working must have one entry per MoE layer ({num_moe}), got {len(working)}")
+    x_BxTxH = self.embed[...][tokens_BxT].astype(jnp.dtype(cfg.dtype))
+    x_BxTxH = jax.lax.with_sharding_constraint(x_BxTxH, NamedSharding(self.mesh, mesh_lib.batch_spec(self.mesh)))
+    moe_outs, new_cache, m = [], [], 0
+    for i, block in enumerate(self.blocks):
+      moe_kw = {}
+      if block.is_moe:
+        moe_kw = dict(tables=None if tables is None else jax.tree.map(lambda a: a[m], tables),  # noqa: B023
+                      replay=None if replay is None else replay[:, :, m],
+                      capacity=capacity, working=None if working is None else working[m])
+        m += 1
+      x_BxTxH, moe_out, layer_cache = block(x_BxTxH, positions_BxT, None if cache is None else cache[i],
+                                            start_B, moe_kw)
+      new_cache.append(layer_cache)
+      if moe_out is not None:
+        moe_outs.append(moe_out)
+    h_BxTxH = self.final_norm(x_BxTxH)
+    logits_BxTxV = jnp.einsum("bth,hv->btv", h_BxTxH, self.lm_head[...].astype(h_BxTxH.dtype),
+                              preferred_element_type=jnp.float32)
+    out = ModelOutput(
+        logits=logits_BxTxV,
+        routes=jnp.stack([o.topk for o in moe_outs], axis=2).astype(jnp.int32),
+        aux_loss=jnp.mean(jnp.stack([o.aux_loss for o in moe_outs])),
+        counts=jnp.stack([o.counts for o in moe_outs]),
+        slot_counts=jnp.stack([o.slot_counts for o in moe_outs]),
+        dropped=sum(o.dropped for o in moe_outs),
+    )
+    return out, (new_cache if cache is not None else None)
+
+
+def param_count(model_or_state) -> int:
+  """Number of parameters (works on `nnx.eval_shape` results: nothing is allocated)."""
+  state = nnx.state(model_or_state, nnx.Param)
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
