@@ -176,3 +176,31 @@ def test_planner_package_never_imports_jax():
   assert sources, "planner sources not found"
   for name, text in sources.items():
     assert "import jax" not in text and "from jax" not in text, name
+
+
+def test_alignment_relabels_devices_and_slots_without_changing_their_contents():
+  from foremoe_jax.planner import align, eplb
+  rng = np.random.default_rng(8)
+  placement = eplb.eplb_placement(rng.gamma(0.5, 100.0, (6, 32)), 8, 5)
+  home = home_placement(32, 8, 5)
+  aligned = align.align_placement(placement, home, 32)
+  for before, after in zip(placement, aligned):
+    assert sorted(map(sorted, before.tolist())) == sorted(map(sorted, after.tolist()))
+  assert ((aligned == home).sum() > (placement == home).sum())
+  # A placement that is a relabeled home layout aligns back to home exactly.
+  shuffled = home[rng.permutation(8)][:, rng.permutation(5)][None]
+  np.testing.assert_array_equal(align.align_placement(shuffled, home, 32)[0], home)
+
+
+def test_summary_metrics_count_moves_and_remote_pairs():
+  from foremoe_jax.planner import metrics
+  counts = skewed_counts(np.random.default_rng(9), 4, 2, 8, 32, 3000)
+  static = plan_step(counts, PlanConfig(32, 8, 5, policy="static"))
+  row = metrics.summary(static, counts)
+  assert row["off_base"] == row["base_off_home"] == row["changed"] == 0
+  # Under the home layout a source keeps exactly the pairs for its own experts.
+  home_device = np.arange(32) // 4
+  kept = sum(counts[:, :, d, home_device == d].sum() for d in range(8))
+  assert row["remote_fraction"] == pytest.approx(1 - kept / counts.sum())
+  ours = metrics.summary(plan_step(counts, PlanConfig(32, 8, 5)), counts)
+  assert ours["off_base_max_per_device"] == 1 and ours["imbalance"] < row["imbalance"]

@@ -40,7 +40,7 @@ def counts_from_routes(routes_NxLxK, micro_step_N, device_N, num_micro_steps: in
     if values.size and (values.min() < 0 or values.max() >= bound):
       raise ValueError(f"{name} has values outside [0, {bound})")
   bin_N = (micro_step_N.astype(np.int64) * num_layers)[:, None, None] + np.arange(num_layers)[None, :, None]
-  bin_N = (bin_N * num_devices + device_N[:, None, None]) * num_experts + routes
+  bin_N = (bin_N * num_devices + device_N[:, None, None]) * num_experts + routes.astype(np.int64)
   size = num_micro_steps * num_layers * num_devices * num_experts
   return np.bincount(bin_N.ravel(), minlength=size).reshape(num_micro_steps, num_layers, num_devices, num_experts)
 
@@ -83,5 +83,8 @@ def esft_step_counts(pools: dict[str, list[np.ndarray]], tasks, num_micro_steps:
                      tokens_per_device: int, rng: np.random.Generator) -> np.ndarray:
   """int64 [M, 26, D, 64]: one step's counts from the sequences of `tasks` mixed (one task = single-task)."""
   sequences = [seq for task in tasks for seq in pools[task]]
-  routes, micro, device = sample_micro_steps(sequences, num_micro_steps, num_devices, tokens_per_device, rng)
-  return counts_from_routes(routes.astype(np.int64), micro, device, num_micro_steps, num_devices, ESFT_EXPERTS)
+  per_micro_step = []
+  for _ in range(num_micro_steps):  # one micro-step at a time keeps the route arrays small
+    routes, micro, device = sample_micro_steps(sequences, 1, num_devices, tokens_per_device, rng)
+    per_micro_step.append(counts_from_routes(routes, micro, device, 1, num_devices, ESFT_EXPERTS))
+  return np.concatenate(per_micro_step)
