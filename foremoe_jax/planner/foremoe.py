@@ -1,16 +1,19 @@
 """The "foremoe" policy: step-level base placement, per-micro-step replicas, exact token split.
 
-1. Base (once per step and layer, from the step's summed counts W): either
+1. Base (once per step and layer, from the step's summed counts W), relabeled to overlap home: either
    a. "lpt": a permutation of experts, E/D per device, by balanced packing of W (LPT with cardinality),
-      plus the redundant slots filled by the replica greedy below (run on W), or
-   b. "eplb": EPLB's placement of W (the eplb_step plan);
-   whichever gives the lower summed max device load over the step's micro-steps.
+      plus the redundant slots filled by the replica greedy below (run on W), planned with moves (2.), or
+   b. "eplb": EPLB's placement of W (the eplb_step plan), planned without moves;
+   per layer, whichever gives the lower summed max device load over the step's micro-steps. Since the
+   exact split of (b) is never worse than EPLB's even split, foremoe is never worse than eplb_step.
 2. Per micro-step and layer: up to `max_moves_per_device` movable slots per device (slots holding a
    non-primary copy, or empty) are re-decided by a greedy that pairs the lightest device with a free slot
    with the heaviest other device and gives it a replica of the expert that relieves the most; a base
    replica that relieves as much is kept (no transfer). The cost model then keeps these moves only where
    they beat the unchanged base on estimated layer time.
 3. Exact split: water-filled per-slot loads, rounded per expert, decomposed per source (local first).
+All steps run in lockstep over the M*L (micro-step, layer) problems: Python loops run over slots and
+replicated experts, never over (m, l).
 """
 
 from __future__ import annotations
