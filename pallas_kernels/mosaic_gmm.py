@@ -1,0 +1,219 @@
+"""Grouped matmul forward on Hopper with Pallas Mosaic GPU (wgmma + TMA).
+
+out[M, N] = lhs[M, K] @ rhs[g] for the rows of group g; rows past the groups are written as zeros.
+Work unit: a (row tile, N tile) pair. Row tiles come from `tiling.row_tiles`: a row block that
+straddles a group boundary is computed once per group and each pass stores only its own rows, with
+a ladder of power-of-two-row TMA stores (TMA boxes are static). The loop is persistent (one CTA per
+SM walking the tiles), two compute warpgroups split the N tile, a third one feeds TMA loads.
+"""
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import tiling
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmConfig:
+  block_m: int = 128
+  block_n: int = 128  # per compute warpgroup; a CTA covers num_compute_wgs * block_n columns
+  block_k: int = 64
+  max_concurrent_steps: int = 4
+  grid_block_n: int = 1  # planar_snake width: N tiles walked before the next row tile
+  num_compute_wgs: int = 2  # 1: no warp specialization (one warpgroup loads and computes)
+
+
+_PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def num_sms(interpret=None) -> int:
+  """Persistent grid size: one CTA per SM (a few in interpret mode, where each CTA is a thread)."""
+  if interpret:
+    return 3
+  return getattr(jax.devices()[0], "core_count", None) or 132
+
+
+def default_config(m, k, n, dtype, transpose_rhs=False) -> GmmConfig | None:
+  """Tuned tiles for these sizes (benchmarks/results/kernels.md), or None if unsupported."""
+  del m, transpose_rhs
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or k % 64:
+    return None
+  for block_n in (128, 64):
+    if n % (2 * block_n) == 0:
+      return GmmConfig(block_m=128, block_n=block_n, block_k=64,
+                       max_concurrent_steps=3 if block_n == 128 else 4)
+  return None
+
+
+def _store_rows(acc, o_smem, out_gmem, row0, start, size, n_slice, block_m):
+  """Stores rows [start, start + size) of the tile (base row row0) with power-of-two TMA boxes.
+
+  Leaves the copies in flight (they overlap the next tile's main loop); the next call, and the
+  kernel's end, wait for them before o_smem is reused.
+  """
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  o_smem[...] = acc.astype(o_smem.dtype)
+  plgpu.commit_smem()
+  rows = block_m
+  while rows > 0:
+    box = 1 << int(math.log2(rows))
+    rows //= 2
+
+    @pl.when(size & box != 0)
+    def _():
+      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(start, box)],
+                              out_gmem.at[pl.ds(row0 + start, box), n_slice])
+
+    start = start + (size & box)
+
+
+def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
+        config: GmmConfig = GmmConfig(), interpret=None):
+  """lhs[M, K] x rhs[G, K, N] (or rhs[G, N, K] with transpose_rhs) -> [M, N] in out_dtype."""
+  if lhs_MxK.dtype != rhs.dtype:
+    raise ValueError(f"mosaic gmm needs one operand dtype, got {lhs_MxK.dtype} and {rhs.dtype}")
+  m, k = lhs_MxK.shape
+  g = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  if rhs.shape[2 if transpose_rhs else 1] != k:
+    raise ValueError(f"contracting sizes differ: lhs {lhs_MxK.shape}, rhs {rhs.shape}")
+  c = config
+  cta_n = c.block_n * c.num_compute_wgs
+  if k % c.block_k or n % cta_n:
+    raise ValueError(f"mosaic gmm needs K % {c.block_k} == 0 and N % {cta_n} == 0; got K={k}, N={n}")
+  out_dtype = out_dtype or lhs_MxK.dtype
+  if interpret:
+    # The GPU interpreter has no transposed wgmma operands (on GPU wgmma reads rhs transposed),
+    # and raises on the partial last row block that TMA zero-fills on GPU: pad it.
+    if transpose_rhs:
+      rhs, transpose_rhs = jnp.swapaxes(rhs, 1, 2), False
+    if m % c.block_m:
+      pad = c.block_m - m % c.block_m
+      out = gmm(jnp.pad(lhs_MxK, ((0, pad), (0, 0))), rhs, group_sizes_G, out_dtype=out_dtype,
+                config=config, interpret=interpret)
+      return out[:m]
+  tiles = tiling.row_tiles(group_sizes_G, m, c.block_m)
+  max_tiles = tiles.size.shape[0]
+  grid_n = n // cta_n
+  rhs_spec_shape = (cta_n, c.block_k) if transpose_rhs else (c.block_k, cta_n)
+  rhs_index = (lambda ni: lambda ki: (ni, ki)) if transpose_rhs else (lambda ni: lambda ki: (ki, ni))
+
+  def tile_info(t_group, t_block, t_start, t_size, lin):
+    mi, ni = plgpu.planar_snake(lin, (max_tiles, grid_n), 1, c.grid_block_n)
+    return ni, t_group[mi], t_block[mi], t_start[mi], t_size[mi]
+
+  def wgmma(acc_ref, lhs_smem, rhs_smem):
+    plgpu.wgmma(acc_ref, lhs_smem,
+                plgpu.transpose_ref(rhs_smem, (1, 0)) if transpose_rhs else rhs_smem)
+
+  def simple_body(t_group, t_block, t_start, t_size, lhs_gmem, rhs_gmem, out_gmem):
+    @plgpu.nd_loop((max_tiles * grid_n,), collective_axes="sm")
+    def _tile(info):
+      ni, group, block, start, size = tile_info(t_group, t_block, t_start, t_size, info.index[0])
+
+      def acc_scope(acc_ref):
+        @pl.when((group < g) & (size > 0))
+        def _():
+          plgpu.emit_pipeline(
+              lambda _, lhs_smem, rhs_smem: wgmma(acc_ref, lhs_smem, rhs_smem),
+              grid=(k // c.block_k,),
+              in_specs=[
+                  plgpu.BlockSpec((c.block_m, c.block_k), lambda ki: (block, ki), delay_release=1),
+                  plgpu.BlockSpec(rhs_spec_shape, rhs_index(ni), delay_release=1),
+              ],
+              max_concurrent_steps=c.max_concurrent_steps,
+          )(lhs_gmem, rhs_gmem.at[jnp.minimum(group, g - 1)])
+        return acc_ref[...]
+
+      acc = pl.run_scoped(acc_scope, plgpu.ACC((c.block_m, cta_n)))
+
+      @pl.when(size > 0)
+      def _():
+        pl.run_scoped(
+            lambda o_smem: _store_rows(acc, o_smem, out_gmem, block * c.block_m, start, size,
+                                       pl.ds(ni * cta_n, cta_n), c.block_m),
+            plgpu.SMEM((c.block_m, cta_n), out_dtype))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  def ws_body(t_group, t_block, t_start, t_size, lhs_gmem, rhs_gmem, out_gmem):
+    wg = lax.axis_index("wg")
+    wg_cols = pl.ds(wg * c.block_n, c.block_n)
+
+    def mma(_, lhs_smem, rhs_smem, acc_ref):
+      rhs_wg = rhs_smem.at[wg_cols] if transpose_rhs else rhs_smem.at[:, wg_cols]
+      wgmma(acc_ref, lhs_smem, rhs_wg)
+      plgpu.wgmma_wait(0)  # the slot is released to the loader when this returns
+      return acc_ref
+
+    def pipeline(body, compute_context):
+      return plgpu.emit_pipeline_warp_specialized(
+          body,
+          grid=(k // c.block_k,),
+          memory_registers=40,
+          in_specs=[
+              plgpu.BlockSpec((c.block_m, c.block_k), lambda ki: (0, ki)),
+              plgpu.BlockSpec(rhs_spec_shape, (lambda ki: (0, ki)) if transpose_rhs
+                              else (lambda ki: (ki, 0))),
+          ],
+          wg_axis="wg",
+          num_compute_wgs=c.num_compute_wgs,
+          max_concurrent_steps=c.max_concurrent_steps,
+          compute_context=compute_context,
+      )
+
+    ignore = lambda *_, **__: None
+    lhs_tile_gmem = lhs_gmem.at[pl.ds(0, c.block_m)]
+    rhs_tile_gmem = rhs_gmem.at[0].at[pl.ds(0, cta_n)] if transpose_rhs else \
+        rhs_gmem.at[0].at[:, pl.ds(0, cta_n)]
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore).get_allocations(lhs_tile_gmem, rhs_tile_gmem),
+        o_smem=plgpu.SMEM((c.num_compute_wgs, c.block_m, c.block_n), out_dtype),
+        collective_axes="wg",
+    )
+    def _scope(allocs, o_smem):
+      @plgpu.nd_loop((max_tiles * grid_n,), collective_axes="sm")
+      def _tile(info):
+        ni, group, block, start, size = tile_info(t_group, t_block, t_start, t_size, info.index[0])
+        row0 = block * c.block_m
+        out_cols = pl.ds(ni * cta_n + wg * c.block_n, c.block_n)
+
+        def compute_context(eval_pipeline):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((c.block_m, c.block_n)))
+          def _(acc_ref):
+            eval_pipeline(acc_ref)
+            _store_rows(acc_ref[...], o_smem.at[wg], out_gmem, row0, start, size, out_cols,
+                        c.block_m)
+
+        @pl.when((group < g) & (size > 0))
+        def _():
+          gi = jnp.minimum(group, g - 1)
+          rhs_cta = rhs_gmem.at[gi].at[pl.ds(ni * cta_n, cta_n)] if transpose_rhs else \
+              rhs_gmem.at[gi].at[:, pl.ds(ni * cta_n, cta_n)]
+          pipeline(mma, compute_context)(lhs_gmem.at[pl.ds(row0, c.block_m)], rhs_cta,
+                                         allocations=allocs)
+
+        @pl.when((group == g) & (size > 0) & (wg < c.num_compute_wgs))
+        def _():
+          _store_rows(jnp.zeros((c.block_m, c.block_n), jnp.float32), o_smem.at[wg], out_gmem,
+                      row0, start, size, out_cols, c.block_m)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  if c.num_compute_wgs == 1:
+    kernel = plgpu.kernel(
+        simple_body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(num_sms(interpret),), grid_names=("sm",), compiler_params=_PARAMS, interpret=interpret)
+  else:
+    kernel = plgpu.kernel(
+        ws_body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(num_sms(interpret),), grid_names=("sm",), num_threads=c.num_compute_wgs + 1,
+        thread_name="wg", compiler_params=_PARAMS, interpret=interpret)
+  return kernel(tiles.group, tiles.block, tiles.start, tiles.size, lhs_MxK, rhs)

@@ -1,0 +1,164 @@
+"""CPU tests of pallas_kernels: the Pallas kernels run in the GPU interpreter ("interpret" backend)
+and are checked, like the XLA path, against float64 numpy on values and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import backend as kb
+
+BACKENDS = ["xla", "interpret"]
+
+
+def _groups_np(sizes):
+  ends = np.cumsum(sizes)
+  return list(zip(ends - np.asarray(sizes), ends))
+
+
+def gmm_np(lhs, rhs, sizes, transpose_rhs=False):
+  lhs, rhs = np.float64(lhs), np.float64(rhs)
+  out = np.zeros((lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]))
+  for g, (a, b) in enumerate(_groups_np(sizes)):
+    out[a:b] = lhs[a:b] @ (rhs[g].T if transpose_rhs else rhs[g])
+  return out
+
+
+def tgmm_np(lhs, rhs, sizes):
+  lhs, rhs = np.float64(lhs), np.float64(rhs)
+  return np.stack([lhs[a:b].T @ rhs[a:b] for a, b in _groups_np(sizes)])
+
+
+def rel_err(x, ref):
+  return np.linalg.norm(np.float64(x) - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+def rand(key, shape, dtype=jnp.float32):
+  return jax.random.normal(jax.random.key(key), shape, jnp.float32).astype(dtype)
+
+
+# (M, K, N, group sizes): empty groups, skew, sizes that are not tile multiples, M padded past the sum.
+CASES = [
+    (128, 64, 64, [64, 64]),
+    (200, 64, 128, [0, 37, 60, 3, 0]),
+    (256, 128, 64, [5, 0, 190, 1]),
+    (96, 64, 64, [0, 0, 0]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,k,n,sizes", CASES)
+def test_gmm_values(backend, m, k, n, sizes):
+  lhs, rhs = rand(1, (m, k)), rand(2, (len(sizes), k, n))
+  out = pk.gmm(lhs, rhs, jnp.array(sizes), backend=backend)
+  ref = gmm_np(lhs, rhs, sizes)
+  assert out.shape == (m, n) and out.dtype == lhs.dtype
+  assert rel_err(out, ref) < 1e-5 if sum(sizes) else np.all(np.asarray(out) == 0)
+  np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gmm_bf16_transpose_rhs_matches_ragged_dot(backend):
+  sizes = [70, 0, 33, 90]
+  lhs, rhs = rand(3, (224, 64), jnp.bfloat16), rand(4, (4, 128, 64), jnp.bfloat16)
+  out = pk.gmm(lhs, rhs, jnp.array(sizes), transpose_rhs=True, backend=backend,
+               preferred_element_type=jnp.float32)
+  ref = jax.lax.ragged_dot(lhs, jnp.swapaxes(rhs, 1, 2), jnp.array(sizes),
+                           preferred_element_type=jnp.float32)
+  assert out.dtype == jnp.float32
+  assert rel_err(out, gmm_np(lhs, rhs, sizes, transpose_rhs=True)) < 1e-5
+  assert rel_err(out, np.float64(ref)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tgmm_ignores_padding_even_nan(backend):
+  sizes = [0, 37, 60, 3, 0]
+  lhs = rand(5, (256, 64)).at[100:].set(jnp.nan)
+  rhs = rand(6, (256, 128)).at[100:].set(jnp.nan)
+  out = pk.tgmm(lhs, rhs, jnp.array(sizes), backend=backend)
+  assert out.shape == (5, 64, 128)
+  ref = tgmm_np(np.asarray(lhs)[:100], np.asarray(rhs)[:100], sizes)
+  assert rel_err(out, ref) < 1e-5
+  np.testing.assert_array_equal(np.asarray(out)[[0, 4]], 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_gmm_grads(backend, transpose_rhs):
+  sizes, m, k, n = [40, 0, 77, 11], 160, 64, 128
+  lhs = rand(7, (m, k))
+  rhs = rand(8, (4, n, k) if transpose_rhs else (4, k, n))
+  dout = rand(9, (m, n))
+  loss = lambda a, w: jnp.sum(pk.gmm(a, w, jnp.array(sizes), transpose_rhs=transpose_rhs,
+                                     backend=backend) * dout)
+  dlhs, drhs = jax.jit(jax.grad(loss, argnums=(0, 1)))(lhs, rhs)
+  w = np.swapaxes(np.float64(rhs), 1, 2) if transpose_rhs else np.float64(rhs)
+  ref_dlhs = gmm_np(dout, w, sizes, transpose_rhs=True)
+  ref_drhs = tgmm_np(lhs, dout, sizes)
+  assert rel_err(dlhs, ref_dlhs) < 1e-5
+  assert rel_err(drhs, np.swapaxes(ref_drhs, 1, 2) if transpose_rhs else ref_drhs) < 1e-5
+  ref_grads = jax.grad(lambda a, w: jnp.sum(jax.lax.ragged_dot(a, w, jnp.array(sizes)) * dout),
+                       argnums=(0, 1))(lhs, jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs)
+  assert rel_err(dlhs, np.float64(ref_grads[0])) < 1e-5
+
+
+def test_tgmm_grads_xla():
+  sizes = [20, 0, 44]
+  lhs, rhs, dout = rand(10, (64, 64)), rand(11, (64, 32)), rand(12, (3, 64, 32))
+  loss = lambda a, b: jnp.sum(pk.tgmm(a, b, jnp.array(sizes), backend="xla") * dout)
+  da, db = jax.grad(loss, argnums=(0, 1))(lhs, rhs)
+  ref = jax.grad(lambda a, b: jnp.sum(jnp.stack(
+      [a[s:e].T @ b[s:e] for s, e in _groups_np(sizes)]) * dout), argnums=(0, 1))(lhs, rhs)
+  assert rel_err(da, np.float64(ref[0])) < 1e-5 and rel_err(db, np.float64(ref[1])) < 1e-5
+
+
+def test_permute_combine_values_and_grads():
+  t, k, d, r = 10, 2, 16, 24
+  x = rand(13, (t, d))
+  idx_R = jnp.array(np.r_[np.random.default_rng(0).permutation(t * k) // k, [-1, t, -1, t]])
+  y = rand(14, (r, d))
+  idx_TxK = jnp.array(np.random.default_rng(1).permutation(r)[: t * k].reshape(t, k))
+  idx_TxK = idx_TxK.at[3, 1].set(-1)  # a dropped (token, expert) pair adds nothing
+  w = jax.nn.softmax(rand(15, (t, k)))
+  xs, ys, ws, ii, jj = map(np.asarray, (x, y, w, idx_R, idx_TxK))
+  np.testing.assert_allclose(pk.permute(x, idx_R), np.where((ii >= 0)[:, None] & (ii < t)[:, None],
+                                                            xs[np.clip(ii, 0, t - 1)], 0))
+  ref = np.einsum("tkd,tk->td", np.where((jj >= 0)[..., None], ys[jj], 0), ws)
+  np.testing.assert_allclose(pk.combine(y, idx_TxK, w), ref, rtol=1e-5, atol=1e-6)
+  dout_R, dout_T = rand(16, (r, d)), rand(17, (t, d))
+  dx = jax.grad(lambda a: jnp.sum(pk.permute(a, idx_R) * dout_R))(x)
+  ref_dx = np.zeros((t, d))
+  np.add.at(ref_dx, ii[ii >= 0][ii[ii >= 0] < t], np.asarray(dout_R)[(ii >= 0) & (ii < t)])
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+  dy, dw = jax.grad(lambda a, b: jnp.sum(pk.combine(a, idx_TxK, b) * dout_T), argnums=(0, 1))(y, w)
+  ref_dy, ref_dw = np.zeros((r, d)), np.zeros((t, k))
+  for ti in range(t):
+    for ki in range(k):
+      if jj[ti, ki] >= 0:
+        ref_dy[jj[ti, ki]] += ws[ti, ki] * np.asarray(dout_T)[ti]
+        ref_dw[ti, ki] = ys[jj[ti, ki]] @ np.asarray(dout_T)[ti]
+  np.testing.assert_allclose(dy, ref_dy, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_selection(monkeypatch):
+  monkeypatch.delenv(kb.ENV_VAR, raising=False)
+  assert kb.resolve("gmm") == "xla"  # CPU default
+  assert kb.resolve("gmm", "interpret") == "interpret"
+  with pytest.raises(RuntimeError, match="mosaic_gpu"):
+    kb.resolve("gmm", "mosaic_gpu")  # asked for a fast path that cannot run here: no fallback
+  with pytest.raises(ValueError, match="unknown backend"):
+    kb.resolve("gmm", "cuda")
+  with pytest.raises(ValueError, match="no permute kernel"):
+    kb.resolve("permute", "interpret")
+  monkeypatch.setenv(kb.ENV_VAR, "interpret")
+  assert kb.resolve("tgmm") == "interpret"
+  with pytest.raises(ValueError, match="cannot run these inputs"):  # K=48: no interpret tiling
+    pk.gmm(jnp.ones((8, 48)), jnp.ones((2, 48, 64)), jnp.array([4, 4]))
+
+
+def test_shape_errors():
+  with pytest.raises(ValueError, match="contracting"):
+    pk.gmm(jnp.ones((8, 16)), jnp.ones((2, 32, 8)), jnp.array([4, 4]))
+  with pytest.raises(ValueError, match="group_sizes"):
+    pk.gmm(jnp.ones((8, 16)), jnp.ones((2, 16, 8)), jnp.array([4, 2, 2]))
