@@ -154,8 +154,8 @@ class MoE(nnx.Module):
     if w_gate_up_work is None:
       w_gate_up_work = working_slots_local(w_gate_up_home, slot_expert_G, self.slots)
       w_down_work = working_slots_local(w_down_home, slot_expert_G, self.slots)
-    expert_fn = functools.partial(swiglu_experts, w_gate_up_SxHx2F=w_gate_up_work,
-                                  w_down_SxFxH=w_down_work, dtype=cfg.dtype, backend=cfg.gmm_backend)
+    expert_fn = functools.partial(swiglu_experts, w_gate_up_SxHx2F=vary_like(w_gate_up_work, x_NxH),
+                                  w_down_SxFxH=vary_like(w_down_work, x_NxH), dtype=cfg.dtype, backend=cfg.gmm_backend)
     expert_P = topk_NxK.reshape(-1)
     me = jax.lax.axis_index(AXIS)
     routing = route(expert_P, slot_expert_G, share_DxG[me], e)
@@ -172,6 +172,20 @@ class MoE(nnx.Module):
     aux_loss = e * jnp.sum(counts_E / (total_tokens * k) * mean_prob_E)
     return MoEOutput(y_NxH.astype(x_bxTxH.dtype).reshape(b, t, h), topk_NxK.reshape(b, t, k), counts_E,
                      slot_counts_G, aux_loss, jax.lax.psum(dropped.astype(jnp.int32), axes))
+
+
+def varying_axes(x: jax.Array) -> frozenset:
+  """The manual mesh axes `x` varies over (`manual_axis_type.varying` in jax 0.10, `vma` elsewhere)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  return frozenset(manual.varying if manual is not None else aval.vma)
+
+
+def vary_like(w: jax.Array, like: jax.Array) -> jax.Array:
+  """Marks `w` as varying over the mesh axes `like` varies over. Kernels with a custom VJP need it: their
+  weight gradient then varies too, and the transpose of this cast sums it over those axes."""
+  missing = tuple(sorted(varying_axes(like) - varying_axes(w)))
+  return jax.lax.pcast(w, missing, to="varying") if missing else w
 
 
 def check_replay(replay, shape: tuple[int, ...], num_experts: int) -> None:
