@@ -159,8 +159,11 @@ class MoE(nnx.Module):
     expert_P = topk_NxK.reshape(-1)
     me = jax.lax.axis_index(AXIS)
     routing = route(expert_P, slot_expert_G, share_DxG[me], e)
-    exchange = padded_exchange if mode == "padded" else ragged_exchange
-    out_PxH, group_sizes_S, dropped = exchange(x_NxH, routing, k, self.slots, capacity, expert_fn)
+    if mode == "padded":
+      out_PxH, group_sizes_S, dropped = padded_exchange(x_NxH, routing, k, self.slots, capacity, expert_fn)
+    else:  # a receiver holds what every source may send it
+      out_PxH, group_sizes_S, dropped = ragged_exchange(x_NxH, routing, k, self.slots,
+                                                        capacity * self.num_devices, expert_fn)
     y_NxH = (out_PxH.reshape(b * t, k, h).astype(jnp.float32) * gate_NxK[..., None]).sum(axis=1)
 
     counts_E = jax.lax.psum(jnp.bincount(expert_P, length=e).astype(jnp.int32), axes)
