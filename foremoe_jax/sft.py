@@ -1,0 +1,141 @@
+"""Supervised next-token training on the arithmetic task (the SFT warm start before RL).
+
+Loss: mean cross-entropy over answer tokens + EOS (the `task.encode_sft` mask) plus a small weight times
+the MoE load-balance loss. One jitted step with donated (model, optimizer) state; batches are drawn from
+`np.random.default_rng([seed, step])`, so a resumed run sees exactly the batches it would have seen.
+"""
+import dataclasses
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from foremoe_jax.checkpoint import Checkpointer
+from foremoe_jax.mesh import batch_sharding, make_mesh
+from foremoe_jax.model import Model
+from foremoe_jax.rl.grpo import token_logprobs
+from foremoe_jax.rl.rollout import rollout
+from foremoe_jax.rl.task import ArithmeticTask, encode_prompts
+
+EVAL_STREAM = 10**9  # rng stream of the fixed eval prompts, apart from the training batches
+
+
+@dataclasses.dataclass
+class TrainState:
+  """What the next stage (e.g. RL) continues from."""
+  model: Model
+  optimizer: nnx.Optimizer
+  mesh: jax.sharding.Mesh
+  task: ArithmeticTask
+  step: int
+  last_metrics: dict
+
+
+def make_task(cfg) -> ArithmeticTask:
+  return ArithmeticTask(num_digits=cfg.task.num_digits, ops=cfg.task.ops, seed=cfg.seed)
+
+
+def seq_len(task: ArithmeticTask) -> int:
+  """BOS + prompt + answer + EOS, at most."""
+  return task.max_prompt_len + task.max_answer_len + 2
+
+
+def build(cfg) -> tuple[jax.sharding.Mesh, Model, nnx.Optimizer]:
+  cfg.validate()
+  mesh = make_mesh(cfg.mesh_data, cfg.mesh_expert)
+  model = Model(cfg.model, mesh=mesh, rngs=nnx.Rngs(cfg.seed))
+  s = cfg.sft
+  schedule = optax.warmup_cosine_decay_schedule(0.0, s.lr, max(s.warmup_steps, 1), max(s.steps, s.warmup_steps + 1))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=s.weight_decay))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  # Scalar optimizer state (step counts) starts on one device; the train step returns it replicated
+  # over the mesh. Place it there now so the second step does not recompile.
+  replicated = NamedSharding(mesh, P())
+  nnx.update(optimizer, jax.tree.map(
+      lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated), nnx.state(optimizer)))
+  return mesh, model, optimizer
+
+
+def sft_loss(model: Model, tokens_BxT, loss_mask_BxT, aux_weight: float):
+  out = model(tokens_BxT)
+  mask_BxT = loss_mask_BxT.astype(jnp.float32)
+  ce = -jnp.sum(token_logprobs(out.logits, tokens_BxT) * mask_BxT) / jnp.maximum(mask_BxT.sum(), 1.0)
+  return ce + aux_weight * out.aux_loss, {"ce": ce, "aux_loss": out.aux_loss, "dropped": out.dropped}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "aux_weight"), donate_argnums=(1,))
+def train_step(graphdef, state, tokens_BxT, loss_mask_BxT, *, aux_weight: float):
+  """(model, optimizer) state -> new state, metrics."""
+  model, optimizer = nnx.merge(graphdef, state)
+  grad_fn = nnx.value_and_grad(sft_loss, has_aux=True)
+  (loss, metrics), grads = grad_fn(model, tokens_BxT, loss_mask_BxT, aux_weight)
+  optimizer.update(model, grads)
+  return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+
+
+def evaluate(model: Model, task: ArithmeticTask, num_prompts: int, seed: int) -> float:
+  """Exact-match accuracy of greedy completions on fixed prompts."""
+  pairs = task.sample(np.random.default_rng([seed, EVAL_STREAM]), num_prompts)
+  prompts_NxP, lens_N = encode_prompts(task.tokenizer, [p for p, _ in pairs], task.max_prompt_len + 1)
+  out = rollout(model, prompts_NxP, lens_N, jax.random.key(seed), max_new_tokens=task.max_answer_len + 1,
+                temperature=0.0)
+  tokens_BxT, lens_B = np.asarray(out.tokens), np.asarray(out.lengths)
+  rewards = [task.reward(p, task.tokenizer.decode(tokens_BxT[b, lens_N[b]:lens_B[b]]))
+             for b, (p, _) in enumerate(pairs)]
+  return float(np.mean(rewards))
+
+
+def _ckpt_state(model, optimizer) -> dict:
+  return {"model": nnx.state(model).to_pure_dict(), "opt": nnx.state(optimizer).to_pure_dict()}
+
+
+def restore(ckpt: Checkpointer, model, optimizer) -> int:
+  """Loads the newest checkpoint into model and optimizer; returns its step (0 when there is none)."""
+  step = ckpt.latest_step()
+  if step is None:
+    return 0
+  saved, _ = ckpt.restore(step, _ckpt_state(model, optimizer))
+  for obj, key in ((model, "model"), (optimizer, "opt")):
+    state = nnx.state(obj)
+    nnx.replace_by_pure_dict(state, saved[key])
+    nnx.update(obj, state)
+  return step
+
+
+def run_sft(cfg, run_dir: str, *, resume: bool = False, logger=None) -> TrainState:
+  """Trains `cfg.sft.steps` steps (continuing from the last checkpoint with `resume`)."""
+  mesh, model, optimizer = build(cfg)
+  task = make_task(cfg)
+  ckpt = Checkpointer(os.path.join(run_dir, "ckpt"))
+  start = restore(ckpt, model, optimizer) if resume else 0
+  s, sharding = cfg.sft, batch_sharding(mesh)
+  graphdef, state = nnx.split((model, optimizer))
+  metrics, host = {}, {}
+  bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc="sft", dynamic_ncols=True)
+  tic = time.perf_counter()
+  for step in bar:
+    batch = task.sft_batch(np.random.default_rng([cfg.seed, step]), s.batch_size, seq_len(task))
+    tokens, mask = (jax.device_put(batch[k], sharding) for k in ("tokens", "loss_mask"))
+    state, metrics = train_step(graphdef, state, tokens, mask, aux_weight=s.aux_loss_weight)
+    done = step + 1
+    if done % s.log_every == 0 or done == s.steps:
+      host = {k: float(v) for k, v in metrics.items()}
+      host["steps_per_s"] = (done - start) / (time.perf_counter() - tic)
+      bar.set_postfix(loss=f"{host['loss']:.3f}", ce=f"{host['ce']:.3f}")
+      if logger is not None:
+        logger.log(done, {"sft/" + k: v for k, v in host.items()})
+    if done % s.ckpt_every == 0 or done == s.steps:
+      nnx.update((model, optimizer), state)
+      ckpt.save(done, _ckpt_state(model, optimizer), {"step": done, "stage": "sft", "config": cfg.name})
+  bar.close()
+  nnx.update((model, optimizer), state)
+  ckpt.close()
+  return TrainState(model, optimizer, mesh, task, max(start, s.steps), host)
