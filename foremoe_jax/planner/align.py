@@ -19,10 +19,17 @@ def _holds(placement_BxDxS: np.ndarray, num_experts: int) -> np.ndarray:
   return holds[..., :num_experts]
 
 
-def match_devices(placement_BxDxS: np.ndarray, reference_BxDxS: np.ndarray, num_experts: int) -> np.ndarray:
-  """int [B, D]: source device for each reference device, by greedy max-overlap matching."""
+def match_devices(placement_BxDxS: np.ndarray, reference_BxDxS: np.ndarray, num_experts: int,
+                  num_nodes: int = 1) -> np.ndarray:
+  """int [B, D]: source device for each reference device, by greedy max-overlap matching.
+
+  Devices only match inside their node (devices are node-major), so a hierarchical placement keeps
+  its groups on their nodes.
+  """
   batch, num_devices, _ = placement_BxDxS.shape
   overlap = np.matmul(_holds(placement_BxDxS, num_experts), _holds(reference_BxDxS, num_experts).transpose(0, 2, 1))
+  node_D = np.arange(num_devices) // (num_devices // num_nodes)
+  overlap[:, node_D[:, None] != node_D[None, :]] = -0.5  # below any same-node pair, above a used one (-1)
   source_BxD = np.empty((batch, num_devices), np.int64)
   rows = np.arange(batch)
   for _ in range(num_devices):
@@ -34,11 +41,12 @@ def match_devices(placement_BxDxS: np.ndarray, reference_BxDxS: np.ndarray, num_
   return source_BxD
 
 
-def align_placement(placement_BxDxS: np.ndarray, reference_BxDxS: np.ndarray, num_experts: int) -> np.ndarray:
+def align_placement(placement_BxDxS: np.ndarray, reference_BxDxS: np.ndarray, num_experts: int,
+                    num_nodes: int = 1) -> np.ndarray:
   """int32 [B, D, S]: placement relabeled so that most experts sit in the reference's device and slot."""
   placement_BxDxS = np.asarray(placement_BxDxS)
   reference_BxDxS = np.broadcast_to(reference_BxDxS, placement_BxDxS.shape)
-  source_BxD = match_devices(placement_BxDxS, reference_BxDxS, num_experts)
+  source_BxD = match_devices(placement_BxDxS, reference_BxDxS, num_experts, num_nodes)
   moved = np.take_along_axis(placement_BxDxS, source_BxD[:, :, None], axis=1)
   num_slots = moved.shape[-1]
   aligned = np.full_like(moved, -1)

@@ -72,6 +72,9 @@ class PlanConfig:
   split_sweeps: int = 4
   # foremoe: also try the EPLB step placement as the base, per layer (keeps foremoe <= eplb_step).
   eplb_base_candidate: bool = True
+  # EPLB policies (and foremoe's EPLB base): hierarchical mode with these expert groups and nodes.
+  eplb_groups: int = 1
+  eplb_nodes: int = 1
   cost: CostModel = dataclasses.field(default_factory=CostModel)
 
   def __post_init__(self):
@@ -90,6 +93,8 @@ class PlanConfig:
       raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
     if self.max_moves_per_device < 0 or self.split_sweeps < 0:
       raise ValueError("max_moves_per_device and split_sweeps must be >= 0")
+    if self.eplb_groups < 1 or self.eplb_nodes < 1:
+      raise ValueError("eplb_groups and eplb_nodes must be >= 1")
 
   @property
   def experts_per_device(self) -> int:

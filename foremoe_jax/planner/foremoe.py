@@ -143,9 +143,9 @@ def plan_foremoe(counts_MxLxDxE: np.ndarray, cfg: PlanConfig):
   w_LxE = counts_MxLxDxE.sum((0, 2)).astype(np.float64)
   bases = [lpt_base(w_LxE, cfg)]
   if cfg.eplb_base_candidate and cfg.redundant_per_device > 0:
-    bases.append(eplb.eplb_placement(w_LxE, num_devices, cfg.slots_per_device))
+    bases.append(eplb.eplb_placement(w_LxE, num_devices, cfg.slots_per_device, cfg.eplb_groups, cfg.eplb_nodes))
   home = slots.home_placement(num_experts, num_devices, cfg.slots_per_device)
-  bases = [align.align_placement(base, home, num_experts) for base in bases]
+  bases = [align.align_placement(base, home, num_experts, cfg.eplb_nodes) for base in bases]
   # Moves on the EPLB base rarely win (never on the ESFT traces); it is kept as a no-move fallback.
   results = [micro_step_placements(counts_MxLxDxE, base, cfg, with_moves=i == 0) for i, base in enumerate(bases)]
   step_load_CxL = np.stack([max_load.sum(0) for _, _, max_load in results])

@@ -40,9 +40,10 @@ def _plan(counts, placement_MxLxDxS, base_LxDxS, cfg: PlanConfig, slot_pairs_BxG
 
 def _step_placement(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
   """EPLB's placement of the summed counts, relabeled to keep experts at home where it can."""
-  placement = eplb.eplb_placement(w_LxE.astype(np.float64), cfg.num_devices, cfg.slots_per_device)
+  placement = eplb.eplb_placement(w_LxE.astype(np.float64), cfg.num_devices, cfg.slots_per_device,
+                                  cfg.eplb_groups, cfg.eplb_nodes)
   home = slots.home_placement(cfg.num_experts, cfg.num_devices, cfg.slots_per_device)
-  return align.align_placement(placement, home, cfg.num_experts)
+  return align.align_placement(placement, home, cfg.num_experts, cfg.eplb_nodes)
 
 
 def plan_step(counts, cfg: PlanConfig, history=None) -> Plan:
@@ -68,9 +69,9 @@ def plan_step(counts, cfg: PlanConfig, history=None) -> Plan:
   if policy == "eplb_microstep":
     base = _step_placement(counts.sum((0, 2)), cfg)
     w_BxE = counts.sum(2).reshape(num_micro * num_layers, -1).astype(np.float64)
-    placement = eplb.eplb_placement(w_BxE, cfg.num_devices, cfg.slots_per_device)
+    placement = eplb.eplb_placement(w_BxE, cfg.num_devices, cfg.slots_per_device, cfg.eplb_groups, cfg.eplb_nodes)
     reference = np.broadcast_to(base, (num_micro, *base.shape)).reshape(placement.shape)
-    placement = align.align_placement(placement, reference, cfg.num_experts)
+    placement = align.align_placement(placement, reference, cfg.num_experts, cfg.eplb_nodes)
     return _plan(counts, placement.reshape(num_micro, num_layers, cfg.num_devices, -1), base, cfg)
   slot_expert, slot_pairs_BxG, base = foremoe.plan_foremoe(counts, cfg)
   return _plan(counts, slot_expert, base, cfg, slot_pairs_BxG)
