@@ -204,3 +204,12 @@ def test_summary_metrics_count_moves_and_remote_pairs():
   assert row["remote_fraction"] == pytest.approx(1 - kept / counts.sum())
   ours = metrics.summary(plan_step(counts, PlanConfig(32, 8, 5)), counts)
   assert ours["off_base_max_per_device"] == 1 and ours["imbalance"] < row["imbalance"]
+
+
+def test_bad_history_raises_with_its_name():
+  counts = np.ones((2, 2, 4, 16), np.int64)
+  cfg = PlanConfig(16, 4, 5, policy="eplb_history")
+  with pytest.raises(ValueError, match="history has shape"):
+    plan_step(counts, cfg, history=np.ones((2, 2, 4, 8), np.int64))
+  with pytest.raises(ValueError, match="history has 3 layers"):
+    plan_step(counts, cfg, history=np.ones((5, 3, 4, 16), np.int64))
