@@ -24,8 +24,10 @@ class GmmConfig:
   block_m: int = 128
   block_n: int = 128  # per compute warpgroup; a CTA covers num_compute_wgs * block_n columns
   block_k: int = 64
-  max_concurrent_steps: int = 4
-  grid_block_n: int = 1  # planar_snake width: N tiles walked before the next row tile
+  max_concurrent_steps: int = 3
+  # Tile order (planar_snake width): N tiles walked before the next row tile; 0 = all of them,
+  # so each lhs row tile is read from HBM once while its N tiles run on neighbouring SMs.
+  grid_block_n: int = 0
   num_compute_wgs: int = 2  # 1: no warp specialization (one warpgroup loads and computes)
 
 
@@ -105,7 +107,7 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
   rhs_index = (lambda ni: lambda ki: (ni, ki)) if transpose_rhs else (lambda ni: lambda ki: (ki, ni))
 
   def tile_info(t_group, t_block, t_start, t_size, lin):
-    mi, ni = plgpu.planar_snake(lin, (max_tiles, grid_n), 1, c.grid_block_n)
+    mi, ni = plgpu.planar_snake(lin, (max_tiles, grid_n), 1, c.grid_block_n or grid_n)
     return ni, t_group[mi], t_block[mi], t_start[mi], t_size[mi]
 
   def wgmma(acc_ref, lhs_smem, rhs_smem):

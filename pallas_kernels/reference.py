@@ -3,7 +3,6 @@
 Group layout everywhere: rows of the [M, ...] operand are grouped consecutively, group g owning
 `group_sizes[g]` rows; rows past `sum(group_sizes)` belong to no group.
 """
-import jax
 import jax.numpy as jnp
 from jax import lax
 
