@@ -21,14 +21,20 @@ class KVCache(NamedTuple):
 
 
 def init_param(rngs: nnx.Rngs, shape, fan_in: float, mesh, dtype, spec=P()) -> nnx.Param:
-  w = jax.random.normal(rngs.params(), shape, dtype) / np.sqrt(fan_in)
-  return nnx.Param(jax.device_put(w, NamedSharding(mesh, spec)))
+  """N(0, 1/fan_in). A concrete key seeds a host RNG: eager `jax.random` would compile one XLA program
+  per parameter shape (~0.5 s each on CPU); under tracing (`nnx.eval_shape`) it stays in JAX."""
+  key = rngs.params()
+  if isinstance(key, jax.core.Tracer):
+    w = jax.random.normal(key, shape, dtype)
+  else:
+    w = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel()).standard_normal(shape).astype(dtype)
+  return nnx.Param(jax.device_put(w / np.sqrt(fan_in).astype(dtype), NamedSharding(mesh, spec)))
 
 
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, *, mesh, param_dtype, eps: float = 1e-6):
     self.eps = eps
-    self.scale = nnx.Param(jax.device_put(jnp.ones((dim,), param_dtype), NamedSharding(mesh, P())))
+    self.scale = nnx.Param(jax.device_put(np.ones((dim,), param_dtype), NamedSharding(mesh, P())))
 
   def __call__(self, x_xD: jax.Array) -> jax.Array:
     x32 = x_xD.astype(jnp.float32)

@@ -48,14 +48,20 @@ def seq_len(task: ArithmeticTask) -> int:
   return task.max_prompt_len + task.max_answer_len + 2
 
 
+@functools.lru_cache
+def make_tx(lr: float, warmup_steps: int, steps: int, weight_decay: float) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine decay and global-norm clipping. Cached: the transformation is part of the
+  optimizer's graphdef, a static argument of `train_step`, so an equal config must reuse the same object."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(steps, warmup_steps + 1))
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=weight_decay))
+
+
 def build(cfg) -> tuple[jax.sharding.Mesh, Model, nnx.Optimizer]:
   cfg.validate()
   mesh = make_mesh(cfg.mesh_data, cfg.mesh_expert)
   model = Model(cfg.model, mesh=mesh, rngs=nnx.Rngs(cfg.seed))
   s = cfg.sft
-  schedule = optax.warmup_cosine_decay_schedule(0.0, s.lr, max(s.warmup_steps, 1), max(s.steps, s.warmup_steps + 1))
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=s.weight_decay))
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, make_tx(s.lr, s.warmup_steps, s.steps, s.weight_decay), wrt=nnx.Param)
   # Scalar optimizer state (step counts) starts on one device; the train step returns it replicated
   # over the mesh. Place it there now so the second step does not recompile.
   replicated = NamedSharding(mesh, P())
