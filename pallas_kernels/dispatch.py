@@ -34,20 +34,21 @@ def _permute_bwd(name, res, dy_RxD):
 _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _combine(y_RxD, idx_TxK, weights_TxK, name):
-  del name
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _combine(y_RxD, idx_TxK, weights_TxK, unique_rows, name):
+  del unique_rows, name
   return reference.combine_xla(y_RxD, idx_TxK, weights_TxK)
 
 
-def _combine_fwd(y_RxD, idx_TxK, weights_TxK, name):
-  return _combine(y_RxD, idx_TxK, weights_TxK, name), (y_RxD, idx_TxK, weights_TxK)
+def _combine_fwd(y_RxD, idx_TxK, weights_TxK, unique_rows, name):
+  out = _combine(y_RxD, idx_TxK, weights_TxK, unique_rows, name)
+  return out, (y_RxD, idx_TxK, weights_TxK)
 
 
-def _combine_bwd(name, res, dout_TxD):
+def _combine_bwd(unique_rows, name, res, dout_TxD):
   del name
   y_RxD, idx_TxK, weights_TxK = res
-  dy_RxD, dw_TxK = reference.combine_bwd_xla(y_RxD, idx_TxK, weights_TxK, dout_TxD)
+  dy_RxD, dw_TxK = reference.combine_bwd_xla(y_RxD, idx_TxK, weights_TxK, dout_TxD, unique_rows)
   return dy_RxD, None, dw_TxK
 
 
@@ -62,10 +63,14 @@ def permute(x_TxD: jax.Array, idx_R: jax.Array, *, backend: str | None = None) -
 
 
 def combine(y_RxD: jax.Array, idx_TxK: jax.Array, weights_TxK: jax.Array, *,
-            backend: str | None = None) -> jax.Array:
-  """out[t] = sum_k weights[t, k] * y[idx[t, k]] -> [T, D]. Differentiable in y and weights."""
+            unique_rows: bool = False, backend: str | None = None) -> jax.Array:
+  """out[t] = sum_k weights[t, k] * y[idx[t, k]] -> [T, D]. Differentiable in y and weights.
+
+  unique_rows: the caller promises no row of y is used by two (t, k) pairs (true when idx is the
+  inverse of a dispatch permutation); the backward then gathers instead of scatter-adding.
+  """
   if y_RxD.ndim != 2 or idx_TxK.ndim != 2 or idx_TxK.shape != weights_TxK.shape:
     raise ValueError(f"combine wants y[R, D], idx[T, K], weights[T, K]; got {y_RxD.shape}, "
                      f"{idx_TxK.shape}, {weights_TxK.shape}")
-  return _combine(y_RxD, idx_TxK.astype("int32"), weights_TxK,
+  return _combine(y_RxD, idx_TxK.astype("int32"), weights_TxK, unique_rows,
                   _backend.resolve("combine", backend))

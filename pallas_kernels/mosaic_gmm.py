@@ -29,6 +29,10 @@ class GmmConfig:
   # so each lhs row tile is read from HBM once while its N tiles run on neighbouring SMs.
   grid_block_n: int = 0
   num_compute_wgs: int = 2  # 1: no warp specialization (one warpgroup loads and computes)
+  # Warp-specialized only: wgmma steps left in flight before a smem slot goes back to the loader.
+  delay_release: int = 0
+  # Epilogue in this many column chunks per warpgroup: less smem for it, more for the pipeline.
+  epi_split: int = 1
 
 
 _PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
@@ -41,38 +45,50 @@ def num_sms(interpret=None) -> int:
   return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-def default_config(m, k, n, dtype, transpose_rhs=False) -> GmmConfig | None:
-  """Tuned tiles for these sizes (benchmarks/results/kernels.md), or None if unsupported."""
-  del m, transpose_rhs
-  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or k % 64:
+# Sweep winners on H100 at 64K rows (benchmarks/results/kernels.md), keyed by (K, N) of the call.
+TUNED: dict[tuple[int, int], GmmConfig] = {}
+
+
+def _fits(config: GmmConfig, k: int, n: int) -> bool:
+  return k % config.block_k == 0 and n % (config.block_n * config.num_compute_wgs) == 0
+
+
+def default_config(m, k, n, dtype) -> GmmConfig | None:
+  """The tuned tiles for an [M, K] x [K, N] call, or None where the kernel cannot run it."""
+  del m
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return None
-  for block_n in (128, 64):
-    if n % (2 * block_n) == 0:
-      return GmmConfig(block_m=128, block_n=block_n, block_k=64,
-                       max_concurrent_steps=3 if block_n == 128 else 4)
-  return None
+  tuned = TUNED.get((k, n))
+  if tuned is not None and _fits(tuned, k, n):
+    return tuned
+  return next((c for c in (GmmConfig(), GmmConfig(block_n=64, max_concurrent_steps=4))
+               if _fits(c, k, n)), None)
 
 
-def _store_rows(acc, o_smem, out_gmem, row0, start, size, n_slice, block_m):
-  """Stores rows [start, start + size) of the tile (base row row0) with power-of-two TMA boxes.
+def _store_rows(acc, o_smem, out_gmem, row0, start, size, col0, block_m):
+  """Stores rows [start, start + size) of the tile (base row row0, first column col0).
 
-  Leaves the copies in flight (they overlap the next tile's main loop); the next call, and the
-  kernel's end, wait for them before o_smem is reused.
+  Power-of-two-row TMA boxes cover any row count; the tile goes out in column chunks of o_smem's
+  width. Leaves the last copies in flight (they overlap the next tile's main loop); the next call,
+  and the kernel's end, wait for them before o_smem is reused.
   """
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  o_smem[...] = acc.astype(o_smem.dtype)
-  plgpu.commit_smem()
-  rows = block_m
-  while rows > 0:
-    box = 1 << int(math.log2(rows))
-    rows //= 2
+  width = o_smem.shape[1]
+  for chunk in range(acc.shape[1] // width):
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    o_smem[...] = acc[:, chunk * width:(chunk + 1) * width].astype(o_smem.dtype)
+    plgpu.commit_smem()
+    rows, first = block_m, start
+    while rows > 0:
+      box = 1 << int(math.log2(rows))
+      rows //= 2
 
-    @pl.when(size & box != 0)
-    def _():
-      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(start, box)],
-                              out_gmem.at[pl.ds(row0 + start, box), n_slice])
+      @pl.when(size & box != 0)
+      def _():
+        plgpu.copy_smem_to_gmem(
+            o_smem.at[pl.ds(first, box)],
+            out_gmem.at[pl.ds(row0 + first, box), pl.ds(col0 + chunk * width, width)])
 
-    start = start + (size & box)
+      first = first + (size & box)
 
 
 def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
@@ -87,19 +103,18 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
     raise ValueError(f"contracting sizes differ: lhs {lhs_MxK.shape}, rhs {rhs.shape}")
   c = config
   cta_n = c.block_n * c.num_compute_wgs
-  if k % c.block_k or n % cta_n:
+  if not _fits(c, k, n):
     raise ValueError(f"mosaic gmm needs K % {c.block_k} == 0 and N % {cta_n} == 0; got K={k}, N={n}")
   out_dtype = out_dtype or lhs_MxK.dtype
-  if interpret:
-    # The GPU interpreter has no transposed wgmma operands (on GPU wgmma reads rhs transposed),
-    # and raises on the partial last row block that TMA zero-fills on GPU: pad it.
-    if transpose_rhs:
-      rhs, transpose_rhs = jnp.swapaxes(rhs, 1, 2), False
-    if m % c.block_m:
-      pad = c.block_m - m % c.block_m
-      out = gmm(jnp.pad(lhs_MxK, ((0, pad), (0, 0))), rhs, group_sizes_G, out_dtype=out_dtype,
-                config=config, interpret=interpret)
-      return out[:m]
+  if interpret and transpose_rhs:
+    # The GPU interpreter has no transposed wgmma operands; on GPU wgmma reads rhs transposed.
+    rhs, transpose_rhs = jnp.swapaxes(rhs, 1, 2), False
+  # TMA's (8, 64) smem tiling needs a row count divisible by 8; the interpreter also raises on
+  # the partial last row block that TMA zero-fills on GPU. Padded rows are past the groups.
+  if m % (row_multiple := c.block_m if interpret else 8):
+    lhs_MxK = jnp.pad(lhs_MxK, ((0, row_multiple - m % row_multiple), (0, 0)))
+    return gmm(lhs_MxK, rhs, group_sizes_G, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+               config=config, interpret=interpret)[:m]
   tiles = tiling.row_tiles(group_sizes_G, m, c.block_m)
   max_tiles = tiles.size.shape[0]
   grid_n = n // cta_n
@@ -139,7 +154,7 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
       def _():
         pl.run_scoped(
             lambda o_smem: _store_rows(acc, o_smem, out_gmem, block * c.block_m, start, size,
-                                       pl.ds(ni * cta_n, cta_n), c.block_m),
+                                       ni * cta_n, c.block_m),
             plgpu.SMEM((c.block_m, cta_n), out_dtype))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -150,7 +165,7 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
     def mma(_, lhs_smem, rhs_smem, acc_ref):
       rhs_wg = rhs_smem.at[wg_cols] if transpose_rhs else rhs_smem.at[:, wg_cols]
       wgmma(acc_ref, lhs_smem, rhs_wg)
-      plgpu.wgmma_wait(0)  # the slot is released to the loader when this returns
+      plgpu.wgmma_wait(c.delay_release)  # older steps are done: their slots go back to the loader
       return acc_ref
 
     def pipeline(body, compute_context):
@@ -159,9 +174,10 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
           grid=(k // c.block_k,),
           memory_registers=40,
           in_specs=[
-              plgpu.BlockSpec((c.block_m, c.block_k), lambda ki: (0, ki)),
+              plgpu.BlockSpec((c.block_m, c.block_k), lambda ki: (0, ki),
+                              delay_release=c.delay_release),
               plgpu.BlockSpec(rhs_spec_shape, (lambda ki: (0, ki)) if transpose_rhs
-                              else (lambda ki: (ki, 0))),
+                              else (lambda ki: (ki, 0)), delay_release=c.delay_release),
           ],
           wg_axis="wg",
           num_compute_wgs=c.num_compute_wgs,
@@ -177,7 +193,7 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(lhs_tile_gmem, rhs_tile_gmem),
-        o_smem=plgpu.SMEM((c.num_compute_wgs, c.block_m, c.block_n), out_dtype),
+        o_smem=plgpu.SMEM((c.num_compute_wgs, c.block_m, c.block_n // c.epi_split), out_dtype),
         collective_axes="wg",
     )
     def _scope(allocs, o_smem):
@@ -185,13 +201,13 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
       def _tile(info):
         ni, group, block, start, size = tile_info(t_group, t_block, t_start, t_size, info.index[0])
         row0 = block * c.block_m
-        out_cols = pl.ds(ni * cta_n + wg * c.block_n, c.block_n)
+        col0 = ni * cta_n + wg * c.block_n
 
         def compute_context(eval_pipeline):
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((c.block_m, c.block_n)))
           def _(acc_ref):
             eval_pipeline(acc_ref)
-            _store_rows(acc_ref[...], o_smem.at[wg], out_gmem, row0, start, size, out_cols,
+            _store_rows(acc_ref[...], o_smem.at[wg], out_gmem, row0, start, size, col0,
                         c.block_m)
 
         @pl.when((group < g) & (size > 0))
@@ -205,7 +221,7 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
         @pl.when((group == g) & (size > 0) & (wg < c.num_compute_wgs))
         def _():
           _store_rows(jnp.zeros((c.block_m, c.block_n), jnp.float32), o_smem.at[wg], out_gmem,
-                      row0, start, size, out_cols, c.block_m)
+                      row0, start, size, col0, c.block_m)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -24,15 +24,22 @@ class TgmmConfig:
   block_m: int = 128  # output rows (the K dimension of lhs)
   block_n: int = 128  # output columns (the N dimension of rhs)
   block_r: int = 64  # rows of the group reduced per pipeline step
-  max_concurrent_steps: int = 4
-  grid_block_n: int = 1
+  max_concurrent_steps: int = 5
+  grid_block_n: int = 4  # planar_snake width over the (K tile, N tile) grid of one group
+
+
+# Sweep winners on H100 at 64K rows (benchmarks/results/kernels.md), keyed by (K, N).
+TUNED: dict[tuple[int, int], TgmmConfig] = {}
 
 
 def default_config(m, k, n, dtype) -> TgmmConfig | None:
-  """Tuned tiles for these sizes (benchmarks/results/kernels.md), or None if unsupported."""
+  """The tuned tiles for an lhs[M, K], rhs[M, N] call, or None where the kernel cannot run it."""
   del m
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return None
+  tuned = TUNED.get((k, n))
+  if tuned is not None and k % tuned.block_m == 0 and n % tuned.block_n == 0:
+    return tuned
   block_m = next((b for b in (128, 64) if k % b == 0), None)
   block_n = next((b for b in (128, 64) if n % b == 0), None)
   if block_m is None or block_n is None:
@@ -61,9 +68,10 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_G, *, out_dtype=None, config: TgmmConfig 
     raise ValueError(f"mosaic tgmm needs K % {c.block_m} == 0 and N % {c.block_n} == 0; "
                      f"got K={k}, N={n}")
   out_dtype = out_dtype or lhs_MxK.dtype
-  if interpret and m % c.block_r:
-    # The GPU interpreter raises on the partial last row block that TMA zero-fills on GPU: pad it.
-    pad = ((0, c.block_r - m % c.block_r), (0, 0))
+  if m % (row_multiple := c.block_r if interpret else 8):
+    # TMA's (8, 64) smem tiling needs a row count divisible by 8; the interpreter also raises on
+    # the partial last row block that TMA zero-fills on GPU. Padded rows are past the groups.
+    pad = ((0, row_multiple - m % row_multiple), (0, 0))
     return tgmm(jnp.pad(lhs_MxK, pad), jnp.pad(rhs_MxN, pad), group_sizes_G, out_dtype=out_dtype,
                 config=config, interpret=interpret)
   starts_G, ends_G = tiling.clipped_bounds(group_sizes_G, m)

@@ -53,17 +53,30 @@ def combine_xla(y_RxD, idx_TxK, weights_TxK):
   return jnp.einsum("tkd,tk->td", rows_TxKxD, weights_TxK.astype(_F32)).astype(y_RxD.dtype)
 
 
-def combine_bwd_xla(y_RxD, idx_TxK, weights_TxK, dout_TxD):
-  """Gradients of combine_xla: (dy[R, D] by scatter-add, dweights[T, K] by row dot products)."""
+def combine_bwd_xla(y_RxD, idx_TxK, weights_TxK, dout_TxD, unique_rows=False):
+  """Gradients of combine_xla: (dy[R, D], dweights[T, K] by row dot products).
+
+  dy by scatter-add in general; with unique_rows (no row of y used twice, as in a dispatch
+  permutation) by a gather through the inverse map, which needs no f32 [R, D] buffer.
+  """
   R = y_RxD.shape[0]
+  T, K = idx_TxK.shape
   valid_TxK = (idx_TxK >= 0) & (idx_TxK < R)
   dout_f32 = dout_TxD.astype(_F32)
-  contrib_TxKxD = weights_TxK.astype(_F32)[:, :, None] * dout_f32[:, None, :]
-  dy_RxD = jnp.zeros(y_RxD.shape, _F32).at[jnp.where(valid_TxK, idx_TxK, R)].add(
-      contrib_TxKxD, mode="drop")
+  if unique_rows:
+    pair_R = jnp.full((R,), -1, jnp.int32).at[jnp.where(valid_TxK, idx_TxK, R).reshape(-1)].set(
+        jnp.arange(T * K, dtype=jnp.int32), mode="drop")
+    used_R = pair_R >= 0
+    pair_R = jnp.where(used_R, pair_R, 0)
+    w_R = jnp.where(used_R, weights_TxK.reshape(-1)[pair_R].astype(_F32), 0)
+    dy_RxD = (w_R[:, None] * jnp.take(dout_f32, pair_R // K, axis=0)).astype(y_RxD.dtype)
+  else:
+    contrib_TxKxD = weights_TxK.astype(_F32)[:, :, None] * dout_f32[:, None, :]
+    dy_RxD = jnp.zeros(y_RxD.shape, _F32).at[jnp.where(valid_TxK, idx_TxK, R)].add(
+        contrib_TxKxD, mode="drop").astype(y_RxD.dtype)
   rows_TxKxD = _gather_rows(y_RxD, idx_TxK).astype(_F32)
   dw_TxK = jnp.einsum("tkd,td->tk", rows_TxKxD, dout_f32)
-  return dy_RxD.astype(y_RxD.dtype), dw_TxK.astype(weights_TxK.dtype)
+  return dy_RxD, dw_TxK.astype(weights_TxK.dtype)
 
 
 def _gather_rows(y_RxD, idx):

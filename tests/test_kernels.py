@@ -130,15 +130,27 @@ def test_permute_combine_values_and_grads():
   ref_dx = np.zeros((t, d))
   np.add.at(ref_dx, ii[ii >= 0][ii[ii >= 0] < t], np.asarray(dout_R)[(ii >= 0) & (ii < t)])
   np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
-  dy, dw = jax.grad(lambda a, b: jnp.sum(pk.combine(a, idx_TxK, b) * dout_T), argnums=(0, 1))(y, w)
   ref_dy, ref_dw = np.zeros((r, d)), np.zeros((t, k))
   for ti in range(t):
     for ki in range(k):
       if jj[ti, ki] >= 0:
         ref_dy[jj[ti, ki]] += ws[ti, ki] * np.asarray(dout_T)[ti]
         ref_dw[ti, ki] = ys[jj[ti, ki]] @ np.asarray(dout_T)[ti]
-  np.testing.assert_allclose(dy, ref_dy, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5)
+  for unique_rows in (False, True):  # idx_TxK uses each row at most once: both paths apply
+    dy, dw = jax.grad(lambda a, b: jnp.sum(pk.combine(a, idx_TxK, b, unique_rows=unique_rows)
+                                           * dout_T), argnums=(0, 1))(y, w)
+    np.testing.assert_allclose(dy, ref_dy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_combine_repeated_rows_scatter_adds():
+  y, w = rand(18, (4, 8)), rand(19, (3, 2))
+  idx = jnp.array([[0, 0], [1, 0], [3, 3]])
+  dy = jax.grad(lambda a: jnp.sum(pk.combine(a, idx, w)))(y)
+  ws = np.asarray(w)
+  ref = np.stack([np.full(8, ws[0, 0] + ws[0, 1] + ws[1, 1]), np.full(8, ws[1, 0]), np.zeros(8),
+                  np.full(8, ws[2, 0] + ws[2, 1])])
+  np.testing.assert_allclose(dy, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_backend_selection(monkeypatch):
