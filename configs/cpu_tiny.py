@@ -9,4 +9,4 @@ def get_config() -> TrainConfig:
                       head_dim=16, d_ff_dense=128, num_experts=16, top_k=2, d_ff_expert=64,
                       slots_per_device=16 // 8 + 1, max_seq_len=32)
   return TrainConfig(name="cpu_tiny", model=model, mesh_data=1, mesh_expert=8,
-                     task=TaskConfig(num_digits=2, ops="+"), sft=SFTConfig(steps=300, batch_size=64))
+                     task=TaskConfig(num_digits=2, ops="+"), sft=SFTConfig(steps=600, batch_size=64, ckpt_every=300))
