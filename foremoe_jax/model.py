@@ -171,7 +171,8 @@ class Model(nnx.Module):
       raise ValueError(f"cache length {max_len} > max_seq_len={cfg.max_seq_len}")
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     sharding = NamedSharding(self.mesh, P(*mesh_lib.batch_spec(self.mesh), None, None, None))
-    zeros = lambda: jax.device_put(jnp.zeros(shape, jnp.dtype(cfg.dtype)), sharding)  # noqa: E731
+    def zeros():
+      return jax.device_put(jnp.zeros(shape, jnp.dtype(cfg.dtype)), sharding)
     return [KVCache(zeros(), zeros()) for _ in range(cfg.num_layers)]
 
   def prefill(self, tokens_BxP, cache, *, tables=None, capacity=None) -> tuple[ModelOutput, list[KVCache]]:
@@ -200,7 +201,7 @@ class Model(nnx.Module):
     for i, block in enumerate(self.blocks):
       moe_kw = {}
       if block.is_moe:
-        moe_kw = dict(tables=None if tables is None else jax.tree.map(lambda a: a[m], tables),  # noqa: B023
+        moe_kw = dict(tables=None if tables is None else layer_tables(tables, m),
                       replay=None if replay is None else replay[:, :, m],
                       capacity=capacity, working=None if working is None else working[m])
         m += 1
@@ -221,6 +222,11 @@ class Model(nnx.Module):
         dropped=sum(o.dropped for o in moe_outs),
     )
     return out, (new_cache if cache is not None else None)
+
+
+def layer_tables(tables: Tables, i: int) -> Tables:
+  """MoE layer i's placement from tables stacked over layers ([L_moe, ...] leaves)."""
+  return jax.tree.map(lambda a: a[i], tables)
 
 
 def param_count(model_or_state) -> int:
