@@ -45,8 +45,14 @@ def num_sms(interpret=None) -> int:
   return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-# Sweep winners on H100 at 64K rows (benchmarks/results/kernels.md), keyed by (K, N) of the call.
-TUNED: dict[tuple[int, int], GmmConfig] = {}
+# Sweep winners at 64K rows, 17 balanced groups (benchmarks/results/kernels.md: H200, jax 0.11.2),
+# keyed by (K, N) of the call. The gate+up and down projections of Qwen3-30B-A3B and their d(lhs).
+TUNED: dict[tuple[int, int], GmmConfig] = {
+    (2048, 1536): GmmConfig(delay_release=1),
+    (1536, 2048): GmmConfig(max_concurrent_steps=4, delay_release=1, epi_split=2),
+    (768, 2048): GmmConfig(max_concurrent_steps=4, delay_release=1, epi_split=2),
+    (2048, 768): GmmConfig(),
+}
 
 
 def _fits(config: GmmConfig, k: int, n: int) -> bool:

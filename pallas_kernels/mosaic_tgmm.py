@@ -28,8 +28,12 @@ class TgmmConfig:
   grid_block_n: int = 4  # planar_snake width over the (K tile, N tile) grid of one group
 
 
-# Sweep winners on H100 at 64K rows (benchmarks/results/kernels.md), keyed by (K, N).
-TUNED: dict[tuple[int, int], TgmmConfig] = {}
+# Sweep winners at 64K rows, 17 balanced groups (benchmarks/results/kernels.md: H200, jax 0.11.2),
+# keyed by (K, N) of the call.
+TUNED: dict[tuple[int, int], TgmmConfig] = {
+    (2048, 1536): TgmmConfig(max_concurrent_steps=6),
+    (768, 2048): TgmmConfig(),
+}
 
 
 def default_config(m, k, n, dtype) -> TgmmConfig | None:
