@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.placement import Tables, plan_tables
 from foremoe_jax.transfer import (MoveTables, apply_moves, fill_moves, home_to_base_moves, move_tables,
@@ -86,6 +88,18 @@ def expert_weights(model) -> list[tuple[jax.Array, jax.Array]]:
   return [(layer.w_gate_up[...], layer.w_down[...]) for layer in model.moe_layers()]
 
 
+def replicate_unsharded(tree, mesh):
+  """Puts leaves that live on fewer devices than the mesh (e.g. optimizer step counts) on all of it,
+  so a restored or freshly initialized state mixes with mesh-sharded parameters in one jit."""
+  devices = set(mesh.devices.flat)
+
+  def place(x):
+    if set(x.sharding.device_set) == devices:
+      return x
+    return jax.device_put(x, NamedSharding(mesh, P()))
+  return jax.tree.map(place, tree)
+
+
 def index(tree, i):
   return jax.tree.map(lambda a: a[i], tree)
 
@@ -97,7 +111,7 @@ class Executor:
   def __init__(self, model, tx: optax.GradientTransformation, loss_fn: LossFn, mesh):
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.tx, self.loss_fn, self.mesh = tx, loss_fn, mesh
-    self.opt_state = jax.jit(tx.init)(self.params)
+    self.opt_state = replicate_unsharded(jax.jit(tx.init)(self.params), mesh)
     layer = model.moe_layers()[0]
     self.slots = layer.num_devices * layer.slots
     self._begin = jax.jit(self._begin_fn)

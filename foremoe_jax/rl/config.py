@@ -1,0 +1,39 @@
+"""RL (GRPO) settings; the `rl` section of a train.py preset."""
+import dataclasses
+
+from foremoe_jax.planner import POLICIES
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  steps: int = 6  # rollouts; each is followed by recompute and num_minibatches x ppo_epochs updates
+  prompts_per_step: int = 32
+  group_size: int = 4  # samples per prompt (GRPO group)
+  max_new_tokens: int = 5
+  temperature: float = 1.0
+  top_p: float = 1.0
+  rows_per_shard: int = 4  # sequences per device per micro-step
+  tokens_per_shard: int = 64  # real-token budget per device per micro-step
+  num_minibatches: int = 2  # optimizer steps per epoch over the rollout
+  ppo_epochs: int = 1
+  clip_eps: float = 0.2
+  kl_coef: float = 0.0  # > 0: KL to the SFT policy (k3 estimator)
+  lr: float = 3e-4
+  policy: str = "foremoe"  # placement policy of the recompute and update stages
+  prompt_file: str = ""  # "prompt<TAB>answer" lines; empty: arithmetic problems drawn on the fly
+  ckpt_every: int = 1
+
+  def validate(self, num_shards: int) -> "RLConfig":
+    if self.policy not in POLICIES:
+      raise ValueError(f"rl.policy={self.policy!r} is not one of {POLICIES}")
+    positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "rows_per_shard",
+                "tokens_per_shard", "num_minibatches", "ppo_epochs")
+    bad = [f"rl.{name}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+    if bad:
+      raise ValueError(f"must be >= 1: {', '.join(bad)}")
+    if (self.prompts_per_step * self.group_size) % num_shards:
+      raise ValueError(f"rl.prompts_per_step * rl.group_size = {self.prompts_per_step * self.group_size} is "
+                       f"not divisible by the {num_shards} devices of the batch axes")
+    if not 0 < self.top_p <= 1 or self.temperature < 0 or self.clip_eps <= 0 or self.kl_coef < 0 or self.lr <= 0:
+      raise ValueError("need 0 < rl.top_p <= 1, rl.temperature >= 0, rl.clip_eps > 0, rl.kl_coef >= 0, rl.lr > 0")
+    return self

@@ -1,0 +1,223 @@
+"""GRPO post-training with foresight: rollout (routes captured) -> plan -> recompute -> micro-stepped update.
+
+Per RL step:
+1. rollout: G samples per prompt with the KV cache; every position's routes are captured (R3).
+2. post-processing: sequences are packed into micro-steps (static shapes); the routed counts of every
+   (micro-step, layer) are known now, so the planner runs in a background thread while rewards and
+   advantages are computed.
+3. recompute: old log-probs, forward only, routes replayed, each micro-step under its placement.
+4. update: `ppo_epochs` x `num_minibatches` optimizer steps, each over its micro-steps with gradient
+   accumulation (the executor). Routes are replayed in both stages whatever the policy: a policy changes
+   speed, never the math.
+"""
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from foremoe_jax.checkpoint import Checkpointer
+from foremoe_jax.executor import Executor, prepare_step, replicate_unsharded
+from foremoe_jax.mesh import batch_sharding, batch_shards
+from foremoe_jax.planner import POLICIES, PlanConfig, plan_step
+from foremoe_jax.rl.grpo import group_advantages, grpo_loss, token_logprobs
+from foremoe_jax.rl.microbatch import build_step_batches, with_advantages
+from foremoe_jax.rl.rollout import rollout
+from foremoe_jax.rl.task import CharTokenizer, encode_prompts, exact_match, load_prompt_file
+
+STAGES = ("rollout", "plan_wait", "recompute", "update")
+
+
+def grpo_objective(model, batch, *, tables, working, capacity, clip_eps: float, kl_coef: float):
+  """The executor's loss: clipped GRPO over this micro-batch, normalized by its mini-batch's tokens."""
+  out = model(batch["tokens"], tables, batch["replay"], capacity=capacity, working=working)
+  logp_BxT = token_logprobs(out.logits, batch["tokens"])
+  loss, metrics = grpo_loss(logp_BxT, batch["logp_old"], batch["adv"], batch["mask"], clip_eps=clip_eps,
+                            kl_coef=kl_coef, logp_ref_BxT=batch.get("logp_ref"),
+                            num_tokens_total=batch["num_tokens"])
+  return loss, {**metrics, "logp": logp_BxT, "dropped": out.dropped}
+
+
+@dataclasses.dataclass
+class PlannedStep:
+  tables: list  # one StepTables per mini-batch
+  imbalance: dict  # policy -> (sum of max device load, sum of mean device load) over (m, l)
+  per_micro_step: dict  # policy -> [M] imbalance of each micro-step (over layers)
+  planner_s: float  # host seconds spent planning the running policy
+
+
+def plan_minibatches(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history):
+  """Plans each mini-batch (one optimizer step) with the running policy, and measures every policy."""
+  tic = time.perf_counter()
+  chunks = np.split(counts_MxLxDxE, num_minibatches)
+  num_experts = plan_cfg.num_experts
+  tables, hist = [], history
+  for chunk in chunks:
+    plan = plan_step(chunk, plan_cfg, history=hist)
+    tables.append(prepare_step(plan, chunk, num_experts))
+    hist = chunk
+  planner_s = time.perf_counter() - tic
+  imbalance, per_micro = {}, {}
+  for policy in POLICIES:
+    cfg = dataclasses.replace(plan_cfg, policy=policy)
+    hist, loads = history, []
+    for chunk in chunks:
+      loads.append(plan_step(chunk, cfg, history=hist).device_load(chunk))
+      hist = chunk
+    load_MxLxD = np.concatenate(loads)
+    imbalance[policy] = (float(load_MxLxD.max(-1).sum()), float(load_MxLxD.mean(-1).sum()))
+    per_micro[policy] = (load_MxLxD.max(-1).sum(-1) / np.maximum(load_MxLxD.mean(-1).sum(-1), 1e-9)).tolist()
+  return PlannedStep(tables, imbalance, per_micro, planner_s)
+
+
+class GRPOTrainer:
+  """Holds the executor (parameters, optimizer state) and runs RL steps."""
+
+  def __init__(self, cfg, model, mesh, task, run_dir: str):
+    self.cfg, self.rl, self.mesh, self.task = cfg, cfg.rl.validate(batch_shards(mesh)), mesh, task
+    self.tok = CharTokenizer()
+    moe = model.moe_layers()[0]
+    self.expert_devices = moe.num_devices
+    self.plan_cfg = PlanConfig(num_experts=cfg.model.num_experts, num_devices=moe.num_devices,
+                               slots_per_device=moe.slots, policy=self.rl.policy)
+    self.prompts = load_prompt_file(self.rl.prompt_file, self.tok) if self.rl.prompt_file else None
+    objective = functools.partial(grpo_objective, clip_eps=self.rl.clip_eps, kl_coef=self.rl.kl_coef)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(self.rl.lr, b2=0.98, weight_decay=0.0))
+    self.executor = Executor(model, tx, objective, mesh)
+    self.reference = None
+    if self.rl.kl_coef > 0:  # a frozen copy: the policy's update donates its parameter buffers
+      self.reference = Executor(model, optax.identity(), objective, mesh)
+      self.reference.params = jax.tree.map(jnp.copy, self.reference.params)
+    self.ckpt = Checkpointer(os.path.join(run_dir, "rl_ckpt"))
+    self.history = None
+
+  # --- checkpoints ---------------------------------------------------------------------------------
+  def save(self, step: int, record: dict) -> None:
+    history = None if self.history is None else self.history.tolist()
+    self.ckpt.save(step, {"params": self.executor.params, "opt": self.executor.opt_state},
+                   {"history": history, "record": record})
+
+  def restore(self, step: int | None = None) -> int:
+    """Loads checkpoint `step` (default: the last); returns the next step to run (0 without one)."""
+    last = self.ckpt.latest_step() if step is None else step
+    if last is None:
+      return 0
+    target = {"params": self.executor.params, "opt": self.executor.opt_state}
+    state, extra = self.ckpt.restore(last, target)
+    state = replicate_unsharded(state, self.mesh)
+    self.executor.params, self.executor.opt_state = state["params"], state["opt"]
+    self.history = None if extra.get("history") is None else np.asarray(extra["history"], np.int64)
+    return last
+
+  # --- one step ------------------------------------------------------------------------------------
+  def sample_prompts(self, rng: np.random.Generator) -> list[tuple[str, str]]:
+    n = self.rl.prompts_per_step
+    if self.prompts is None:
+      return self.task.sample(rng, n)
+    return [self.prompts[i] for i in rng.integers(0, len(self.prompts), size=n)]
+
+  def device_batch(self, batch: dict) -> dict:
+    shard = batch_sharding(self.mesh)
+    replicated = NamedSharding(self.mesh, P())
+    return {k: jax.device_put(v, replicated if np.ndim(v) == 0 else shard) for k, v in batch.items()}
+
+  def step(self, step: int) -> dict:
+    rl, times = self.rl, {}
+    rng = np.random.default_rng([self.cfg.seed, step])
+    pairs = self.sample_prompts(rng)
+    prompt_len = max(len(p) for p, _ in pairs) + 1
+    prompts_NxP, lens_N = encode_prompts(self.tok, [p for p, _ in pairs], prompt_len)
+
+    tic = time.perf_counter()
+    roll = rollout(self.executor.model(), prompts_NxP, lens_N, jax.random.key(step + 7919 * self.cfg.seed),
+                   max_new_tokens=rl.max_new_tokens, group_size=rl.group_size, temperature=rl.temperature,
+                   top_p=rl.top_p)
+    roll = jax.tree.map(np.asarray, roll)
+    times["rollout"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    packed = build_step_batches(roll.tokens, roll.routes, roll.completion_mask, roll.lengths,
+                                num_shards=batch_shards(self.mesh), expert_devices=self.expert_devices,
+                                rows_per_shard=rl.rows_per_shard, tokens_per_shard=rl.tokens_per_shard,
+                                num_experts=self.plan_cfg.num_experts, num_minibatches=rl.num_minibatches,
+                                seed=step)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner")
+    future = pool.submit(plan_minibatches, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg, self.history)
+    answers = [a for _, a in pairs for _ in range(rl.group_size)]
+    completions = [self.tok.decode(row[start:]) for row, start in zip(roll.tokens, roll.prompt_lengths)]
+    rewards_N = np.array([exact_match(c, a) for c, a in zip(completions, answers)], np.float32)
+    advantages_N = np.asarray(group_advantages(jnp.asarray(rewards_N), rl.group_size))
+    batches = [self.device_batch(b) for b in with_advantages(packed, advantages_N)]
+    times["postprocess"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    planned = future.result()
+    pool.shutdown()
+    times["plan_wait"] = time.perf_counter() - tic
+    self.history = packed.counts_MxLxDxE[-len(packed.counts_MxLxDxE) // rl.num_minibatches:]
+
+    tic = time.perf_counter()
+    per_mb = len(batches) // rl.num_minibatches
+    groups = [(batches[i * per_mb:(i + 1) * per_mb], t) for i, t in enumerate(planned.tables)]
+    for mb, tables in groups:
+      self.attach_logprobs(mb, tables)
+    times["recompute"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    updates = [self.executor.train_step(mb, tables) for _ in range(rl.ppo_epochs) for mb, tables in groups]
+    times["update"] = time.perf_counter() - tic
+    kl = float(np.mean([u["metrics"]["approx_kl"].sum() for u in updates]))
+    return {"reward": float(rewards_N.mean()), "kl": kl, "loss": float(np.mean([u["loss"] for u in updates])),
+            "clip_frac": float(np.mean([u["metrics"]["clip_frac"].sum() for u in updates])),
+            "seconds": times, "planner_ms": 1e3 * planned.planner_s, "micro_steps": len(batches),
+            "imbalance": {p: a / b for p, (a, b) in planned.imbalance.items()},
+            "imbalance_sums": planned.imbalance, "imbalance_per_micro_step": planned.per_micro_step,
+            "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates))}
+
+  def attach_logprobs(self, micro_batches: list[dict], tables) -> None:
+    """Recompute: old (and reference) log-probs under replayed routes, forward only."""
+    zeros = {"logp_old": jnp.zeros_like(micro_batches[0]["mask"], jnp.float32)}
+    placeholders = [{**b, **zeros} for b in micro_batches]
+    for batch, (_, metrics) in zip(micro_batches, self.executor.forward(placeholders, tables)):
+      batch["logp_old"] = metrics["logp"]
+    if self.reference is not None:
+      for batch, (_, metrics) in zip(micro_batches, self.reference.forward(placeholders, tables)):
+        batch["logp_ref"] = metrics["logp"]
+
+  def run(self, logger=None, resume: bool = False) -> list[dict]:
+    start = self.restore() if resume else 0
+    records = []
+    for step in tqdm(range(start, self.rl.steps), desc=f"rl ({self.rl.policy})", initial=start,
+                     total=self.rl.steps):
+      record = self.step(step)
+      records.append(record)
+      tqdm.write(format_record(step, record, self.rl.policy))
+      if logger is not None:
+        logger.log(step, {"rl": {k: v for k, v in record.items() if k != "imbalance_sums"}})
+      if (step + 1) % self.rl.ckpt_every == 0 or step + 1 == self.rl.steps:
+        self.save(step + 1, {"reward": record["reward"]})
+    return records
+
+
+def format_record(step: int, record: dict, policy: str) -> str:
+  secs = record["seconds"]
+  stages = " ".join(f"{k} {secs[k]:.2f}s" for k in STAGES)
+  imb = " ".join(f"{p}{'*' if p == policy else ''} {v:.3f}" for p, v in record["imbalance"].items())
+  return (f"rl step {step}: reward {record['reward']:.3f} kl {record['kl']:.4f} | {stages} "
+          f"(planner {record['planner_ms']:.1f} ms) | imbalance {imb}")
+
+
+def summarize(records: list[dict], policy: str) -> dict:
+  """Run-level numbers: imbalance per policy over the whole run (sum of max / sum of mean loads)."""
+  sums = {p: np.sum([r["imbalance_sums"][p] for r in records], axis=0) for p in POLICIES}
+  return {"steps": len(records), "reward_first": records[0]["reward"], "reward_last": records[-1]["reward"],
+          "imbalance": {p: float(a / b) for p, (a, b) in sums.items()},
+          "seconds_per_stage": {k: float(np.mean([r["seconds"][k] for r in records])) for k in STAGES},
+          "planner_ms": float(np.mean([r["planner_ms"] for r in records])), "policy": policy}
