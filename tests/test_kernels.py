@@ -174,3 +174,37 @@ def test_shape_errors():
     pk.gmm(jnp.ones((8, 16)), jnp.ones((2, 32, 8)), jnp.array([4, 4]))
   with pytest.raises(ValueError, match="group_sizes"):
     pk.gmm(jnp.ones((8, 16)), jnp.ones((2, 16, 8)), jnp.array([4, 2, 2]))
+
+
+def test_row_tiles_cover_every_row_once():
+  from pallas_kernels import tiling  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  for _ in range(20):
+    m, block, g = int(rng.integers(1, 300)), int(rng.choice([8, 64])), int(rng.integers(1, 6))
+    sizes = rng.multinomial(int(rng.integers(0, m + 1)), np.ones(g) / g)
+    t = tiling.row_tiles(jnp.array(sizes), m, block)
+    owner = np.full(m, -1)
+    for grp, blk, start, size in zip(*map(np.asarray, (t.group, t.block, t.start, t.size))):
+      rows = np.arange(blk * block + start, blk * block + start + size)
+      assert np.all(owner[rows] == -1)
+      owner[rows] = grp
+    ends = np.cumsum(sizes)
+    np.testing.assert_array_equal(owner, np.searchsorted(ends, np.arange(m), side="right"))
+
+
+def test_new_group_sizes_do_not_recompile():
+  f = jax.jit(lambda a, w, g: pk.gmm(a, w, g, backend="xla"))
+  lhs, rhs = rand(20, (64, 32)), rand(21, (3, 32, 16))
+  for sizes in ([10, 20, 30], [0, 64, 0], [5, 5, 5]):
+    f(lhs, rhs, jnp.array(sizes))
+  assert f._cache_size() == 1
+
+
+def test_backend_choice_is_logged_once(caplog, monkeypatch):
+  monkeypatch.delenv(kb.ENV_VAR, raising=False)
+  monkeypatch.setattr(kb, "_logged", set())
+  with caplog.at_level("INFO", logger="pallas_kernels"):
+    for _ in range(3):
+      kb.resolve("tgmm")
+  assert [r.getMessage() for r in caplog.records] == [
+      "pallas_kernels.tgmm runs on backend 'xla' (default for platform cpu)"]
