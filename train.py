@@ -1,9 +1,11 @@
-"""CLI: `python train.py` runs the CPU default (cpu_tiny: SFT on 8 virtual CPU devices).
+"""CLI: `python train.py` runs the CPU default (cpu_tiny on 8 virtual CPU devices): an SFT warm start,
+then GRPO post-training whose recompute and update stages balance experts per micro-step (foresight).
 
-  python train.py --config gpu_4 --set sft.steps=2000 --set model.dtype=bfloat16 --run-dir runs/a --resume
-Stages live in `foremoe_jax/` (`run_sft` returns the `TrainState` the next stage continues from).
+  python train.py --config gpu_4 --policy foremoe --set rl.steps=50 --run-dir runs/a --resume
+Stages live in `foremoe_jax/` (`run_sft`, then `rl.trainer.GRPOTrainer`).
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -18,6 +20,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
   p.add_argument("--sft-steps", type=int, default=None)
   p.add_argument("--seed", type=int, default=None)
+  p.add_argument("--rl-steps", type=int, default=None, help="0 skips RL")
+  p.add_argument("--policy", default=None,
+                 help="placement policy of the RL stages: static | eplb_history | eplb_step | eplb_microstep | foremoe")
   return p.parse_args(argv)
 
 
@@ -29,20 +34,33 @@ def setup_devices() -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
 
 
+def init_distributed(jax) -> None:
+  """Multi-process runs: explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a
+  SLURM or Open MPI launch that `jax.distributed.initialize()` detects by itself."""
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                               int(env.get("JAX_PROCESS_ID", "0")))
+  elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    jax.distributed.initialize()
+
+
 def main(argv=None):
   args = parse_args(argv)
   setup_devices()
   import jax  # noqa: E402  (after the XLA flags)
 
   import configs
-  from foremoe_jax.metrics import MetricsLogger, write_summary
+  from foremoe_jax.metrics import MetricsLogger, plot_run, write_summary
+  from foremoe_jax.rl.trainer import GRPOTrainer, summarize
   from foremoe_jax.sft import evaluate, run_sft
 
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
-    jax.distributed.initialize()
+  init_distributed(jax)
   overrides = list(args.set)
   overrides += [f"sft.steps={args.sft_steps}"] if args.sft_steps is not None else []
   overrides += [f"seed={args.seed}"] if args.seed is not None else []
+  overrides += [f"rl.steps={args.rl_steps}"] if args.rl_steps else []
+  overrides += [f"rl.policy={args.policy}"] if args.policy is not None else []
   cfg = configs.apply_overrides(configs.get_config(args.config), overrides).validate()
   run_dir = args.run_dir or os.path.join("runs", cfg.name)
   tic = time.perf_counter()
@@ -50,12 +68,21 @@ def main(argv=None):
     state = run_sft(cfg, run_dir, resume=args.resume, logger=logger)
     accuracy = evaluate(state.model, state.task, cfg.sft.eval_prompts, cfg.seed)
     logger.log(state.step, {"sft/accuracy": accuracy})
-  summary = {"config": cfg.name, "steps": state.step, "final_loss": state.last_metrics.get("loss"),
-             "accuracy": accuracy, "devices": jax.device_count(), "backend": jax.default_backend(),
-             "seconds": time.perf_counter() - tic}
-  print(f"sft: {state.step} steps, loss {summary['final_loss']}, greedy exact-match accuracy {accuracy:.3f}, "
-        f"{summary['seconds']:.0f} s -> {write_summary(run_dir, summary)}")
-  return state
+    print(f"sft: {state.step} steps, loss {state.last_metrics.get('loss')}, greedy exact-match accuracy "
+          f"{accuracy:.3f}, {time.perf_counter() - tic:.0f} s")
+    summary = {"config": cfg.name, "sft_steps": state.step, "sft_final_loss": state.last_metrics.get("loss"),
+               "sft_accuracy": accuracy, "devices": jax.device_count(), "backend": jax.default_backend()}
+    if args.rl_steps != 0:
+      trainer = GRPOTrainer(cfg, state.model, state.mesh, state.task, run_dir)
+      records = trainer.run(logger, resume=args.resume)
+      if records:
+        summary.update(summarize(records, cfg.rl.policy))
+        summary["plot"] = plot_run(records, os.path.join(run_dir, "imbalance_reward.png"))
+  summary["seconds"] = time.perf_counter() - tic
+  print(json.dumps({k: summary.get(k) for k in ("steps", "reward_first", "reward_last", "imbalance",
+                                                 "seconds_per_stage")}, indent=1))
+  print(f"summary -> {write_summary(run_dir, summary)}")
+  return summary
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import types
 import typing
 
 from foremoe_jax.model import ModelConfig
+from foremoe_jax.rl.config import RLConfig
 
 PRESETS = ("cpu_tiny", "gpu_1", "gpu_2", "gpu_4", "gpu_8", "qwen3_30b_a3b")
 
@@ -41,6 +42,7 @@ class TrainConfig:
   seed: int = 0
   task: TaskConfig = TaskConfig()
   sft: SFTConfig = SFTConfig()
+  rl: RLConfig = RLConfig()
 
   def validate(self) -> "TrainConfig":
     if self.mesh_data < 1 or self.mesh_expert < 1:
@@ -51,6 +53,7 @@ class TrainConfig:
       raise ValueError(f"sft.batch_size={self.sft.batch_size} is not divisible by the {shards} devices")
     if self.sft.eval_prompts % shards:
       raise ValueError(f"sft.eval_prompts={self.sft.eval_prompts} is not divisible by the {shards} devices")
+    self.rl.validate(shards)
     return self
 
 

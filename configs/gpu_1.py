@@ -1,5 +1,5 @@
 """1 H100(s), bf16: a 12-layer 64-expert top-4 model (one device: no redundant slots)."""
-from configs import SFTConfig, TaskConfig, TrainConfig
+from configs import RLConfig, SFTConfig, TaskConfig, TrainConfig
 from foremoe_jax.model import ModelConfig
 from foremoe_jax.rl.task import CharTokenizer
 
@@ -11,4 +11,6 @@ def get_config() -> TrainConfig:
   return TrainConfig(name="gpu_1", model=model, mesh_data=1, mesh_expert=1,
                      task=TaskConfig(num_digits=3, ops="+-"),
                      sft=SFTConfig(steps=1000, batch_size=64, lr=1e-3, warmup_steps=50,
-                                   eval_prompts=128))
+                                   eval_prompts=128),
+                     rl=RLConfig(steps=20, prompts_per_step=64, group_size=8, rows_per_shard=16,
+                                 tokens_per_shard=512, max_new_tokens=6, num_minibatches=4))

@@ -1,5 +1,5 @@
 """8 H100(s), bf16: a 12-layer 64-expert top-4 model (expert axis = 8, one redundant slot per device)."""
-from configs import SFTConfig, TaskConfig, TrainConfig
+from configs import RLConfig, SFTConfig, TaskConfig, TrainConfig
 from foremoe_jax.model import ModelConfig
 from foremoe_jax.rl.task import CharTokenizer
 
@@ -11,4 +11,6 @@ def get_config() -> TrainConfig:
   return TrainConfig(name="gpu_8", model=model, mesh_data=1, mesh_expert=8,
                      task=TaskConfig(num_digits=3, ops="+-"),
                      sft=SFTConfig(steps=1000, batch_size=512, lr=1e-3, warmup_steps=50,
-                                   eval_prompts=1024))
+                                   eval_prompts=1024),
+                     rl=RLConfig(steps=20, prompts_per_step=512, group_size=8, rows_per_shard=16,
+                                 tokens_per_shard=512, max_new_tokens=6, num_minibatches=4))

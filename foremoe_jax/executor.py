@@ -59,11 +59,13 @@ def stack_moves(tables: list[MoveTables]) -> MoveTables:
 
 
 def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity: int | None = None,
-                 fill_capacity: int | None = None) -> StepTables:
+                 min_capacity: int = 0, fill_capacity: int | None = None) -> StepTables:
   """Host: a planner `Plan` plus the step's routed counts -> StepTables.
 
   `capacity` fixes the padded rows per (source, destination) (default: the step's exact need,
-  bucketed); it must cover the need, since dropping tokens would change the math. `fill_capacity` is
+  bucketed, at least `min_capacity`: a run that passes its largest capacity so far compiles each
+  program for a handful of capacities only); it must cover the need, since dropping tokens would change
+  the math. `fill_capacity` is
   the rows one device may send another per micro-step fill; by default the plan's need rounded up to a
   power of two (1 for "foremoe", whose budget is one slot per device).
   """
@@ -81,7 +83,7 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
     raise ValueError(f"capacity={capacity} rows per (source, destination) is below this step's need of {need}")
   return StepTables(plan_tables(plan.slot_expert, plan.slot_share, num_experts),
                     jax.tree.map(jnp.asarray, base_moves), jax.tree.map(jnp.asarray, fill_moves_),
-                    capacity or bucket(need), sum(len(f) for row in fills for f in row))
+                    capacity or max(bucket(need), min_capacity), sum(len(f) for row in fills for f in row))
 
 
 def expert_weights(model) -> list[tuple[jax.Array, jax.Array]]:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -54,7 +55,7 @@ class PlannedStep:
   planner_s: float  # host seconds spent planning the running policy
 
 
-def plan_minibatches(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history):
+def plan_minibatches(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history, min_capacity: int = 0):
   """Plans each mini-batch (one optimizer step) with the running policy, and measures every policy."""
   tic = time.perf_counter()
   chunks = np.split(counts_MxLxDxE, num_minibatches)
@@ -62,7 +63,7 @@ def plan_minibatches(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig,
   tables, hist = [], history
   for chunk in chunks:
     plan = plan_step(chunk, plan_cfg, history=hist)
-    tables.append(prepare_step(plan, chunk, num_experts))
+    tables.append(prepare_step(plan, chunk, num_experts, min_capacity=min_capacity))
     hist = chunk
   planner_s = time.perf_counter() - tic
   imbalance, per_micro = {}, {}
@@ -98,6 +99,7 @@ class GRPOTrainer:
       self.reference.params = jax.tree.map(jnp.copy, self.reference.params)
     self.ckpt = Checkpointer(os.path.join(run_dir, "rl_ckpt"))
     self.history = None
+    self.capacity = 0
 
   # --- checkpoints ---------------------------------------------------------------------------------
   def save(self, step: int, record: dict) -> None:
@@ -125,9 +127,14 @@ class GRPOTrainer:
     return [self.prompts[i] for i in rng.integers(0, len(self.prompts), size=n)]
 
   def device_batch(self, batch: dict) -> dict:
-    shard = batch_sharding(self.mesh)
-    replicated = NamedSharding(self.mesh, P())
-    return {k: jax.device_put(v, replicated if np.ndim(v) == 0 else shard) for k, v in batch.items()}
+    """Host arrays (the same on every process) -> global arrays sharded over the batch axes."""
+    shard, replicated = batch_sharding(self.mesh), NamedSharding(self.mesh, P())
+
+    def put(v):
+      v = np.asarray(v)
+      sharding = replicated if v.ndim == 0 else shard
+      return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
+    return {k: put(v) for k, v in batch.items()}
 
   def step(self, step: int) -> dict:
     rl, times = self.rl, {}
@@ -140,7 +147,7 @@ class GRPOTrainer:
     roll = rollout(self.executor.model(), prompts_NxP, lens_N, jax.random.key(step + 7919 * self.cfg.seed),
                    max_new_tokens=rl.max_new_tokens, group_size=rl.group_size, temperature=rl.temperature,
                    top_p=rl.top_p)
-    roll = jax.tree.map(np.asarray, roll)
+    roll = jax.tree.map(to_host, roll)
     times["rollout"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -150,7 +157,8 @@ class GRPOTrainer:
                                 num_experts=self.plan_cfg.num_experts, num_minibatches=rl.num_minibatches,
                                 seed=step)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner")
-    future = pool.submit(plan_minibatches, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg, self.history)
+    future = pool.submit(plan_minibatches, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg, self.history,
+                         self.capacity)
     answers = [a for _, a in pairs for _ in range(rl.group_size)]
     completions = [self.tok.decode(row[start:]) for row, start in zip(roll.tokens, roll.prompt_lengths)]
     rewards_N = np.array([exact_match(c, a) for c, a in zip(completions, answers)], np.float32)
@@ -160,6 +168,7 @@ class GRPOTrainer:
     tic = time.perf_counter()
     planned = future.result()
     pool.shutdown()
+    self.capacity = max(t.capacity for t in planned.tables)  # never shrinks: few compiled capacities
     times["plan_wait"] = time.perf_counter() - tic
     self.history = packed.counts_MxLxDxE[-len(packed.counts_MxLxDxE) // rl.num_minibatches:]
 
@@ -174,7 +183,7 @@ class GRPOTrainer:
     updates = [self.executor.train_step(mb, tables) for _ in range(rl.ppo_epochs) for mb, tables in groups]
     times["update"] = time.perf_counter() - tic
     kl = float(np.mean([u["metrics"]["approx_kl"].sum() for u in updates]))
-    return {"reward": float(rewards_N.mean()), "kl": kl, "loss": float(np.mean([u["loss"] for u in updates])),
+    return {"step": step, "reward": float(rewards_N.mean()), "kl": kl, "loss": float(np.mean([u["loss"] for u in updates])),
             "clip_frac": float(np.mean([u["metrics"]["clip_frac"].sum() for u in updates])),
             "seconds": times, "planner_ms": 1e3 * planned.planner_s, "micro_steps": len(batches),
             "imbalance": {p: a / b for p, (a, b) in planned.imbalance.items()},
@@ -204,6 +213,13 @@ class GRPOTrainer:
       if (step + 1) % self.rl.ckpt_every == 0 or step + 1 == self.rl.steps:
         self.save(step + 1, {"reward": record["reward"]})
     return records
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array as numpy on every process (multi-host: gathered; every host then plans the same)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def format_record(step: int, record: dict, policy: str) -> str:
