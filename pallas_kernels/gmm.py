@@ -29,20 +29,20 @@ def _small_block(size):
   return next((b for b in (64, 32) if size % b == 0), None)
 
 
-def _gmm_config(name, m, k, n, dtype):
+def _gmm_config(name, m, k, n, dtype, out_dtype=None):
   if name == "interpret":
     bk, bn = _small_block(k), _small_block(n)
     return None if bk is None or bn is None else mosaic_gmm.GmmConfig(
         block_m=64, block_n=bn, block_k=bk, max_concurrent_steps=2, num_compute_wgs=1)
-  return mosaic_gmm.default_config(m, k, n, dtype)
+  return mosaic_gmm.default_config(m, k, n, dtype, out_dtype)
 
 
-def _tgmm_config(name, m, k, n, dtype):
+def _tgmm_config(name, m, k, n, dtype, out_dtype=None):
   if name == "interpret":
     bm, bn = _small_block(k), _small_block(n)
     return None if bm is None or bn is None else mosaic_tgmm.TgmmConfig(
         block_m=bm, block_n=bn, block_r=64, max_concurrent_steps=2)
-  return mosaic_tgmm.default_config(m, k, n, dtype)
+  return mosaic_tgmm.default_config(m, k, n, dtype, out_dtype)
 
 
 def _pallas_unsupported(name, m, k, n, dtype):
@@ -60,7 +60,7 @@ def _gmm_impl(name, lhs, rhs, group_sizes, transpose_rhs, out_dtype):
     return reference.gmm_xla(lhs, rhs, group_sizes, transpose_rhs, out_dtype)
   (m, k), n = lhs.shape, rhs.shape[1 if transpose_rhs else 2]
   return mosaic_gmm.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
-                        config=_gmm_config(name, m, k, n, lhs.dtype),
+                        config=_gmm_config(name, m, k, n, lhs.dtype, out_dtype),
                         interpret=_interpret_params() if name == "interpret" else None)
 
 
@@ -69,7 +69,7 @@ def _tgmm_impl(name, lhs, rhs, group_sizes, out_dtype):
     return reference.tgmm_xla(lhs, rhs, group_sizes, group_sizes.shape[0], out_dtype)
   (m, k), n = lhs.shape, rhs.shape[1]
   return mosaic_tgmm.tgmm(lhs, rhs, group_sizes, out_dtype=out_dtype,
-                          config=_tgmm_config(name, m, k, n, lhs.dtype),
+                          config=_tgmm_config(name, m, k, n, lhs.dtype, out_dtype),
                           interpret=_interpret_params() if name == "interpret" else None)
 
 

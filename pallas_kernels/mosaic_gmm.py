@@ -59,16 +59,19 @@ def _fits(config: GmmConfig, k: int, n: int) -> bool:
   return k % config.block_k == 0 and n % (config.block_n * config.num_compute_wgs) == 0
 
 
-def default_config(m, k, n, dtype) -> GmmConfig | None:
+def default_config(m, k, n, dtype, out_dtype=None) -> GmmConfig | None:
   """The tuned tiles for an [M, K] x [K, N] call, or None where the kernel cannot run it."""
   del m
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return None
   tuned = TUNED.get((k, n))
-  if tuned is not None and _fits(tuned, k, n):
-    return tuned
-  return next((c for c in (GmmConfig(), GmmConfig(block_n=64, max_concurrent_steps=4))
-               if _fits(c, k, n)), None)
+  config = tuned if tuned is not None and _fits(tuned, k, n) else next(
+      (c for c in (GmmConfig(), GmmConfig(block_n=64, max_concurrent_steps=4)) if _fits(c, k, n)),
+      None)
+  if config is not None and jnp.dtype(out_dtype or dtype).itemsize > 2:
+    # A 4-byte output doubles the epilogue's smem: store it in twice as many column chunks.
+    config = dataclasses.replace(config, epi_split=2 * config.epi_split)
+  return config
 
 
 def _store_rows(acc, o_smem, out_gmem, row0, start, size, col0, block_m):

@@ -36,19 +36,22 @@ TUNED: dict[tuple[int, int], TgmmConfig] = {
 }
 
 
-def default_config(m, k, n, dtype) -> TgmmConfig | None:
+def default_config(m, k, n, dtype, out_dtype=None) -> TgmmConfig | None:
   """The tuned tiles for an lhs[M, K], rhs[M, N] call, or None where the kernel cannot run it."""
   del m
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return None
-  tuned = TUNED.get((k, n))
-  if tuned is not None and k % tuned.block_m == 0 and n % tuned.block_n == 0:
-    return tuned
-  block_m = next((b for b in (128, 64) if k % b == 0), None)
-  block_n = next((b for b in (128, 64) if n % b == 0), None)
-  if block_m is None or block_n is None:
-    return None
-  return TgmmConfig(block_m=block_m, block_n=block_n)
+  config = TUNED.get((k, n))
+  if config is None or k % config.block_m or n % config.block_n:
+    block_m = next((b for b in (128, 64) if k % b == 0), None)
+    block_n = next((b for b in (128, 64) if n % b == 0), None)
+    if block_m is None or block_n is None:
+      return None
+    config = TgmmConfig(block_m=block_m, block_n=block_n)
+  if jnp.dtype(out_dtype or dtype).itemsize > 2:
+    # A 4-byte output tile takes 64 KB of smem: leave room by keeping at most 4 stages.
+    config = dataclasses.replace(config, max_concurrent_steps=min(config.max_concurrent_steps, 4))
+  return config
 
 
 def _mask_rows(smem, row_axis, keep, interpret):

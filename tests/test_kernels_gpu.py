@@ -42,6 +42,19 @@ def test_mosaic_gmm(m, sizes, config, transpose_rhs):
   np.testing.assert_array_equal(out[sum(sizes):], 0)
 
 
+def test_f32_outputs_use_fitting_default_tiles():
+  sizes = jnp.array([900, 0, 77])
+  lhs, rhs = rand(8, (1000, 2048), jnp.bfloat16), rand(9, (3, 2048, 1536), jnp.bfloat16)
+  out = pk.gmm(lhs, rhs, sizes, backend="mosaic_gpu", preferred_element_type=jnp.float32)
+  assert out.dtype == jnp.float32
+  assert rel_err(np.asarray(out), gmm_np(lhs.astype(jnp.float32), rhs.astype(jnp.float32),
+                                         [900, 0, 77])) < 1e-3
+  dw = pk.tgmm(lhs, lhs[:, :1536], sizes, backend="mosaic_gpu", preferred_element_type=jnp.float32)
+  ref = tgmm_np(np.float32(lhs.astype(jnp.float32)), np.float32(lhs[:, :1536].astype(jnp.float32)),
+                [900, 0, 77])
+  assert rel_err(np.asarray(dw), ref) < 1e-3
+
+
 @pytest.mark.parametrize("m,sizes", GROUPS)
 @pytest.mark.parametrize("config", [mosaic_tgmm.TgmmConfig(),
                                     mosaic_tgmm.TgmmConfig(block_n=64, max_concurrent_steps=2,
