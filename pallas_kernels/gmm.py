@@ -66,7 +66,7 @@ def _gmm_impl(name, lhs, rhs, group_sizes, transpose_rhs, out_dtype):
 
 def _tgmm_impl(name, lhs, rhs, group_sizes, out_dtype):
   if name == "xla":
-    return reference.tgmm_xla(lhs, rhs, group_sizes, group_sizes.shape[0], out_dtype)
+    return reference.tgmm_xla(lhs, rhs, group_sizes, out_dtype)
   (m, k), n = lhs.shape, rhs.shape[1]
   return mosaic_tgmm.tgmm(lhs, rhs, group_sizes, out_dtype=out_dtype,
                           config=_tgmm_config(name, m, k, n, lhs.dtype, out_dtype),

@@ -19,9 +19,8 @@ def gmm_xla(lhs_MxK, rhs, group_sizes_G, transpose_rhs, out_dtype):
   return out_MxN.astype(out_dtype)
 
 
-def tgmm_xla(lhs_MxK, rhs_MxN, group_sizes_G, num_groups, out_dtype):
+def tgmm_xla(lhs_MxK, rhs_MxN, group_sizes_G, out_dtype):
   """Per group g: lhs_g^T @ rhs_g -> [G, K, N]; empty groups give zeros; rows past the groups ignored."""
-  del num_groups  # implied by group_sizes_G
   dims = lax.RaggedDotDimensionNumbers(
       dot_dimension_numbers=(((0,), (0,)), ((), ())),
       lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
