@@ -1,16 +1,6 @@
-"""4 H100(s), bf16: a 12-layer 64-expert top-4 model (expert axis = 4, one redundant slot per device)."""
-from configs import RLConfig, SFTConfig, TaskConfig, TrainConfig
-from foremoe_jax.model import ModelConfig
-from foremoe_jax.rl.task import CharTokenizer
+"""4 H100(s): see configs/gpu.py."""
+from configs.gpu import gpu_config
 
 
-def get_config() -> TrainConfig:
-  model = ModelConfig(vocab_size=CharTokenizer().vocab_size, d_model=1024, num_layers=12, num_heads=16,
-                      num_kv_heads=4, head_dim=64, d_ff_dense=2816, num_experts=64, top_k=4, d_ff_expert=512,
-                      slots_per_device=64 // 4 + 1, max_seq_len=64, dtype="bfloat16", param_dtype="float32")
-  return TrainConfig(name="gpu_4", model=model, mesh_data=1, mesh_expert=4,
-                     task=TaskConfig(num_digits=3, ops="+-"),
-                     sft=SFTConfig(steps=1000, batch_size=256, lr=1e-3, warmup_steps=50,
-                                   eval_prompts=512),
-                     rl=RLConfig(steps=20, prompts_per_step=256, group_size=8, rows_per_shard=16,
-                                 tokens_per_shard=512, max_new_tokens=6, num_minibatches=4))
+def get_config():
+  return gpu_config(4)
