@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from foremoe_jax.checkpoint import Checkpointer
-from foremoe_jax.executor import Executor, prepare_step, replicate_unsharded
+from foremoe_jax.executor import Executor, bucket, prepare_step, replicate_unsharded
 from foremoe_jax.mesh import batch_sharding, batch_shards
 from foremoe_jax.planner import POLICIES, PlanConfig, plan_step
 from foremoe_jax.rl.grpo import group_advantages, grpo_loss, token_logprobs
@@ -99,7 +99,10 @@ class GRPOTrainer:
       self.reference.params = jax.tree.map(jnp.copy, self.reference.params)
     self.ckpt = Checkpointer(os.path.join(run_dir, "rl_ckpt"))
     self.history = None
-    self.capacity = 0
+    # Padded rows per (source, destination): start at twice the even share, grow (and recompile) only
+    # when a step needs more.
+    even_share = self.rl.rows_per_shard * cfg.model.max_seq_len * cfg.model.top_k / moe.num_devices
+    self.capacity = bucket(int(2 * even_share))
 
   # --- checkpoints ---------------------------------------------------------------------------------
   def save(self, step: int, record: dict) -> None:
