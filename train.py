@@ -6,6 +6,7 @@ Stages live in `foremoe_jax/` (`run_sft`, then `rl.trainer.GRPOTrainer`).
 """
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -51,11 +52,16 @@ def main(argv=None):
   import jax  # noqa: E402  (after the XLA flags)
 
   import configs
+  from foremoe_jax.backends import choose_dispatch
   from foremoe_jax.metrics import MetricsLogger, plot_run, write_summary
   from foremoe_jax.rl.trainer import GRPOTrainer, summarize
   from foremoe_jax.sft import evaluate, run_sft
+  from pallas_kernels.backend import default_backend
 
   init_distributed(jax)
+  logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+  for name in ("foremoe_jax", "pallas_kernels"):  # which backends run is said once, never silently
+    logging.getLogger(name).setLevel(logging.INFO)
   overrides = list(args.set)
   overrides += [f"sft.steps={args.sft_steps}"] if args.sft_steps is not None else []
   overrides += [f"seed={args.seed}"] if args.seed is not None else []
@@ -71,7 +77,8 @@ def main(argv=None):
     print(f"sft: {state.step} steps, loss {state.last_metrics.get('loss')}, greedy exact-match accuracy "
           f"{accuracy:.3f}, {time.perf_counter() - tic:.0f} s")
     summary = {"config": cfg.name, "sft_steps": state.step, "sft_final_loss": state.last_metrics.get("loss"),
-               "sft_accuracy": accuracy, "devices": jax.device_count(), "backend": jax.default_backend()}
+               "sft_accuracy": accuracy, "devices": jax.device_count(), "backend": jax.default_backend(),
+               "dispatch": choose_dispatch(cfg.model.dispatch), "gmm_backend": default_backend("gmm")}
     if args.rl_steps != 0:
       trainer = GRPOTrainer(cfg, state.model, state.mesh, state.task, run_dir)
       records = trainer.run(logger, resume=args.resume)

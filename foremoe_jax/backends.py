@@ -6,6 +6,7 @@ import jax
 log = logging.getLogger("foremoe_jax")
 
 DISPATCH_MODES = ("auto", "padded", "ragged")
+_logged: set[tuple[str, str]] = set()
 
 
 def platform() -> str:
@@ -25,4 +26,8 @@ def choose_dispatch(requested: str, plat: str | None = None) -> str:
   if requested == "ragged" and plat == "cpu":
     raise ValueError("dispatch='ragged' needs ragged_all_to_all, which XLA does not run on CPU; "
                      "use 'padded' or 'auto'")
-  return "padded" if requested == "auto" else requested
+  chosen = "padded" if requested == "auto" else requested
+  if (requested, plat) not in _logged:
+    _logged.add((requested, plat))
+    log.info("MoE dispatch %r on %s runs as %r", requested, plat, chosen)
+  return chosen

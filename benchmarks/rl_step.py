@@ -1,0 +1,89 @@
+"""The RL step of train.py (rollout -> plan -> recompute -> update) per placement policy, seconds per stage.
+
+Every policy runs the same step from the same parameters (reset after each run), so the rollout, its
+routes and the math are identical; only placements differ. One warm-up pass over all policies compiles
+every program (and fixes the padded capacity at the largest any policy needs), then `--repeats` measured
+passes; the table reports medians.
+
+  python benchmarks/rl_step.py --config gpu_4 --out $OUT/rl_step.json
+  python benchmarks/rl_step.py --config cpu_tiny --set rl.prompts_per_step=16   # CPU smoke run
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+POLICIES = ("static", "eplb_history", "eplb_step", "foremoe")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="cpu_tiny")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--policies", default=",".join(POLICIES))
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--out", default=None, help="JSON results path")
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu") and args.config == "cpu_tiny":
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  import configs
+  from foremoe_jax.mesh import make_mesh
+  from foremoe_jax.model import Model
+  from foremoe_jax.rl.trainer import GRPOTrainer
+  from foremoe_jax.sft import make_task
+
+  cfg = configs.apply_overrides(configs.get_config(args.config), args.set).validate()
+  mesh = make_mesh(cfg.mesh_data, cfg.mesh_expert)
+  model = Model(cfg.model, mesh=mesh, rngs=nnx.Rngs(cfg.seed))
+  trainer = GRPOTrainer(cfg, model, mesh, make_task(cfg), f"/tmp/rl_step_bench_{os.getpid()}")
+  initial = jax.tree.map(lambda a: a.copy(), (trainer.executor.params, trainer.executor.opt_state))
+  policies = args.policies.split(",")
+  runs = {p: [] for p in policies}
+  for repeat in range(args.repeats + 1):  # pass 0 compiles
+    for policy in policies:
+      trainer.plan_cfg = dataclasses.replace(trainer.plan_cfg, policy=policy)
+      trainer.executor.params, trainer.executor.opt_state = jax.tree.map(lambda a: a.copy(), initial)
+      trainer.history = None
+      tic = time.perf_counter()
+      record = trainer.step(0)
+      jax.block_until_ready(trainer.executor.params)
+      record["seconds"]["total"] = time.perf_counter() - tic
+      if repeat:
+        runs[policy].append(record)
+  rows = []
+  for policy, records in runs.items():
+    med = {k: float(np.median([r["seconds"][k] for r in records])) for k in records[0]["seconds"]}
+    rows.append({"policy": policy, "seconds": med, "imbalance": records[0]["imbalance"][policy],
+                 "planner_ms": float(np.median([r["planner_ms"] for r in records])),
+                 "micro_steps": records[0]["micro_steps"]})
+  result = {"config": args.config, "overrides": args.set, "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "repeats": args.repeats,
+            "capacity": trainer.capacity, "rows": rows, "date": time.strftime("%Y-%m-%d")}
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+  print(f"\nRL step, {args.config}, {result['devices']} x {result['device_kind']}, jax {jax.__version__}, "
+        f"median of {args.repeats}, {rows[0]['micro_steps']} micro-steps, capacity {trainer.capacity}")
+  print(f"{'policy':<14}{'imbalance':>10}{'planner ms':>12}{'rollout s':>11}{'recompute s':>13}"
+        f"{'update s':>10}{'total s':>9}")
+  for r in rows:
+    s = r["seconds"]
+    print(f"{r['policy']:<14}{r['imbalance']:>10.3f}{r['planner_ms']:>12.1f}{s['rollout']:>11.3f}"
+          f"{s['recompute']:>13.3f}{s['update']:>10.3f}{s['total']:>9.3f}")
+  return result
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
