@@ -73,18 +73,21 @@ def gqa_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """GQA self-attention with RoPE and optional q/k RMSNorm (Qwen3)."""
+  """GQA self-attention with RoPE and optional q/k RMSNorm: per head (Qwen3) or over the whole projected
+  q / k before the head split (OLMoE), by `cfg.qk_norm_scope`."""
 
   def __init__(self, cfg, *, mesh, rngs: nnx.Rngs):
     h, n, kv, d = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = jnp.dtype(cfg.param_dtype)
-    self.dtype, self.rope_theta = jnp.dtype(cfg.dtype), cfg.rope_theta
+    self.dtype, self.rope_theta, self.qk_norm_scope = jnp.dtype(cfg.dtype), cfg.rope_theta, cfg.qk_norm_scope
     self.wq = init_param(rngs, (h, n, d), h, mesh, pd)
     self.wk = init_param(rngs, (h, kv, d), h, mesh, pd)
     self.wv = init_param(rngs, (h, kv, d), h, mesh, pd)
     self.wo = init_param(rngs, (n, d, h), n * d, mesh, pd)
-    self.q_norm = RMSNorm(d, mesh=mesh, param_dtype=pd) if cfg.qk_norm else None
-    self.k_norm = RMSNorm(d, mesh=mesh, param_dtype=pd) if cfg.qk_norm else None
+    q_dim, k_dim = (d, d) if cfg.qk_norm_scope == "head" else (n * d, kv * d)
+    eps = cfg.norm_eps
+    self.q_norm = RMSNorm(q_dim, mesh=mesh, param_dtype=pd, eps=eps) if cfg.qk_norm else None
+    self.k_norm = RMSNorm(k_dim, mesh=mesh, param_dtype=pd, eps=eps) if cfg.qk_norm else None
 
   def __call__(self, x_BxTxH, positions_BxT, cache: KVCache | None = None, start_B=None):
     """Without a cache: attention over the sequence itself. With one: writes this chunk's keys at
@@ -95,10 +98,16 @@ class Attention(nnx.Module):
     k = jnp.einsum("bth,hkd->btkd", x, self.wk[...].astype(dt))
     v = jnp.einsum("bth,hkd->btkd", x, self.wv[...].astype(dt))
     if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
+      q, k = self._qk_norm(self.q_norm, q), self._qk_norm(self.k_norm, k)
     q, k = rope(q, positions_BxT, self.rope_theta), rope(k, positions_BxT, self.rope_theta)
     if cache is not None:
       cache = KVCache(write_cache(cache.k, k, start_B), write_cache(cache.v, v, start_B))
       k, v = cache.k.astype(dt), cache.v.astype(dt)
     o_BxTxNxD = gqa_attention(q, k, v, positions_BxT)
     return jnp.einsum("btnd,ndh->bth", o_BxTxNxD, self.wo[...].astype(dt)), cache
+
+  def _qk_norm(self, norm: RMSNorm, x_BxTxNxD):
+    if self.qk_norm_scope == "head":
+      return norm(x_BxTxNxD)
+    b, t, n, d = x_BxTxNxD.shape
+    return norm(x_BxTxNxD.reshape(b, t, n * d)).reshape(b, t, n, d)

@@ -41,6 +41,9 @@ class ModelConfig:
   capacity_factor: float = 2.0
   moe_every: int = 1  # block i is MoE when (i + 1) % moe_every == 0 (Qwen's decoder_sparse_step)
   qk_norm: bool = True
+  qk_norm_scope: str = "head"  # "head": RMSNorm over head_dim (Qwen3); "projection": over all of q / k (OLMoE)
+  norm_topk_prob: bool = True  # renormalize the top-k gates to sum to 1 (Qwen3: true, OLMoE: false)
+  norm_eps: float = 1e-6  # every RMSNorm's epsilon (HF rms_norm_eps)
   rope_theta: float = 1e6
   max_seq_len: int = 64
   dtype: str = "float32"  # activations and matmuls
@@ -69,6 +72,10 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"ModelConfig.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+    if self.qk_norm_scope not in ("head", "projection"):
+      raise ValueError(f"ModelConfig.qk_norm_scope must be 'head' or 'projection', got {self.qk_norm_scope!r}")
+    if self.norm_eps <= 0:
+      raise ValueError(f"ModelConfig: norm_eps must be > 0, got {self.norm_eps}")
     if self.capacity_factor <= 0:
       raise ValueError(f"ModelConfig: capacity_factor must be > 0, got {self.capacity_factor}")
     if expert_devices is not None:
@@ -84,7 +91,8 @@ class ModelConfig:
   def moe_config(self) -> MoEConfig:
     return MoEConfig(d_model=self.d_model, d_ff=self.d_ff_expert, num_experts=self.num_experts, top_k=self.top_k,
                      slots_per_device=self.slots_per_device, dispatch=self.dispatch,
-                     capacity_factor=self.capacity_factor, dtype=jnp.dtype(self.dtype),
+                     capacity_factor=self.capacity_factor, norm_topk_prob=self.norm_topk_prob,
+                     dtype=jnp.dtype(self.dtype),
                      param_dtype=jnp.dtype(self.param_dtype))
 
 
@@ -116,9 +124,9 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, is_moe: bool, *, mesh, rngs: nnx.Rngs):
     pd = jnp.dtype(cfg.param_dtype)
     self.is_moe = is_moe
-    self.attn_norm = RMSNorm(cfg.d_model, mesh=mesh, param_dtype=pd)
+    self.attn_norm = RMSNorm(cfg.d_model, mesh=mesh, param_dtype=pd, eps=cfg.norm_eps)
     self.attn = Attention(cfg, mesh=mesh, rngs=rngs)
-    self.ffn_norm = RMSNorm(cfg.d_model, mesh=mesh, param_dtype=pd)
+    self.ffn_norm = RMSNorm(cfg.d_model, mesh=mesh, param_dtype=pd, eps=cfg.norm_eps)
     self.ffn = MoE(cfg.moe_config(), mesh=mesh, rngs=rngs) if is_moe else DenseFFN(cfg, mesh=mesh, rngs=rngs)
 
   def __call__(self, x_BxTxH, positions_BxT, cache, start_B, moe_kw):
@@ -145,7 +153,7 @@ class Model(nnx.Module):
     self.embed = init_param(rngs, (cfg.vocab_size, cfg.d_model), 1.0, mesh, pd)
     moe_ids = set(cfg.moe_layer_ids)
     self.blocks = nnx.List([Block(cfg, i in moe_ids, mesh=mesh, rngs=rngs) for i in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, mesh=mesh, param_dtype=pd)
+    self.final_norm = RMSNorm(cfg.d_model, mesh=mesh, param_dtype=pd, eps=cfg.norm_eps)
     self.lm_head = init_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model, mesh, pd)
 
   def moe_layers(self) -> list[MoE]:

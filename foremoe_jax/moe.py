@@ -32,6 +32,7 @@ class MoEConfig:
   slots_per_device: int | None = None  # default E / D (no redundant slots)
   dispatch: str = "auto"  # auto | padded | ragged (see backends.choose_dispatch)
   capacity_factor: float = 2.0  # padded rows per (source, destination) over the even share
+  norm_topk_prob: bool = True  # renormalize the top-k gates (Qwen3); False keeps the softmax values (OLMoE)
   dtype: Any = jnp.float32  # expert matmul dtype
   param_dtype: Any = jnp.float32
   gmm_backend: str | None = None  # pallas_kernels backend; None picks by platform
@@ -149,7 +150,8 @@ class MoE(nnx.Module):
     else:
       topk_NxK = jax.lax.top_k(probs_NxE, k)[1].astype(jnp.int32)
     gate_NxK = jnp.take_along_axis(probs_NxE, topk_NxK, axis=1)
-    gate_NxK = gate_NxK / gate_NxK.sum(axis=1, keepdims=True)
+    if cfg.norm_topk_prob:
+      gate_NxK = gate_NxK / gate_NxK.sum(axis=1, keepdims=True)
 
     if w_gate_up_work is None:
       w_gate_up_work = working_slots_local(w_gate_up_home, slot_expert_G, self.slots)
