@@ -2,9 +2,11 @@
 then GRPO post-training whose recompute and update stages balance experts per micro-step (foresight).
 
   python train.py --config gpu_4 --policy foremoe --set rl.steps=50 --run-dir runs/a --resume
+  python train.py --config gpu_8 --init-from /ckpt/Qwen3-30B-A3B --export-to /ckpt/out  (Hugging Face, docs/hf.md)
 Stages live in `foremoe_jax/` (`run_sft`, then `rl.trainer.GRPOTrainer`).
 """
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +26,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--rl-steps", type=int, default=None, help="0 skips RL")
   p.add_argument("--policy", default=None,
                  help="placement policy of the RL stages: static | eplb_history | eplb_step | eplb_microstep | foremoe")
+  p.add_argument("--init-from", default=None, metavar="DIR",
+                 help="start from a Hugging Face checkpoint (config.json + *.safetensors of Qwen3-MoE or OLMoE); "
+                      "its config replaces the preset's architecture")
+  p.add_argument("--export-to", default=None, metavar="DIR",
+                 help="write the final policy as Hugging Face safetensors + config.json")
   return p.parse_args(argv)
 
 
@@ -52,7 +59,9 @@ def main(argv=None):
   import jax  # noqa: E402  (after the XLA flags)
 
   import configs
+  from foremoe_jax import convert
   from foremoe_jax.backends import choose_dispatch
+  from foremoe_jax.mesh import make_mesh
   from foremoe_jax.metrics import MetricsLogger, plot_run, write_summary
   from foremoe_jax.rl.trainer import GRPOTrainer, summarize
   from foremoe_jax.sft import evaluate, run_sft
@@ -67,11 +76,22 @@ def main(argv=None):
   overrides += [f"seed={args.seed}"] if args.seed is not None else []
   overrides += [f"rl.steps={args.rl_steps}"] if args.rl_steps else []
   overrides += [f"rl.policy={args.policy}"] if args.policy is not None else []
-  cfg = configs.apply_overrides(configs.get_config(args.config), overrides).validate()
+  cfg = configs.apply_overrides(configs.get_config(args.config), overrides)
+  source_config, init_model = None, None
+  if args.init_from:  # the checkpoint decides the architecture; explicit model.* overrides must agree
+    source_config = convert.read_config(args.init_from)
+    explicit = {o.partition("=")[0].strip().removeprefix("model.") for o in args.set
+                if o.strip().startswith("model.")}
+    cfg = dataclasses.replace(cfg, model=convert.merge_with_overrides(source_config, cfg.model, explicit,
+                                                                      cfg.mesh_expert))
+  cfg = cfg.validate()
+  if args.init_from:
+    init_model = convert.load_model(args.init_from, cfg.model, make_mesh(cfg.mesh_data, cfg.mesh_expert))
   run_dir = args.run_dir or os.path.join("runs", cfg.name)
   tic = time.perf_counter()
   with MetricsLogger(run_dir) as logger:
-    state = run_sft(cfg, run_dir, resume=args.resume, logger=logger)
+    state = run_sft(cfg, run_dir, resume=args.resume, logger=logger, model=init_model)
+    policy = state.model
     accuracy = evaluate(state.model, state.task, cfg.sft.eval_prompts, cfg.seed)
     logger.log(state.step, {"sft/accuracy": accuracy})
     print(f"sft: {state.step} steps, loss {state.last_metrics.get('loss')}, greedy exact-match accuracy "
@@ -82,9 +102,15 @@ def main(argv=None):
     if args.rl_steps != 0:
       trainer = GRPOTrainer(cfg, state.model, state.mesh, state.task, run_dir)
       records = trainer.run(logger, resume=args.resume)
+      policy = trainer.executor.model()
       if records:
         summary.update(summarize(records, cfg.rl.policy))
         summary["plot"] = plot_run(records, os.path.join(run_dir, "imbalance_reward.png"))
+  if args.export_to:
+    files = convert.export_model(policy, args.export_to, base_config=source_config)
+    if args.init_from:
+      files += convert.copy_tokenizer_files(args.init_from, args.export_to)
+    print(f"exported {len(files)} files -> {args.export_to}")
   summary["seconds"] = time.perf_counter() - tic
   print(json.dumps({k: summary.get(k) for k in ("steps", "reward_first", "reward_last", "imbalance",
                                                  "seconds_per_stage")}, indent=1))

@@ -56,10 +56,11 @@ def make_tx(lr: float, warmup_steps: int, steps: int, weight_decay: float) -> op
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=weight_decay))
 
 
-def build(cfg) -> tuple[jax.sharding.Mesh, Model, nnx.Optimizer]:
+def build(cfg, model: Model | None = None) -> tuple[jax.sharding.Mesh, Model, nnx.Optimizer]:
+  """`model`: start from these weights (e.g. a loaded Hugging Face checkpoint) instead of a random init."""
   cfg.validate()
-  mesh = make_mesh(cfg.mesh_data, cfg.mesh_expert)
-  model = Model(cfg.model, mesh=mesh, rngs=nnx.Rngs(cfg.seed))
+  mesh = model.mesh if model is not None else make_mesh(cfg.mesh_data, cfg.mesh_expert)
+  model = model if model is not None else Model(cfg.model, mesh=mesh, rngs=nnx.Rngs(cfg.seed))
   s = cfg.sft
   optimizer = nnx.Optimizer(model, make_tx(s.lr, s.warmup_steps, s.steps, s.weight_decay), wrt=nnx.Param)
   # Scalar optimizer state (step counts) starts on one device; the train step returns it replicated
@@ -116,9 +117,10 @@ def restore(ckpt: Checkpointer, model, optimizer) -> int:
   return step
 
 
-def run_sft(cfg, run_dir: str, *, resume: bool = False, logger=None) -> TrainState:
-  """Trains `cfg.sft.steps` steps (continuing from the last checkpoint with `resume`)."""
-  mesh, model, optimizer = build(cfg)
+def run_sft(cfg, run_dir: str, *, resume: bool = False, logger=None, model: Model | None = None) -> TrainState:
+  """Trains `cfg.sft.steps` steps (continuing from the last checkpoint with `resume`), from `model`'s
+  weights when given."""
+  mesh, model, optimizer = build(cfg, model)
   task = make_task(cfg)
   ckpt = Checkpointer(os.path.join(run_dir, "ckpt"))
   start = restore(ckpt, model, optimizer) if resume else 0
