@@ -77,7 +77,7 @@ def model_config_from_hf(hf: dict, **runtime) -> ModelConfig:
       head_dim=hf.get("head_dim") or hidden // heads, d_ff_dense=hf.get("intermediate_size", expert_ff),
       num_experts=hf["num_experts"], top_k=_require(hf, "num_experts_per_tok"), d_ff_expert=expert_ff,
       moe_every=1 if olmoe else hf.get("decoder_sparse_step", 1), qk_norm=True,
-      qk_norm_scope="projection" if olmoe else "head", norm_topk_prob=bool(hf.get("norm_topk_prob", not olmoe)),
+      qk_norm_scope="projection" if olmoe else "head", norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
       norm_eps=float(_require(hf, "rms_norm_eps")), rope_theta=_rope_theta(hf))
   return ModelConfig(**{**runtime, **arch})
 

@@ -176,7 +176,8 @@ def load_model(hf_dir: str, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Model:
   ours = {path: tuple(v.shape) for path, v in params.items()}
   mapped = {s.path: (s.experts, *s.shape) if s.experts else s.shape for s in specs}
   if ours != mapped:  # a model change this converter does not know about
-    raise ValueError(f"convert: model parameters and HF mapping differ: {sorted(set(ours.items()) ^ set(mapped.items()))}")
+    diff = sorted(set(ours.items()) ^ set(mapped.items()))
+    raise ValueError(f"convert: model parameters and HF mapping differ: {diff}")
   dtype = jnp.dtype(cfg.param_dtype)
   for spec in specs:
     params[spec.path].set_value(_make_array(ckpt, spec, mesh, dtype))
