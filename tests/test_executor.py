@@ -107,3 +107,20 @@ def test_capacity_below_need_is_refused(step_inputs):
 def test_capacity_buckets_are_coarse():
   assert [bucket(n) for n in (1, 8, 9, 33, 100, 1000)] == [8, 8, 16, 40, 112, 1024]
   assert all(bucket(n) >= n and bucket(n) <= 1.25 * n + 8 for n in range(1, 5000, 37))
+
+
+def test_static_step_equals_plain_autodiff(step_inputs):
+  """The executor's gradients (base layout, transfers, accumulation) equal jax.grad of the summed
+  micro-step losses of the plain model (home layout, no tables, no working slots)."""
+  mesh, batches, counts, executor = step_inputs
+  plan = plan_step(counts, PlanConfig(E, D, S, policy="foremoe", cost=CostModel(link_bytes_per_s=1e18)))
+  grads = executor.gradients(batches, prepare_step(plan, counts, E, capacity=64))
+  graphdef, params, rest = nnx.split(executor.model(), nnx.Param, ...)
+
+  def total_loss(params):
+    model = nnx.merge(graphdef, params, rest)
+    return sum(loss_fn(model, b, tables=None, working=None, capacity=64)[0] for b in batches)
+
+  want = jax.jit(jax.grad(total_loss))(params)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
