@@ -1,5 +1,6 @@
 """RL (GRPO) settings; the `rl` section of a train.py preset."""
 import dataclasses
+import os
 
 from foremoe_jax.planner import POLICIES
 
@@ -36,4 +37,6 @@ class RLConfig:
                        f"not divisible by the {num_shards} devices of the batch axes")
     if not 0 < self.top_p <= 1 or self.temperature < 0 or self.clip_eps <= 0 or self.kl_coef < 0 or self.lr <= 0:
       raise ValueError("need 0 < rl.top_p <= 1, rl.temperature >= 0, rl.clip_eps > 0, rl.kl_coef >= 0, rl.lr > 0")
+    if self.prompt_file and not os.path.isfile(self.prompt_file):
+      raise FileNotFoundError(f"rl.prompt_file {self.prompt_file!r} does not exist")
     return self
