@@ -1,5 +1,9 @@
-"""CPU default: 8 virtual devices (data=1, expert=8), a 2-layer 16-expert top-2 model; SFT in minutes."""
-from configs import SFTConfig, TaskConfig, TrainConfig
+"""CPU default: 8 virtual devices (data=1, expert=8), a 2-layer 16-expert top-2 model.
+
+A short SFT warm start on one-digit addition leaves a policy that is right about three times in four;
+GRPO then raises the sampled reward within a few minutes on 2 cores.
+"""
+from configs import RLConfig, SFTConfig, TaskConfig, TrainConfig
 from foremoe_jax.model import ModelConfig
 from foremoe_jax.rl.task import CharTokenizer
 
@@ -9,4 +13,6 @@ def get_config() -> TrainConfig:
                       head_dim=16, d_ff_dense=128, num_experts=16, top_k=2, d_ff_expert=64,
                       slots_per_device=16 // 8 + 1, max_seq_len=32)
   return TrainConfig(name="cpu_tiny", model=model, mesh_data=1, mesh_expert=8,
-                     task=TaskConfig(num_digits=2, ops="+"), sft=SFTConfig(steps=600, batch_size=64, ckpt_every=300))
+                     task=TaskConfig(num_digits=1, ops="+"), sft=SFTConfig(steps=60, batch_size=64, ckpt_every=30),
+                     rl=RLConfig(steps=15, prompts_per_step=32, group_size=8, max_new_tokens=3, lr=3e-4,
+                                 num_minibatches=4))
