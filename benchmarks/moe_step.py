@@ -1,0 +1,411 @@
+"""MoE-step benchmark: one optimizer step of a Qwen3-30B-A3B-shaped MoE stack under each balancing policy.
+
+Model: `MoEStack` of L residual MoE layers (hidden 2048, expert hidden 768, 128 experts, top-8, bf16
+params and matmuls), EP over D devices (mesh data=1, expert=D), S = E/D + 1 slots per device.
+
+Routes (fixed by replay, so every policy does the same math): DeepSeek-V2-Lite ESFT routes (64 experts,
+top-6, `../shared/traces`), sequences drawn with replacement from all four tasks and packed to `--tokens`
+per device per micro-step (`traces.sample_micro_steps`); benchmark layer i replays trace layer
+`--trace-layers[i]`. Mapping 64 -> 128 experts, top-6 -> top-8 (fixed rule): trace expert e becomes
+experts 2e and 2e+1; a token's first two listed choices take both halves (4 experts), each of its other
+four choices j takes one half, 2e + (n + j) % 2 by the token's index n. This keeps each trace expert's
+load (split over its two halves) and gives 8 distinct experts per token. `eplb_history` plans from a
+second, independently drawn step. `ideal`: the same token count with round-robin routes (token n takes
+experts (8n + j) % 128), so every expert gets the same load from every source: perfect balance.
+
+Policies: static, eplb_history, eplb_step, foremoe (planned ahead, host planning not timed) and live
+(no foresight: before each micro-step the host waits for the device, plans that micro-step alone with
+eplb_microstep, builds its tables, moves home -> placement, computes and sends the gradients home; all of
+it timed). One padded capacity (the max over all policies' exact bucketed needs) and one transfer table
+size are used for every policy, so `_micro` compiles once per EP size; the all-to-all volume is therefore
+the same for all policies. Base transfers: the shipped `prepare_step` sends `K = max rows per device
+pair` rows in every active ppermute round, and local copies count toward K (E/D rows), so a few remote
+moves ship E/D experts per round. `SplitExecutor` below splits local and remote moves into two tables
+(the workaround, used for all policies); `*_shipped` rows time the unmodified tables.
+
+    python benchmarks/moe_step.py --make-data --ep 2 4          # CPU, needs ../shared/traces
+    python benchmarks/moe_step.py --ep 4 --out benchmarks/results/moe_step.json   # on the GPUs
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python benchmarks/moe_step.py --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from foremoe_jax.planner import PlanConfig, plan_step, traces  # noqa: E402
+
+E, K, H, F = 128, 8, 2048, 768
+SMOKE = dict(hidden=64, expert_hidden=64, tokens=64, micro_steps=2, layers=2, ep=[2, 4], warmup=1, repeats=1)
+POLICIES = ("static", "ideal", "foremoe", "eplb_step", "live", "eplb_history")  # most needed first (deadline)
+
+
+def map_routes_64_to_128(routes_NxLx6: np.ndarray) -> np.ndarray:
+  """uint8 [N, L, 8]: the documented 64/top-6 -> 128/top-8 rule."""
+  e = routes_NxLx6.astype(np.int16)
+  n = np.arange(e.shape[0])[:, None, None]
+  both = np.stack([2 * e[..., :2], 2 * e[..., :2] + 1], axis=-1).reshape(*e.shape[:2], 4)
+  rest = 2 * e[..., 2:] + (n + np.arange(2, 6)) % 2
+  return np.concatenate([both, rest], axis=-1).astype(np.uint8)
+
+
+def data_path(args, num_devices):
+  return pathlib.Path(args.data) / (f"moe_routes_D{num_devices}_T{args.tokens}_M{args.micro_steps}"
+                                    f"_L{'-'.join(map(str, args.trace_layers))}_s{args.seed}.npz")
+
+
+def make_data(args):
+  """Host: trace routes -> compact npz per EP size (routes of the timed step, counts of the history step)."""
+  root = pathlib.Path(args.traces)
+  pools = {task: traces.load_esft_task(root, task) for task in traces.ESFT_TASKS}
+  sequences = [seq[:, [l - 1 for l in args.trace_layers]] for task in traces.ESFT_TASKS for seq in pools[task]]
+  for num_devices in args.ep:
+    rng = np.random.default_rng(args.seed)
+    steps = []
+    for _ in range(2):  # history step, timed step
+      routes = [traces.sample_micro_steps(sequences, 1, num_devices, args.tokens, rng)[0]
+                for _ in range(args.micro_steps)]
+      steps.append(np.stack([map_routes_64_to_128(r) for r in routes]))  # [M, D*T, L, 8]
+    path = data_path(args, num_devices)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, routes=steps[1], history_counts=counts_of(steps[0], num_devices))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def counts_of(routes_MxNxLxK: np.ndarray, num_devices: int) -> np.ndarray:
+  """int64 [M, L, D, E]; token n of a micro-step lives on device n // tokens_per_device."""
+  m, n, l, _ = routes_MxNxLxK.shape
+  device = np.repeat(np.arange(num_devices), n // num_devices)
+  return np.concatenate([traces.counts_from_routes(r, np.zeros(n, np.int32), device, 1, num_devices, E)
+                         for r in routes_MxNxLxK])
+
+
+def ideal_routes(m: int, n: int, l: int) -> np.ndarray:
+  routes = (K * np.arange(n)[:, None] + np.arange(K)[None, :]) % E
+  return np.broadcast_to(routes[None, :, None, :], (m, n, l, K)).astype(np.uint8)
+
+
+def patch_gmm_vjp() -> None:
+  """Workaround (library bug, reported): `pallas_kernels.gmm`'s custom-VJP backward returns cotangents
+  whose manual-axis (vma) types differ from the primal inputs' under `shard_map` (the Mosaic/interpret
+  tgmm output is not marked varying; XLA's d(lhs) may be varying for an invariant lhs), which JAX rejects.
+  Re-registers the same fwd/bwd with each cotangent cast to its primal's type: pcast to varying where
+  the primal varies (a re-type, no data moves), psum where the primal is invariant (the transpose of
+  the implicit pvary). The math of the kernels is untouched."""
+  import importlib
+
+  import jax
+  g = importlib.import_module("pallas_kernels.gmm")  # the module (the package re-exports a function `gmm`)
+  from foremoe_jax.moe import varying_axes
+
+  def match(ct, like):
+    if ct is None:
+      return ct
+    extra = tuple(sorted(varying_axes(ct) - varying_axes(like)))
+    missing = tuple(sorted(varying_axes(like) - varying_axes(ct)))
+    ct = jax.lax.psum(ct, extra) if extra else ct
+    return jax.lax.pcast(ct, missing, to="varying") if missing else ct
+
+  def gmm_bwd(transpose_rhs, name, out_dtype, res, dout):
+    dlhs, drhs, _ = g._gmm_bwd(transpose_rhs, name, out_dtype, res, dout)
+    return match(dlhs, res[0]), match(drhs, res[1]), None
+
+  def tgmm_bwd(name, out_dtype, res, dout):
+    dlhs, drhs, _ = g._tgmm_bwd(name, out_dtype, res, dout)
+    return match(dlhs, res[0]), match(drhs, res[1]), None
+
+  g._gmm.defvjp(g._gmm_fwd, gmm_bwd)
+  g._tgmm.defvjp(g._tgmm_fwd, tgmm_bwd)
+
+
+def median_ms(samples):
+  return float(np.median(samples) * 1e3)
+
+
+def run(args, num_devices: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from foremoe_jax import MoEConfig
+  from foremoe_jax.executor import Executor, index, prepare_step, stack_moves
+  from foremoe_jax.moe_stack import MoEStack
+  from foremoe_jax.transfer import MoveTables, apply_moves, home_to_base_moves, move_tables
+
+  class SplitExecutor(Executor):
+    """Home -> base as two move tables (local copies, remote ppermutes), each sized by its own need."""
+
+    def _to_base(self, home, base_moves):
+      if isinstance(base_moves, MoveTables):
+        return super()._to_base(home, base_moves)
+      out = []
+      for l, h in enumerate(home):
+        dst = jax.tree.map(lambda w: jnp.zeros((self.slots, *w.shape[1:]), w.dtype), h)
+        for moves in base_moves:
+          dst = apply_moves(h, dst, index(moves, l), self.mesh)
+        out.append(dst)
+      return out
+
+  if not args.no_vjp_patch:
+    patch_gmm_vjp()
+  data = np.load(data_path(args, num_devices))
+  routes, history = data["routes"], data["history_counts"]
+  num_micro, num_tokens, num_layers, _ = routes.shape
+  tokens = num_tokens // num_devices
+  slots = E // num_devices + 1
+  devices = jax.devices()[:num_devices]
+  mesh = jax.make_mesh((1, num_devices), ("data", "expert"), axis_types=(AxisType.Auto,) * 2, devices=devices)
+  cfg = MoEConfig(d_model=args.hidden, d_ff=args.expert_hidden, num_experts=E, top_k=K, slots_per_device=slots,
+                  dispatch="padded", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, gmm_backend=args.gmm_backend)
+  model = MoEStack(cfg, num_layers, mesh=mesh, rngs=nnx.Rngs(0))
+
+  def loss_fn(model, batch, *, tables, working, capacity):
+    out = model(batch["x"], tables, batch["replay"], capacity=capacity, working=working)
+    err = out.y.astype(jnp.float32) - batch["target"].astype(jnp.float32)
+    return jnp.mean(err * err), {"dropped": out.dropped}
+
+  ex = SplitExecutor(model, optax.sgd(1e-4), loss_fn, mesh)
+  shard = NamedSharding(mesh, P(("data", "expert")))
+  keys = jax.random.split(jax.random.key(1), 2 * num_micro)
+
+  def batches_for(routes_MxNxLxK):
+    out = []
+    for m in range(num_micro):  # one row of `tokens` tokens per device
+      x = jax.random.normal(keys[2 * m], (num_devices, tokens, args.hidden), jnp.bfloat16)
+      t = jax.random.normal(keys[2 * m + 1], (num_devices, tokens, args.hidden), jnp.bfloat16)
+      r = routes_MxNxLxK[m].reshape(num_devices, tokens, num_layers, K).astype(np.int32)
+      out.append({"x": jax.device_put(x, shard), "target": jax.device_put(t, shard),
+                  "replay": jax.device_put(r, shard)})
+    return out
+
+  counts = counts_of(routes, num_devices)
+  ideal = ideal_routes(num_micro, num_tokens, num_layers)
+  ideal_counts = counts_of(ideal, num_devices)
+  pcfg = lambda policy: PlanConfig(E, num_devices, slots, policy=policy)  # noqa: E731
+
+  # Plans (host). Planning ahead is off the critical path; its time is reported, not added.
+  plans, plan_ms = {}, {}
+  for policy in ("static", "eplb_history", "eplb_step", "foremoe"):
+    start = time.perf_counter()
+    plans[policy] = plan_step(counts, pcfg(policy), history=history)
+    plan_ms[policy] = (time.perf_counter() - start) * 1e3
+  plans["ideal"] = plan_step(ideal_counts, pcfg("static"))
+  live_plans = [plan_step(counts[m:m + 1], pcfg("eplb_microstep")) for m in range(num_micro)]
+  step_counts = {p: (ideal_counts if p == "ideal" else counts) for p in plans}
+
+  # One capacity and one set of table sizes for every policy: one compile of the micro-step.
+  loose = [prepare_step(p, step_counts[k], E) for k, p in plans.items()]
+  loose += [prepare_step(p, counts[m:m + 1], E) for m, p in enumerate(live_plans)]
+  capacity = max(s.capacity for s in loose)
+  fill_cap = max(s.fill_moves.send_DxRxK.shape[-1] for s in loose)
+
+  def base_move_lists(plan):
+    moves = [home_to_base_moves(plan.base[l], E) for l in range(num_layers)]
+    return [[mv for mv in ms if mv[0] == mv[2]] for ms in moves], [[mv for mv in ms if mv[0] != mv[2]] for ms in moves]
+
+  def pair_need(moves):
+    pairs = np.zeros((num_devices, num_devices), np.int64)
+    for s, _, d, _ in moves:
+      pairs[s, d] += 1
+    return int(pairs.max(initial=0))
+
+  all_plans = list(plans.values()) + live_plans
+  local_cap = max(pair_need(m) for p in all_plans for m in base_move_lists(p)[0])
+  remote_cap = max(1, max(pair_need(m) for p in all_plans for m in base_move_lists(p)[1]))
+
+  def split_step(plan, step_counts_):
+    step = prepare_step(plan, step_counts_, E, capacity=capacity, fill_capacity=fill_cap)
+    local, remote = base_move_lists(plan)
+    tables = tuple(jax.tree.map(jnp.asarray, stack_moves([move_tables(mv, num_devices, cap) for mv in lists]))
+                   for lists, cap in ((local, local_cap), (remote, remote_cap)))
+    return dataclasses.replace(step, base_moves=tables)
+
+  batches = batches_for(routes)
+  ideal_batches = batches_for(ideal)
+  update = jax.jit(lambda p, o, g: (lambda u, o2: (optax.apply_updates(p, u), o2))(*ex.tx.update(g, o, p)),
+                   donate_argnums=(0, 1))
+
+  def live_step():
+    """No foresight: wait for the device, plan this micro-step, move, compute, send gradients home."""
+    total, ms = None, 0.0
+    for m, batch in enumerate(batches):
+      if total is not None:
+        jax.block_until_ready(total)
+      start = time.perf_counter()
+      plan = plan_step(counts[m:m + 1], pcfg("eplb_microstep"))
+      ms += (time.perf_counter() - start) * 1e3
+      step = split_step(plan, counts[m:m + 1])
+      base = ex._begin(ex.params, step.base_moves)
+      acc = jax.tree.map(jnp.zeros_like, (ex.params, base))
+      acc, _, _ = ex._micro(ex.params, base, batch, index(step.tables, 0), index(step.fill_moves, 0), acc,
+                            capacity=capacity)
+      grads = ex._home_grads(ex.params, acc, step.base_moves)
+      total = grads if total is None else jax.tree.map(jnp.add, total, grads)
+    ex.params, ex.opt_state = update(ex.params, ex.opt_state, total)
+    jax.block_until_ready(ex.params)
+    return ms
+
+  def profile(step, batches_):
+    """Stage times of one step with a sync after each stage (ms): begin, micro-steps, finish."""
+    t = [time.perf_counter()]
+    base = jax.block_until_ready(ex._begin(ex.params, step.base_moves))
+    t.append(time.perf_counter())
+    acc = jax.tree.map(jnp.zeros_like, (ex.params, base))
+    for m, batch in enumerate(batches_):
+      acc, _, _ = ex._micro(ex.params, base, batch, index(step.tables, m), index(step.fill_moves, m), acc,
+                            capacity=capacity)
+      jax.block_until_ready(acc)
+      t.append(time.perf_counter())
+    ex.params, ex.opt_state, _ = jax.block_until_ready(ex._finish(ex.params, ex.opt_state, acc, step.base_moves))
+    t.append(time.perf_counter())
+    d = np.diff(t) * 1e3
+    return {"begin_ms": float(d[0]), "micro_ms": [float(x) for x in d[1:-1]], "finish_ms": float(d[-1])}
+
+  jobs = {p: (split_step(plans[p], step_counts[p]), ideal_batches if p == "ideal" else batches) for p in plans}
+  for p in ("eplb_step", "foremoe"):  # the unmodified transfer tables, for comparison
+    jobs[p + "_shipped"] = (prepare_step(plans[p], counts, E, capacity=capacity, fill_capacity=fill_cap), batches)
+  order = [p for p in args.policies if p in jobs or p == "live"]
+  order += [p for p in jobs if p.endswith("_shipped") and p.split("_shipped")[0] in args.policies]
+
+  result = dict(D=num_devices, S=slots, E=E, k=K, hidden=args.hidden, expert_hidden=args.expert_hidden,
+                layers=num_layers, micro_steps=num_micro, tokens_per_device=tokens, trace_layers=args.trace_layers,
+                capacity=capacity, fill_capacity=fill_cap, base_local_cap=local_cap, base_remote_cap=remote_cap,
+                gmm_backend=args.gmm_backend or "default", warmup=args.warmup, repeats=args.repeats, policies={})
+  deadline = time.time() + args.deadline_s
+  for name in order:
+    if time.time() > deadline:
+      print(f"deadline reached: skipping {name}", flush=True)
+      continue
+    t0 = time.perf_counter()
+    if name == "live":
+      for _ in range(args.warmup):
+        live_step()
+      samples, live_plan_ms = [], []
+      for _ in range(args.repeats):
+        start = time.perf_counter()
+        live_plan_ms.append(live_step())
+        samples.append(time.perf_counter() - start)
+      lp = live_plans
+      row = dict(imbalance=float(np.sum([p.device_load(counts[m:m + 1]).max(-1).sum() for m, p in enumerate(lp)])
+                                 / np.sum([p.device_load(counts[m:m + 1]).mean(-1).sum() for m, p in enumerate(lp)])),
+                 planner_ms=float(np.median(live_plan_ms)), planner_on_critical_path=True,
+                 max_load_sum=float(sum(p.device_load(counts[m:m + 1]).max(-1).sum() for m, p in enumerate(lp))),
+                 base_moves_remote=int(sum(len(r) for p in lp for r in base_move_lists(p)[1])))
+    else:
+      step, batches_ = jobs[name]
+      for _ in range(args.warmup):
+        out = ex.train_step(batches_, step)
+      samples = []
+      for _ in range(args.repeats):
+        start = time.perf_counter()
+        out = ex.train_step(batches_, step)
+        samples.append(time.perf_counter() - start)
+      policy = name.split("_shipped")[0]
+      plan, c = plans[policy], step_counts[policy]
+      load = plan.device_load(c)
+      row = dict(imbalance=plan.imbalance(c), planner_ms=plan_ms.get(policy, 0.0), planner_on_critical_path=False,
+                 max_load_sum=float(load.max(-1).sum()), moved_slots=int(step.moved_slots),
+                 base_moves_remote=int(sum(len(r) for r in base_move_lists(plan)[1])),
+                 dropped=int(np.sum(out["metrics"]["dropped"])), loss=out["loss"],
+                 profile=profile(step, batches_))
+    row.update(step_ms=median_ms(samples), samples_ms=[s * 1e3 for s in samples],
+               wall_incl_compile_s=time.perf_counter() - t0)
+    result["policies"][name] = row
+    print(f"D={num_devices} {name:18s} step {row['step_ms']:8.2f} ms  imbalance {row['imbalance']:.4f}  "
+          f"(incl. warm-up/compile {row['wall_incl_compile_s']:.1f} s)", flush=True)
+    save(args, result)
+  return result
+
+
+def summary_rows(result: dict) -> list[dict]:
+  pol = result["policies"]
+  ms = {k: v["step_ms"] for k, v in pol.items()}
+  st, eq, idl = ms.get("static"), ms.get("eplb_step"), ms.get("ideal")
+  rows = []
+  for name, t in ms.items():
+    rows.append(dict(policy=name, step_ms=t, imbalance=pol[name]["imbalance"],
+                     vs_static=st / t if st else np.nan, vs_eplb_step=eq / t if eq else np.nan,
+                     to_ideal_pct=100 * (t / idl - 1) if idl else np.nan,
+                     excess_removed_pct=100 * (st - t) / (st - idl) if st and idl and st != idl else np.nan,
+                     planner_ms=pol[name]["planner_ms"]))
+  return rows
+
+
+def table(result: dict) -> str:
+  head = (f"D={result['D']} S={result['S']} L={result['layers']} M={result['micro_steps']} "
+          f"tok/dev={result['tokens_per_device']} capacity={result['capacity']}\n")
+  lines = ["| policy | step ms | imbalance | x static | x eplb_step | vs ideal % | static excess removed % | planner ms |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in summary_rows(result):
+    lines.append(f"| {r['policy']} | {r['step_ms']:.2f} | {r['imbalance']:.4f} | {r['vs_static']:.3f} | "
+                 f"{r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.2f} | {r['excess_removed_pct']:.1f} | "
+                 f"{r['planner_ms']:.2f} |")
+  return head + "\n".join(lines)
+
+
+def save(args, result: dict) -> None:
+  """Merges this EP size's result into --out (one file holds every EP size)."""
+  if not args.out:
+    return
+  import jax
+  path = pathlib.Path(args.out)
+  doc = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+  doc["runs"][f"D{result['D']}"] = result
+  doc["meta"] = dict(card=jax.devices()[0].device_kind, gpus_visible=jax.device_count(), jax=jax.__version__,
+                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     command="bash benchmarks/gpu_run.sh")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(doc, indent=1))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--ep", type=int, nargs="+", default=[2, 4])
+  ap.add_argument("--tokens", type=int, default=4096, help="tokens per device per micro-step")
+  ap.add_argument("--micro-steps", type=int, default=8)
+  ap.add_argument("--trace-layers", type=int, nargs="+", default=[4, 10, 16, 22], help="ESFT layers 1..26")
+  ap.add_argument("--layers", type=int, default=None, help="(smoke) take the first N of --trace-layers")
+  ap.add_argument("--hidden", type=int, default=H)
+  ap.add_argument("--expert-hidden", type=int, default=F)
+  ap.add_argument("--policies", nargs="+", default=list(POLICIES))
+  ap.add_argument("--warmup", type=int, default=1)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--gmm-backend", default=None, help="pallas_kernels backend (default: by platform)")
+  ap.add_argument("--no-vjp-patch", action="store_true", help="run pallas_kernels.gmm's VJP unpatched")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--data", default=".bench_data")
+  ap.add_argument("--traces", default=str(traces.traces_root()))
+  ap.add_argument("--make-data", action="store_true", help="write the route npz files from the traces and exit")
+  ap.add_argument("--out", default=None, help="JSON to merge results into")
+  ap.add_argument("--deadline-s", type=float, default=1e9, help="skip policies not started by then")
+  ap.add_argument("--smoke", action="store_true", help="tiny shapes on 8 CPU devices (makes its own data)")
+  args = ap.parse_args()
+  if args.smoke:
+    for key, value in SMOKE.items():
+      setattr(args, key, value if key != "layers" else (args.layers or value))
+  if args.layers:
+    args.trace_layers = args.trace_layers[:args.layers]
+  if args.make_data or (args.smoke and not all(data_path(args, d).exists() for d in args.ep)):
+    make_data(args)
+    if args.make_data:
+      return
+  if args.smoke:  # 8 virtual CPU devices on few cores: overlapping collective programs can starve threads
+    import jax
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+  results = [run(args, d) for d in args.ep]
+  for result in results:
+    print(table(result))
+
+
+if __name__ == "__main__":
+  main()
