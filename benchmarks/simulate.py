@@ -1,0 +1,232 @@
+"""Cost-model simulator: calibrated on the measured GPU runs, validated on them, projected to EP 8-64.
+
+Model of one optimizer step (M micro-steps x L MoE layers), per policy:
+  t = sum_(m,l) [ alpha * maxload(m,l) * t_pair  +  overhead(D) ]            expert compute + dispatch
+      + 2 * shipped rows * t_expert_move                  home->base + per-micro-step fills, gradients back
+      + (live only) M * planner ms on the critical path
+t_pair = forward+backward FLOPs of one (token, expert) pair / the measured grouped-GEMM rate;
+t_expert_move = the measured time to ppermute one 9.4 MB expert; shipped rows = what the executor's
+round engine sends per device: per layer, K rows in every active round (K = the largest per-pair need).
+`exact ms` instead charges only the busiest device's real incoming moves (a bytes-exact transfer).
+Calibration (per measured EP size): alpha and overhead(D) solve the two policies without transfers
+(static, ideal); the other policies (eplb_history, eplb_step, foremoe, live) are predictions: their
+error is the validation. Projection (EP 8-64): alpha = mean of the fits; overhead(D) = the measured
+non-all-to-all part (mean) + an all-to-all of the padded capacity at --a2a-gbs (NVLink inside a node of
+8, --ib-gbs across nodes; assumptions, not measurements); counts from the traces (the 64 -> 128 rule of
+moe_step.py), Qwen3-30B-A3B's 48 MoE layers replayed from the 26 trace layers cyclically.
+
+    python benchmarks/simulate.py            # reads benchmarks/results/{moe_step,transfer}.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from foremoe_jax.executor import bucket  # noqa: E402
+from foremoe_jax.planner import PlanConfig, plan_step, traces  # noqa: E402
+from foremoe_jax.transfer import home_to_base_moves  # noqa: E402
+from moe_step import E, K, map_routes_64_to_128  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+CALIBRATE = ("static", "ideal")
+
+
+def pair_s(hidden, expert_hidden, tflops):
+  return 3 * 2 * 3 * hidden * expert_hidden / (tflops * 1e12)
+
+
+def rates(transfer: dict, d: int) -> dict:
+  run = transfer["runs"].get(f"D{d}") or next(iter(transfer["runs"].values()))
+  return dict(tflops=run["compute"]["tflops"], move_ms=run["links"]["expert"]["ms"],
+              link_gbs=run["links"]["big"]["gbytes_per_s"], a2a_gbs=run["links"]["all_to_all"]["gbytes_per_s"])
+
+
+def a2a_ms(d, capacity, hidden, gbs):
+  """Padded all_to_all: dispatch + combine, forward + backward, D*capacity rows of bf16 each."""
+  return 4 * (d - 1) / d * d * capacity * hidden * 2 / (gbs * 1e9) * 1e3
+
+
+def calibrate(moe: dict, transfer: dict):
+  """Per measured EP size: alpha, overhead per (m, l); and the validation table."""
+  fits, rows = {}, []
+  for key, run in sorted(moe["runs"].items()):
+    d, pol = run["D"], run["policies"]
+    r = rates(transfer, d)
+    tp = pair_s(run["hidden"], run["expert_hidden"], r["tflops"]) * 1e3  # ms
+    ml = run["micro_steps"] * run["layers"]
+    if not all(p in pol for p in CALIBRATE):
+      continue
+    # Two equations (static, ideal), two unknowns (alpha, overhead per (m, l)).
+    a = np.array([[pol[p]["max_load_sum"] * tp, ml] for p in CALIBRATE])
+    alpha, ovh = np.linalg.solve(a, [pol[p]["step_ms"] for p in CALIBRATE])
+    a2a = a2a_ms(d, run["capacity"], run["hidden"], r["a2a_gbs"])
+    fits[d] = dict(alpha=alpha, overhead_ms=ovh, a2a_ms=a2a, other_ms=ovh - a2a, tp_ms=tp, ml=ml, rates=r)
+    for name, p in pol.items():
+      base = name.split("_shipped")[0]
+      shipped = run["layers"] * (d - 1) * run["base_remote_cap"] if p.get("base_moves_remote", 0) else 0
+      fills = ml * min(d - 1, p.get("moved_slots", 0) / ml)  # K=1 fill rows, one per active round
+      pred = alpha * p["max_load_sum"] * tp + ml * ovh + 2 * (shipped + fills) * r["move_ms"]
+      if base == "live":
+        pred += p["planner_ms"]
+      rows.append(dict(D=d, policy=name, measured_ms=p["step_ms"], predicted_ms=pred,
+                       error_pct=100 * (pred / p["step_ms"] - 1), role="calibration" if name in CALIBRATE else "validation"))
+  return fits, rows
+
+
+def trace_counts(pools, num_devices, tokens, micro_steps, layers, rng):
+  """int64 [M, layers, D, 128] from trace sequences (all tasks), trace layer l % 26 for layer l."""
+  sequences = [s for task in traces.ESFT_TASKS for s in pools[task]]
+  trace_layer = np.arange(layers) % 26
+  out = np.zeros((micro_steps, layers, num_devices, E), np.int64)
+  for m in range(micro_steps):
+    routes, _, device = traces.sample_micro_steps(sequences, 1, num_devices, tokens, rng)
+    mapped = map_routes_64_to_128(routes)  # [N, 26, 8]
+    for l, tl in enumerate(trace_layer):
+      idx = device[:, None] * E + mapped[:, tl].astype(np.int64)
+      out[m, l] = np.bincount(idx.ravel(), minlength=num_devices * E).reshape(num_devices, E)
+  return out
+
+
+def project(args, fits):
+  pools = {task: traces.load_esft_task(pathlib.Path(args.traces), task) for task in traces.ESFT_TASKS}
+  alpha = float(np.mean([f["alpha"] for f in fits.values()]))
+  other = float(np.mean([f["other_ms"] for f in fits.values()]))
+  r = next(iter(fits.values()))["rates"]
+  tp = pair_s(2048, 768, r["tflops"]) * 1e3
+  rows = []
+  for d in args.ep:
+    rng = np.random.default_rng(args.seed)
+    history = trace_counts(pools, d, args.tokens, args.micro_steps, args.layers, rng)
+    counts = trace_counts(pools, d, args.tokens, args.micro_steps, args.layers, rng)
+    ideal = np.full_like(counts, args.tokens * K // E)
+    slots = E // d + 1
+    gbs = args.a2a_gbs if d <= 8 else args.ib_gbs
+    move_ms = r["move_ms"] * (1 if d <= 8 else r["link_gbs"] / args.ib_gbs)
+    for policy in ("static", "eplb_history", "eplb_step", "foremoe", "live", "ideal"):
+      start = time.perf_counter()
+      if policy == "live":  # each micro-step planned alone, on the critical path
+        plans = [plan_step(counts[m:m + 1], PlanConfig(E, d, slots, policy="eplb_microstep"))
+                 for m in range(args.micro_steps)]
+      else:
+        c = ideal if policy == "ideal" else counts
+        plans = [plan_step(c, PlanConfig(E, d, slots, policy="static" if policy == "ideal" else policy), history=history)]
+      plan_ms = (time.perf_counter() - start) * 1e3
+      c_list = [counts[m:m + 1] for m in range(args.micro_steps)] if policy == "live" else \
+          [ideal if policy == "ideal" else counts]
+      max_load = sum(p.device_load(c).max(-1).sum() for p, c in zip(plans, c_list))
+      mean_load = sum(p.device_load(c).mean(-1).sum() for p, c in zip(plans, c_list))
+      need = max(int(p.slot_pairs(c).reshape(*p.slot_pairs(c).shape[:3], d, -1).sum(-1).max()) for p, c in zip(plans, c_list))
+      shipped, exact, moves = shipped_rows(plans, d, args.layers)
+      moved = sum(p.moved_mask().sum((2, 3)) for p in plans)  # [M, L] slots filled per micro-step
+      shipped += int(np.minimum(d - 1, moved).sum())
+      exact += int((sum(p.moved_mask().sum(-1) for p in plans) > 0).any(-1).sum())
+      ml = args.micro_steps * args.layers
+      t0 = alpha * max_load * tp + ml * (other + a2a_ms(d, bucket(need), 2048, gbs))
+      t, t_exact = t0 + 2 * shipped * move_ms, t0 + 2 * exact * move_ms
+      if policy == "live":
+        t, t_exact = t + plan_ms, t_exact + plan_ms
+      rows.append(dict(D=d, policy=policy, imbalance=max_load / mean_load, step_ms=t, exact_ms=t_exact,
+                       capacity=bucket(need), base_moves_remote=moves, shipped_rows=shipped, planner_ms=plan_ms))
+      print(f"projected D={d:<3d} {policy:13s} imbalance {max_load / mean_load:.4f}  step {t:9.1f} ms  "
+            f"plan {plan_ms:8.1f} ms", flush=True)
+  return rows
+
+
+def shipped_rows(plans, d, layers):
+  """(rows the round engine ships per device, rows a bytes-exact transfer moves to the busiest device,
+  remote moves), summed over the plans' layers."""
+  shipped = exact = moves = 0
+  for p in plans:
+    per_layer = [[mv for mv in home_to_base_moves(p.base[l], E) if mv[0] != mv[2]] for l in range(layers)]
+    pairs = np.zeros((layers, d, d), np.int64)
+    for l, mvs in enumerate(per_layer):
+      for s, _, t, _ in mvs:
+        pairs[l, s, t] += 1
+    k = int(pairs.max(initial=0))
+    rounds = np.array([[pairs[l, s, (s + r) % d] for s in range(d)] for l in range(layers) for r in range(1, d)])
+    shipped += k * int((rounds.reshape(layers, d - 1, d).max(-1) > 0).sum())
+    exact += int(pairs.sum(1).max(-1).sum())
+    moves += sum(len(m) for m in per_layer)
+  return shipped, exact, moves
+
+
+def speedups(rows):
+  by = {(r["D"], r["policy"]): r["step_ms"] for r in rows}
+  for r in rows:
+    st, eq, idl = by.get((r["D"], "static")), by.get((r["D"], "eplb_step")), by.get((r["D"], "ideal"))
+    r.update(vs_static=st / r["step_ms"], vs_eplb_step=eq / r["step_ms"] if eq else np.nan,
+             to_ideal_pct=100 * (r["step_ms"] / idl - 1) if idl else np.nan)
+  return rows
+
+
+def plot(rows, measured, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for ax, key, title in ((axes[0], "vs_static", "speed-up over static"), (axes[1], "vs_eplb_step", "speed-up over eplb_step")):
+    for policy, style in (("foremoe", "o-"), ("eplb_step", "s--"), ("eplb_history", "^--"), ("live", "x:"), ("ideal", "k-")):
+      for src, fill in ((measured, "measured"), (rows, "projected")):
+        pts = sorted((r["D"], r[key]) for r in src if r["policy"] == policy)
+        if pts:
+          ax.plot(*zip(*pts), style, alpha=1.0 if fill == "projected" else 0.5, mfc="none" if fill == "measured" else None,
+                  label=f"{policy} ({fill})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("EP size (GPUs)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--moe", default=str(RESULTS / "moe_step.json"))
+  ap.add_argument("--transfer", default=str(RESULTS / "transfer.json"))
+  ap.add_argument("--traces", default=str(traces.traces_root()))
+  ap.add_argument("--ep", type=int, nargs="+", default=[8, 16, 32, 64])
+  ap.add_argument("--tokens", type=int, default=4096, help="tokens per device per micro-step")
+  ap.add_argument("--micro-steps", type=int, default=8)
+  ap.add_argument("--layers", type=int, default=48, help="Qwen3-30B-A3B has 48 MoE layers")
+  ap.add_argument("--a2a-gbs", type=float, default=None, help="all_to_all GB/s inside a node (default: measured)")
+  ap.add_argument("--ib-gbs", type=float, default=50.0, help="assumed per-GPU GB/s across nodes (400 Gb/s NIC)")
+  ap.add_argument("--seed", type=int, default=1)
+  ap.add_argument("--out", default=str(RESULTS / "simulate.json"))
+  args = ap.parse_args()
+  moe, transfer = json.loads(pathlib.Path(args.moe).read_text()), json.loads(pathlib.Path(args.transfer).read_text())
+  fits, validation = calibrate(moe, transfer)
+  args.a2a_gbs = args.a2a_gbs or float(np.mean([f["rates"]["a2a_gbs"] for f in fits.values()]))
+  print("MEASURED (GPU runs) vs MODEL: calibration on static+ideal, the rest are predictions")
+  print("| D | policy | measured ms | predicted ms | error % | role |\n|---|---|---|---|---|---|")
+  for r in validation:
+    print(f"| {r['D']} | {r['policy']} | {r['measured_ms']:.1f} | {r['predicted_ms']:.1f} | {r['error_pct']:+.1f} | {r['role']} |")
+  errs = [abs(r["error_pct"]) for r in validation if r["role"] == "validation"]
+  print(f"validation: mean |error| {np.mean(errs):.1f}%, max {np.max(errs):.1f}% over {len(errs)} predictions")
+  rows = speedups(project(args, fits))
+  measured = speedups([dict(D=r["D"], policy=r["policy"], step_ms=r["measured_ms"]) for r in validation
+                       if not r["policy"].endswith("_shipped")])
+  print(f"\nPROJECTED (cost model, not measured): Qwen3-30B-A3B MoE layers x{args.layers}, M={args.micro_steps}, "
+        f"{args.tokens} tok/GPU/micro-step, a2a {args.a2a_gbs:.0f} GB/s (<=8 GPUs), {args.ib_gbs:.0f} GB/s beyond")
+  print("| D | policy | imbalance | step ms | x static | x eplb_step | vs ideal % | exact-transfer ms | planner ms (host, step) |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['D']} | {r['policy']} | {r['imbalance']:.4f} | {r['step_ms']:.0f} | {r['vs_static']:.3f} | "
+          f"{r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.1f} | {r['exact_ms']:.0f} | {r['planner_ms']:.0f} |")
+  doc = dict(note="validation rows: measured on GPUs vs model; projection rows: cost model only (not measured)",
+             measured_meta=moe.get("meta"), fits={str(k): {kk: vv for kk, vv in v.items()} for k, v in fits.items()},
+             validation=validation, projection=rows, args=vars(args))
+  pathlib.Path(args.out).write_text(json.dumps(doc, indent=1, default=float))
+  plot(rows, measured, pathlib.Path(args.out).with_suffix(".png"))
+  print(f"wrote {args.out} and {pathlib.Path(args.out).with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+  main()
