@@ -73,9 +73,10 @@ def default_capacity(cfg: MoEConfig, local_tokens: int, num_devices: int) -> int
   return max(8, min(cap, math.ceil(pairs / 8) * 8))
 
 
-def swiglu_experts(rows_RxH, group_sizes_S, w_gate_up_SxHx2F, w_down_SxFxH, dtype, backend):
-  """SwiGLU over rows grouped by slot: down(silu(gate) * up)."""
+def swiglu_experts(rows_RxH, group_sizes_S, w_gate_up_SxHx2F, w_down_SxFxH, dtype, backend, axes=()):
+  """SwiGLU over rows grouped by slot: down(silu(gate) * up). `axes`: the mesh axes tokens vary over."""
   gmm = functools.partial(pallas_kernels.gmm, backend=backend) if backend else pallas_kernels.gmm
+  rows_RxH, w_gate_up_SxHx2F, w_down_SxFxH = vary_over(axes, rows_RxH, w_gate_up_SxHx2F, w_down_SxFxH)
   h_Rx2F = gmm(rows_RxH.astype(dtype), w_gate_up_SxHx2F.astype(dtype), group_sizes_S)
   gate_RxF, up_RxF = jnp.split(h_Rx2F, 2, axis=-1)
   act_RxF = (jax.nn.silu(gate_RxF.astype(jnp.float32)) * up_RxF.astype(jnp.float32)).astype(dtype)
@@ -156,8 +157,8 @@ class MoE(nnx.Module):
     if w_gate_up_work is None:
       w_gate_up_work = working_slots_local(w_gate_up_home, slot_expert_G, self.slots)
       w_down_work = working_slots_local(w_down_home, slot_expert_G, self.slots)
-    expert_fn = functools.partial(swiglu_experts, w_gate_up_SxHx2F=vary_like(w_gate_up_work, x_NxH),
-                                  w_down_SxFxH=vary_like(w_down_work, x_NxH), dtype=cfg.dtype, backend=cfg.gmm_backend)
+    expert_fn = functools.partial(swiglu_experts, w_gate_up_SxHx2F=w_gate_up_work, w_down_SxFxH=w_down_work,
+                                  axes=axes, dtype=cfg.dtype, backend=cfg.gmm_backend)
     expert_P = topk_NxK.reshape(-1)
     me = jax.lax.axis_index(AXIS)
     routing = route(expert_P, slot_expert_G, share_DxG[me], e)
@@ -186,11 +187,17 @@ def varying_axes(x: jax.Array) -> frozenset:
   return frozenset(manual.varying if manual is not None else aval.vma)
 
 
-def vary_like(w: jax.Array, like: jax.Array) -> jax.Array:
-  """Marks `w` as varying over the mesh axes `like` varies over. Kernels with a custom VJP need it: their
-  weight gradient then varies too, and the transpose of this cast sums it over those axes."""
-  missing = tuple(sorted(varying_axes(like) - varying_axes(w)))
-  return jax.lax.pcast(w, missing, to="varying") if missing else w
+def vary_over(axes: tuple[str, ...], *arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """Marks the arrays as varying over all of `axes` (the token axes).
+
+  Kernels with a custom VJP need it: each input's cotangent must have its input's type, and the
+  transpose of this cast sums e.g. the weight gradient over the data axis. (Received rows of the
+  ragged exchange are typed invariant, weights vary over "expert" only, tokens over all batch axes.)
+  """
+  def cast(a):
+    missing = tuple(sorted(frozenset(axes) - varying_axes(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+  return tuple(cast(a) for a in arrays)
 
 
 def check_replay(replay, shape: tuple[int, ...], num_experts: int) -> None:

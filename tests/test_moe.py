@@ -171,3 +171,20 @@ def test_ragged_dispatch_is_refused_on_cpu():
   moe = build(cpu_mesh(1, 8), dispatch="ragged")
   with pytest.raises(ValueError, match="ragged_all_to_all"):
     moe(jnp.ones((8, 2, H)))
+
+
+def test_ragged_dispatch_traces_values_and_gradients(monkeypatch):
+  """XLA runs ragged_all_to_all on GPU only, but its program (incl. the custom-VJP kernels' axis types)
+  must trace here: the GPU test then checks values."""
+  from foremoe_jax import backends
+  real = backends.choose_dispatch
+  monkeypatch.setattr(backends, "choose_dispatch", lambda requested, plat=None: real(requested, "gpu"))
+  moe = build(cpu_mesh(2, 4), top_k=2, slots=5, dispatch="ragged")
+  graphdef, state = nnx.split(moe)
+  x = jnp.ones((8, 4, H))
+
+  def loss(state):
+    return jnp.sum(nnx.merge(graphdef, state)(x, capacity=64).y ** 2)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(state)
+  assert "ragged_all_to_all" in str(jaxpr)
