@@ -25,7 +25,8 @@ moves ship E/D experts per round. `SplitExecutor` below splits local and remote 
 
     python benchmarks/moe_step.py --make-data --ep 2 4          # CPU, needs ../shared/traces
     python benchmarks/moe_step.py --ep 4 --out benchmarks/results/moe_step.json   # on the GPUs
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python benchmarks/moe_step.py --smoke
+    XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false" \
+      JAX_PLATFORMS=cpu python benchmarks/moe_step.py --smoke
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from foremoe_jax.planner import PlanConfig, plan_step, traces  # noqa: E402
 
 E, K, H, F = 128, 8, 2048, 768
-SMOKE = dict(hidden=64, expert_hidden=64, tokens=64, micro_steps=2, layers=2, ep=[2, 4], warmup=1, repeats=1)
+SMOKE = dict(hidden=64, expert_hidden=64, tokens=64, micro_steps=2, layers=2, warmup=1, repeats=1)
 POLICIES = ("static", "ideal", "foremoe", "eplb_step", "live", "eplb_history")  # most needed first (deadline)
 
 

@@ -13,7 +13,8 @@ For each EP size D (a mesh over the first D devices; no process restart):
    (weights in, gradients back) as sent in the executor's rounds.
 
     python benchmarks/transfer.py --ep 2 4 --out benchmarks/results/transfer.json
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python benchmarks/transfer.py --smoke
+    XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false" \
+      JAX_PLATFORMS=cpu python benchmarks/transfer.py --smoke
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 E, K, H, F = 128, 8, 2048, 768
 SMOKE = dict(hidden=64, expert_hidden=64, tokens=64, big_mb=4, chain=2, micro_steps=2, layers=1, repeats=2,
-             ep=[2, 4], moves=[1, 2])
+             moves=[1, 2])
 
 
 def bench(fn, *args, repeats=5):
