@@ -55,12 +55,69 @@ def local_slot_ids(count_from_src_DxS: jax.Array, rows_per_src: int, rows_arrive
   return slot_DxR.reshape(-1)
 
 
+def varying_axes(x: jax.Array) -> frozenset:
+  """The manual mesh axes `x` varies over (`manual_axis_type.varying` in jax 0.10, `vma` elsewhere)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  return frozenset(manual.varying if manual is not None else aval.vma)
+
+
+def vary_over(axes: tuple[str, ...], *arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """Marks the arrays as varying over all of `axes` (the token axes).
+
+  Kernels with a custom VJP need it: each input's cotangent must have its input's type, and the
+  transpose of this cast sums e.g. the weight gradient over the data axis. (Received rows of the
+  ragged exchange are typed invariant, weights vary over "expert" only, tokens over all batch axes.)
+  """
+  def cast(a):
+    missing = tuple(sorted(frozenset(axes) - varying_axes(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+  return tuple(cast(a) for a in arrays)
+
+
+def _take(x_NxH: jax.Array, idx_M: jax.Array) -> jax.Array:
+  rows_MxH = x_NxH[jnp.maximum(idx_M, 0)]
+  return jnp.where((idx_M >= 0)[:, None], rows_MxH, jnp.zeros((), x_NxH.dtype))
+
+
+def gather_rows(x_NxH: jax.Array, idx_M: jax.Array, inverse_N: jax.Array) -> jax.Array:
+  """`y[m] = x[idx[m]]` (0 where idx < 0) for an `idx` that reads each row of x at most once, with
+  `inverse[n]` the m reading row n (-1 if none). The backward is then a gather too: GPUs run a
+  scatter-add of [rows, hidden] with atomics, a gather without."""
+  axes = varying_axes(x_NxH) | varying_axes(idx_M) | varying_axes(inverse_N)
+  (x_NxH,) = vary_over(tuple(axes), x_NxH)  # the cotangent varies like the indices
+  return _gather_rows(x_NxH, idx_M, inverse_N)
+
+
+@jax.custom_vjp
+def _gather_rows(x_NxH, idx_M, inverse_N):
+  return _take(x_NxH, idx_M)
+
+
+def _gather_rows_fwd(x_NxH, idx_M, inverse_N):
+  return _take(x_NxH, idx_M), inverse_N
+
+
+def _gather_rows_bwd(inverse_N, dy_MxH):
+  return _take(dy_MxH, inverse_N), None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def inverse_map(idx_M: jax.Array, size: int) -> jax.Array:
+  """int32 [size]: the m with idx[m] == n, -1 where no m reads n (idx injective, -1 = nothing)."""
+  m = jnp.arange(idx_M.shape[0], dtype=jnp.int32)
+  return jnp.full((size,), -1, jnp.int32).at[jnp.where(idx_M >= 0, idx_M, size)].set(m, mode="drop")
+
+
 def grouped_by_slot(rows_RxH, slot_R, num_slots: int, expert_fn: Callable):
   """Sorts received rows by local slot, runs `expert_fn(rows, group_sizes)`, restores the order."""
-  order_R = jnp.argsort(slot_R, stable=True)
+  order_R = jnp.argsort(slot_R, stable=True).astype(jnp.int32)
+  inverse_R = inverse_map(order_R, order_R.shape[0])
   group_sizes_S = jnp.bincount(slot_R, length=num_slots + 1)[:num_slots].astype(jnp.int32)
-  out_RxH = expert_fn(rows_RxH[order_R], group_sizes_S)
-  return jnp.zeros_like(out_RxH).at[order_R].set(out_RxH), group_sizes_S
+  out_RxH = expert_fn(gather_rows(rows_RxH, order_R, inverse_R), group_sizes_S)
+  return gather_rows(out_RxH, inverse_R, order_R), group_sizes_S
 
 
 def padded_exchange(x_NxH, routing: Routing, top_k: int, num_slots: int, capacity: int,
@@ -69,33 +126,29 @@ def padded_exchange(x_NxH, routing: Routing, top_k: int, num_slots: int, capacit
   are dropped and counted. Returns (out_PxH in pair order, group_sizes_S, dropped pairs)."""
   num_devices = routing.count_G.shape[0] // num_slots
   hidden = x_NxH.shape[1]
+  num_pairs = routing.pair_at_P.shape[0]
   send_D = routing.count_G.reshape(num_devices, num_slots).sum(axis=1)
   start_D = jnp.cumsum(send_D) - send_D
   rows_C = jnp.arange(capacity)
-  position_DxC = start_D[:, None] + rows_C[None, :]
   valid_DxC = rows_C[None, :] < jnp.minimum(send_D, capacity)[:, None]
-  num_pairs = routing.pair_at_P.shape[0]
-  pair_DxC = routing.pair_at_P[jnp.clip(position_DxC, 0, num_pairs - 1)]
-  token_DxC = jnp.where(valid_DxC, pair_DxC // top_k, 0)
-  send_DxCxH = jnp.where(valid_DxC[..., None], x_NxH[token_DxC], 0).astype(x_NxH.dtype)
-  recv_DxCxH = jax.lax.all_to_all(send_DxCxH, AXIS, 0, 0, tiled=True)
+  position_DxC = jnp.clip(start_D[:, None] + rows_C[None, :], 0, num_pairs - 1)
+  pair_DC = jnp.where(valid_DxC, routing.pair_at_P[position_DxC], -1).reshape(-1)
+  # Each pair's row in the send buffer (destination block, then position in it); -1 = dropped.
+  dst_P = jnp.minimum(jnp.searchsorted(jnp.cumsum(send_D), routing.position_P, side="right"), num_devices - 1)
+  row_P = routing.position_P - start_D[dst_P]
+  slot_in_buffer_P = jnp.where(row_P < capacity, dst_P * capacity + row_P, -1).astype(jnp.int32)
+  x_PxH = jnp.repeat(x_NxH, top_k, axis=0)  # pair i = t*k + j; its transpose sums over k
+  send_DCxH = gather_rows(x_PxH, pair_DC, slot_in_buffer_P)
+  recv_DxCxH = jax.lax.all_to_all(send_DCxH.reshape(num_devices, capacity, hidden), AXIS, 0, 0, tiled=True)
   count_to_dst_DxS = routing.count_G.reshape(num_devices, num_slots)
   count_from_src_DxS = jax.lax.all_to_all(count_to_dst_DxS, AXIS, 0, 0, tiled=True)
   arrived_D = jnp.minimum(count_from_src_DxS.sum(axis=1), capacity)
   slot_R = local_slot_ids(count_from_src_DxS, capacity, arrived_D)
   out_RxH, group_sizes_S = grouped_by_slot(recv_DxCxH.reshape(-1, hidden), slot_R, num_slots, expert_fn)
   back_DxCxH = jax.lax.all_to_all(out_RxH.reshape(num_devices, capacity, hidden), AXIS, 0, 0, tiled=True)
-  # Each pair finds its row: destination block d, row (position - start of d).
-  dst_P = jnp.searchsorted(jnp.cumsum(send_D), routing.position_P, side="right")
-  dst_P = jnp.minimum(dst_P, num_devices - 1)
-  row_P = routing.position_P - start_D[dst_P]
-  kept_P = row_P < capacity
-  out_PxH = back_DxCxH[dst_P, jnp.minimum(row_P, capacity - 1)]
-  out_PxH = jnp.where(kept_P[:, None], out_PxH, 0)
+  out_PxH = gather_rows(back_DxCxH.reshape(-1, hidden), slot_in_buffer_P, pair_DC)
   dropped = (send_D - jnp.minimum(send_D, capacity)).sum()
   return out_PxH, group_sizes_S, dropped
-
-
 def ragged_exchange(x_NxH, routing: Routing, top_k: int, num_slots: int, recv_capacity: int,
                     expert_fn: Callable):
   """`ragged_all_to_all` (GPU/TPU): rows travel unpadded; each receiver holds at most `recv_capacity`
@@ -113,7 +166,7 @@ def ragged_exchange(x_NxH, routing: Routing, top_k: int, num_slots: int, recv_ca
   out_offsets_D = before_SrcxDst[me].astype(jnp.int32)
   recv_sizes_D = kept_SrcxDst[:, me]
   recv_offsets_D = before_SrcxDst[:, me].astype(jnp.int32)
-  x_sorted_PxH = x_NxH[routing.pair_at_P // top_k]
+  x_sorted_PxH = gather_rows(jnp.repeat(x_NxH, top_k, axis=0), routing.pair_at_P, routing.position_P)
   recv_RxH = jnp.zeros((recv_capacity, hidden), x_NxH.dtype)
   recv_RxH = jax.lax.ragged_all_to_all(x_sorted_PxH, recv_RxH, start_D.astype(jnp.int32),
                                        send_D.astype(jnp.int32), out_offsets_D, recv_sizes_D.astype(jnp.int32),
@@ -134,6 +187,7 @@ def ragged_exchange(x_NxH, routing: Routing, top_k: int, num_slots: int, recv_ca
   dst_P = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_SrcxDst[me]), routing.position_P, side="right"),
                       num_devices - 1)
   kept_P = routing.position_P - start_D[dst_P] < send_D[dst_P]
-  out_PxH = jnp.where(kept_P[:, None], back_PxH[routing.position_P], 0)
+  read_P = jnp.where(kept_P, routing.position_P, -1)
+  out_PxH = gather_rows(back_PxH, read_P, inverse_map(read_P, back_PxH.shape[0]))
   dropped = (sizes_SrcxDst[me] - send_D).sum()
   return out_PxH, group_sizes_S, dropped

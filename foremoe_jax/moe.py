@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from foremoe_jax import backends
-from foremoe_jax.dispatch import AXIS, padded_exchange, ragged_exchange, route
+from foremoe_jax.dispatch import AXIS, padded_exchange, ragged_exchange, route, vary_over
 from foremoe_jax.placement import Tables, home_tables
 from foremoe_jax.transfer import working_slots_local
 
@@ -178,26 +178,6 @@ class MoE(nnx.Module):
     aux_loss = e * jnp.sum(counts_E / (total_tokens * k) * mean_prob_E)
     return MoEOutput(y_NxH.astype(x_bxTxH.dtype).reshape(b, t, h), topk_NxK.reshape(b, t, k), counts_E,
                      slot_counts_G, aux_loss, jax.lax.psum(dropped.astype(jnp.int32), axes))
-
-
-def varying_axes(x: jax.Array) -> frozenset:
-  """The manual mesh axes `x` varies over (`manual_axis_type.varying` in jax 0.10, `vma` elsewhere)."""
-  aval = jax.typeof(x)
-  manual = getattr(aval, "manual_axis_type", None)
-  return frozenset(manual.varying if manual is not None else aval.vma)
-
-
-def vary_over(axes: tuple[str, ...], *arrays: jax.Array) -> tuple[jax.Array, ...]:
-  """Marks the arrays as varying over all of `axes` (the token axes).
-
-  Kernels with a custom VJP need it: each input's cotangent must have its input's type, and the
-  transpose of this cast sums e.g. the weight gradient over the data axis. (Received rows of the
-  ragged exchange are typed invariant, weights vary over "expert" only, tokens over all batch axes.)
-  """
-  def cast(a):
-    missing = tuple(sorted(frozenset(axes) - varying_axes(a)))
-    return jax.lax.pcast(a, missing, to="varying") if missing else a
-  return tuple(cast(a) for a in arrays)
 
 
 def check_replay(replay, shape: tuple[int, ...], num_experts: int) -> None:

@@ -188,3 +188,19 @@ def test_ragged_dispatch_traces_values_and_gradients(monkeypatch):
 
   jaxpr = jax.make_jaxpr(jax.grad(loss))(state)
   assert "ragged_all_to_all" in str(jaxpr)
+
+
+def test_pallas_kernel_gradients_trace_inside_shard_map():
+  """The layer with the Pallas grouped matmul on a (data, expert) mesh: its custom VJPs must return
+  cotangents of their inputs' mesh-axis types. Traced only: executing the GPU interpreter under
+  shard_map on 8 virtual CPU devices can deadlock; the GPU tests run it for real."""
+  cfg = MoEConfig(d_model=64, d_ff=32, num_experts=8, top_k=2, slots_per_device=3, gmm_backend="interpret",
+                  dtype=jnp.bfloat16)
+  moe = MoE(cfg, mesh=cpu_mesh(2, 4), rngs=nnx.Rngs(1))
+  graphdef, state = nnx.split(moe)
+  x = jnp.ones((8, 2, 64))
+
+  def loss(state):
+    return jnp.sum(nnx.merge(graphdef, state)(x, capacity=8).y.astype(jnp.float32) ** 2)
+
+  assert "custom_vjp_call" in str(jax.make_jaxpr(jax.grad(loss))(state))

@@ -58,3 +58,18 @@ def test_split_rule_gives_exact_integer_counts(seed):
   count_G, _ = slot_pair_counts(jnp.asarray(slot_expert_G), jnp.asarray(share_G, jnp.float32),
                                 jnp.asarray(n_E, jnp.int32))
   np.testing.assert_array_equal(np.asarray(count_G), want_G)
+
+
+def test_gather_rows_backward_is_the_inverse_gather():
+  import jax
+  from foremoe_jax.dispatch import gather_rows, inverse_map
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
+  idx = jnp.asarray([4, -1, 0, 6, 2, -1], jnp.int32)
+  inverse = inverse_map(idx, 7)
+  assert inverse.tolist() == [2, -1, 4, -1, 0, -1, 3]
+  cot = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  want = jax.grad(lambda x: jnp.sum(jnp.where((idx >= 0)[:, None], x[jnp.maximum(idx, 0)], 0) * cot))(x)
+  got = jax.grad(lambda x: jnp.sum(gather_rows(x, idx, inverse) * cot))(x)
+  np.testing.assert_allclose(got, want)
+  np.testing.assert_allclose(gather_rows(x, idx, inverse)[1], 0)
