@@ -39,7 +39,9 @@ def setup_devices() -> None:
   platforms = os.environ.get("JAX_PLATFORMS", "")
   flags = os.environ.get("XLA_FLAGS", "")
   if platforms in ("", "cpu") and "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+    # Serial collectives: concurrently scheduled ones can deadlock with more devices than cores.
+    os.environ["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count=8 "
+                               "--xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 
 def init_distributed(jax) -> None:
