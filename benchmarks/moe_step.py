@@ -93,39 +93,6 @@ def ideal_routes(m: int, n: int, l: int) -> np.ndarray:
   return np.broadcast_to(routes[None, :, None, :], (m, n, l, K)).astype(np.uint8)
 
 
-def patch_gmm_vjp() -> None:
-  """Workaround (library bug, reported): `pallas_kernels.gmm`'s custom-VJP backward returns cotangents
-  whose manual-axis (vma) types differ from the primal inputs' under `shard_map` (the Mosaic/interpret
-  tgmm output is not marked varying; XLA's d(lhs) may be varying for an invariant lhs), which JAX rejects.
-  Re-registers the same fwd/bwd with each cotangent cast to its primal's type: pcast to varying where
-  the primal varies (a re-type, no data moves), psum where the primal is invariant (the transpose of
-  the implicit pvary). The math of the kernels is untouched."""
-  import importlib
-
-  import jax
-  g = importlib.import_module("pallas_kernels.gmm")  # the module (the package re-exports a function `gmm`)
-  from foremoe_jax.moe import varying_axes
-
-  def match(ct, like):
-    if ct is None:
-      return ct
-    extra = tuple(sorted(varying_axes(ct) - varying_axes(like)))
-    missing = tuple(sorted(varying_axes(like) - varying_axes(ct)))
-    ct = jax.lax.psum(ct, extra) if extra else ct
-    return jax.lax.pcast(ct, missing, to="varying") if missing else ct
-
-  def gmm_bwd(transpose_rhs, name, out_dtype, res, dout):
-    dlhs, drhs, _ = g._gmm_bwd(transpose_rhs, name, out_dtype, res, dout)
-    return match(dlhs, res[0]), match(drhs, res[1]), None
-
-  def tgmm_bwd(name, out_dtype, res, dout):
-    dlhs, drhs, _ = g._tgmm_bwd(name, out_dtype, res, dout)
-    return match(dlhs, res[0]), match(drhs, res[1]), None
-
-  g._gmm.defvjp(g._gmm_fwd, gmm_bwd)
-  g._tgmm.defvjp(g._tgmm_fwd, tgmm_bwd)
-
-
 def median_ms(samples):
   return float(np.median(samples) * 1e3)
 
@@ -157,8 +124,6 @@ def run(args, num_devices: int) -> dict:
         out.append(dst)
       return out
 
-  if not args.no_vjp_patch:
-    patch_gmm_vjp()
   data = np.load(data_path(args, num_devices))
   routes, history = data["routes"], data["history_counts"]
   num_micro, num_tokens, num_layers, _ = routes.shape
@@ -382,7 +347,6 @@ def main():
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--gmm-backend", default=None, help="pallas_kernels backend (default: by platform)")
-  ap.add_argument("--no-vjp-patch", action="store_true", help="run pallas_kernels.gmm's VJP unpatched")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--data", default=".bench_data")
   ap.add_argument("--traces", default=str(traces.traces_root()))

@@ -19,13 +19,14 @@ For each EP size D (a mesh over the first D devices; no process restart):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import pathlib
 import sys
 import time
 
 import numpy as np
+
+from moe_step import save  # one results file per benchmark, one entry per EP size
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -173,20 +174,6 @@ def overlap(args, mesh, num_devices, link):
   return {str(k): v for k, v in rows.items()}
 
 
-def save(args, result):
-  if not args.out:
-    return
-  import jax
-  path = pathlib.Path(args.out)
-  doc = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-  doc["runs"][f"D{result['D']}"] = result
-  doc["meta"] = dict(card=jax.devices()[0].device_kind, gpus_visible=jax.device_count(), jax=jax.__version__,
-                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     command="bash benchmarks/gpu_run.sh")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(doc, indent=1))
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--ep", type=int, nargs="+", default=[2, 4])
@@ -209,8 +196,6 @@ def main():
   from jax.sharding import AxisType
   if args.smoke:
     jax.config.update("jax_cpu_enable_async_dispatch", False)
-  from moe_step import patch_gmm_vjp
-  patch_gmm_vjp()  # the library's gmm VJP fails under shard_map otherwise (see moe_step.py)
   results = []
   for num_devices in args.ep:
     mesh = jax.make_mesh((1, num_devices), ("data", "expert"), axis_types=(AxisType.Auto,) * 2,
