@@ -18,10 +18,9 @@ Policies: static, eplb_history, eplb_step, foremoe (planned ahead, host planning
 eplb_microstep, builds its tables, moves home -> placement, computes and sends the gradients home; all of
 it timed). One padded capacity (the max over all policies' exact bucketed needs) and one transfer table
 size are used for every policy, so `_micro` compiles once per EP size; the all-to-all volume is therefore
-the same for all policies. Base transfers: the shipped `prepare_step` sends `K = max rows per device
-pair` rows in every active ppermute round, and local copies count toward K (E/D rows), so a few remote
-moves ship E/D experts per round. `SplitExecutor` below splits local and remote moves into two tables
-(the workaround, used for all policies); `*_shipped` rows time the unmodified tables.
+the same for all policies. Base transfers: `SplitExecutor` below applies local and remote moves as two
+tables sized over all policies at once (one compile); `*_shipped` rows time the library's own tables
+from `prepare_step` (which since this run also keep local copies out of the remote rounds' row count).
 
     python benchmarks/moe_step.py --make-data --ep 2 4          # CPU, needs ../shared/traces
     python benchmarks/moe_step.py --ep 4 --out benchmarks/results/moe_step.json   # on the GPUs
@@ -192,7 +191,8 @@ def run(args, num_devices: int) -> dict:
   def split_step(plan, step_counts_):
     step = prepare_step(plan, step_counts_, E, capacity=capacity, fill_capacity=fill_cap)
     local, remote = base_move_lists(plan)
-    tables = tuple(jax.tree.map(jnp.asarray, stack_moves([move_tables(mv, num_devices, cap) for mv in lists]))
+    tables = tuple(jax.tree.map(jnp.asarray, stack_moves([move_tables(mv, num_devices, cap, max(local_cap, 1))
+                                                          for mv in lists]))
                    for lists, cap in ((local, local_cap), (remote, remote_cap)))
     return dataclasses.replace(step, base_moves=tables)
 

@@ -71,12 +71,14 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   """
   num_micro, num_layers, num_devices, _ = plan.slot_expert.shape
   base_list = [home_to_base_moves(plan.base[l], num_experts) for l in range(num_layers)]
-  base_cap = capacity_power_of_two(max(moves_needed(m, num_devices) for m in base_list))
+  base_cap = capacity_power_of_two(max(1, *(moves_needed(m, num_devices) for m in base_list)))
   fills = [[fill_moves(plan.slot_expert[m, l], plan.base[l]) for l in range(num_layers)] for m in range(num_micro)]
   fill_need = max(moves_needed(f, num_devices) for row in fills for f in row)
   fill_cap = fill_capacity or capacity_power_of_two(max(fill_need, 1))
-  base_moves = stack_moves([move_tables(m, num_devices, base_cap) for m in base_list])
-  fill_moves_ = stack_moves([stack_moves([move_tables(f, num_devices, fill_cap) for f in row]) for row in fills])
+  slots = plan.slot_expert.shape[-1]  # local copies per device never exceed S: a fixed, cheap shape
+  base_moves = stack_moves([move_tables(m, num_devices, base_cap, slots) for m in base_list])
+  fill_moves_ = stack_moves([stack_moves([move_tables(f, num_devices, fill_cap, slots) for f in row])
+                             for row in fills])
   slot_pairs = plan.slot_pairs(counts_MxLxDxE)  # [M, L, D_src, G]
   need = int(slot_pairs.reshape(*slot_pairs.shape[:3], num_devices, -1).sum(-1).max(initial=0))
   if capacity is not None and capacity < need:

@@ -39,38 +39,57 @@ def materialize(home_weights, tables: Tables, mesh: jax.sharding.Mesh):
 
 
 class MoveTables(NamedTuple):
-  """Rows to move between devices in rounds; leading axes may be stacked ([L, ...], [M, L, ...]).
+  """Rows to move on and between devices; leading axes may be stacked ([L, ...], [M, L, ...]).
 
-  In round r device d sends to device (d + r) % D (round 0 is a local copy). Shapes per layer:
+  Local copies have their own row count, so a transfer with many local copies (a base placement that
+  keeps most experts home) does not pad its remote rounds. In round r >= 1 device d sends to device
+  (d + r) % D; round 0 is unused. Shapes per layer:
+  local_src_DxL, local_dst_DxL int32: rows each device copies within itself (-1 = nothing);
   send_DxRxK int32: the source row each device sends in each round (-1 = nothing);
   recv_DxRxK int32: the destination row each device writes with what it receives (-1 = nothing);
-  active_R bool: rounds where any device moves a row (others are skipped at run time).
+  active_R bool: rounds where any device sends a row (others are skipped at run time).
   """
+  local_src_DxL: jax.Array
+  local_dst_DxL: jax.Array
   send_DxRxK: jax.Array
   recv_DxRxK: jax.Array
   active_R: jax.Array
 
 
-def move_tables(moves, num_devices: int, capacity: int) -> MoveTables:
-  """Host: (src_device, src_row, dst_device, dst_row) rows -> numpy MoveTables with K = capacity."""
+def move_tables(moves, num_devices: int, capacity: int, local_capacity: int | None = None) -> MoveTables:
+  """Host: (src_device, src_row, dst_device, dst_row) rows -> numpy MoveTables with K = capacity rows per
+  remote round and L = local_capacity local copies per device (default: as many as needed, at least 1)."""
+  remote = [m for m in moves if m[0] != m[2]]
+  local = [m for m in moves if m[0] == m[2]]
+  per_device = np.bincount([m[0] for m in local], minlength=num_devices)
+  local_capacity = local_capacity or max(1, int(per_device.max(initial=0)))
+  if per_device.max(initial=0) > local_capacity:
+    raise ValueError(f"more than local_capacity={local_capacity} local copies on one device")
+  local_src = np.full((num_devices, local_capacity), -1, np.int32)
+  local_dst = np.full((num_devices, local_capacity), -1, np.int32)
+  used_local = np.zeros(num_devices, np.int64)
+  for dev, src_row, _, dst_row in local:
+    local_src[dev, used_local[dev]], local_dst[dev, used_local[dev]] = src_row, dst_row
+    used_local[dev] += 1
   send = np.full((num_devices, num_devices, capacity), -1, np.int32)
   recv = np.full((num_devices, num_devices, capacity), -1, np.int32)
   used = np.zeros((num_devices, num_devices), np.int64)
-  for src_dev, src_row, dst_dev, dst_row in moves:
+  for src_dev, src_row, dst_dev, dst_row in remote:
     r = (dst_dev - src_dev) % num_devices
     k = used[src_dev, r]
     if k >= capacity:
       raise ValueError(f"more than capacity={capacity} rows move from device {src_dev} to {dst_dev}")
     send[src_dev, r, k], recv[dst_dev, r, k] = src_row, dst_row
     used[src_dev, r] += 1
-  return MoveTables(send, recv, (send >= 0).any(axis=(0, 2)))
+  return MoveTables(local_src, local_dst, send, recv, (send >= 0).any(axis=(0, 2)))
 
 
 def moves_needed(moves, num_devices: int) -> int:
-  """The largest number of rows any (source, destination) pair moves."""
+  """The largest number of rows any (source, other destination) pair moves."""
   pairs = np.zeros((num_devices, num_devices), np.int64)
   for src_dev, _, dst_dev, _ in moves:
-    pairs[src_dev, dst_dev] += 1
+    if src_dev != dst_dev:
+      pairs[src_dev, dst_dev] += 1
   return int(pairs.max(initial=0))
 
 
@@ -94,30 +113,38 @@ def fill_moves(slot_expert_DxS: np.ndarray, base_DxS: np.ndarray):
   return moves
 
 
-def move_rows_local(src_RsxX, dst_RdxX, send_RxK, recv_RxK, active_R):
-  """Per device (inside shard_map): copies rows of `src` into `dst` following the round tables.
+def _copy_rows(src_RsxX, dst_RdxX, read_K, write_K, rows=None):
+  """dst[write[k]] = src[read[k]] (or rows[k]) where write[k] >= 0."""
+  if rows is None:
+    rows = src_RsxX[jnp.maximum(read_K, 0)]
+  target = jnp.where(write_K >= 0, write_K, dst_RdxX.shape[0])
+  return dst_RdxX.at[target].set(rows.astype(dst_RdxX.dtype), mode="drop")
+
+
+def move_rows_local(src_RsxX, dst_RdxX, local_src_L, local_dst_L, send_RxK, recv_RxK, active_R):
+  """Per device (inside shard_map): copies rows of `src` into `dst`: local copies, then the rounds.
 
   Inactive rounds are skipped with `lax.cond` (the flag is replicated, so all devices agree). The
   transpose of each `ppermute` is the reverse `ppermute`, so gradients of `dst` flow back to `src`.
   """
   num_devices = send_RxK.shape[0]
-  for r in range(num_devices):
+  dst_RdxX = _copy_rows(src_RsxX, dst_RdxX, local_src_L, local_dst_L)
+  for r in range(1, num_devices):
     def move(dst, r=r):
       rows = src_RsxX[jnp.maximum(send_RxK[r], 0)]
       rows = jnp.where((send_RxK[r] >= 0).reshape(-1, *[1] * (rows.ndim - 1)), rows, 0)
-      if r:
-        rows = jax.lax.ppermute(rows, AXIS, [(d, (d + r) % num_devices) for d in range(num_devices)])
-      target = jnp.where(recv_RxK[r] >= 0, recv_RxK[r], dst.shape[0])
-      return dst.at[target].set(rows.astype(dst.dtype), mode="drop")
+      rows = jax.lax.ppermute(rows, AXIS, [(d, (d + r) % num_devices) for d in range(num_devices)])
+      return _copy_rows(None, dst, None, recv_RxK[r], rows)
     dst_RdxX = jax.lax.cond(active_R[r], move, lambda dst: dst, dst_RdxX)
   return dst_RdxX
 
 
 def apply_moves(src, dst, moves: MoveTables, mesh: jax.sharding.Mesh):
   """Global: pytrees of `[D*rows, ...]` arrays sharded over "expert"; returns the new `dst`."""
-  def local(src, dst, send, recv, active):
-    return jax.tree.map(lambda s, t: move_rows_local(s, t, send[0], recv[0], active), src, dst)
+  def local(src, dst, local_src, local_dst, send, recv, active):
+    return jax.tree.map(
+        lambda s, t: move_rows_local(s, t, local_src[0], local_dst[0], send[0], recv[0], active), src, dst)
 
   spec = jax.tree.map(lambda _: P(AXIS), dst)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P(AXIS), P(AXIS), P()), out_specs=spec)(
-      src, dst, moves.send_DxRxK, moves.recv_DxRxK, moves.active_R)
+  in_specs = (spec, spec, P(AXIS), P(AXIS), P(AXIS), P(AXIS), P())
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec)(src, dst, *moves)

@@ -90,3 +90,19 @@ def test_new_moves_do_not_recompile_and_idle_rounds_are_skipped():
 def test_overfull_round_is_refused():
   with pytest.raises(ValueError, match="capacity=1"):
     move_tables([(0, 0, 1, 0), (0, 1, 1, 1)], 4, 1)
+
+
+def test_local_copies_do_not_pad_remote_rounds():
+  """A base that keeps most experts home: many local copies, one remote move; remote rounds hold K = 1."""
+  base, _ = random_placement(np.random.default_rng(5), E, D, S, empty_fraction=0.0)
+  home_like = np.full((D, S), -1, np.int32)
+  home_like[:, :E // D] = np.arange(E).reshape(D, E // D)
+  home_like[:, E // D:] = base[:, E // D:]
+  moves = home_to_base_moves(home_like, E)
+  tables = move_tables(moves, D, max(1, moves_needed(moves, D)), S)
+  assert tables.send_DxRxK.shape[-1] == moves_needed(moves, D) < E // D
+  assert (tables.local_src_DxL >= 0).sum() == sum(m[0] == m[2] for m in moves) >= E
+  mesh = cpu_mesh(1, D)
+  home = random_weights(6, E)
+  out = jax.jit(lambda h: apply_moves(h, jnp.zeros((D * S, X, 2)), tables, mesh))(home)
+  np.testing.assert_array_equal(out, np.asarray(home)[home_like.reshape(-1)])
