@@ -47,26 +47,22 @@ def grpo_objective(model, batch, *, tables, working, capacity, clip_eps: float, 
   return loss, {**metrics, "logp": logp_BxT, "dropped": out.dropped}
 
 
-@dataclasses.dataclass
-class PlannedStep:
-  tables: list  # one StepTables per mini-batch
-  imbalance: dict  # policy -> (sum of max device load, sum of mean device load) over (m, l)
-  per_micro_step: dict  # policy -> [M] imbalance of each micro-step (over layers)
-  planner_s: float  # host seconds spent planning the running policy
-
-
 def plan_minibatches(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history, min_capacity: int = 0):
-  """Plans each mini-batch (one optimizer step) with the running policy, and measures every policy."""
+  """Plans each mini-batch (one optimizer step) with the running policy -> (StepTables list, seconds)."""
   tic = time.perf_counter()
-  chunks = np.split(counts_MxLxDxE, num_minibatches)
-  num_experts = plan_cfg.num_experts
   tables, hist = [], history
-  for chunk in chunks:
+  for chunk in np.split(counts_MxLxDxE, num_minibatches):
     plan = plan_step(chunk, plan_cfg, history=hist)
-    tables.append(prepare_step(plan, chunk, num_experts, min_capacity=min_capacity))
+    tables.append(prepare_step(plan, chunk, plan_cfg.num_experts, min_capacity=min_capacity))
     hist = chunk
-  planner_s = time.perf_counter() - tic
-  imbalance, per_micro = {}, {}
+  return tables, time.perf_counter() - tic
+
+
+def policy_report(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history):
+  """Every policy on the same counts, for the per-step report (off the critical path) ->
+  (policy -> (sum of max, sum of mean device load) over (m, l), policy -> [M] per-micro-step imbalance)."""
+  chunks = np.split(counts_MxLxDxE, num_minibatches)
+  sums, per_micro = {}, {}
   for policy in POLICIES:
     cfg = dataclasses.replace(plan_cfg, policy=policy)
     hist, loads = history, []
@@ -74,9 +70,9 @@ def plan_minibatches(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig,
       loads.append(plan_step(chunk, cfg, history=hist).device_load(chunk))
       hist = chunk
     load_MxLxD = np.concatenate(loads)
-    imbalance[policy] = (float(load_MxLxD.max(-1).sum()), float(load_MxLxD.mean(-1).sum()))
+    sums[policy] = (float(load_MxLxD.max(-1).sum()), float(load_MxLxD.mean(-1).sum()))
     per_micro[policy] = (load_MxLxD.max(-1).sum(-1) / np.maximum(load_MxLxD.mean(-1).sum(-1), 1e-9)).tolist()
-  return PlannedStep(tables, imbalance, per_micro, planner_s)
+  return sums, per_micro
 
 
 class GRPOTrainer:
@@ -162,6 +158,8 @@ class GRPOTrainer:
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner")
     future = pool.submit(plan_minibatches, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg, self.history,
                          self.capacity)
+    # Queued behind the plan: runs while recompute and update do, collected at the end of the step.
+    report = pool.submit(policy_report, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg, self.history)
     answers = [a for _, a in pairs for _ in range(rl.group_size)]
     completions = [self.tok.decode(row[start:]) for row, start in zip(roll.tokens, roll.prompt_lengths)]
     rewards_N = np.array([exact_match(c, a) for c, a in zip(completions, answers)], np.float32)
@@ -169,15 +167,14 @@ class GRPOTrainer:
     batches = [self.device_batch(b) for b in with_advantages(packed, advantages_N)]
     times["postprocess"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    planned = future.result()
-    pool.shutdown()
-    self.capacity = max(t.capacity for t in planned.tables)  # never shrinks: few compiled capacities
+    step_tables, planner_s = future.result()
+    self.capacity = max(t.capacity for t in step_tables)  # never shrinks: few compiled capacities
     times["plan_wait"] = time.perf_counter() - tic
     self.history = packed.counts_MxLxDxE[-len(packed.counts_MxLxDxE) // rl.num_minibatches:]
 
     tic = time.perf_counter()
     per_mb = len(batches) // rl.num_minibatches
-    groups = [(batches[i * per_mb:(i + 1) * per_mb], t) for i, t in enumerate(planned.tables)]
+    groups = [(batches[i * per_mb:(i + 1) * per_mb], t) for i, t in enumerate(step_tables)]
     for mb, tables in groups:
       self.attach_logprobs(mb, tables)
     times["recompute"] = time.perf_counter() - tic
@@ -185,12 +182,15 @@ class GRPOTrainer:
     tic = time.perf_counter()
     updates = [self.executor.train_step(mb, tables) for _ in range(rl.ppo_epochs) for mb, tables in groups]
     times["update"] = time.perf_counter() - tic
+    imbalance_sums, per_micro_step = report.result()
+    pool.shutdown()
     kl = float(np.mean([u["metrics"]["approx_kl"].sum() for u in updates]))
-    return {"step": step, "reward": float(rewards_N.mean()), "kl": kl, "loss": float(np.mean([u["loss"] for u in updates])),
+    return {"step": step, "reward": float(rewards_N.mean()), "kl": kl,
+            "loss": float(np.mean([u["loss"] for u in updates])),
             "clip_frac": float(np.mean([u["metrics"]["clip_frac"].sum() for u in updates])),
-            "seconds": times, "planner_ms": 1e3 * planned.planner_s, "micro_steps": len(batches),
-            "imbalance": {p: a / b for p, (a, b) in planned.imbalance.items()},
-            "imbalance_sums": planned.imbalance, "imbalance_per_micro_step": planned.per_micro_step,
+            "seconds": times, "planner_ms": 1e3 * planner_s, "micro_steps": len(batches),
+            "imbalance": {p: a / b for p, (a, b) in imbalance_sums.items()},
+            "imbalance_sums": imbalance_sums, "imbalance_per_micro_step": per_micro_step,
             "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates))}
 
   def attach_logprobs(self, micro_batches: list[dict], tables) -> None:
