@@ -113,10 +113,8 @@ def fill_moves(slot_expert_DxS: np.ndarray, base_DxS: np.ndarray):
   return moves
 
 
-def _copy_rows(src_RsxX, dst_RdxX, read_K, write_K, rows=None):
-  """dst[write[k]] = src[read[k]] (or rows[k]) where write[k] >= 0."""
-  if rows is None:
-    rows = src_RsxX[jnp.maximum(read_K, 0)]
+def _write_rows(dst_RdxX, write_K, rows):
+  """dst[write[k]] = rows[k] where write[k] >= 0."""
   target = jnp.where(write_K >= 0, write_K, dst_RdxX.shape[0])
   return dst_RdxX.at[target].set(rows.astype(dst_RdxX.dtype), mode="drop")
 
@@ -128,13 +126,13 @@ def move_rows_local(src_RsxX, dst_RdxX, local_src_L, local_dst_L, send_RxK, recv
   transpose of each `ppermute` is the reverse `ppermute`, so gradients of `dst` flow back to `src`.
   """
   num_devices = send_RxK.shape[0]
-  dst_RdxX = _copy_rows(src_RsxX, dst_RdxX, local_src_L, local_dst_L)
+  dst_RdxX = _write_rows(dst_RdxX, local_dst_L, src_RsxX[jnp.maximum(local_src_L, 0)])
   for r in range(1, num_devices):
     def move(dst, r=r):
       rows = src_RsxX[jnp.maximum(send_RxK[r], 0)]
       rows = jnp.where((send_RxK[r] >= 0).reshape(-1, *[1] * (rows.ndim - 1)), rows, 0)
       rows = jax.lax.ppermute(rows, AXIS, [(d, (d + r) % num_devices) for d in range(num_devices)])
-      return _copy_rows(None, dst, None, recv_RxK[r], rows)
+      return _write_rows(dst, recv_RxK[r], rows)
     dst_RdxX = jax.lax.cond(active_R[r], move, lambda dst: dst, dst_RdxX)
   return dst_RdxX
 
