@@ -1,11 +1,15 @@
 """Token permute (gather into expert-sorted order) and weighted combine, with custom VJPs.
 
 permute(x[T, D], idx[R]) -> x[idx]: row r of the result is token idx[r]; an index outside [0, T)
-  gives a zero row (padding slots). Backward: scatter-add of the row gradients onto the tokens.
+  gives a zero row (padding slots). Backward: scatter-add of the row gradients onto the tokens (XLA),
+  or with unique_rows (no token gathered twice) a gather through the inverse index.
 combine(y[R, D], idx[T, K], weights[T, K]) -> out[T, D] = sum_k weights[t, k] * y[idx[t, k]],
   f32 accumulation, in y's dtype; an index outside [0, R) contributes 0. The gate-weight multiply is
-  fused into the gather; the backward gives d(y) (scatter-add of weighted output gradients) and
-  d(weights) (row dot products), so router probabilities stay differentiable.
+  fused into the gather; the backward gives d(y) (scatter-add of weighted output gradients, or with
+  unique_rows a weighted gather) and d(weights) (row dot products, XLA), so router probabilities
+  stay differentiable.
+Backends: "xla" (reference.py), "triton" (Pallas Triton kernels, triton_dispatch.py) and
+"interpret" (the same kernels in the Pallas interpreter, for CPU tests). Scatter-adds stay XLA.
 """
 import functools
 
@@ -13,21 +17,42 @@ import jax
 
 from pallas_kernels import backend as _backend
 from pallas_kernels import reference
+from pallas_kernels.gmm import _vary_like  # pylint: disable=protected-access
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _permute(x_TxD, idx_R, name):
-  del name  # one implementation so far (XLA); the slot keeps the signature for kernel backends
-  return reference.permute_xla(x_TxD, idx_R)
+def _kernels():
+  # Imported on first use: jax.experimental.pallas.triton warns (deprecated) on import in JAX 0.11.
+  from pallas_kernels import triton_dispatch  # pylint: disable=g-import-not-at-top
+  return triton_dispatch
 
 
-def _permute_fwd(x_TxD, idx_R, name):
-  return _permute(x_TxD, idx_R, name), (idx_R, x_TxD.shape[0])
+def _gather(name, x_TxD, idx_R, scale_R=None, out_dtype=None):
+  """x[idx] (times scale in f32), zero rows for padding indices, on backend `name`."""
+  out_dtype = out_dtype or x_TxD.dtype
+  if name == "xla":
+    rows_RxD = reference.permute_xla(x_TxD, idx_R)
+    if scale_R is None:
+      return rows_RxD.astype(out_dtype)
+    return (scale_R[:, None] * rows_RxD.astype("float32")).astype(out_dtype)
+  out = _kernels().gather_rows(x_TxD, idx_R, scale_R, out_dtype=out_dtype,
+                               interpret=name == "interpret")
+  return _vary_like(out, x_TxD, idx_R, *([] if scale_R is None else [scale_R]))
 
 
-def _permute_bwd(name, res, dy_RxD):
-  del name
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _permute(x_TxD, idx_R, unique_rows, name):
+  del unique_rows
+  return _gather(name, x_TxD, idx_R)
+
+
+def _permute_fwd(x_TxD, idx_R, unique_rows, name):
+  return _permute(x_TxD, idx_R, unique_rows, name), (idx_R, x_TxD.shape[0])
+
+
+def _permute_bwd(unique_rows, name, res, dy_RxD):
   idx_R, num_tokens = res
+  if unique_rows:  # each token is read at most once: its gradient is one row of dy, a gather
+    return _gather(name, dy_RxD, reference.inverse_index(idx_R, num_tokens)), None
   return reference.permute_transpose_xla(dy_RxD, idx_R, num_tokens), None
 
 
@@ -36,8 +61,11 @@ _permute.defvjp(_permute_fwd, _permute_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _combine(y_RxD, idx_TxK, weights_TxK, unique_rows, name):
-  del unique_rows, name
-  return reference.combine_xla(y_RxD, idx_TxK, weights_TxK)
+  del unique_rows
+  if name == "xla":
+    return reference.combine_xla(y_RxD, idx_TxK, weights_TxK)
+  out = _kernels().combine(y_RxD, idx_TxK, weights_TxK, interpret=name == "interpret")
+  return _vary_like(out, y_RxD, idx_TxK, weights_TxK)
 
 
 def _combine_fwd(y_RxD, idx_TxK, weights_TxK, unique_rows, name):
@@ -46,20 +74,28 @@ def _combine_fwd(y_RxD, idx_TxK, weights_TxK, unique_rows, name):
 
 
 def _combine_bwd(unique_rows, name, res, dout_TxD):
-  del name
   y_RxD, idx_TxK, weights_TxK = res
-  dy_RxD, dw_TxK = reference.combine_bwd_xla(y_RxD, idx_TxK, weights_TxK, dout_TxD, unique_rows)
-  return dy_RxD, None, dw_TxK
+  if name == "xla" or not unique_rows:
+    dy_RxD, dw_TxK = reference.combine_bwd_xla(y_RxD, idx_TxK, weights_TxK, dout_TxD, unique_rows)
+    return dy_RxD, None, dw_TxK
+  token_R, w_R = reference.combine_unique_sources(idx_TxK, weights_TxK, y_RxD.shape[0])
+  dy_RxD = _gather(name, dout_TxD, token_R, w_R, out_dtype=y_RxD.dtype)
+  return dy_RxD, None, reference.combine_dweights_xla(y_RxD, idx_TxK, weights_TxK, dout_TxD)
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
-def permute(x_TxD: jax.Array, idx_R: jax.Array, *, backend: str | None = None) -> jax.Array:
-  """Gathers rows x[idx] -> [R, D]; out-of-range indices give zero rows. Differentiable in x."""
+def permute(x_TxD: jax.Array, idx_R: jax.Array, *, unique_rows: bool = False,
+            backend: str | None = None) -> jax.Array:
+  """Gathers rows x[idx] -> [R, D]; out-of-range indices give zero rows. Differentiable in x.
+
+  unique_rows: the caller promises no token index in [0, T) appears twice in idx (idx is part of a
+  permutation); the backward then gathers instead of scatter-adding.
+  """
   if x_TxD.ndim != 2 or idx_R.ndim != 1:
     raise ValueError(f"permute wants x[T, D] and idx[R]; got {x_TxD.shape}, {idx_R.shape}")
-  return _permute(x_TxD, idx_R.astype("int32"), _backend.resolve("permute", backend))
+  return _permute(x_TxD, idx_R.astype("int32"), unique_rows, _backend.resolve("permute", backend))
 
 
 def combine(y_RxD: jax.Array, idx_TxK: jax.Array, weights_TxK: jax.Array, *,

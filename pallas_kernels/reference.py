@@ -59,23 +59,40 @@ def combine_bwd_xla(y_RxD, idx_TxK, weights_TxK, dout_TxD, unique_rows=False):
   permutation) by a gather through the inverse map, which needs no f32 [R, D] buffer.
   """
   R = y_RxD.shape[0]
-  T, K = idx_TxK.shape
-  valid_TxK = (idx_TxK >= 0) & (idx_TxK < R)
   dout_f32 = dout_TxD.astype(_F32)
   if unique_rows:
-    pair_R = jnp.full((R,), -1, jnp.int32).at[jnp.where(valid_TxK, idx_TxK, R).reshape(-1)].set(
-        jnp.arange(T * K, dtype=jnp.int32), mode="drop")
-    used_R = pair_R >= 0
-    pair_R = jnp.where(used_R, pair_R, 0)
-    w_R = jnp.where(used_R, weights_TxK.reshape(-1)[pair_R].astype(_F32), 0)
-    dy_RxD = (w_R[:, None] * jnp.take(dout_f32, pair_R // K, axis=0)).astype(y_RxD.dtype)
+    token_R, w_R = combine_unique_sources(idx_TxK, weights_TxK, R)
+    dy_RxD = (w_R[:, None] * _gather_rows(dout_f32, token_R)).astype(y_RxD.dtype)
   else:
+    valid_TxK = (idx_TxK >= 0) & (idx_TxK < R)
     contrib_TxKxD = weights_TxK.astype(_F32)[:, :, None] * dout_f32[:, None, :]
     dy_RxD = jnp.zeros(y_RxD.shape, _F32).at[jnp.where(valid_TxK, idx_TxK, R)].add(
         contrib_TxKxD, mode="drop").astype(y_RxD.dtype)
+  return dy_RxD, combine_dweights_xla(y_RxD, idx_TxK, weights_TxK, dout_TxD)
+
+
+def combine_dweights_xla(y_RxD, idx_TxK, weights_TxK, dout_TxD):
+  """d(weights)[t, k] = y[idx[t, k]] . dout[t] (f32 dot), 0 where idx is padding."""
   rows_TxKxD = _gather_rows(y_RxD, idx_TxK).astype(_F32)
-  dw_TxK = jnp.einsum("tkd,td->tk", rows_TxKxD, dout_f32)
-  return dy_RxD, dw_TxK.astype(weights_TxK.dtype)
+  dw_TxK = jnp.einsum("tkd,td->tk", rows_TxKxD, dout_TxD.astype(_F32))
+  return dw_TxK.astype(weights_TxK.dtype)
+
+
+def inverse_index(idx, num_rows):
+  """inv[n] = the flat position p with idx.flat[p] == n, or -1 if none (idx must not repeat a row
+  of [0, num_rows)); turns the transpose of an injective gather into a gather."""
+  valid = (idx >= 0) & (idx < num_rows)
+  return jnp.full((num_rows,), -1, jnp.int32).at[jnp.where(valid, idx, num_rows).reshape(-1)].set(
+      jnp.arange(idx.size, dtype=jnp.int32), mode="drop")
+
+
+def combine_unique_sources(idx_TxK, weights_TxK, num_rows):
+  """For each row r of y: the token whose output it feeds (-1 if none) and that pair's weight (f32,
+  0 if none), so that with unique rows d(y)[r] = w[r] * dout[token[r]]."""
+  pair_R = inverse_index(idx_TxK, num_rows)
+  used_R = pair_R >= 0
+  w_R = jnp.where(used_R, weights_TxK.reshape(-1)[jnp.where(used_R, pair_R, 0)].astype(_F32), 0)
+  return jnp.where(used_R, pair_R // idx_TxK.shape[1], -1), w_R
 
 
 def _gather_rows(y_RxD, idx):

@@ -162,7 +162,7 @@ def test_backend_selection(monkeypatch):
   with pytest.raises(ValueError, match="unknown backend"):
     kb.resolve("gmm", "cuda")
   with pytest.raises(ValueError, match="no permute kernel"):
-    kb.resolve("permute", "interpret")
+    kb.resolve("permute", "mosaic_gpu")
   monkeypatch.setenv(kb.ENV_VAR, "interpret")
   assert kb.resolve("tgmm") == "interpret"
   with pytest.raises(ValueError, match="cannot run these inputs"):  # K=48: no interpret tiling
