@@ -1,13 +1,19 @@
 """Micro-step executor: one optimizer step of M micro-steps, each under its own expert placement.
 
 Two levels, as the plan has them:
-1. `begin`: home expert weights -> the step's base placement (one transfer per step).
-2. each micro-step fills its few changed slots from the base (`fill`), runs forward and backward, and
-   adds the gradients to accumulators kept in the base layout (replica gradients flow back into their
-   base slots through the transpose of the fill).
+1. `begin`: home expert weights -> the step's base placement (one transfer per step), and the first
+   micro-step's working slots from the base.
+2. each micro-step runs forward and backward on its working slots and adds the gradients to
+   accumulators kept in the base layout: a working slot's gradient goes back to the base slot it was
+   copied from through the transpose of the base -> working fill (the reverse ppermute).
+   Between micro-steps only the slots whose expert changes are rewritten (`refill`), from the base; a
+   micro-step whose placement equals the previous one in every layer skips it. With `prefetch` the
+   next micro-step's refill runs inside the current micro-step's program, where it depends on nothing
+   the compute produces, so XLA's scheduler can overlap its ppermutes with the compute.
 3. `finish`: the accumulated base gradients go home through the transpose of the base transfer, then one
    optimizer update in the home layout. Parameters and optimizer state never see a placement.
-Placements are traced table values: a new plan never recompiles (the padded capacity is bucketed).
+Placements are traced table values: a new plan never recompiles (the padded capacity is bucketed, the
+move tables' row counts are powers of two).
 """
 import dataclasses
 import math
@@ -22,17 +28,19 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.placement import Tables, plan_tables
-from foremoe_jax.transfer import (MoveTables, apply_moves, fill_moves, home_to_base_moves, move_tables,
-                                  moves_needed)
+from foremoe_jax.transfer import (MoveTables, apply_moves, fill_moves, home_to_base_moves, local_copies_needed,
+                                  move_tables, moves_needed)
 
 # loss_fn(model, batch, *, tables, working, capacity) -> (scalar loss, metrics dict)
 LossFn = Callable[..., tuple[jax.Array, dict]]
+# Padded capacity buckets per power of two: at most 1/BUCKETS_PER_OCTAVE padding, few compiled shapes.
+BUCKETS_PER_OCTAVE = 8
 
 
 def bucket(n: int) -> int:
-  """Rounds up to 8, then to one of four steps per power of two (<= 25% padding, few compiled shapes)."""
+  """Rounds up to 8, then to one of BUCKETS_PER_OCTAVE steps per power of two."""
   n = max(8, math.ceil(n / 8) * 8)
-  step = max(8, 2 ** (n.bit_length() - 3))
+  step = max(8, 2 ** (n.bit_length() - 1) // BUCKETS_PER_OCTAVE)
   return math.ceil(n / step) * step
 
 
@@ -45,9 +53,12 @@ class StepTables:
   """Everything one optimizer step needs about placements, as device arrays (plus static sizes)."""
   tables: Tables  # [M, L, ...] dispatch tables
   base_moves: MoveTables  # [L, ...] home -> base
-  fill_moves: MoveTables  # [M, L, ...] base -> each micro-step's working slots
+  fill_moves: MoveTables  # [M, L, ...] base -> micro-step m's working slots (gradients go back through it)
+  refill_moves: MoveTables  # [M, L, ...] micro-step m-1's working slots -> m's (m = 0: from the base)
+  refill_M: np.ndarray  # bool [M] (host): micro-step m's refill writes a slot in some layer
   capacity: int  # padded rows per (source, destination), exact for this step's routes, bucketed
   moved_slots: int  # slots that differ from the base, summed over (m, l)
+  refilled_slots: int  # slots rewritten between consecutive micro-steps, summed over (m, l)
 
   @property
   def num_micro_steps(self) -> int:
@@ -58,34 +69,46 @@ def stack_moves(tables: list[MoveTables]) -> MoveTables:
   return MoveTables(*(np.stack(leaves) for leaves in zip(*tables)))
 
 
+def _tables_MxL(moves_MxL, num_devices: int, capacity: int, local_capacity: int) -> MoveTables:
+  return stack_moves([stack_moves([move_tables(mv, num_devices, capacity, local_capacity) for mv in row])
+                      for row in moves_MxL])
+
+
 def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity: int | None = None,
-                 min_capacity: int = 0, fill_capacity: int | None = None) -> StepTables:
+                 min_capacity: int = 0, fill_capacity: int | None = None,
+                 base_capacity: int | None = None) -> StepTables:
   """Host: a planner `Plan` plus the step's routed counts -> StepTables.
 
   `capacity` fixes the padded rows per (source, destination) (default: the step's exact need,
   bucketed, at least `min_capacity`: a run that passes its largest capacity so far compiles each
   program for a handful of capacities only); it must cover the need, since dropping tokens would change
-  the math. `fill_capacity` is
-  the rows one device may send another per micro-step fill; by default the plan's need rounded up to a
-  power of two (1 for "foremoe", whose budget is one slot per device).
+  the math. `fill_capacity` / `base_capacity`: rows one device may send another per micro-step fill /
+  in the base transfer; by default the plan's need rounded up to a power of two (1 for "foremoe", whose
+  budget is one slot per device). Passing them fixes the tables' shapes across plans.
   """
-  num_micro, num_layers, num_devices, _ = plan.slot_expert.shape
+  num_micro, num_layers, num_devices, slots = plan.slot_expert.shape
   base_list = [home_to_base_moves(plan.base[l], num_experts) for l in range(num_layers)]
-  base_cap = capacity_power_of_two(max(1, *(moves_needed(m, num_devices) for m in base_list)))
+  base_cap = base_capacity or capacity_power_of_two(max(1, *(moves_needed(m, num_devices) for m in base_list)))
   fills = [[fill_moves(plan.slot_expert[m, l], plan.base[l]) for l in range(num_layers)] for m in range(num_micro)]
-  fill_need = max(moves_needed(f, num_devices) for row in fills for f in row)
-  fill_cap = fill_capacity or capacity_power_of_two(max(fill_need, 1))
-  slots = plan.slot_expert.shape[-1]  # local copies per device never exceed S: a fixed, cheap shape
+  previous = [plan.base] + [plan.slot_expert[m] for m in range(num_micro - 1)]
+  refills = [[fill_moves(plan.slot_expert[m, l], plan.base[l], previous[m][l]) for l in range(num_layers)]
+             for m in range(num_micro)]
+  every = [f for row in fills + refills for f in row]
+  fill_cap = fill_capacity or capacity_power_of_two(max(1, *(moves_needed(f, num_devices) for f in every)))
+  local_cap = capacity_power_of_two(max(1, *(local_copies_needed(f, num_devices) for f in every)))
+  # Base local copies: every expert that stays home, at most S per device: a fixed, cheap shape.
   base_moves = stack_moves([move_tables(m, num_devices, base_cap, slots) for m in base_list])
-  fill_moves_ = stack_moves([stack_moves([move_tables(f, num_devices, fill_cap, slots) for f in row])
-                             for row in fills])
   slot_pairs = plan.slot_pairs(counts_MxLxDxE)  # [M, L, D_src, G]
   need = int(slot_pairs.reshape(*slot_pairs.shape[:3], num_devices, -1).sum(-1).max(initial=0))
   if capacity is not None and capacity < need:
     raise ValueError(f"capacity={capacity} rows per (source, destination) is below this step's need of {need}")
   return StepTables(plan_tables(plan.slot_expert, plan.slot_share, num_experts),
-                    jax.tree.map(jnp.asarray, base_moves), jax.tree.map(jnp.asarray, fill_moves_),
-                    capacity or max(bucket(need), min_capacity), sum(len(f) for row in fills for f in row))
+                    jax.tree.map(jnp.asarray, base_moves),
+                    jax.tree.map(jnp.asarray, _tables_MxL(fills, num_devices, fill_cap, local_cap)),
+                    jax.tree.map(jnp.asarray, _tables_MxL(refills, num_devices, fill_cap, local_cap)),
+                    np.array([any(len(f) for f in row) for row in refills]),
+                    capacity or max(bucket(need), min_capacity), sum(len(f) for row in fills for f in row),
+                    sum(len(f) for row in refills for f in row))
 
 
 def expert_weights(model) -> list[tuple[jax.Array, jax.Array]]:
@@ -110,17 +133,21 @@ def index(tree, i):
 
 class Executor:
   """Runs optimizer steps and forward-only passes of a model (`__call__(..., tables, replay, capacity=,
-  working=)` and `moe_layers()`) over micro-steps with changing placements."""
+  working=)` and `moe_layers()`) over micro-steps with changing placements.
 
-  def __init__(self, model, tx: optax.GradientTransformation, loss_fn: LossFn, mesh):
+  prefetch: refill the next micro-step's changed slots behind the current one's compute (default), or
+  right before each micro-step (`False`: nothing to overlap, idle transfer rounds skipped).
+  """
+
+  def __init__(self, model, tx: optax.GradientTransformation, loss_fn: LossFn, mesh, *, prefetch: bool = True):
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-    self.tx, self.loss_fn, self.mesh = tx, loss_fn, mesh
+    self.tx, self.loss_fn, self.mesh, self.prefetch = tx, loss_fn, mesh, prefetch
     self.opt_state = replicate_unsharded(jax.jit(tx.init)(self.params), mesh)
     layer = model.moe_layers()[0]
     self.slots = layer.num_devices * layer.slots
     self._begin = jax.jit(self._begin_fn)
-    self._micro = jax.jit(self._micro_fn, static_argnames="capacity", donate_argnums=5)
-    self._forward = jax.jit(self._forward_fn, static_argnames="capacity")
+    self._micro = jax.jit(self._micro_fn, static_argnames=("capacity", "refill"), donate_argnames=("working", "acc"))
+    self._forward = jax.jit(self._forward_fn, static_argnames=("capacity", "refill"), donate_argnames="working")
     self._finish = jax.jit(self._finish_fn, donate_argnums=(0, 1, 2))
     self._home_grads = jax.jit(self._home_grads_fn)
 
@@ -133,23 +160,39 @@ class Executor:
       return jnp.zeros((self.slots, *w.shape[1:]), w.dtype)
     return [apply_moves(h, jax.tree.map(one, h), index(base_moves, l), self.mesh) for l, h in enumerate(home)]
 
-  def _begin_fn(self, params, base_moves):
-    return self._to_base(expert_weights(nnx.merge(self.graphdef, params, self.rest)), base_moves)
+  def _refill(self, base, working, moves, skip_idle=True):
+    return [apply_moves(b, w, index(moves, l), self.mesh, skip_idle) for l, (b, w) in enumerate(zip(base, working))]
 
-  def _working(self, base, fill):
-    return [apply_moves(b, b, index(fill, l), self.mesh) for l, b in enumerate(base)]
+  def _begin_fn(self, params, base_moves, first_refill):
+    base = self._to_base(expert_weights(nnx.merge(self.graphdef, params, self.rest)), base_moves)
+    return base, self._refill(base, base, first_refill)
 
-  def _loss(self, params, base, batch, tables, fill, capacity):
+  def _loss(self, params, working, batch, tables, capacity):
     model = nnx.merge(self.graphdef, params, self.rest)
-    return self.loss_fn(model, batch, tables=tables, working=self._working(base, fill), capacity=capacity)
+    return self.loss_fn(model, batch, tables=tables, working=working, capacity=capacity)
 
-  def _micro_fn(self, params, base, batch, tables, fill, acc, *, capacity):
+  def _micro_fn(self, params, base, working, batch, tables, fill, refill_moves, acc, *, capacity, refill):
+    """refill: "before" (rewrite this micro-step's changed slots first), "after" (the next micro-step's,
+    independent of this compute: the prefetch) or None. Returns (acc, working, loss, metrics)."""
+    if refill == "before":
+      working = self._refill(base, working, refill_moves)
     grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
-    (loss, metrics), grads = grad_fn(params, base, batch, tables, fill, capacity)
-    return jax.tree.map(jnp.add, acc, grads), loss, metrics
+    (loss, metrics), (grad_params, grad_working) = grad_fn(params, working, batch, tables, capacity)
+    # Working slots hold base rows (copied by `fill`): their gradients go back through its transpose.
+    _, to_base = jax.vjp(lambda b: self._refill(b, b, fill), base)
+    (grad_base,) = to_base(grad_working)
+    acc = jax.tree.map(jnp.add, acc, (grad_params, grad_base))
+    if refill == "after":
+      working = self._refill(base, working, refill_moves, skip_idle=False)
+    return acc, working, loss, metrics
 
-  def _forward_fn(self, params, base, batch, tables, fill, *, capacity):
-    return self._loss(params, base, batch, tables, fill, capacity)
+  def _forward_fn(self, params, base, working, batch, tables, refill_moves, *, capacity, refill):
+    if refill == "before":
+      working = self._refill(base, working, refill_moves)
+    out = self._loss(params, working, batch, tables, capacity)
+    if refill == "after":
+      working = self._refill(base, working, refill_moves, skip_idle=False)
+    return out, working
 
   def _home_grads_fn(self, params, acc, base_moves):
     """Accumulated (params, base) gradients -> gradients of the home-layout parameters."""
@@ -169,33 +212,62 @@ class Executor:
     return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
 
   # --- host loop -----------------------------------------------------------------------------------
-  def train_step(self, micro_batches: list[Any], step: StepTables) -> dict:
-    """One optimizer step: M micro-steps (micro-step m under placement m), one update."""
-    acc, losses, metrics = self._accumulate(micro_batches, step)
-    self.params, self.opt_state, grad_norm = self._finish(self.params, self.opt_state, acc, step.base_moves)
-    return {"loss": float(sum(losses)), "grad_norm": float(grad_norm),
-            "metrics": jax.tree.map(lambda *x: np.stack(x), *metrics)}
+  def _schedule(self, step: StepTables, m: int, prefetch: bool | None):
+    """The refill micro-step m runs and its tables: the next micro-step's behind this compute (prefetch)
+    or this one's before it; None where that placement equals its predecessor in every layer."""
+    prefetch = self.prefetch if prefetch is None else prefetch
+    target = m + 1 if prefetch else m
+    if not 0 < target < step.num_micro_steps or not step.refill_M[target]:
+      return None, index(step.refill_moves, 0)  # right shapes, never read
+    return ("after" if prefetch else "before"), index(step.refill_moves, target)
 
-  def forward(self, micro_batches: list[Any], step: StepTables) -> list[tuple[jax.Array, dict]]:
-    """Forward only (the recompute stage): (loss, metrics) of every micro-step under its placement."""
-    base = self._begin(self.params, step.base_moves)
-    return [self._forward(self.params, base, batch, index(step.tables, m), index(step.fill_moves, m),
-                          capacity=step.capacity) for m, batch in enumerate(micro_batches)]
-
-  def _accumulate(self, micro_batches, step: StepTables):
+  def _start(self, micro_batches, step: StepTables):
     if len(micro_batches) != step.num_micro_steps:
       raise ValueError(f"{len(micro_batches)} micro-batches for a plan of {step.num_micro_steps} micro-steps")
-    base = self._begin(self.params, step.base_moves)
+    return self._begin(self.params, step.base_moves, index(step.refill_moves, 0))
+
+  def accumulate(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
+                 stage_done: Callable[[str, Any], None] | None = None):
+    """Forward and backward of every micro-step; returns (base-layout accumulators, losses, metrics).
+    `stage_done(name, value)`, if given, sees each stage's output ("begin", "micro") as it is issued."""
+    stage_done = stage_done or (lambda name, value: None)
+    base, working = self._start(micro_batches, step)
+    stage_done("begin", working)
     acc = jax.tree.map(jnp.zeros_like, (self.params, base))
     losses, metrics = [], []
     for m, batch in enumerate(micro_batches):
-      acc, loss, met = self._micro(self.params, base, batch, index(step.tables, m), index(step.fill_moves, m),
-                                   acc, capacity=step.capacity)
+      refill, moves = self._schedule(step, m, prefetch)
+      acc, working, loss, met = self._micro(self.params, base, working, batch, index(step.tables, m),
+                                            index(step.fill_moves, m), moves, acc, capacity=step.capacity,
+                                            refill=refill)
+      stage_done("micro", acc)
       losses.append(loss)
       metrics.append(met)
     return acc, losses, metrics
 
-  def gradients(self, micro_batches: list[Any], step: StepTables):
+  def train_step(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
+                 stage_done: Callable[[str, Any], None] | None = None) -> dict:
+    """One optimizer step: M micro-steps (micro-step m under placement m), one update."""
+    acc, losses, metrics = self.accumulate(micro_batches, step, prefetch=prefetch, stage_done=stage_done)
+    self.params, self.opt_state, grad_norm = self._finish(self.params, self.opt_state, acc, step.base_moves)
+    if stage_done:
+      stage_done("finish", self.params)
+    return {"loss": float(sum(losses)), "grad_norm": float(grad_norm),
+            "metrics": jax.tree.map(lambda *x: np.stack(x), *metrics)}
+
+  def forward(self, micro_batches: list[Any], step: StepTables, *,
+              prefetch: bool | None = None) -> list[tuple[jax.Array, dict]]:
+    """Forward only (the recompute stage): (loss, metrics) of every micro-step under its placement."""
+    base, working = self._start(micro_batches, step)
+    outs = []
+    for m, batch in enumerate(micro_batches):
+      refill, moves = self._schedule(step, m, prefetch)
+      out, working = self._forward(self.params, base, working, batch, index(step.tables, m), moves,
+                                   capacity=step.capacity, refill=refill)
+      outs.append(out)
+    return outs
+
+  def gradients(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None):
     """The step's accumulated gradients of the home-layout parameters, without an update."""
-    acc, _, _ = self._accumulate(micro_batches, step)
+    acc, _, _ = self.accumulate(micro_batches, step, prefetch=prefetch)
     return self._home_grads(self.params, acc, step.base_moves)

@@ -93,19 +93,32 @@ def moves_needed(moves, num_devices: int) -> int:
   return int(pairs.max(initial=0))
 
 
+def local_copies_needed(moves, num_devices: int) -> int:
+  """The largest number of rows one device copies within itself."""
+  return int(np.bincount([m[0] for m in moves if m[0] == m[2]], minlength=num_devices).max(initial=0))
+
+
 def home_to_base_moves(base_DxS: np.ndarray, num_experts: int):
   """Moves that build a base placement from the home layout (expert e at device e // (E/D), row e % (E/D))."""
   per_device = num_experts // base_DxS.shape[0]
   return [(e // per_device, e % per_device, d, j) for (d, j), e in np.ndenumerate(base_DxS) if e >= 0]
 
 
-def fill_moves(slot_expert_DxS: np.ndarray, base_DxS: np.ndarray):
-  """Moves that turn the base into one micro-step's placement: each slot whose expert differs from the
-  base is copied from a base slot holding that expert, on the same device when there is one."""
+def fill_moves(slot_expert_DxS: np.ndarray, base_DxS: np.ndarray, current_DxS: np.ndarray | None = None):
+  """Moves that turn the working slots `current` (default: the base) into one micro-step's placement.
+
+  Every slot whose expert differs from `current` is copied from the base, which holds every expert:
+  from the same slot when the base has the expert there, else from a base slot on the same device,
+  else from the nearest device in ring order (the shortest ppermute round).
+  """
+  current_DxS = base_DxS if current_DxS is None else current_DxS
   moves = []
   for (d, j), e in np.ndenumerate(slot_expert_DxS):
-    if e < 0 or e == base_DxS[d, j]:
+    if e < 0 or e == current_DxS[d, j]:
       continue  # an emptied slot gets no tokens: its stale weights are never read
+    if base_DxS[d, j] == e:
+      moves.append((d, j, d, j))
+      continue
     holders = np.argwhere(base_DxS == e)
     local = holders[holders[:, 0] == d]
     src_dev, src_row = local[0] if len(local) else holders[np.argmin((d - holders[:, 0]) % len(base_DxS))]
@@ -119,11 +132,12 @@ def _write_rows(dst_RdxX, write_K, rows):
   return dst_RdxX.at[target].set(rows.astype(dst_RdxX.dtype), mode="drop")
 
 
-def move_rows_local(src_RsxX, dst_RdxX, local_src_L, local_dst_L, send_RxK, recv_RxK, active_R):
+def move_rows_local(src_RsxX, dst_RdxX, local_src_L, local_dst_L, send_RxK, recv_RxK, active_R, skip_idle=True):
   """Per device (inside shard_map): copies rows of `src` into `dst`: local copies, then the rounds.
 
-  Inactive rounds are skipped with `lax.cond` (the flag is replicated, so all devices agree). The
-  transpose of each `ppermute` is the reverse `ppermute`, so gradients of `dst` flow back to `src`.
+  skip_idle: inactive rounds are skipped with `lax.cond` (the flag is replicated, so all devices agree).
+  A collective inside a cond cannot overlap work outside it, so a prefetch runs every round instead.
+  The transpose of each `ppermute` is the reverse `ppermute`, so gradients of `dst` flow back to `src`.
   """
   num_devices = send_RxK.shape[0]
   dst_RdxX = _write_rows(dst_RdxX, local_dst_L, src_RsxX[jnp.maximum(local_src_L, 0)])
@@ -133,15 +147,15 @@ def move_rows_local(src_RsxX, dst_RdxX, local_src_L, local_dst_L, send_RxK, recv
       rows = jnp.where((send_RxK[r] >= 0).reshape(-1, *[1] * (rows.ndim - 1)), rows, 0)
       rows = jax.lax.ppermute(rows, AXIS, [(d, (d + r) % num_devices) for d in range(num_devices)])
       return _write_rows(dst, recv_RxK[r], rows)
-    dst_RdxX = jax.lax.cond(active_R[r], move, lambda dst: dst, dst_RdxX)
+    dst_RdxX = jax.lax.cond(active_R[r], move, lambda dst: dst, dst_RdxX) if skip_idle else move(dst_RdxX)
   return dst_RdxX
 
 
-def apply_moves(src, dst, moves: MoveTables, mesh: jax.sharding.Mesh):
+def apply_moves(src, dst, moves: MoveTables, mesh: jax.sharding.Mesh, skip_idle: bool = True):
   """Global: pytrees of `[D*rows, ...]` arrays sharded over "expert"; returns the new `dst`."""
   def local(src, dst, local_src, local_dst, send, recv, active):
-    return jax.tree.map(
-        lambda s, t: move_rows_local(s, t, local_src[0], local_dst[0], send[0], recv[0], active), src, dst)
+    return jax.tree.map(lambda s, t: move_rows_local(s, t, local_src[0], local_dst[0], send[0], recv[0], active,
+                                                     skip_idle), src, dst)
 
   spec = jax.tree.map(lambda _: P(AXIS), dst)
   in_specs = (spec, spec, P(AXIS), P(AXIS), P(AXIS), P(AXIS), P())

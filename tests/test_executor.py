@@ -1,5 +1,7 @@
 """The executor: a whole step under changing placements equals the static layout, on loss, gradients and
 updated parameters; new plans never recompile."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from foremoe_jax import MoEConfig
 from foremoe_jax.executor import Executor, bucket, prepare_step
 from foremoe_jax.moe_stack import MoEStack
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
+from foremoe_jax.planner.split import plan_shares
 from moe_reference import cpu_mesh
 
 E, D, S, L, H, M = 16, 8, 3, 2, 16, 4
@@ -53,27 +56,27 @@ def step_inputs():
   return mesh, batches, counts, executor
 
 
-def run(executor, batches, counts, policy):
+def run(executor, batches, counts, policy, prefetch=True):
   """Gradients and one update from the same initial parameters, under `policy`'s plan."""
   # These micro-steps are tiny: a near-free link makes per-micro-step moves pay off in the cost model.
   cost = CostModel(link_bytes_per_s=1e18)
   plan = plan_step(counts, PlanConfig(num_experts=E, num_devices=D, slots_per_device=S, policy=policy, cost=cost))
   step = prepare_step(plan, counts, E, capacity=64)
   initial = jax.tree.map(jnp.copy, (executor.params, executor.opt_state))
-  grads = executor.gradients(batches, step)
-  metrics = executor.train_step(batches, step)
+  grads = executor.gradients(batches, step, prefetch=prefetch)
+  metrics = executor.train_step(batches, step, prefetch=prefetch)
   updated = executor.params
   executor.params, executor.opt_state = initial
   return plan, step, grads, metrics, updated
 
 
-@pytest.mark.parametrize("policy", ["foremoe", "eplb_microstep"])
-def test_step_under_changing_placements_equals_static(step_inputs, policy):
+@pytest.mark.parametrize("policy,prefetch", [("foremoe", True), ("foremoe", False), ("eplb_microstep", True)])
+def test_step_under_changing_placements_equals_static(step_inputs, policy, prefetch):
   _, batches, counts, executor = step_inputs
   static, _, grads_ref, metrics_ref, params_ref = run(executor, batches, counts, "static")
-  plan, step, grads, metrics, params = run(executor, batches, counts, policy)
+  plan, step, grads, metrics, params = run(executor, batches, counts, policy, prefetch)
   assert plan.imbalance(counts) < static.imbalance(counts)
-  assert step.moved_slots > 0
+  assert step.moved_slots > 0 and step.refilled_slots > 0 and step.refill_M[1:].any()
   assert int(np.sum(metrics["metrics"]["dropped"])) == 0
   np.testing.assert_allclose(metrics["loss"], metrics_ref["loss"], rtol=1e-5)
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
@@ -105,8 +108,9 @@ def test_capacity_below_need_is_refused(step_inputs):
 
 
 def test_capacity_buckets_are_coarse():
-  assert [bucket(n) for n in (1, 8, 9, 33, 100, 1000)] == [8, 8, 16, 40, 112, 1024]
-  assert all(bucket(n) >= n and bucket(n) <= 1.25 * n + 8 for n in range(1, 5000, 37))
+  assert [bucket(n) for n in (1, 8, 9, 33, 100, 1000)] == [8, 8, 16, 40, 104, 1024]
+  assert all(bucket(n) >= n and bucket(n) <= 1.125 * n + 8 for n in range(1, 5000, 37))
+  assert len({bucket(n) for n in range(4097, 8193)}) == 8
 
 
 def test_static_step_equals_plain_autodiff(step_inputs):
@@ -124,3 +128,25 @@ def test_static_step_equals_plain_autodiff(step_inputs):
   want = jax.jit(jax.grad(total_loss))(params)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_refills_write_only_changed_slots_and_skip_repeated_placements(step_inputs):
+  """A placement repeated by the next micro-step needs no refill; one that returns to the base needs
+  only local copies; the forward pass gives the same losses with and without prefetch."""
+  _, batches, counts, executor = step_inputs
+  plan = plan_step(counts, PlanConfig(E, D, S, policy="foremoe", cost=CostModel(link_bytes_per_s=1e18)))
+  moved = plan.slot_expert[0]
+  base_share = plan_shares(plan.base, counts[2]).reshape(plan.slot_share[2].shape).astype(np.float32)
+  repeated = dataclasses.replace(plan, slot_expert=np.stack([moved, moved, plan.base, moved]),
+                                 slot_share=np.stack([plan.slot_share[0]] * 2 + [base_share, plan.slot_share[0]]))
+  step = prepare_step(repeated, counts, E, capacity=64)
+  assert list(step.refill_M) == [True, False, True, True]
+  sends = np.asarray(step.refill_moves.send_DxRxK)
+  assert (sends[1] < 0).all() and (sends[2] < 0).all()  # nothing crosses devices to repeat or restore
+  assert (np.asarray(step.refill_moves.local_src_DxL[2]) >= 0).sum() == (moved != plan.base).sum()
+  static = prepare_step(plan_step(counts, PlanConfig(E, D, S, policy="static")), counts, E, capacity=64)
+  step = prepare_step(plan, counts, E, capacity=64)
+  want = [float(loss) for loss, _ in executor.forward(batches, static)]
+  for prefetch in (True, False):
+    got = [float(loss) for loss, _ in executor.forward(batches, step, prefetch=prefetch)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
