@@ -70,6 +70,8 @@ class PlanConfig:
   max_moves_per_device: int = 1
   # foremoe: block-coordinate sweeps of the water-filling split (each sweep visits every replicated expert).
   split_sweeps: int = 4
+  # foremoe: sweeps of the pair-aware split (flattens (source, destination) pair counts; 0 = local first).
+  pair_sweeps: int = 1
   # foremoe: also try the EPLB step placement as the base, per layer (keeps foremoe <= eplb_step).
   eplb_base_candidate: bool = True
   # EPLB policies (and foremoe's EPLB base): hierarchical mode with these expert groups and nodes.
@@ -91,8 +93,8 @@ class PlanConfig:
           "some expert would have no slot")
     if self.policy not in POLICIES:
       raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
-    if self.max_moves_per_device < 0 or self.split_sweeps < 0:
-      raise ValueError("max_moves_per_device and split_sweeps must be >= 0")
+    if min(self.max_moves_per_device, self.split_sweeps, self.pair_sweeps) < 0:
+      raise ValueError("max_moves_per_device, split_sweeps and pair_sweeps must be >= 0")
     if self.eplb_groups < 1 or self.eplb_nodes < 1:
       raise ValueError("eplb_groups and eplb_nodes must be >= 1")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from foremoe_jax.planner import slots
+from foremoe_jax.planner import pairs, slots
 
 # Water-filling stops once no slot load moves by this many pairs in a sweep (loads are rounded anyway).
 CONVERGED_PAIRS = 0.5
@@ -181,20 +181,28 @@ def shares_from_pairs(slot_expert_BxG: np.ndarray, pairs_BxGxD: np.ndarray, coun
   return np.ascontiguousarray(np.swapaxes(share, 1, 2))
 
 
-def plan_shares(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG=None, chunk: int = 8) -> np.ndarray:
-  """float32 [B, D_src, G]: shares realizing `slot_pairs` exactly (local first), or EPLB's even split if None.
+def plan_shares(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG=None, pair_sweeps: int = 0,
+                chunk: int = 8) -> np.ndarray:
+  """float32 [B, D_src, G]: shares realizing `slot_pairs` exactly, or EPLB's even split if None.
 
-  Works in chunks of B so that the [chunk, G, D] temporaries stay in cache.
+  With `pair_sweeps`, the sources' mix behind each replica is then flattened over (source, destination)
+  pairs (`pairs.balance_pairs`, over all B at once). The rest works in chunks of B so that the
+  [chunk, G, D] temporaries stay in cache.
   """
   batch, num_devices, num_slots = slot_expert_BxDxS.shape
+  num_experts = counts_BxDxE.shape[2]
+  parts = [slice(lo, lo + chunk) for lo in range(0, batch, chunk)]
+  se_BxG = slot_expert_BxDxS.reshape(batch, -1)
+  if slot_pairs_BxG is None:
+    pairs_BxGxD = [even_split_by_source(se_BxG[part], counts_BxDxE[part]) for part in parts]
+  else:
+    pairs_BxGxD = np.empty((batch, num_devices * num_slots, num_devices), np.int64)
+    for part in parts:
+      pairs_BxGxD[part] = split_by_source(slot_expert_BxDxS[part], slot_pairs_BxG[part], counts_BxDxE[part])
+    table_BxKxR = replica_table(slot_expert_BxDxS, num_experts)
+    pairs_BxGxD = pairs.balance_pairs(table_BxKxR, pairs_BxGxD, num_slots, pair_sweeps)
+    pairs_BxGxD = [pairs_BxGxD[part] for part in parts]
   share_BxDxG = np.empty((batch, num_devices, num_devices * num_slots), np.float32)
-  for lo in range(0, batch, chunk):
-    part = slice(lo, lo + chunk)
-    se_BxDxS, counts = slot_expert_BxDxS[part], counts_BxDxE[part]
-    se_BxG = se_BxDxS.reshape(se_BxDxS.shape[0], -1)
-    if slot_pairs_BxG is None:
-      pairs_BxGxD = even_split_by_source(se_BxG, counts)
-    else:
-      pairs_BxGxD = split_by_source(se_BxDxS, slot_pairs_BxG[part], counts)
-    share_BxDxG[part] = shares_from_pairs(se_BxG, pairs_BxGxD, counts)
+  for part, chunk_pairs in zip(parts, pairs_BxGxD):
+    share_BxDxG[part] = shares_from_pairs(se_BxG[part], chunk_pairs, counts_BxDxE[part])
   return share_BxDxG

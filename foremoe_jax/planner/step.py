@@ -33,7 +33,7 @@ def _plan(counts, placement_MxLxDxS, base_LxDxS, cfg: PlanConfig, slot_pairs_BxG
   num_micro, num_layers, num_devices, num_slots = placement_MxLxDxS.shape
   batch = num_micro * num_layers
   share = split.plan_shares(np.ascontiguousarray(placement_MxLxDxS).reshape(batch, num_devices, num_slots),
-                            counts.reshape(batch, num_devices, -1), slot_pairs_BxG)
+                            counts.reshape(batch, num_devices, -1), slot_pairs_BxG, cfg.pair_sweeps)
   return Plan(placement_MxLxDxS.astype(np.int32), share.reshape(num_micro, num_layers, num_devices, -1),
               base_LxDxS.astype(np.int32), cfg.policy, cfg)
 
