@@ -5,6 +5,9 @@ N=1536; down K=768, N=2048; balanced and skewed groups. Anchors measured in the 
 matmul of the same FLOPs, XLA batched einsum over the groups (padded to the largest group),
 jax.lax.ragged_dot, and JAX's shipped Mosaic GPU example kernels (best of a small block sweep).
 Usage: python benchmarks/kernels.py --out DIR [--sweep] [--rows 65536] [--skip-slow]
+  [--dispatch-only] [--dispatch-backends xla,triton] [--tokens 8192] [--hidden 2048]
+permute/combine run per backend (default xla and the Pallas Triton kernels) next to a device copy;
+CPU smoke run: --dispatch-only --dispatch-backends xla,interpret --tokens 64 --hidden 256 [--sweep].
 Prints a table last; writes kernels.json and kernels.md under --out.
 """
 import argparse
@@ -202,35 +205,93 @@ TGMM_SWEEP = [
 ]
 
 
-def bench_dispatch(rows):
-  """permute x[T, D] -> [T*k, D] and combine back, D=2048 bf16, T*k = 65,536, against a copy."""
-  t_tok, k, d = 8192, 8, 2048
+def dispatch_inputs(t_tok, k, d):
+  """x[T, D], expert-sorted slots idx_R (token = slot // k), y[T*k, D], the inverse map idx_TxK
+  (unique rows) and softmax gate weights."""
   x = jax.random.normal(jax.random.key(1), (t_tok, d), jnp.bfloat16)
   idx_R = jnp.argsort(jax.random.randint(jax.random.key(2), (t_tok * k,), 0, 128)) // k
   inv = jnp.argsort(jnp.argsort(jax.random.randint(jax.random.key(3), (t_tok * k,), 0, 128)))
   idx_TxK = inv.reshape(t_tok, k).astype(jnp.int32)
   y = jax.random.normal(jax.random.key(4), (t_tok * k, d), jnp.bfloat16)
   w = jax.nn.softmax(jax.random.normal(jax.random.key(5), (t_tok, k)), axis=-1)
+  return x, idx_R.astype(jnp.int32), y, idx_TxK, w
+
+
+def rel_diff(a, b):
+  """Largest |a - b| over max |b|, worst leaf (outputs and gradients)."""
+  return max(float(jnp.max(jnp.abs(u.astype(jnp.float32) - v.astype(jnp.float32)))
+                   / jnp.maximum(jnp.max(jnp.abs(v.astype(jnp.float32))), 1e-30))
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def bench_dispatch(rows, backends=("xla",), t_tok=8192, d=2048):
+  """permute x[T, D] -> [T*k, D] and combine back, bf16, k=8 (T*k = 65,536 at T=8192), per
+  backend, against a copy; each non-XLA row records its largest relative difference from XLA's.
+  fwd+bwd rows take value_and_grad so that XLA cannot drop the unused forward."""
+  k = 8
+  x, idx_R, y, idx_TxK, w = dispatch_inputs(t_tok, k, d)
   big = jax.random.normal(jax.random.key(6), (t_tok * k, d), jnp.bfloat16)
   row_bytes = d * 2
-  cases = [
-      ("device copy (x + s)", jax.jit(lambda a, s: a + s), (big, jnp.bfloat16(1)),
-       2 * t_tok * k * row_bytes),
-      ("permute", jax.jit(pk.permute), (x, idx_R), (t_tok + t_tok * k) * row_bytes),
-      ("combine", jax.jit(pk.combine), (y, idx_TxK, w), (t_tok * k + t_tok) * row_bytes),
-      ("permute fwd+bwd", jax.jit(jax.value_and_grad(lambda a, i: jnp.sum(
-          pk.permute(a, i).astype(jnp.float32)))), (x, idx_R), 2 * (t_tok + t_tok * k) * row_bytes),
-      ("combine fwd+bwd", jax.jit(jax.grad(lambda a, i, b: jnp.sum(
-          pk.combine(a, i, b).astype(jnp.float32)), argnums=(0, 2))), (y, idx_TxK, w),
-       2 * (t_tok * k + t_tok) * row_bytes + t_tok * k * row_bytes),
-      ("combine fwd+bwd unique", jax.jit(jax.grad(lambda a, i, b: jnp.sum(
-          pk.combine(a, i, b, unique_rows=True).astype(jnp.float32)), argnums=(0, 2))),
-       (y, idx_TxK, w), 2 * (t_tok * k + t_tok) * row_bytes + t_tok * k * row_bytes),
-  ]
-  for label, fn, args, nbytes in cases:
-    t = timeit(fn, *args)
-    rows.append({"op": label, "ms": t * 1e3, "TB/s": nbytes / t / 1e12})
-    print(f"  {label:<22} {t * 1e3:8.3f} ms {nbytes / t / 1e12:6.2f} TB/s", flush=True)
+  copy_bytes = 2 * t_tok * k * row_bytes
+
+  def cases(b):
+    return [
+        ("permute", jax.jit(lambda a, i: pk.permute(a, i, backend=b)), (x, idx_R),
+         (t_tok + t_tok * k) * row_bytes),
+        ("combine", jax.jit(lambda a, i, c: pk.combine(a, i, c, backend=b)), (y, idx_TxK, w),
+         (t_tok * k + t_tok) * row_bytes),
+        ("permute fwd+bwd", jax.jit(jax.value_and_grad(lambda a, i: jnp.sum(
+            pk.permute(a, i, backend=b).astype(jnp.float32)))), (x, idx_R),
+         2 * (t_tok + t_tok * k) * row_bytes),
+        ("combine fwd+bwd", jax.jit(jax.value_and_grad(lambda a, i, c: jnp.sum(
+            pk.combine(a, i, c, backend=b).astype(jnp.float32)), argnums=(0, 2))),
+         (y, idx_TxK, w), 2 * (t_tok * k + t_tok) * row_bytes + t_tok * k * row_bytes),
+        ("combine fwd+bwd unique", jax.jit(jax.value_and_grad(lambda a, i, c: jnp.sum(
+            pk.combine(a, i, c, unique_rows=True, backend=b).astype(jnp.float32)),
+            argnums=(0, 2))), (y, idx_TxK, w),
+         2 * (t_tok * k + t_tok) * row_bytes + t_tok * k * row_bytes),
+    ]
+
+  t_copy = timeit(jax.jit(lambda a, s: a + s), big, jnp.bfloat16(1))
+  copy_tbs = copy_bytes / t_copy / 1e12
+  rows.append({"op": "device copy (x + s)", "ms": t_copy * 1e3, "TB/s": copy_tbs})
+  print(f"  {'device copy (x + s)':<34} {t_copy * 1e3:8.3f} ms {copy_tbs:6.2f} TB/s", flush=True)
+  ref = {label: fn(*args) for label, fn, args, _ in cases("xla")}
+  for b in backends:
+    for label, fn, args, nbytes in cases(b):
+      row = {"op": f"{label} [{b}]"}
+      try:
+        if b != "xla":
+          row["rel_diff_vs_xla"] = rel_diff(fn(*args), ref[label])
+        t = timeit(fn, *args)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"  {row['op']} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        continue
+      row.update({"ms": t * 1e3, "TB/s": nbytes / t / 1e12, "vs copy": nbytes / t / 1e12 / copy_tbs})
+      rows.append(row)
+      print(f"  {row['op']:<34} {t * 1e3:8.3f} ms {row['TB/s']:6.2f} TB/s {row['vs copy']:6.1%}"
+            + (f"  rel diff vs xla {row['rel_diff_vs_xla']:.2g}" if b != "xla" else ""), flush=True)
+
+
+def sweep_dispatch(out_rows, interpret=False, t_tok=8192, d=2048):
+  """Times the Triton permute/combine forward over triton_dispatch.SWEEP; prints the winners in
+  the form to commit as PERMUTE_DEFAULT / COMBINE_DEFAULT."""
+  from pallas_kernels import triton_dispatch as td  # pylint: disable=g-import-not-at-top
+  k = 8
+  x, idx_R, y, idx_TxK, w = dispatch_inputs(t_tok, k, d)
+  nbytes = (t_tok * k + t_tok) * d * 2
+  for op, fn, args in [("permute", td.gather_rows, (x, idx_R)), ("combine", td.combine, (y, idx_TxK, w))]:
+    winner = (0.0, None)
+    for cfg in td.SWEEP:
+      try:
+        t = timeit(jax.jit(functools.partial(fn, config=cfg, interpret=interpret)), *args, reps=5)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"  sweep {op} {cfg} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        continue
+      print(f"  sweep {op:<8} {nbytes / t / 1e12:6.2f} TB/s {t * 1e3:8.3f} ms  {cfg}", flush=True)
+      out_rows.append({"op": op, "TB/s": nbytes / t / 1e12, "ms": t * 1e3, "config": str(cfg)})
+      winner = max(winner, (nbytes / t / 1e12, cfg), key=lambda r: r[0])
+    print(f"  BEST {op.upper()}_DEFAULT = {winner[1]}", flush=True)
 
 
 def main():
@@ -239,25 +300,37 @@ def main():
   parser.add_argument("--rows", default="32768,65536,81920")
   parser.add_argument("--sweep", action="store_true")
   parser.add_argument("--skip-slow", action="store_true", help="skip the slow lax.ragged_dot anchor")
+  parser.add_argument("--dispatch-only", action="store_true",
+                      help="only permute/combine (and their block sweep with --sweep)")
+  parser.add_argument("--dispatch-backends", default="xla,triton",
+                      help="permute/combine backends to time; 'interpret' for a CPU smoke run")
+  parser.add_argument("--tokens", type=int, default=8192, help="permute/combine tokens T (k=8)")
+  parser.add_argument("--hidden", type=int, default=2048, help="permute/combine hidden size D")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   dev = jax.devices()[0]
   meta = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.datetime.now(
       datetime.timezone.utc).isoformat(timespec="minutes"), "groups": G}
   print(meta, flush=True)
-  result = {"meta": meta, "sweep": [], "gmm": [], "dispatch": []}
+  result = {"meta": meta, "sweep": [], "gmm": [], "dispatch": [], "dispatch_sweep": []}
   save = lambda: json.dump(result, open(os.path.join(args.out, "kernels.json"), "w"), indent=1)
   rows_list = [int(r) for r in args.rows.split(",")]
   example_cfg = {name: {"fwd": EXAMPLE_FWD_CONFIGS[0], "dlhs": EXAMPLE_FWD_CONFIGS[0],
                         "t": EXAMPLE_T_CONFIG} for name in SHAPES}
-  if args.sweep:
+  dispatch_backends = args.dispatch_backends.split(",")
+  if args.sweep and not args.dispatch_only:
     example_cfg = sweep(65536, result["sweep"])
     save()
+  if args.sweep and {"triton", "interpret"} & set(dispatch_backends):
+    print("== permute / combine block sweep", flush=True)
+    sweep_dispatch(result["dispatch_sweep"], "triton" not in dispatch_backends, args.tokens,
+                   args.hidden)
+    save()
   print("== permute / combine", flush=True)
-  bench_dispatch(result["dispatch"])
+  bench_dispatch(result["dispatch"], dispatch_backends, args.tokens, args.hidden)
   save()
   print("== grouped matmul", flush=True)
-  for m in rows_list:
+  for m in [] if args.dispatch_only else rows_list:
     for name in SHAPES:
       for skew in ("balanced", "skewed"):
         try:
@@ -279,8 +352,13 @@ def markdown(result):
     for label, ms in r["ms"].items():
       lines.append(f"| {r['rows']} | {r['shape']} K={r['K']} N={r['N']} | {r['skew']} | {label} "
                    f"| {ms:.3f} | {r['tflops'][label]:.1f} |")
-  lines += ["", "| op | ms | TB/s |", "| --- | --- | --- |"]
-  lines += [f"| {r['op']} | {r['ms']:.3f} | {r['TB/s']:.2f} |" for r in result["dispatch"]]
+  lines += ["", "| op | ms | TB/s | vs copy | rel diff vs xla |", "| --- | --- | --- | --- | --- |"]
+  lines += [f"| {r['op']} | {r['ms']:.3f} | {r['TB/s']:.2f} | {r.get('vs copy', 1):.0%} | "
+            f"{r.get('rel_diff_vs_xla', '-')} |" for r in result["dispatch"]]
+  if result["dispatch_sweep"]:
+    lines += ["", "| op | TB/s | ms | config |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['op']} | {r['TB/s']:.2f} | {r['ms']:.3f} | `{r['config']}` |"
+              for r in result["dispatch_sweep"]]
   return "\n".join(lines) + "\n"
 
 
