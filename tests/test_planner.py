@@ -84,7 +84,10 @@ def test_eplb_history_falls_back_to_static_without_history():
 def test_foremoe_is_never_worse_than_eplb_step_and_moves_at_most_one_slot_per_device(case):
   counts, num_devices, slots_per_device = CASES[case]
   num_experts = counts.shape[-1]
-  ours = plan_step(counts, PlanConfig(num_experts, num_devices, slots_per_device, "foremoe"))
+  # Free transfers: the base is then chosen on balance alone (with real transfer costs foremoe may keep
+  # a slightly less even home layout, which the cost model says is faster).
+  free_link = CostModel(link_bytes_per_s=1e30)
+  ours = plan_step(counts, PlanConfig(num_experts, num_devices, slots_per_device, "foremoe", cost=free_link))
   eplb = plan_step(counts, PlanConfig(num_experts, num_devices, slots_per_device, "eplb_step"))
   # A pair or two of rounding per (m, l) may separate two equally balanced splits.
   slack = 2.0 * counts.shape[0] * counts.shape[1] / max(ours.device_load(counts).mean(-1).sum(), 1.0)
@@ -213,3 +216,19 @@ def test_bad_history_raises_with_its_name():
     plan_step(counts, cfg, history=np.ones((2, 2, 4, 8), np.int64))
   with pytest.raises(ValueError, match="history has 3 layers"):
     plan_step(counts, cfg, history=np.ones((5, 3, 4, 16), np.int64))
+
+
+def test_base_keeps_experts_home_when_loads_are_even_and_moves_them_when_skewed():
+  from foremoe_jax.planner import foremoe
+  cfg = PlanConfig(32, 4, 9)
+  even = np.full((4, 3, 4, 32), 50, np.int64)
+  plan = plan_step(even, cfg)
+  plan.validate()
+  assert (foremoe.remote_base_slots(plan.base, cfg) == 0).all()
+  # One device's experts take most pairs: only moving experts off home balances it.
+  skewed = skewed_counts(np.random.default_rng(12), 4, 3, 4, 32, 20000)
+  skewed[..., :8] *= 20
+  plan = plan_step(skewed, cfg)
+  plan.validate()
+  assert (foremoe.remote_base_slots(plan.base, cfg) > 0).all()
+  assert plan.imbalance(skewed) < 1.02

@@ -150,7 +150,7 @@ def test_pair_aware_split_lowers_the_pair_need_without_touching_device_loads(num
   np.testing.assert_array_equal(aware.device_load(counts), local_first.device_load(counts))
   old, new = pair_need_ml(local_first, counts), pair_need_ml(aware, counts)
   # The max may sit on a pair that only unreplicated experts feed (no freedom), so: never higher there.
-  assert new.max() <= old.max() and new.sum() < 0.97 * old.sum()
+  assert new.max() <= old.max() and new.sum() < 0.99 * old.sum()
   assert (new <= old).mean() >= 0.9  # block descent on squares: the max may rarely tick up by a pair
 
 

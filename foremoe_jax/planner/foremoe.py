@@ -97,6 +97,20 @@ def lpt_base(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
   return place_replicas(base, free, w_LxE)[0]
 
 
+def home_base(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
+  """int32 [L, D, S]: the home layout plus greedy replicas in the redundant slots (no expert leaves home)."""
+  home = slots.home_placement(cfg.num_experts, cfg.num_devices, cfg.slots_per_device)
+  base = np.broadcast_to(home, (w_LxE.shape[0], *home.shape))
+  free = np.broadcast_to(np.arange(cfg.slots_per_device) >= cfg.experts_per_device, base.shape)
+  return place_replicas(base, free, w_LxE)[0]
+
+
+def remote_base_slots(base_LxDxS: np.ndarray, cfg: PlanConfig) -> np.ndarray:
+  """int [L]: the busiest device's count of base slots holding another device's expert (weights to fetch)."""
+  home_device = np.where(base_LxDxS >= 0, base_LxDxS // cfg.experts_per_device, np.arange(cfg.num_devices)[:, None])
+  return (home_device != np.arange(cfg.num_devices)[:, None]).sum(-1).max(-1)
+
+
 def free_slots(base_BxDxS: np.ndarray, primary_BxDxS: np.ndarray, w_BxE: np.ndarray, per_device: int) -> np.ndarray:
   """bool [B, D, S]: up to `per_device` non-primary slots per device, empty first, then lowest load per copy."""
   batch = base_BxDxS.shape[0]
@@ -141,15 +155,21 @@ def plan_foremoe(counts_MxLxDxE: np.ndarray, cfg: PlanConfig):
   """Returns (slot_expert int32 [M, L, D, S], slot_pairs int64 [M*L, G], base int32 [L, D, S])."""
   num_micro, num_layers, num_devices, num_experts = counts_MxLxDxE.shape
   w_LxE = counts_MxLxDxE.sum((0, 2)).astype(np.float64)
-  bases = [lpt_base(w_LxE, cfg)]
+  # Home layouts first: on equal estimated time, experts stay home.
+  home = slots.home_placement(num_experts, num_devices, cfg.slots_per_device)
+  bases = [np.broadcast_to(home, (num_layers, *home.shape)), home_base(w_LxE, cfg), lpt_base(w_LxE, cfg)]
+  with_moves = [True, True, True]
   if cfg.eplb_base_candidate and cfg.redundant_per_device > 0:
     bases.append(eplb.eplb_placement(w_LxE, num_devices, cfg.slots_per_device, cfg.eplb_groups, cfg.eplb_nodes))
-  home = slots.home_placement(num_experts, num_devices, cfg.slots_per_device)
+    with_moves.append(False)  # moves on the EPLB base rarely win (never on the ESFT traces)
   bases = [align.align_placement(base, home, num_experts, cfg.eplb_nodes) for base in bases]
-  # Moves on the EPLB base rarely win (never on the ESFT traces); it is kept as a no-move fallback.
-  results = [micro_step_placements(counts_MxLxDxE, base, cfg, with_moves=i == 0) for i, base in enumerate(bases)]
-  step_load_CxL = np.stack([max_load.sum(0) for _, _, max_load in results])
-  choice_L = np.argmin(step_load_CxL, axis=0)
+  results = [micro_step_placements(counts_MxLxDxE, base, cfg, moves) for base, moves in zip(bases, with_moves)]
+  # Per layer, the base with the lowest estimated step time: its micro-steps, then its one-off transfer.
+  step_s_CxL = np.stack([
+      cfg.cost.layer_s(max_load, (se != base[None]).sum(-1).max(-1)).sum(0)
+      + remote_base_slots(base, cfg) * cfg.cost.move_s
+      for base, (se, _, max_load) in zip(bases, results)])
+  choice_L = np.argmin(step_s_CxL, axis=0)
   layer = np.arange(num_layers)
   base = np.stack(bases)[choice_L, layer]
   slot_expert = np.stack([r[0] for r in results])[choice_L, :, layer].transpose(1, 0, 2, 3)
