@@ -132,3 +132,14 @@ def test_backend_requests(monkeypatch):
   with pytest.raises(ValueError, match="no combine kernel"):
     pk.combine(jnp.ones((4, 8)), jnp.zeros((2, 2), jnp.int32), jnp.ones((2, 2)),
                backend="mosaic_gpu")
+
+
+def test_kernels_lower_to_triton_for_cuda():
+  """The interpreter does not check Triton's rules (power-of-two tiles, pointer indexing); lowering
+  for CUDA on CPU does, without a GPU."""
+  x, idx_R = jnp.ones((100, 2048), jnp.bfloat16), jnp.zeros((800,), jnp.int32)
+  idx_TxK, w = jnp.zeros((100, 8), jnp.int32), jnp.ones((100, 8))
+  for fn, args in [(td.gather_rows, (x, idx_R)), (td.gather_rows, (x, idx_R, jnp.ones(800))),
+                   (td.combine, (x, idx_TxK, w))]:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text
