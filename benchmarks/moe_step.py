@@ -13,14 +13,15 @@ load (split over its two halves) and gives 8 distinct experts per token. `eplb_h
 second, independently drawn step. `ideal`: the same token count with round-robin routes (token n takes
 experts (8n + j) % 128), so every expert gets the same load from every source: perfect balance.
 
-Policies: static, eplb_history, eplb_step, foremoe (planned ahead, host planning not timed) and live
-(no foresight: before each micro-step the host waits for the device, plans that micro-step alone with
-eplb_microstep, builds its tables, moves home -> placement, computes and sends the gradients home; all of
-it timed). One padded capacity (the max over all policies' exact bucketed needs) and one transfer table
-size are used for every policy, so `_micro` compiles once per EP size; the all-to-all volume is therefore
-the same for all policies. Base transfers: `SplitExecutor` below applies local and remote moves as two
-tables sized over all policies at once (one compile); `*_shipped` rows time the library's own tables
-from `prepare_step` (which since this run also keep local copies out of the remote rounds' row count).
+Policies: static, eplb_history, eplb_step, foremoe (planned ahead, host planning not timed; refills
+prefetched behind compute), foremoe_serial (the same plan, each refill right before its micro-step: the
+overlap's worth), and live (no foresight: before each micro-step the host waits for the device, plans that
+micro-step alone with eplb_microstep, builds its tables, moves home -> placement, computes and sends the
+gradients home; all of it timed). Every policy runs as the library runs it: `prepare_step`'s tables and
+its padded capacity, the step's exact need per (source, destination) bucketed (`executor.bucket`), so a
+balanced plan also shrinks the all-to-all; live gets the largest need over its micro-steps (it cannot
+change shapes between micro-steps without recompiling). `--trace-dir` adds a profiler trace of one
+step per policy, summarised per GPU kernel (`trace_summary.py`).
 
     python benchmarks/moe_step.py --make-data --ep 2 4          # CPU, needs ../shared/traces
     python benchmarks/moe_step.py --ep 4 --out benchmarks/results/moe_step.json   # on the GPUs
@@ -44,7 +45,7 @@ from foremoe_jax.planner import PlanConfig, plan_step, traces  # noqa: E402
 
 E, K, H, F = 128, 8, 2048, 768
 SMOKE = dict(hidden=64, expert_hidden=64, tokens=64, micro_steps=2, layers=2, warmup=1, repeats=1)
-POLICIES = ("static", "ideal", "foremoe", "eplb_step", "live", "eplb_history")  # most needed first (deadline)
+POLICIES = ("static", "ideal", "foremoe", "eplb_step", "live", "foremoe_serial", "eplb_history")  # most needed first
 
 
 def map_routes_64_to_128(routes_NxLx6: np.ndarray) -> np.ndarray:
@@ -105,23 +106,9 @@ def run(args, num_devices: int) -> dict:
   from jax.sharding import PartitionSpec as P
 
   from foremoe_jax import MoEConfig
-  from foremoe_jax.executor import Executor, index, prepare_step, stack_moves
+  from foremoe_jax.executor import Executor, bucket, capacity_power_of_two, prepare_step
   from foremoe_jax.moe_stack import MoEStack
-  from foremoe_jax.transfer import MoveTables, apply_moves, home_to_base_moves, move_tables
-
-  class SplitExecutor(Executor):
-    """Home -> base as two move tables (local copies, remote ppermutes), each sized by its own need."""
-
-    def _to_base(self, home, base_moves):
-      if isinstance(base_moves, MoveTables):
-        return super()._to_base(home, base_moves)
-      out = []
-      for l, h in enumerate(home):
-        dst = jax.tree.map(lambda w: jnp.zeros((self.slots, *w.shape[1:]), w.dtype), h)
-        for moves in base_moves:
-          dst = apply_moves(h, dst, index(moves, l), self.mesh)
-        out.append(dst)
-      return out
+  from foremoe_jax.transfer import home_to_base_moves, moves_needed
 
   data = np.load(data_path(args, num_devices))
   routes, history = data["routes"], data["history_counts"]
@@ -139,7 +126,7 @@ def run(args, num_devices: int) -> dict:
     err = out.y.astype(jnp.float32) - batch["target"].astype(jnp.float32)
     return jnp.mean(err * err), {"dropped": out.dropped}
 
-  ex = SplitExecutor(model, optax.sgd(1e-4), loss_fn, mesh)
+  ex = Executor(model, optax.sgd(1e-4), loss_fn, mesh)
   shard = NamedSharding(mesh, P(("data", "expert")))
   keys = jax.random.split(jax.random.key(1), 2 * num_micro)
 
@@ -168,33 +155,16 @@ def run(args, num_devices: int) -> dict:
   live_plans = [plan_step(counts[m:m + 1], pcfg("eplb_microstep")) for m in range(num_micro)]
   step_counts = {p: (ideal_counts if p == "ideal" else counts) for p in plans}
 
-  # One capacity and one set of table sizes for every policy: one compile of the micro-step.
-  loose = [prepare_step(p, step_counts[k], E) for k, p in plans.items()]
-  loose += [prepare_step(p, counts[m:m + 1], E) for m, p in enumerate(live_plans)]
-  capacity = max(s.capacity for s in loose)
-  fill_cap = max(s.fill_moves.send_DxRxK.shape[-1] for s in loose)
+  # Live cannot change shapes between its micro-steps: one capacity and table sizes over all of them.
+  live_loose = [prepare_step(p, counts[m:m + 1], E) for m, p in enumerate(live_plans)]
+  live_caps = dict(capacity=bucket(max(s.capacity for s in live_loose)),
+                   fill_capacity=max(s.fill_moves.send_DxRxK.shape[-1] for s in live_loose),
+                   base_capacity=capacity_power_of_two(max(1, *(
+                       moves_needed(home_to_base_moves(p.base[l], E), num_devices)
+                       for p in live_plans for l in range(num_layers)))))
 
-  def base_move_lists(plan):
-    moves = [home_to_base_moves(plan.base[l], E) for l in range(num_layers)]
-    return [[mv for mv in ms if mv[0] == mv[2]] for ms in moves], [[mv for mv in ms if mv[0] != mv[2]] for ms in moves]
-
-  def pair_need(moves):
-    pairs = np.zeros((num_devices, num_devices), np.int64)
-    for s, _, d, _ in moves:
-      pairs[s, d] += 1
-    return int(pairs.max(initial=0))
-
-  all_plans = list(plans.values()) + live_plans
-  local_cap = max(pair_need(m) for p in all_plans for m in base_move_lists(p)[0])
-  remote_cap = max(1, max(pair_need(m) for p in all_plans for m in base_move_lists(p)[1]))
-
-  def split_step(plan, step_counts_):
-    step = prepare_step(plan, step_counts_, E, capacity=capacity, fill_capacity=fill_cap)
-    local, remote = base_move_lists(plan)
-    tables = tuple(jax.tree.map(jnp.asarray, stack_moves([move_tables(mv, num_devices, cap, max(local_cap, 1))
-                                                          for mv in lists]))
-                   for lists, cap in ((local, local_cap), (remote, remote_cap)))
-    return dataclasses.replace(step, base_moves=tables)
+  def remote_base_moves(plan):
+    return sum(1 for l in range(num_layers) for s, _, d, _ in home_to_base_moves(plan.base[l], E) if s != d)
 
   batches = batches_for(routes)
   ideal_batches = batches_for(ideal)
@@ -210,43 +180,44 @@ def run(args, num_devices: int) -> dict:
       start = time.perf_counter()
       plan = plan_step(counts[m:m + 1], pcfg("eplb_microstep"))
       ms += (time.perf_counter() - start) * 1e3
-      step = split_step(plan, counts[m:m + 1])
-      base = ex._begin(ex.params, step.base_moves)
-      acc = jax.tree.map(jnp.zeros_like, (ex.params, base))
-      acc, _, _ = ex._micro(ex.params, base, batch, index(step.tables, 0), index(step.fill_moves, 0), acc,
-                            capacity=capacity)
-      grads = ex._home_grads(ex.params, acc, step.base_moves)
+      grads = ex.gradients([batch], prepare_step(plan, counts[m:m + 1], E, **live_caps))
       total = grads if total is None else jax.tree.map(jnp.add, total, grads)
     ex.params, ex.opt_state = update(ex.params, ex.opt_state, total)
     jax.block_until_ready(ex.params)
     return ms
 
-  def profile(step, batches_):
+  def profile(step, batches_, prefetch):
     """Stage times of one step with a sync after each stage (ms): begin, micro-steps, finish."""
     t = [time.perf_counter()]
-    base = jax.block_until_ready(ex._begin(ex.params, step.base_moves))
-    t.append(time.perf_counter())
-    acc = jax.tree.map(jnp.zeros_like, (ex.params, base))
-    for m, batch in enumerate(batches_):
-      acc, _, _ = ex._micro(ex.params, base, batch, index(step.tables, m), index(step.fill_moves, m), acc,
-                            capacity=capacity)
-      jax.block_until_ready(acc)
+
+    def stage_done(name, value):
+      jax.block_until_ready(value)
       t.append(time.perf_counter())
-    ex.params, ex.opt_state, _ = jax.block_until_ready(ex._finish(ex.params, ex.opt_state, acc, step.base_moves))
-    t.append(time.perf_counter())
+    ex.train_step(batches_, step, prefetch=prefetch, stage_done=stage_done)
     d = np.diff(t) * 1e3
     return {"begin_ms": float(d[0]), "micro_ms": [float(x) for x in d[1:-1]], "finish_ms": float(d[-1])}
 
-  jobs = {p: (split_step(plans[p], step_counts[p]), ideal_batches if p == "ideal" else batches) for p in plans}
-  for p in ("eplb_step", "foremoe"):  # the unmodified transfer tables, for comparison
-    jobs[p + "_shipped"] = (prepare_step(plans[p], counts, E, capacity=capacity, fill_capacity=fill_cap), batches)
+  def traced(name, step, batches_, prefetch):
+    """One step under the profiler -> per-kernel GPU time summary (never fails the benchmark)."""
+    try:
+      import trace_summary
+      directory = pathlib.Path(args.trace_dir) / f"D{num_devices}_{name}"
+      with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+        ex.train_step(batches_, step, prefetch=prefetch)
+        jax.block_until_ready(ex.params)
+      return trace_summary.summarize(directory)
+    except Exception as err:  # the timing rows matter more than the trace
+      return {"error": repr(err)[:300]}
+
+  jobs = {p: (prepare_step(plans[p], step_counts[p], E), ideal_batches if p == "ideal" else batches, True)
+          for p in plans}
+  jobs["foremoe_serial"] = (jobs["foremoe"][0], batches, False)
   order = [p for p in args.policies if p in jobs or p == "live"]
-  order += [p for p in jobs if p.endswith("_shipped") and p.split("_shipped")[0] in args.policies]
 
   result = dict(D=num_devices, S=slots, E=E, k=K, hidden=args.hidden, expert_hidden=args.expert_hidden,
                 layers=num_layers, micro_steps=num_micro, tokens_per_device=tokens, trace_layers=args.trace_layers,
-                capacity=capacity, fill_capacity=fill_cap, base_local_cap=local_cap, base_remote_cap=remote_cap,
-                gmm_backend=args.gmm_backend or "default", warmup=args.warmup, repeats=args.repeats, policies={})
+                live_capacity=live_caps["capacity"], gmm_backend=args.gmm_backend or "default", warmup=args.warmup,
+                repeats=args.repeats, policies={})
   deadline = time.time() + args.deadline_s
   for name in order:
     if time.time() > deadline:
@@ -266,24 +237,29 @@ def run(args, num_devices: int) -> dict:
                                  / np.sum([p.device_load(counts[m:m + 1]).mean(-1).sum() for m, p in enumerate(lp)])),
                  planner_ms=float(np.median(live_plan_ms)), planner_on_critical_path=True,
                  max_load_sum=float(sum(p.device_load(counts[m:m + 1]).max(-1).sum() for m, p in enumerate(lp))),
-                 base_moves_remote=int(sum(len(r) for p in lp for r in base_move_lists(p)[1])))
+                 base_moves_remote=int(sum(remote_base_moves(p) for p in lp)), capacity=live_caps["capacity"])
     else:
-      step, batches_ = jobs[name]
+      step, batches_, prefetch = jobs[name]
       for _ in range(args.warmup):
-        out = ex.train_step(batches_, step)
+        out = ex.train_step(batches_, step, prefetch=prefetch)
       samples = []
       for _ in range(args.repeats):
         start = time.perf_counter()
-        out = ex.train_step(batches_, step)
+        out = ex.train_step(batches_, step, prefetch=prefetch)
         samples.append(time.perf_counter() - start)
-      policy = name.split("_shipped")[0]
+      policy = "foremoe" if name == "foremoe_serial" else name
       plan, c = plans[policy], step_counts[policy]
       load = plan.device_load(c)
       row = dict(imbalance=plan.imbalance(c), planner_ms=plan_ms.get(policy, 0.0), planner_on_critical_path=False,
                  max_load_sum=float(load.max(-1).sum()), moved_slots=int(step.moved_slots),
-                 base_moves_remote=int(sum(len(r) for r in base_move_lists(plan)[1])),
+                 refilled_slots=int(step.refilled_slots), base_moves_remote=remote_base_moves(plan),
+                 capacity=step.capacity, prefetch=prefetch,
                  dropped=int(np.sum(out["metrics"]["dropped"])), loss=out["loss"],
-                 profile=profile(step, batches_))
+                 profile=profile(step, batches_, prefetch))
+      if args.trace_dir and name in args.trace_policies:
+        row["trace"] = traced(name, step, batches_, prefetch)
+        import trace_summary
+        print(f"D={num_devices} {name} trace:\n{trace_summary.format_summary(row['trace'])}", flush=True)
     row.update(step_ms=median_ms(samples), samples_ms=[s * 1e3 for s in samples],
                wall_incl_compile_s=time.perf_counter() - t0)
     result["policies"][name] = row
@@ -303,17 +279,17 @@ def summary_rows(result: dict) -> list[dict]:
                      vs_static=st / t if st else np.nan, vs_eplb_step=eq / t if eq else np.nan,
                      to_ideal_pct=100 * (t / idl - 1) if idl else np.nan,
                      excess_removed_pct=100 * (st - t) / (st - idl) if st and idl and st != idl else np.nan,
-                     planner_ms=pol[name]["planner_ms"]))
+                     planner_ms=pol[name]["planner_ms"], capacity=pol[name].get("capacity", 0)))
   return rows
 
 
 def table(result: dict) -> str:
   head = (f"D={result['D']} S={result['S']} L={result['layers']} M={result['micro_steps']} "
-          f"tok/dev={result['tokens_per_device']} capacity={result['capacity']}\n")
-  lines = ["| policy | step ms | imbalance | x static | x eplb_step | vs ideal % | static excess removed % | planner ms |",
-           "|---|---|---|---|---|---|---|---|"]
+          f"tok/dev={result['tokens_per_device']}\n")
+  lines = ["| policy | step ms | imbalance | capacity | x static | x eplb_step | vs ideal % | static excess removed % | "
+           "planner ms |", "|---|---|---|---|---|---|---|---|---|"]
   for r in summary_rows(result):
-    lines.append(f"| {r['policy']} | {r['step_ms']:.2f} | {r['imbalance']:.4f} | {r['vs_static']:.3f} | "
+    lines.append(f"| {r['policy']} | {r['step_ms']:.2f} | {r['imbalance']:.4f} | {r['capacity']} | {r['vs_static']:.3f} | "
                  f"{r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.2f} | {r['excess_removed_pct']:.1f} | "
                  f"{r['planner_ms']:.2f} |")
   return head + "\n".join(lines)
@@ -352,6 +328,8 @@ def main():
   ap.add_argument("--traces", default=str(traces.traces_root()))
   ap.add_argument("--make-data", action="store_true", help="write the route npz files from the traces and exit")
   ap.add_argument("--out", default=None, help="JSON to merge results into")
+  ap.add_argument("--trace-dir", default=None, help="profile one step per --trace-policies policy here")
+  ap.add_argument("--trace-policies", nargs="+", default=["static", "foremoe"])
   ap.add_argument("--deadline-s", type=float, default=1e9, help="skip policies not started by then")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes on 8 CPU devices (makes its own data)")
   args = ap.parse_args()

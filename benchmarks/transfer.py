@@ -6,9 +6,11 @@ For each EP size D (a mesh over the first D devices; no process restart):
    (link bandwidth); an even `all_to_all` of 256 MB per device (dispatch bandwidth).
 2. compute: the SwiGLU expert FFN forward+backward (`swiglu_experts`, default kernel backend) over
    `tokens * 8` rows in E/D + 1 balanced groups on one device: grouped-GEMM TFLOP/s.
-3. overlap: an `Executor` micro-step (forward+backward of `--layers` MoE layers, uniform routes, base =
-   home) with the static placement vs placements that fill 1, 2, 4 redundant slots per device per layer
-   from other devices (zero token share, so the math is unchanged and only the transfer differs).
+3. overlap: `Executor` steps (forward+backward of `--layers` MoE layers, uniform routes, base = home)
+   with the static placement vs placements that fill 1, 2, 4 redundant slots per device per layer from
+   other devices, alternating between two such placements so every micro-step refills them (zero token
+   share: the math is unchanged, only the transfers differ); each with the refill prefetched behind the
+   previous micro-step's compute and without (right before its micro-step).
    hidden % = 1 - (t(fill) - t(static)) / isolated, isolated = measured ppermute time of the moved rows
    (weights in, gradients back) as sent in the executor's rounds.
 
@@ -98,15 +100,16 @@ def compute(args, num_devices):
   return dict(rows=rows, groups=groups, ms=seconds * 1e3, tflops=flops / seconds / 1e12)
 
 
-def fill_placement(num_devices, slots, moves):
-  """home + `moves` redundant slots per device holding experts of other devices (zero token share)."""
+def fill_placement(num_devices, slots, moves, variant):
+  """home + `moves` redundant slots per device holding experts of other devices (zero token share);
+  the two variants replicate different experts, so alternating them refills every slot."""
   from foremoe_jax.planner import home_placement
   per = E // num_devices
   placement = home_placement(E, num_devices, slots).copy()
   for d in range(num_devices):
     for i in range(moves):
       src = (d + 1 + i % (num_devices - 1)) % num_devices
-      placement[d, per + i] = src * per + i // (num_devices - 1)
+      placement[d, per + i] = src * per + i // (num_devices - 1) + variant * moves
   return placement
 
 
@@ -119,7 +122,7 @@ def overlap(args, mesh, num_devices, link):
   from jax.sharding import PartitionSpec as P
 
   from foremoe_jax import MoEConfig
-  from foremoe_jax.executor import Executor, index, prepare_step
+  from foremoe_jax.executor import Executor, prepare_step
   from foremoe_jax.moe_stack import MoEStack
   from foremoe_jax.planner import Plan, PlanConfig, home_placement
 
@@ -138,40 +141,37 @@ def overlap(args, mesh, num_devices, link):
   batch = {"x": jax.device_put(jax.random.normal(jax.random.key(3), (num_devices, args.tokens, args.hidden),
                                                  jnp.bfloat16), shard),
            "replay": jax.device_put(replay, shard)}
+  batches = [batch] * args.micro_steps
   counts = np.zeros((args.micro_steps, args.layers, num_devices, E), np.int64)
   counts[:] = args.tokens * K // E
   pcfg = PlanConfig(E, num_devices, slots, policy="static")
   home = home_placement(E, num_devices, slots)
+  share = np.zeros((num_devices, num_devices * slots), np.float32)
+  share[:, home.reshape(-1) >= 0] = 1.0  # replicas get no tokens: identical math, transfer only
   rows = {}
   for moves in [0] + list(args.moves):
-    placement = fill_placement(num_devices, slots, moves)
-    share = np.zeros((num_devices, num_devices * slots), np.float32)
-    share[:, home.reshape(-1) >= 0] = 1.0  # replicas get no tokens: identical math, transfer only
-    plan = Plan(np.broadcast_to(placement, (args.micro_steps, args.layers, *placement.shape)).astype(np.int32),
+    placements = np.stack([fill_placement(num_devices, slots, moves, m % 2) for m in range(args.micro_steps)])
+    plan = Plan(np.broadcast_to(placements[:, None], (args.micro_steps, args.layers, *home.shape)).astype(np.int32),
                 np.broadcast_to(share, (args.micro_steps, args.layers, *share.shape)).astype(np.float32),
                 np.broadcast_to(home, (args.layers, *home.shape)).astype(np.int32), "fill", pcfg)
     step = prepare_step(plan, counts, E)
-    base = ex._begin(ex.params, step.base_moves)
-
-    def micro_steps():
-      acc = jax.tree.map(jnp.zeros_like, (ex.params, base))
-      for m in range(args.micro_steps):
-        acc, _, _ = ex._micro(ex.params, base, batch, index(step.tables, m), index(step.fill_moves, m), acc,
-                              capacity=step.capacity)
-      return acc
-
-    ms = bench(micro_steps, repeats=args.repeats) * 1e3 / args.micro_steps
     fill_k = int(step.fill_moves.send_DxRxK.shape[-1])
     rounds = int(np.asarray(step.fill_moves.active_R[0, 0]).sum())
     # Rows the executor ships per layer: K rows per active round, weights in and gradients back.
     isolated = 2 * args.layers * rounds * fill_k * link["expert"]["ms"] if moves else 0.0
-    rows[moves] = dict(micro_ms=ms, fill_k=fill_k, active_rounds=rounds, isolated_transfer_ms=isolated,
-                       capacity=step.capacity)
-  for moves, row in rows.items():
-    extra = row["micro_ms"] - rows[0]["micro_ms"]
+    for prefetch in (True, False) if moves else (True,):
+      def one_step():
+        ex.train_step(batches, step, prefetch=prefetch)
+        return ex.params
+      ms = bench(one_step, repeats=args.repeats) * 1e3 / args.micro_steps
+      rows[f"{moves}{'' if prefetch else '_serial'}"] = dict(
+          moves=moves, prefetch=prefetch, micro_ms=ms, fill_k=fill_k, active_rounds=rounds,
+          isolated_transfer_ms=isolated, capacity=step.capacity, refilled_slots=step.refilled_slots)
+  for row in rows.values():
+    extra = row["micro_ms"] - rows["0"]["micro_ms"]
     row["extra_ms"] = extra
-    row["hidden_pct"] = 100 * (1 - extra / row["isolated_transfer_ms"]) if moves else None
-  return {str(k): v for k, v in rows.items()}
+    row["hidden_pct"] = 100 * (1 - extra / row["isolated_transfer_ms"]) if row["moves"] else None
+  return rows
 
 
 def main():
@@ -220,10 +220,12 @@ def main():
     if "error" not in r["compute"]:
       print(f"D={r['D']} expert FFN fwd+bwd {r['compute']['ms']:.2f} ms = {r['compute']['tflops']:.0f} TFLOP/s")
     if "error" not in r["overlap"]:
-      print("| D | moves/dev/layer | micro-step ms | extra ms | isolated transfer ms | hidden % |\n|---|---|---|---|---|---|")
-      for moves, row in r["overlap"].items():
+      print("| D | moves/dev/layer | prefetch | micro-step ms | extra ms | isolated transfer ms | hidden % |\n"
+            "|---|---|---|---|---|---|---|")
+      for row in r["overlap"].values():
         hidden = "" if row["hidden_pct"] is None else f"{row['hidden_pct']:.0f}"
-        print(f"| {r['D']} | {moves} | {row['micro_ms']:.2f} | {row['extra_ms']:+.2f} | {row['isolated_transfer_ms']:.2f} | {hidden} |")
+        print(f"| {r['D']} | {row['moves']} | {'yes' if row['prefetch'] else 'no'} | {row['micro_ms']:.2f} | "
+              f"{row['extra_ms']:+.2f} | {row['isolated_transfer_ms']:.2f} | {hidden} |")
 
 
 if __name__ == "__main__":

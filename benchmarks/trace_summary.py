@@ -1,0 +1,80 @@
+"""Per-kernel GPU time of a `jax.profiler` trace (the perfetto JSON it writes), for the benchmarks.
+
+    python benchmarks/trace_summary.py TRACE_DIR [--top 25]
+
+Sums each device event's duration by name on the first GPU's tracks and by a coarse class (grouped
+matmul, all-to-all, ppermute, sort, gather/scatter, other), so a benchmark can say where a step's
+time goes without a trace viewer. Overlapping streams are summed, so totals can exceed wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import pathlib
+
+CLASSES = (  # first match wins; lowercase substrings of kernel / op names
+    ("all_to_all", ("all-to-all", "all_to_all", "alltoall")),
+    ("ppermute", ("collective-permute", "sendrecv", "send_recv", "ppermute")),
+    ("other_collective", ("nccl", "all-reduce", "all-gather", "reduce-scatter")),
+    ("grouped_matmul", ("mosaic", "gmm", "pallas", "wgmma")),
+    ("dense_matmul", ("gemm", "cublas", "dot", "matmul", "sm90_xmma", "cutlass")),
+    ("sort", ("sort", "cub::", "radix")),
+    ("gather_scatter", ("gather", "scatter", "dynamic-slice", "dynamic_slice", "dynamic-update-slice")),
+)
+
+
+def classify(name: str) -> str:
+  low = name.lower()
+  return next((cls for cls, keys in CLASSES if any(k in low for k in keys)), "other")
+
+
+def load_events(directory: pathlib.Path) -> list[dict]:
+  paths = sorted(directory.rglob("perfetto_trace.json.gz")) or sorted(directory.rglob("*.trace.json.gz"))
+  if not paths:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {directory}")
+  with gzip.open(paths[-1], "rt") as f:
+    doc = json.load(f)
+  return doc["traceEvents"] if isinstance(doc, dict) else doc
+
+
+def summarize(directory, top: int = 25) -> dict:
+  events = load_events(pathlib.Path(directory))
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpus = sorted((n, pid) for pid, n in names.items() if "gpu" in n.lower())
+  if not gpus:
+    return {"error": f"no GPU process in the trace; processes: {sorted(set(names.values()))[:10]}"}
+  device_name, pid = gpus[0]
+  by_name, by_class = collections.Counter(), collections.Counter()
+  count = collections.Counter()
+  for e in events:
+    if e.get("pid") == pid and e.get("ph") == "X" and "dur" in e:
+      by_name[e["name"]] += e["dur"] / 1e3
+      by_class[classify(e["name"])] += e["dur"] / 1e3
+      count[e["name"]] += 1
+  return {"device": device_name, "total_ms": sum(by_class.values()),
+          "by_class_ms": dict(by_class.most_common()),
+          "top_ms": [(n, round(t, 3), count[n]) for n, t in by_name.most_common(top)]}
+
+
+def format_summary(summary: dict) -> str:
+  if "error" in summary:
+    return summary["error"]
+  lines = [f"{summary['device']}: {summary['total_ms']:.1f} ms of device events"]
+  lines += [f"  {cls:16s} {ms:9.2f} ms" for cls, ms in summary["by_class_ms"].items()]
+  lines += [f"  {ms:9.3f} ms  x{n:<5d} {name[:110]}" for name, ms, n in summary["top_ms"]]
+  return "\n".join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("trace_dir")
+  ap.add_argument("--top", type=int, default=25)
+  args = ap.parse_args()
+  print(format_summary(summarize(args.trace_dir, args.top)))
+
+
+if __name__ == "__main__":
+  main()
