@@ -26,6 +26,12 @@ def _kernels():
   return triton_dispatch
 
 
+def _vary_alike(*arrays):
+  """Types every array as varying over all manual mesh axes any of them varies over (a pallas_call
+  under shard_map takes its result type from its inputs; a no-op outside shard_map)."""
+  return [_vary_like(a, *arrays) for a in arrays]
+
+
 def _gather(name, x_TxD, idx_R, scale_R=None, out_dtype=None):
   """x[idx] (times scale in f32), zero rows for padding indices, on backend `name`."""
   out_dtype = out_dtype or x_TxD.dtype
@@ -34,9 +40,12 @@ def _gather(name, x_TxD, idx_R, scale_R=None, out_dtype=None):
     if scale_R is None:
       return rows_RxD.astype(out_dtype)
     return (scale_R[:, None] * rows_RxD.astype("float32")).astype(out_dtype)
-  out = _kernels().gather_rows(x_TxD, idx_R, scale_R, out_dtype=out_dtype,
-                               interpret=name == "interpret")
-  return _vary_like(out, x_TxD, idx_R, *([] if scale_R is None else [scale_R]))
+  if scale_R is None:
+    x_TxD, idx_R = _vary_alike(x_TxD, idx_R)
+  else:
+    x_TxD, idx_R, scale_R = _vary_alike(x_TxD, idx_R, scale_R)
+  return _kernels().gather_rows(x_TxD, idx_R, scale_R, out_dtype=out_dtype,
+                                interpret=name == "interpret")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -64,8 +73,8 @@ def _combine(y_RxD, idx_TxK, weights_TxK, unique_rows, name):
   del unique_rows
   if name == "xla":
     return reference.combine_xla(y_RxD, idx_TxK, weights_TxK)
-  out = _kernels().combine(y_RxD, idx_TxK, weights_TxK, interpret=name == "interpret")
-  return _vary_like(out, y_RxD, idx_TxK, weights_TxK)
+  return _kernels().combine(*_vary_alike(y_RxD, idx_TxK, weights_TxK),
+                           interpret=name == "interpret")
 
 
 def _combine_fwd(y_RxD, idx_TxK, weights_TxK, unique_rows, name):

@@ -99,6 +99,19 @@ def _combine_kernel(idx_ref, w_ref, y_ref, out_ref, *, config):
                   mask=in_rows[:, None] & in_cols[None, :])
 
 
+def _result_type(shape, dtype, like):
+  """The result's type, varying over the manual mesh axes `like` varies over: under shard_map a
+  pallas_call must be told (the callers make all inputs vary alike). Spelled `manual_axis_type` in
+  JAX 0.10, `vma` in other versions; empty outside shard_map."""
+  aval = jax.typeof(like)
+  manual = getattr(aval, "manual_axis_type", None)
+  if manual is not None and manual.varying:
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
+  if getattr(aval, "vma", None):
+    return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def _call(kernel, out_shape, num_rows, d, config, interpret, name):
   grid = (pl.cdiv(num_rows, config.block_rows) * pl.cdiv(d, config.block_d),)
   return pl.pallas_call(
@@ -113,7 +126,7 @@ def gather_rows(x_TxD: jax.Array, idx_R: jax.Array, scale_R: jax.Array | None = 
   """out[r] = x[idx[r]] (times scale[r] in f32 when given) -> [R, D] in out_dtype (x's by default);
   an index outside [0, T) gives a zero row."""
   (_, d), num_rows = x_TxD.shape, idx_R.shape[0]
-  out_shape = jax.ShapeDtypeStruct((num_rows, d), jnp.dtype(out_dtype or x_TxD.dtype))
+  out_shape = _result_type((num_rows, d), jnp.dtype(out_dtype or x_TxD.dtype), x_TxD)
   if num_rows == 0 or d == 0 or x_TxD.shape[0] == 0:  # nothing to read: every row is padding
     return jnp.zeros(out_shape.shape, out_shape.dtype)
   kernel = functools.partial(_gather_kernel, config=config, scaled=scale_R is not None)
@@ -127,7 +140,7 @@ def combine(y_RxD: jax.Array, idx_TxK: jax.Array, weights_TxK: jax.Array, *,
   """out[t] = sum_k weights[t, k] * y[idx[t, k]] -> [T, D] in y's dtype, f32 accumulation; an index
   outside [0, R) adds 0."""
   (num_tokens, _), d = idx_TxK.shape, y_RxD.shape[1]
-  out_shape = jax.ShapeDtypeStruct((num_tokens, d), y_RxD.dtype)
+  out_shape = _result_type((num_tokens, d), y_RxD.dtype, y_RxD)
   if num_tokens == 0 or d == 0 or y_RxD.shape[0] == 0:
     return jnp.zeros(out_shape.shape, out_shape.dtype)
   kernel = functools.partial(_combine_kernel, config=config)
