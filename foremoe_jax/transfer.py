@@ -2,8 +2,9 @@
 
 Home weights are `[E, ...]` sharded over "expert" (device d holds experts d*E/D ... (d+1)*E/D - 1).
 The working layout is `[D*S, ...]` sharded over "expert": slot j of device d holds expert
-`slot_expert[d*S + j]`. Everything is differentiable: the transpose of the gather is a scatter-add and
-the transpose of the all-gather a reduce-scatter, so replica gradients are summed into the home layout.
+`slot_expert[d*S + j]`. Everything is differentiable: the transpose of a row read sums the rows'
+gradients into their source (`take_rows`), the transpose of the all-gather is a reduce-scatter and that
+of a `ppermute` the reverse `ppermute`, so replica gradients are summed into the home layout.
 """
 from typing import NamedTuple
 
@@ -126,6 +127,32 @@ def fill_moves(slot_expert_DxS: np.ndarray, base_DxS: np.ndarray, current_DxS: n
   return moves
 
 
+@jax.custom_vjp
+def take_rows(src_RxX, idx_K):
+  """`src[max(idx, 0)]` for a few whole-expert rows.
+
+  Its backward sums each row's gradient into its source row by a one-hot matmul rather than a
+  scatter-add: rows are millions of elements, and a GPU scatter-add of them runs element-wise
+  atomics. Exact: every output element is a sum of the few rows read from it.
+  """
+  return src_RxX[jnp.maximum(idx_K, 0)]
+
+
+def _take_rows_fwd(src_RxX, idx_K):
+  return take_rows(src_RxX, idx_K), (idx_K, src_RxX.shape[0])
+
+
+def _take_rows_bwd(res, d_rows_KxX):
+  idx_K, num_rows = res
+  one_hot_KxR = (jnp.maximum(idx_K, 0)[:, None] == jnp.arange(num_rows)[None, :]).astype(d_rows_KxX.dtype)
+  d_src = jnp.einsum("kr,k...->r...", one_hot_KxR, d_rows_KxX, precision=jax.lax.Precision.HIGHEST,
+                     preferred_element_type=d_rows_KxX.dtype)
+  return d_src, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
 def _write_rows(dst_RdxX, write_K, rows):
   """dst[write[k]] = rows[k] where write[k] >= 0."""
   target = jnp.where(write_K >= 0, write_K, dst_RdxX.shape[0])
@@ -140,10 +167,10 @@ def move_rows_local(src_RsxX, dst_RdxX, local_src_L, local_dst_L, send_RxK, recv
   The transpose of each `ppermute` is the reverse `ppermute`, so gradients of `dst` flow back to `src`.
   """
   num_devices = send_RxK.shape[0]
-  dst_RdxX = _write_rows(dst_RdxX, local_dst_L, src_RsxX[jnp.maximum(local_src_L, 0)])
+  dst_RdxX = _write_rows(dst_RdxX, local_dst_L, take_rows(src_RsxX, local_src_L))
   for r in range(1, num_devices):
     def move(dst, r=r):
-      rows = src_RsxX[jnp.maximum(send_RxK[r], 0)]
+      rows = take_rows(src_RsxX, send_RxK[r])
       rows = jnp.where((send_RxK[r] >= 0).reshape(-1, *[1] * (rows.ndim - 1)), rows, 0)
       rows = jax.lax.ppermute(rows, AXIS, [(d, (d + r) % num_devices) for d in range(num_devices)])
       return _write_rows(dst, recv_RxK[r], rows)
