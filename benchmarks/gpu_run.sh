@@ -1,29 +1,53 @@
 #!/usr/bin/env bash
-# The device call of the performance benchmarks (4 GPUs; see BENCHMARKS.md). Writes under $OUT:
-# env.txt, pytest_gpu.txt, moe_step.json + moe_step_D{2,4}.log, transfer.json + transfer.log.
-# Needs .bench_data/ (made on the host: python benchmarks/moe_step.py --make-data --ep 2 4).
-# Budget ~9.5 min of device time (limits below). RUN_TESTS=0 skips the GPU tests (they run beside the EP=2 benchmark, on GPUs 2 and 3).
+# The device calls of the performance benchmarks on one 4-GPU machine (see BENCHMARKS.md), in phases:
+#   bash benchmarks/gpu_run.sh 1   # ~8 min: MoE step EP=2 (GPUs 0,1) | GPU tests (GPU 2) | kernels (GPU 3)
+#   bash benchmarks/gpu_run.sh 2   # ~9 min: MoE step EP=4, then transfers EP=2,4
+#   bash benchmarks/gpu_run.sh 3   # ~5 min: RL step (train.py's recompute + update) on 4 GPUs per policy
+# Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
+# python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
+# BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
 set -u
+PHASE=${1:?phase 1, 2 or 3}
 OUT=${OUT:-/tmp/foremoe_bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
-{ date -u; nvidia-smi -L; $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"; } > "$OUT/env.txt" 2>&1
+{ date -u; nvidia-smi -L; $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"; } >> "$OUT/env.txt" 2>&1
 T0=$SECONDS
-TESTS=""
-if [ "${RUN_TESTS:-1}" = 1 ]; then
-  CUDA_VISIBLE_DEVICES=2,3 timeout 200 $PY -m pytest -q -m gpu tests/ -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1 &
-  TESTS=$!
-fi
+note() { echo "$1 at $((SECONDS - T0)) s" | tee -a "$OUT/env.txt"; }
 moe() {  # moe EP TIMEOUT DEADLINE [extra args]; the deadline skips policies not yet started
   local ep=$1 limit=$2 deadline=$3; shift 3
-  timeout "$limit" $PY benchmarks/moe_step.py --ep "$ep" --out "$OUT/moe_step.json" --deadline-s "$deadline" "$@" \
-    >> "$OUT/moe_step_D$ep.log" 2>&1
-  echo "moe_step D=$ep exit $? at $((SECONDS - T0)) s" | tee -a "$OUT/env.txt"
+  timeout "$limit" $PY benchmarks/moe_step.py --ep "$ep" --out "$OUT/moe_step_D$ep.json" --deadline-s "$deadline" \
+    --trace-dir /tmp/traces "$@" >> "$OUT/moe_step_D$ep.log" 2>&1
+  note "moe_step D=$ep exit $?"
 }
-CUDA_VISIBLE_DEVICES=0,1 moe 2 170 130  # the first compile alone took 65 s (H200, jax 0.11.2)
-[ -n "$TESTS" ] && { wait $TESTS; echo "pytest exit $? at $((SECONDS - T0)) s" | tee -a "$OUT/env.txt"; }
-moe 4 180 140
-timeout 200 $PY benchmarks/transfer.py --ep 2 4 --out "$OUT/transfer.json" > "$OUT/transfer.log" 2>&1
-echo "transfer exit $? at $((SECONDS - T0)) s" | tee -a "$OUT/env.txt"
-[ -n "$TESTS" ] && tail -n 3 "$OUT/pytest_gpu.txt"
-grep -h "^| \|^D=\|Error" "$OUT/moe_step_D2.log" "$OUT/moe_step_D4.log" "$OUT/transfer.log" | grep -v "^D=.*: " | cut -c1-300
+case $PHASE in
+1)
+  CUDA_VISIBLE_DEVICES=2 timeout 300 $PY -m pytest -q -m gpu tests/ -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1 &
+  TESTS=$!
+  ( export CUDA_VISIBLE_DEVICES=3
+    if [ -d .whl ]; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD/.whl/stub
+    fi
+    timeout 440 $PY benchmarks/kernels.py --out "$OUT" --rows 65536 --sweep > "$OUT/kernels.log" 2>&1
+    echo "kernels exit $?" >> "$OUT/kernels.log" ) &
+  KERNELS=$!
+  CUDA_VISIBLE_DEVICES=0,1 moe 2 450 330
+  wait $TESTS; note "pytest exit $?"
+  wait $KERNELS; note "kernels done"
+  tail -n 3 "$OUT/pytest_gpu.txt"; tail -n 30 "$OUT/kernels.log"
+  ;;
+2)
+  moe 4 400 280
+  timeout 150 $PY benchmarks/transfer.py --ep 2 4 --layers 2 --micro-steps 4 --moves 1 2 4 --out "$OUT/transfer.json" \
+    > "$OUT/transfer.log" 2>&1
+  note "transfer exit $?"
+  grep -h "^| \|^D=" "$OUT/transfer.log" | grep -v "^D=.*: " | cut -c1-300
+  ;;
+3)
+  timeout 330 $PY benchmarks/rl_step.py --config gpu_4 --repeats 2 --out "$OUT/rl_step.json" > "$OUT/rl_step.log" 2>&1
+  note "rl_step exit $?"
+  tail -n 8 "$OUT/rl_step.log"
+  ;;
+esac
+grep -h "^| \|^D=\|Error" "$OUT"/moe_step_D*.log 2>/dev/null | grep -v "^D=.*: \|trace:" | cut -c1-300

@@ -147,10 +147,31 @@ def bench_gmm_case(m, name, skew, rows, skip_slow, example_cfg):
         fwd(d, b, group_sizes=g, transpose_rhs=True, **example_cfg["dlhs"]),
         tfn(a, d, group_sizes=g, **example_cfg["t"])))
     rec("jax example fwd+bwd", timeit(ex_fb, lhs, rhs, gs, dout), 3)
+  tokamax_anchor(rec, res, lhs, rhs, gs, dout, ref)
   if not skip_slow:
     rec("lax.ragged_dot fwd", timeit(ref, lhs, rhs, gs, budget_s=2.0))
     rec("lax.ragged_dot fwd+bwd", timeit(fwd_bwd(ref), lhs, rhs, gs, dout, budget_s=3.0), 3)
   rows.append(res)
+
+
+def tokamax_anchor(rec, res, lhs, rhs, gs, dout, ref):
+  """tokamax.ragged_dot's Mosaic GPU implementation, if tokamax imports (wheels carried to the GPU)."""
+  try:
+    import tokamax  # pylint: disable=g-import-not-at-top
+  except Exception as e:  # pylint: disable=broad-except
+    res["tokamax"] = f"unavailable: {type(e).__name__}: {str(e)[:160]}"
+    return
+  for impl in ("mosaic", "mosaic_gpu"):
+    tk = lambda a, b, g, impl=impl: tokamax.ragged_dot(a, b, g, implementation=impl)  # noqa: E731
+    try:
+      res["rel_err_tokamax"] = rel_err(jax.jit(tk)(lhs, rhs, gs), ref(lhs, rhs, gs))
+    except Exception as e:  # pylint: disable=broad-except
+      res["tokamax"] = f"implementation={impl!r} failed: {type(e).__name__}: {str(e)[:200]}"
+      continue
+    res["tokamax"] = f"tokamax {tokamax.__version__ if hasattr(tokamax, '__version__') else ''} {impl}"
+    rec("tokamax fwd", timeit(jax.jit(tk), lhs, rhs, gs))
+    rec("tokamax fwd+bwd", timeit(fwd_bwd(tk), lhs, rhs, gs, dout), 3)
+    return
 
 
 def sweep(m, out_rows):
@@ -196,8 +217,10 @@ def sweep(m, out_rows):
 GMM_SWEEP = [
     mosaic_gmm.GmmConfig(),
     mosaic_gmm.GmmConfig(delay_release=1),
+    mosaic_gmm.GmmConfig(delay_release=1, max_concurrent_steps=4),
+    mosaic_gmm.GmmConfig(delay_release=1, grid_block_n=4),
     mosaic_gmm.GmmConfig(epi_split=2, max_concurrent_steps=4, delay_release=1),
-    mosaic_gmm.GmmConfig(num_compute_wgs=1, block_n=192, max_concurrent_steps=4),
+    mosaic_gmm.GmmConfig(block_n=64, max_concurrent_steps=5, delay_release=1),
 ]
 TGMM_SWEEP = [
     mosaic_tgmm.TgmmConfig(),

@@ -24,6 +24,9 @@ GMM_CONFIGS = [
     mosaic_gmm.GmmConfig(epi_split=2, max_concurrent_steps=4, delay_release=1),
     mosaic_gmm.GmmConfig(block_n=64, max_concurrent_steps=4, grid_block_n=1),
     mosaic_gmm.GmmConfig(num_compute_wgs=1, block_n=192, max_concurrent_steps=4),
+    mosaic_gmm.GmmConfig(delay_release=1, max_concurrent_steps=4),
+    mosaic_gmm.GmmConfig(delay_release=1, grid_block_n=4),
+    mosaic_gmm.GmmConfig(block_n=64, max_concurrent_steps=5, delay_release=1),
 ]
 
 
@@ -95,3 +98,30 @@ def test_unsupported_shape_falls_back_only_when_not_asked(monkeypatch):
   assert pk.gmm(lhs, rhs, sizes).shape == (64, 64)  # default: logged fallback to XLA
   with pytest.raises(ValueError, match="cannot run these inputs"):
     pk.gmm(lhs, rhs, sizes, backend="mosaic_gpu")
+
+
+@pytest.mark.parametrize("unique", [False, True])
+def test_triton_permute_combine_match_xla(unique):
+  """The Pallas Triton gathers against XLA on values and gradients (odd sizes, padding indices)."""
+  t, k, d = 1001, 8, 2048 + 96
+  x = rand(3, (t, d), jnp.bfloat16)
+  # unique: every source row is read at most once (the case whose backward is a gather too).
+  idx_R = jax.random.permutation(jax.random.key(4), t) if unique else \
+      jax.random.randint(jax.random.key(4), (t * k,), -3, t + 3)
+  y = rand(5, (t * k, d), jnp.bfloat16)
+  order = jax.random.permutation(jax.random.key(6), t * k) if unique else \
+      jax.random.randint(jax.random.key(6), (t * k,), -2, t * k + 2)
+  idx_TxK = order.reshape(t, k).astype(jnp.int32)
+  w = jax.nn.softmax(rand(7, (t, k), jnp.float32))
+
+  def run(backend):
+    def loss(x, y, w):
+      p = pk.permute(x, idx_R, backend=backend, unique_rows=unique)
+      c = pk.combine(y, idx_TxK, w, backend=backend, unique_rows=unique)
+      return jnp.sum(p.astype(jnp.float32) ** 2) + jnp.sum(c.astype(jnp.float32) * 1.5), (p, c)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, y, w)
+
+  (_, outs), grads = run("triton")
+  (_, want_outs), want_grads = run("xla")
+  for got, want in zip((*outs, *grads), (*want_outs, *want_grads)):
+    assert rel_err(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32))) < 1e-2
