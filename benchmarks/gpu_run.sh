@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The device calls of the performance benchmarks on one 4-GPU machine (see BENCHMARKS.md), in phases:
-#   bash benchmarks/gpu_run.sh 1   # ~8 min: MoE step EP=2 (GPUs 0,1) | GPU tests (GPU 2) | kernels (GPU 3)
+#   bash benchmarks/gpu_run.sh 1   # ~8 min: MoE step EP=2 (GPUs 0,1) | kernel tests (GPU 2) | kernels (GPU 3)
 #   bash benchmarks/gpu_run.sh 2   # ~9 min: MoE step EP=4, then transfers EP=2,4
-#   bash benchmarks/gpu_run.sh 3   # ~5 min: RL step (train.py's recompute + update) on 4 GPUs per policy
+#   bash benchmarks/gpu_run.sh 3   # ~8 min: RL step (train.py's recompute + update) per policy, then the
+#                                  #   multi-GPU tests (ragged == padded dispatch, bf16 executor step), 4 GPUs
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
 # python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
 # BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
@@ -22,7 +23,8 @@ moe() {  # moe EP TIMEOUT DEADLINE [extra args]; the deadline skips policies not
 }
 case $PHASE in
 1)
-  CUDA_VISIBLE_DEVICES=2 timeout 300 $PY -m pytest -q -m gpu tests/ -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1 &
+  CUDA_VISIBLE_DEVICES=2 timeout 300 $PY -m pytest -q -m gpu tests/test_kernels_gpu.py -p no:cacheprovider \
+    > "$OUT/pytest_gpu.txt" 2>&1 &
   TESTS=$!
   ( export CUDA_VISIBLE_DEVICES=3
     if [ -d .whl ]; then
@@ -47,7 +49,10 @@ case $PHASE in
 3)
   timeout 330 $PY benchmarks/rl_step.py --config gpu_4 --repeats 2 --out "$OUT/rl_step.json" > "$OUT/rl_step.log" 2>&1
   note "rl_step exit $?"
-  tail -n 8 "$OUT/rl_step.log"
+  timeout 200 $PY -m pytest -q -m gpu tests/test_dispatch_gpu.py tests/test_executor_gpu.py -p no:cacheprovider \
+    > "$OUT/pytest_gpu_multi.txt" 2>&1
+  note "pytest (4 GPUs) exit $?"
+  tail -n 8 "$OUT/rl_step.log"; tail -n 3 "$OUT/pytest_gpu_multi.txt"
   ;;
 esac
 grep -h "^| \|^D=\|Error" "$OUT"/moe_step_D*.log 2>/dev/null | grep -v "^D=.*: \|trace:" | cut -c1-300
