@@ -29,7 +29,7 @@ from foremoe_jax.planner import metrics  # noqa: E402
 COLUMNS = (("task", "{}"), ("D", "{}"), ("S", "{}"), ("tok/dev", "{}"), ("policy", "{}"), ("imbalance", "{:.4f}"),
            ("base off home", "{:.1f}"), ("off base /(m,l)", "{:.2f}"), ("max off base /dev", "{}"),
            ("changed /(m,l)", "{:.2f}"), ("remote %", "{:.1f}"), ("a2a MB /(m,l)", "{:.1f}"),
-           ("est ms /step", "{:.2f}"), ("plan ms /(m,l)", "{:.3f}"))
+           ("pair need", "{}"), ("est ms /step", "{:.2f}"), ("plan ms /(m,l)", "{:.3f}"))
 
 
 def timed_plan(counts, cfg, history=None, repeats=1):
@@ -40,6 +40,12 @@ def timed_plan(counts, cfg, history=None, repeats=1):
     plan = plan_step(counts, cfg, history=history)
     best = min(best, time.process_time() - start)
   return plan, 1e3 * best / (counts.shape[0] * counts.shape[1])
+
+
+def pair_need(plan, counts):
+  """The padded all_to_all's exact capacity: max over (m, l, source, destination device) of the pairs."""
+  pairs = plan.slot_pairs(counts)
+  return int(pairs.reshape(*pairs.shape[:3], plan.config.num_devices, -1).sum(-1).max())
 
 
 def markdown_table(rows):
@@ -71,12 +77,13 @@ def run_quality(args, cost):
           row.update({"base off home": row["base_off_home"], "off base /(m,l)": row["off_base"],
                       "max off base /dev": row["off_base_max_per_device"], "changed /(m,l)": row["changed"],
                       "remote %": 100 * row["remote_fraction"], "a2a MB /(m,l)": row["a2a_mb_per_ml"],
-                      "est ms /step": row["est_ms_per_step"], "plan ms /(m,l)": ms})
+                      "est ms /step": row["est_ms_per_step"], "plan ms /(m,l)": ms,
+                      "pair need": pair_need(plan, counts)})
           rows.append(row)
           if (task, num_devices, tokens) == (args.tasks[0], args.ep[0], args.tokens[0]):
             curves[policy] = metrics.per_micro_step_imbalance(plan, counts)
           print(f"{task:11s} D={num_devices:<3d} tok={tokens:<5d} {policy:15s} imbalance {row['imbalance']:.4f}"
-                f"  plan {ms:.3f} ms/(m,l)", flush=True)
+                f"  pair need {row['pair need']}  plan {ms:.3f} ms/(m,l)", flush=True)
   save_plot(curves, args)
   return rows
 

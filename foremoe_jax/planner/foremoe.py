@@ -122,62 +122,59 @@ def free_slots(base_BxDxS: np.ndarray, primary_BxDxS: np.ndarray, w_BxE: np.ndar
   return ~primary_BxDxS & (rank < per_device)
 
 
-def micro_step_placements(counts_MxLxDxE: np.ndarray, base_LxDxS: np.ndarray, cfg: PlanConfig, with_moves: bool):
-  """Per-(m, l) placements on one base. Returns (slot_expert [M, L, D, S], x [M, L, G], max_load [M, L]).
-
-  Without moves every micro-step keeps the base; with them each (m, l) takes the greedy's moves where
-  the cost model says they beat keeping the base.
-  """
+def moved_placements(counts_MxLxDxE: np.ndarray, base_LxDxS: np.ndarray, cfg: PlanConfig):
+  """The greedy's per-(m, l) moves on one base: (slot_expert [M*L, D, S], its load estimate x [M*L, G])."""
   num_micro, num_layers, num_devices, num_experts = counts_MxLxDxE.shape
   batch = num_micro * num_layers
   w_BxE = counts_MxLxDxE.sum(2).reshape(batch, num_experts).astype(np.float64)
   base_BxDxS = np.broadcast_to(base_LxDxS, (num_micro, *base_LxDxS.shape)).reshape(batch, num_devices, -1)
-  candidates_se, candidates_x = [base_BxDxS], [split.even_slot_loads(base_BxDxS, w_BxE)]
-  if with_moves:
-    primary = np.broadcast_to(primary_mask(base_LxDxS), (num_micro, *base_LxDxS.shape)).reshape(base_BxDxS.shape)
-    moved_se, moved_x = place_replicas(base_BxDxS, free_slots(base_BxDxS, primary, w_BxE, cfg.max_moves_per_device), w_BxE)
-    candidates_se.append(moved_se)
-    candidates_x.append(split.merge_same_device_copies(moved_se, moved_x.reshape(moved_se.shape)).reshape(batch, -1))
-  se_CxBxDxS = np.stack(candidates_se)
-  x_CxBxG = split.waterfill_slot_loads(se_CxBxDxS.reshape(-1, num_devices, cfg.slots_per_device),
-                                       np.concatenate(candidates_x), num_experts,
-                                       cfg.split_sweeps).reshape(len(candidates_se), batch, -1)
-  max_load_CxB = x_CxBxG.reshape(*x_CxBxG.shape[:2], num_devices, -1).sum(-1).max(-1)
-  moves_CxB = (se_CxBxDxS != base_BxDxS).sum(-1).max(-1)
-  choice_B = np.argmin(cfg.cost.layer_s(max_load_CxB, moves_CxB), axis=0)
-  rows = np.arange(batch)
-  return (se_CxBxDxS[choice_B, rows].reshape(num_micro, num_layers, num_devices, -1),
-          x_CxBxG[choice_B, rows].reshape(num_micro, num_layers, -1),
-          max_load_CxB[choice_B, rows].reshape(num_micro, num_layers))
+  primary = np.broadcast_to(primary_mask(base_LxDxS), (num_micro, *base_LxDxS.shape)).reshape(base_BxDxS.shape)
+  se, x = place_replicas(base_BxDxS, free_slots(base_BxDxS, primary, w_BxE, cfg.max_moves_per_device), w_BxE)
+  return se, split.merge_same_device_copies(se, x.reshape(se.shape)).reshape(batch, -1)
 
 
 def plan_foremoe(counts_MxLxDxE: np.ndarray, cfg: PlanConfig):
   """Returns (slot_expert int32 [M, L, D, S], slot_pairs int64 [M*L, G], base int32 [L, D, S])."""
   num_micro, num_layers, num_devices, num_experts = counts_MxLxDxE.shape
+  batch = num_micro * num_layers
   w_LxE = counts_MxLxDxE.sum((0, 2)).astype(np.float64)
+  w_BxE = counts_MxLxDxE.sum(2).reshape(batch, num_experts).astype(np.float64)
   # Home layouts first: on equal estimated time, experts stay home.
   home = slots.home_placement(num_experts, num_devices, cfg.slots_per_device)
   bases = [np.broadcast_to(home, (num_layers, *home.shape)), home_base(w_LxE, cfg), lpt_base(w_LxE, cfg)]
-  with_moves = [True, True, True]
   if cfg.eplb_base_candidate and cfg.redundant_per_device > 0:
     bases.append(eplb.eplb_placement(w_LxE, num_devices, cfg.slots_per_device, cfg.eplb_groups, cfg.eplb_nodes))
-    with_moves.append(False)  # moves on the EPLB base rarely win (never on the ESFT traces)
   bases = [align.align_placement(base, home, num_experts, cfg.eplb_nodes) for base in bases]
-  results = [micro_step_placements(counts_MxLxDxE, base, cfg, moves) for base, moves in zip(bases, with_moves)]
-  # Per layer, the base with the lowest estimated step time: its micro-steps, then its one-off transfer.
-  step_s_CxL = np.stack([
-      cfg.cost.layer_s(max_load, (se != base[None]).sum(-1).max(-1)).sum(0)
-      + remote_base_slots(base, cfg) * cfg.cost.move_s
-      for base, (se, _, max_load) in zip(bases, results)])
-  choice_L = np.argmin(step_s_CxL, axis=0)
-  layer = np.arange(num_layers)
-  base = np.stack(bases)[choice_L, layer]
-  slot_expert = np.stack([r[0] for r in results])[choice_L, :, layer].transpose(1, 0, 2, 3)
-  x = np.stack([r[1] for r in results])[choice_L, :, layer].transpose(1, 0, 2)
-
-  batch = num_micro * num_layers
-  se_BxDxS = slot_expert.reshape(batch, num_devices, -1)
+  # Per-(m, l) candidates: every base unchanged, plus the greedy's moves on home and on the LPT base.
+  # Home + replicas shares home's moves (both re-decide only the redundant slots), so the greedy runs
+  # twice, not three times; moves on the EPLB base rarely win (never on the ESFT traces).
+  candidates_se = [np.broadcast_to(base, (num_micro, *base.shape)).reshape(batch, num_devices, -1) for base in bases]
+  candidates_x = [split.even_slot_loads(se, w_BxE) for se in candidates_se]
+  for source in (0, 2):
+    se, x = moved_placements(counts_MxLxDxE, bases[source], cfg)
+    candidates_se.append(se)
+    candidates_x.append(x)
+  home_moved, lpt_moved = len(bases), len(bases) + 1
+  of_base = [(0, home_moved), (1, home_moved), (2, lpt_moved)] + [(3,)] * (len(bases) - 3)
+  se_CxBxDxS = np.stack(candidates_se)
+  x_CxBxG = split.waterfill_slot_loads(se_CxBxDxS.reshape(-1, num_devices, cfg.slots_per_device),
+                                       np.concatenate(candidates_x), num_experts,
+                                       cfg.split_sweeps).reshape(len(candidates_se), batch, -1)
+  max_load_CxB = x_CxBxG.reshape(*x_CxBxG.shape[:2], num_devices, -1).sum(-1).max(-1)
+  # Per (m, l) and base, the candidate with the lowest estimated time (moves counted from that base);
+  # per layer, the base with the lowest estimated step time: its micro-steps, then its one-off transfer.
+  choice_NxB, step_s_N = [], []
+  for b, cands in enumerate(of_base):
+    time_cxB = np.stack([cfg.cost.layer_s(max_load_CxB[c], (se_CxBxDxS[c] != candidates_se[b]).sum(-1).max(-1))
+                         for c in cands])
+    choice_NxB.append(np.asarray(cands)[np.argmin(time_cxB, axis=0)])
+    step_s_N.append(time_cxB.min(0).reshape(num_micro, num_layers).sum(0)
+                    + remote_base_slots(bases[b], cfg) * cfg.cost.move_s)
+  choice_L = np.argmin(np.stack(step_s_N), axis=0)
+  choice_B = np.stack(choice_NxB).reshape(len(bases), num_micro, num_layers)[choice_L, :, np.arange(num_layers)].T.ravel()
+  rows = np.arange(batch)
+  slot_expert = se_CxBxDxS[choice_B, rows]
+  base = np.stack(bases)[choice_L, np.arange(num_layers)]
   counts_BxDxE = counts_MxLxDxE.reshape(batch, num_devices, num_experts)
-  w_BxE = counts_BxDxE.sum(1)
-  slot_pairs = split.integer_slot_loads(se_BxDxS.reshape(batch, -1), x.reshape(batch, -1), w_BxE)
-  return slot_expert, slot_pairs, base.astype(np.int32)
+  slot_pairs = split.integer_slot_loads(slot_expert.reshape(batch, -1), x_CxBxG[choice_B, rows], counts_BxDxE.sum(1))
+  return slot_expert.reshape(num_micro, num_layers, num_devices, -1), slot_pairs, base.astype(np.int32)

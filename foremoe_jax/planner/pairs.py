@@ -16,6 +16,8 @@ import numpy as np
 # Bisection steps for a block's multiplier: the bracket shrinks to 2^-10 of the largest count; the
 # interpolation between its ends then hits the sum exactly (rounding follows anyway).
 BISECTIONS = 10
+# First round of balance_pairs: the problems whose max pair count is within this fraction of the max.
+NEAR_MAX = 0.7
 
 
 def pair_counts(pairs_BxGxD: np.ndarray, num_devices: int) -> np.ndarray:
@@ -51,16 +53,10 @@ def _round_keeping_sum(t_BxN: np.ndarray, cap_BxN: np.ndarray, total_B: np.ndarr
   return np.clip(out, 0, cap_BxN)
 
 
-def balance_pairs(table_BxKxR: np.ndarray, pairs_BxGxD: np.ndarray, num_slots: int, sweeps: int) -> np.ndarray:
-  """int64 [B, G, D_src]: the same slot totals and per-source expert totals, with a flatter P[d, s].
-
-  table_BxKxR: the slots of each replicated expert, one per device, -1 padded (`split.replica_table`);
-  num_slots: S per device. No slot's total changes, so device loads stay exactly as planned.
-  """
-  if sweeps < 1 or table_BxKxR.shape[1] == 0:
-    return pairs_BxGxD
+def _balance_rows(table_BxKxR: np.ndarray, pairs_BxGxD: np.ndarray, num_slots: int, sweeps: int) -> np.ndarray:
+  """pairs_BxGxD, updated in place by block coordinate descent over every problem (module docstring)."""
   num_devices = pairs_BxGxD.shape[1] // num_slots
-  pairs = pairs_BxGxD.copy()
+  pairs = pairs_BxGxD
   p_BxDxD = pair_counts(pairs, num_devices)
   for _ in range(sweeps):
     for k in range(table_BxKxR.shape[1]):
@@ -80,4 +76,31 @@ def balance_pairs(table_BxKxR: np.ndarray, pairs_BxGxD: np.ndarray, num_slots: i
         new1 = _round_keeping_sum(t, cap, total)
         pairs[rows, g1], pairs[rows, g2] = new1, cap - new1
         p_BxDxD[rows, d1], p_BxDxD[rows, d2] = others1 + new1, others2 + cap - new1
+  return pairs
+
+
+def balance_pairs(table_BxKxR: np.ndarray, pairs_BxGxD: np.ndarray, num_slots: int, sweeps: int,
+                  near_max: float = NEAR_MAX) -> np.ndarray:
+  """pairs_BxGxD, updated in place: the same slot totals and per-source expert totals, a flatter P[d, s].
+
+  table_BxKxR: the slots of each replicated expert, one per device, -1 padded (`split.replica_table`);
+  num_slots: S per device. No slot's total changes, so device loads stay exactly as planned.
+  Only the step-wide max of P sets the all_to_all capacity, so only the problems that could hold it are
+  balanced: first those within `near_max` of the max, then any left above the balanced ones' new max
+  (problems are independent, so the step-wide max is never above that of balancing all; near_max=0
+  balances all).
+  """
+  if sweeps < 1 or table_BxKxR.shape[1] == 0:
+    return pairs_BxGxD
+  num_devices = pairs_BxGxD.shape[1] // num_slots
+  pairs = pairs_BxGxD
+  need_B = pair_counts(pairs, num_devices).max((1, 2))
+  done_B = np.zeros(need_B.shape, bool)
+  todo_B = need_B >= near_max * need_B.max()
+  while todo_B.any():
+    rows = np.nonzero(todo_B)[0]
+    pairs[rows] = _balance_rows(table_BxKxR[rows], pairs[rows], num_slots, sweeps)
+    need_B[rows] = pair_counts(pairs[rows], num_devices).max((1, 2))
+    done_B |= todo_B
+    todo_B = ~done_B & (need_B > need_B[done_B].max())
   return pairs

@@ -44,9 +44,11 @@ def first_copy_mask(slot_expert_BxG: np.ndarray, order_G: np.ndarray | None = No
 def device_first_mask(slot_expert_BxDxS: np.ndarray) -> np.ndarray:
   """bool [B, D, S]: the first slot of each expert on its device (a same-device duplicate adds nothing)."""
   se = slot_expert_BxDxS
-  same_BxDxSxS = se[..., :, None] == se[..., None, :]
-  earlier_SxS = np.tril(np.ones((se.shape[-1],) * 2, bool), k=-1)
-  return (se >= 0) & ~(same_BxDxSxS & earlier_SxS).any(-1)
+  first = se >= 0
+  # A loop over slots: cheaper than a [B, D, S, S] comparison for the few slots a device has.
+  for j in range(1, se.shape[-1]):
+    first[..., j] &= ~(se[..., :j] == se[..., j:j + 1]).any(-1)
+  return first
 
 
 def expert_segments(slot_expert_BxG: np.ndarray):

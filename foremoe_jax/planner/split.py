@@ -80,17 +80,26 @@ def waterfill_slot_loads(slot_expert_BxDxS, x_BxG, num_experts: int, sweeps: int
   Stops early once a sweep moves no slot load by `tolerance` pairs or more.
   """
   batch, num_devices, num_slots = slot_expert_BxDxS.shape
-  table_KxBxR = np.ascontiguousarray(np.moveaxis(replica_table(slot_expert_BxDxS, num_experts), 1, 0))
-  valid_KxBxR = table_KxBxR >= 0
-  rows_B = np.arange(batch)[:, None]
+  table_BxKxR = replica_table(slot_expert_BxDxS, num_experts)
+  # Most copies first in each problem, so that block k runs only on the problems with a k-th replicated
+  # expert, and only as wide as their k-th expert's copies (most experts have 2, a few up to D).
+  copies_BxK = (table_BxKxR >= 0).sum(-1)
+  order_BxK = np.argsort(-copies_BxK, axis=1, kind="stable")
+  table_BxKxR = np.take_along_axis(table_BxKxR, order_BxK[:, :, None], axis=1)
+  copies_BxK = np.take_along_axis(copies_BxK, order_BxK, axis=1)
   # Flat indices; padding points at one extra trailing slot (always 0) on an extra device of height NO_BIN.
   x_flat = np.append(np.asarray(x_BxG, dtype=np.float64).reshape(-1), 0.0)
   load_flat = np.append(x_flat[:-1].reshape(batch, num_devices, num_slots).sum(-1).reshape(-1), NO_BIN)
-  slot_KxBxR = np.where(valid_KxBxR, rows_B * (num_devices * num_slots) + table_KxBxR, x_flat.size - 1)
-  device_KxBxR = np.where(valid_KxBxR, rows_B * num_devices + table_KxBxR // num_slots, load_flat.size - 1)
+  blocks = []
+  for k in range(table_BxKxR.shape[1]):
+    rows_N = np.nonzero(copies_BxK[:, k])[0]
+    table_NxR = table_BxKxR[rows_N, k, :copies_BxK[rows_N, k].max()]
+    valid_NxR = table_NxR >= 0
+    blocks.append((np.where(valid_NxR, rows_N[:, None] * (num_devices * num_slots) + table_NxR, x_flat.size - 1),
+                   np.where(valid_NxR, rows_N[:, None] * num_devices + table_NxR // num_slots, load_flat.size - 1)))
   for _ in range(sweeps):
     largest_change = 0.0
-    for slot, device in zip(slot_KxBxR, device_KxBxR):
+    for slot, device in blocks:
       old = x_flat[slot]
       new = _waterfill(load_flat[device] - old, old.sum(1))
       x_flat[slot] = new
