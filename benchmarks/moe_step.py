@@ -13,9 +13,9 @@ load (split over its two halves) and gives 8 distinct experts per token. `eplb_h
 second, independently drawn step. `ideal`: the same token count with round-robin routes (token n takes
 experts (8n + j) % 128), so every expert gets the same load from every source: perfect balance.
 
-Policies: static, eplb_history, eplb_step, foremoe (planned ahead, host planning not timed; refills
-prefetched behind compute), foremoe_serial (the same plan, each refill right before its micro-step: the
-overlap's worth), and live (no foresight: before each micro-step the host waits for the device, plans that
+Policies: static, eplb_history, eplb_step, foremoe (planned ahead, host planning not timed; each refill
+right before its micro-step, the executor's default), foremoe_prefetch (the same plan, each refill inside
+the previous micro-step's program: what overlap is worth), and live (no foresight: before each micro-step the host waits for the device, plans that
 micro-step alone with eplb_microstep, builds its tables, moves home -> placement, computes and sends the
 gradients home; all of it timed). Every policy runs as the library runs it: `prepare_step`'s tables and
 its padded capacity, the step's exact need per (source, destination) bucketed (`executor.bucket`), so a
@@ -45,7 +45,7 @@ from foremoe_jax.planner import PlanConfig, plan_step, traces  # noqa: E402
 
 E, K, H, F = 128, 8, 2048, 768
 SMOKE = dict(hidden=64, expert_hidden=64, tokens=64, micro_steps=2, layers=2, warmup=1, repeats=1)
-POLICIES = ("static", "ideal", "foremoe", "eplb_step", "live", "foremoe_serial", "eplb_history")  # most needed first
+POLICIES = ("static", "ideal", "foremoe", "eplb_step", "live", "foremoe_prefetch", "eplb_history")  # most needed first
 
 
 def map_routes_64_to_128(routes_NxLx6: np.ndarray) -> np.ndarray:
@@ -209,9 +209,9 @@ def run(args, num_devices: int) -> dict:
     except Exception as err:  # the timing rows matter more than the trace
       return {"error": repr(err)[:300]}
 
-  jobs = {p: (prepare_step(plans[p], step_counts[p], E), ideal_batches if p == "ideal" else batches, True)
+  jobs = {p: (prepare_step(plans[p], step_counts[p], E), ideal_batches if p == "ideal" else batches, False)
           for p in plans}
-  jobs["foremoe_serial"] = (jobs["foremoe"][0], batches, False)
+  jobs["foremoe_prefetch"] = (jobs["foremoe"][0], batches, True)
   order = [p for p in args.policies if p in jobs or p == "live"]
 
   result = dict(D=num_devices, S=slots, E=E, k=K, hidden=args.hidden, expert_hidden=args.expert_hidden,
@@ -247,7 +247,7 @@ def run(args, num_devices: int) -> dict:
         start = time.perf_counter()
         out = ex.train_step(batches_, step, prefetch=prefetch)
         samples.append(time.perf_counter() - start)
-      policy = "foremoe" if name == "foremoe_serial" else name
+      policy = "foremoe" if name == "foremoe_prefetch" else name
       plan, c = plans[policy], step_counts[policy]
       load = plan.device_load(c)
       row = dict(imbalance=plan.imbalance(c), planner_ms=plan_ms.get(policy, 0.0), planner_on_critical_path=False,

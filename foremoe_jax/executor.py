@@ -9,7 +9,7 @@ Two levels, as the plan has them:
    Between micro-steps only the slots whose expert changes are rewritten (`refill`), from the base; a
    micro-step whose placement equals the previous one in every layer skips it. With `prefetch` the
    next micro-step's refill runs inside the current micro-step's program, where it depends on nothing
-   the compute produces, so XLA's scheduler can overlap its ppermutes with the compute.
+   the compute produces, so XLA's scheduler may overlap its ppermutes with the compute.
 3. `finish`: the accumulated base gradients go home through the transpose of the base transfer, then one
    optimizer update in the home layout. Parameters and optimizer state never see a placement.
 Placements are traced table values: a new plan never recompiles (the padded capacity is bucketed, the
@@ -28,8 +28,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.placement import Tables, plan_tables
-from foremoe_jax.transfer import (MoveTables, apply_moves, fill_moves, home_to_base_moves, local_copies_needed,
-                                  move_tables, moves_needed)
+from foremoe_jax.transfer import (MoveTables, apply_moves, apply_moves_transpose, fill_moves, home_to_base_moves,
+                                  local_copies_needed, move_tables, moves_needed)
 
 # loss_fn(model, batch, *, tables, working, capacity) -> (scalar loss, metrics dict)
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -135,11 +135,13 @@ class Executor:
   """Runs optimizer steps and forward-only passes of a model (`__call__(..., tables, replay, capacity=,
   working=)` and `moe_layers()`) over micro-steps with changing placements.
 
-  prefetch: refill the next micro-step's changed slots behind the current one's compute (default), or
-  right before each micro-step (`False`: nothing to overlap, idle transfer rounds skipped).
+  prefetch: refill the next micro-step's changed slots inside the current micro-step's program, where
+  XLA may overlap them with its compute, or (default) right before each micro-step, skipping idle
+  transfer rounds. Measured on 4 x H200 (BENCHMARKS.md) the prefetch hid nothing and its unconditional
+  rounds cost more than the skipped ones, hence the default.
   """
 
-  def __init__(self, model, tx: optax.GradientTransformation, loss_fn: LossFn, mesh, *, prefetch: bool = True):
+  def __init__(self, model, tx: optax.GradientTransformation, loss_fn: LossFn, mesh, *, prefetch: bool = False):
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.tx, self.loss_fn, self.mesh, self.prefetch = tx, loss_fn, mesh, prefetch
     self.opt_state = replicate_unsharded(jax.jit(tx.init)(self.params), mesh)
@@ -179,8 +181,7 @@ class Executor:
     grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
     (loss, metrics), (grad_params, grad_working) = grad_fn(params, working, batch, tables, capacity)
     # Working slots hold base rows (copied by `fill`): their gradients go back through its transpose.
-    _, to_base = jax.vjp(lambda b: self._refill(b, b, fill), base)
-    (grad_base,) = to_base(grad_working)
+    grad_base = [apply_moves_transpose(g, None, index(fill, l), self.mesh) for l, g in enumerate(grad_working)]
     acc = jax.tree.map(jnp.add, acc, (grad_params, grad_base))
     if refill == "after":
       working = self._refill(base, working, refill_moves, skip_idle=False)
@@ -198,8 +199,8 @@ class Executor:
     """Accumulated (params, base) gradients -> gradients of the home-layout parameters."""
     grad_params, grad_base = acc
     home = expert_weights(nnx.merge(self.graphdef, params, self.rest))
-    _, to_home = jax.vjp(lambda h: self._to_base(h, base_moves), home)
-    (grad_home,) = to_home(grad_base)
+    grad_home = [apply_moves_transpose(g, jax.tree.map(jnp.zeros_like, h), index(base_moves, l), self.mesh)
+                 for l, (g, h) in enumerate(zip(grad_base, home))]
     grad_model = nnx.merge(self.graphdef, grad_params, self.rest)
     for layer, (g_gate_up, g_down) in zip(grad_model.moe_layers(), grad_home):
       layer.w_gate_up[...] = layer.w_gate_up[...] + g_gate_up

@@ -2,9 +2,10 @@
 
 Home weights are `[E, ...]` sharded over "expert" (device d holds experts d*E/D ... (d+1)*E/D - 1).
 The working layout is `[D*S, ...]` sharded over "expert": slot j of device d holds expert
-`slot_expert[d*S + j]`. Everything is differentiable: the transpose of a row read sums the rows'
-gradients into their source (`take_rows`), the transpose of the all-gather is a reduce-scatter and that
-of a `ppermute` the reverse `ppermute`, so replica gradients are summed into the home layout.
+`slot_expert[d*S + j]`. Everything is differentiable (the transpose of the all-gather is a reduce-scatter,
+that of a `ppermute` the reverse `ppermute`). The executor maps gradients back with `apply_moves_transpose`,
+written out so that it touches only the moved rows: autodiff of a row copy materializes gradients of the
+whole array (a scatter-add of whole experts into zeros, then a full add), which cost more than the moves.
 """
 from typing import NamedTuple
 
@@ -127,30 +128,16 @@ def fill_moves(slot_expert_DxS: np.ndarray, base_DxS: np.ndarray, current_DxS: n
   return moves
 
 
-@jax.custom_vjp
-def take_rows(src_RxX, idx_K):
-  """`src[max(idx, 0)]` for a few whole-expert rows.
-
-  Its backward sums each row's gradient into its source row by a one-hot matmul rather than a
-  scatter-add: rows are millions of elements, and a GPU scatter-add of them runs element-wise
-  atomics. Exact: every output element is a sum of the few rows read from it.
-  """
-  return src_RxX[jnp.maximum(idx_K, 0)]
+def _read_rows(src_RxX, read_K):
+  """src[read[k]], zero rows where read[k] < 0."""
+  rows = src_RxX[jnp.maximum(read_K, 0)]
+  return jnp.where((read_K >= 0).reshape(-1, *[1] * (rows.ndim - 1)), rows, jnp.zeros((), rows.dtype))
 
 
-def _take_rows_fwd(src_RxX, idx_K):
-  return take_rows(src_RxX, idx_K), (idx_K, src_RxX.shape[0])
-
-
-def _take_rows_bwd(res, d_rows_KxX):
-  idx_K, num_rows = res
-  one_hot_KxR = (jnp.maximum(idx_K, 0)[:, None] == jnp.arange(num_rows)[None, :]).astype(d_rows_KxX.dtype)
-  d_src = jnp.einsum("kr,k...->r...", one_hot_KxR, d_rows_KxX, precision=jax.lax.Precision.HIGHEST,
-                     preferred_element_type=d_rows_KxX.dtype)
-  return d_src, None
-
-
-take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+def _add_rows(dst_RxX, write_K, rows):
+  """dst[write[k]] += rows[k] where write[k] >= 0 (a few rows: the scatter touches only them)."""
+  target = jnp.where(write_K >= 0, write_K, dst_RxX.shape[0])
+  return dst_RxX.at[target].add(rows.astype(dst_RxX.dtype), mode="drop")
 
 
 def _write_rows(dst_RdxX, write_K, rows):
@@ -167,15 +154,59 @@ def move_rows_local(src_RsxX, dst_RdxX, local_src_L, local_dst_L, send_RxK, recv
   The transpose of each `ppermute` is the reverse `ppermute`, so gradients of `dst` flow back to `src`.
   """
   num_devices = send_RxK.shape[0]
-  dst_RdxX = _write_rows(dst_RdxX, local_dst_L, take_rows(src_RsxX, local_src_L))
+  dst_RdxX = _write_rows(dst_RdxX, local_dst_L, _read_rows(src_RsxX, local_src_L))
   for r in range(1, num_devices):
     def move(dst, r=r):
-      rows = take_rows(src_RsxX, send_RxK[r])
-      rows = jnp.where((send_RxK[r] >= 0).reshape(-1, *[1] * (rows.ndim - 1)), rows, 0)
+      rows = _read_rows(src_RsxX, send_RxK[r])
       rows = jax.lax.ppermute(rows, AXIS, [(d, (d + r) % num_devices) for d in range(num_devices)])
       return _write_rows(dst, recv_RxK[r], rows)
     dst_RdxX = jax.lax.cond(active_R[r], move, lambda dst: dst, dst_RdxX) if skip_idle else move(dst_RdxX)
   return dst_RdxX
+
+
+def move_rows_transpose_local(d_dst_RdxX, d_src_RsxX, local_src_L, local_dst_L, send_RxK, recv_RxK, active_R):
+  """Per device: the transpose of `move_rows_local` (which read every row from the original `src`).
+
+  d_dst: gradient of the moved-into array. Returns (d_src + the written rows' gradients routed back to
+  the rows they were read from, d_dst with the written rows zeroed). With d_src None the routed rows
+  are added to the zeroed d_dst: the case `src` is `dst` (a fill). Only moved rows are touched.
+  """
+  num_devices = send_RxK.shape[0]
+  local_rows = _read_rows(d_dst_RdxX, local_dst_L)
+  round_rows = [_read_rows(d_dst_RdxX, recv_RxK[r]) for r in range(num_devices)]
+  zeroed_RdxX = _write_rows(d_dst_RdxX, local_dst_L, jnp.zeros_like(local_rows))
+  for r in range(1, num_devices):
+    zeroed_RdxX = _write_rows(zeroed_RdxX, recv_RxK[r], jnp.zeros_like(round_rows[r]))
+  into = zeroed_RdxX if d_src_RsxX is None else d_src_RsxX
+  into = _add_rows(into, local_src_L, local_rows)
+  for r in range(1, num_devices):
+    def back(into, r=r):  # rows received from d - r go back to it, in the order it sent them
+      rows = jax.lax.ppermute(round_rows[r], AXIS, [(d, (d - r) % num_devices) for d in range(num_devices)])
+      return _add_rows(into, send_RxK[r], rows)
+    into = jax.lax.cond(active_R[r], back, lambda into: into, into)
+  return into, zeroed_RdxX
+
+
+def apply_moves_transpose(d_dst, d_src, moves: MoveTables, mesh: jax.sharding.Mesh):
+  """Global transpose of `apply_moves`: pytrees of `[D*rows, ...]` gradients. With `d_src` given
+  (e.g. zeros of the source's shape) returns the source's gradient; with None, `src` and `dst` are one
+  array (a fill) and the result is that array's gradient."""
+  tables_specs = (P(AXIS), P(AXIS), P(AXIS), P(AXIS), P())
+  spec = jax.tree.map(lambda _: P(AXIS), d_dst)
+
+  def fill(d_dst, local_src, local_dst, send, recv, active):
+    return jax.tree.map(lambda g: move_rows_transpose_local(
+        g, None, local_src[0], local_dst[0], send[0], recv[0], active)[0], d_dst)
+
+  def copy(d_dst, d_src, local_src, local_dst, send, recv, active):
+    return jax.tree.map(lambda g, s: move_rows_transpose_local(
+        g, s, local_src[0], local_dst[0], send[0], recv[0], active)[0], d_dst, d_src)
+
+  if d_src is None:
+    return jax.shard_map(fill, mesh=mesh, in_specs=(spec, *tables_specs), out_specs=spec)(d_dst, *moves)
+  src_spec = jax.tree.map(lambda _: P(AXIS), d_src)
+  return jax.shard_map(copy, mesh=mesh, in_specs=(spec, src_spec, *tables_specs), out_specs=src_spec)(
+      d_dst, d_src, *moves)
 
 
 def apply_moves(src, dst, moves: MoveTables, mesh: jax.sharding.Mesh, skip_idle: bool = True):
