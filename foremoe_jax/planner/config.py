@@ -25,8 +25,9 @@ class CostModel:
   link_bytes_per_s: float = 290e9  # lax.ppermute per device
   a2a_bytes_per_s: float = 500e9  # all_to_all per device
   # Share of an (m, l)'s expert compute during which the link is free to prefetch its replicas;
-  # transfer time beyond it is exposed and counted as cost.
-  overlap_fraction: float = 0.5
+  # transfer time beyond it is exposed and counted as cost. 0: on 4 x H200 a prefetched refill hid
+  # nothing (BENCHMARKS.md), and the executor refills right before each micro-step by default.
+  overlap_fraction: float = 0.0
 
   @property
   def expert_bytes(self) -> float:

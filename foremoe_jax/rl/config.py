@@ -21,6 +21,11 @@ class RLConfig:
   kl_coef: float = 0.0  # > 0: KL to the SFT policy (k3 estimator)
   lr: float = 3e-4
   policy: str = "foremoe"  # placement policy of the recompute and update stages
+  # The planner's cost model (per device; the expert's shape comes from the model). Defaults: one H100
+  # of an NVLink node. A move pays only where it saves ~bytes*flops/(3*link) pairs on the busiest device.
+  plan_matmul_tflops: float = 400.0  # grouped GEMM rate
+  plan_link_gbs: float = 290.0  # ppermute bandwidth
+  plan_a2a_gbs: float = 500.0  # all_to_all bandwidth
   prompt_file: str = ""  # "prompt<TAB>answer" lines; empty: arithmetic problems drawn on the fly
   ckpt_every: int = 1
 
@@ -35,6 +40,8 @@ class RLConfig:
     if (self.prompts_per_step * self.group_size) % num_shards:
       raise ValueError(f"rl.prompts_per_step * rl.group_size = {self.prompts_per_step * self.group_size} is "
                        f"not divisible by the {num_shards} devices of the batch axes")
+    if min(self.plan_matmul_tflops, self.plan_link_gbs, self.plan_a2a_gbs) <= 0:
+      raise ValueError("rl.plan_matmul_tflops, rl.plan_link_gbs and rl.plan_a2a_gbs must be > 0")
     if not 0 < self.top_p <= 1 or self.temperature < 0 or self.clip_eps <= 0 or self.kl_coef < 0 or self.lr <= 0:
       raise ValueError("need 0 < rl.top_p <= 1, rl.temperature >= 0, rl.clip_eps > 0, rl.kl_coef >= 0, rl.lr > 0")
     if self.prompt_file and not os.path.isfile(self.prompt_file):

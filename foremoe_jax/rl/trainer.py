@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from foremoe_jax.checkpoint import Checkpointer
 from foremoe_jax.executor import Executor, bucket, prepare_step, replicate_unsharded
 from foremoe_jax.mesh import batch_sharding, batch_shards
-from foremoe_jax.planner import POLICIES, PlanConfig, plan_step
+from foremoe_jax.planner import POLICIES, CostModel, PlanConfig, plan_step
 from foremoe_jax.rl.grpo import group_advantages, grpo_loss, token_logprobs
 from foremoe_jax.rl.microbatch import build_step_batches, with_advantages
 from foremoe_jax.rl.rollout import rollout
@@ -83,8 +83,12 @@ class GRPOTrainer:
     self.tok = CharTokenizer()
     moe = model.moe_layers()[0]
     self.expert_devices = moe.num_devices
+    cost = CostModel(hidden=cfg.model.d_model, expert_intermediate=cfg.model.d_ff_expert,
+                     bytes_per_param=jnp.dtype(cfg.model.param_dtype).itemsize,
+                     matmul_flops_per_s=self.rl.plan_matmul_tflops * 1e12, link_bytes_per_s=self.rl.plan_link_gbs * 1e9,
+                     a2a_bytes_per_s=self.rl.plan_a2a_gbs * 1e9)
     self.plan_cfg = PlanConfig(num_experts=cfg.model.num_experts, num_devices=moe.num_devices,
-                               slots_per_device=moe.slots, policy=self.rl.policy)
+                               slots_per_device=moe.slots, policy=self.rl.policy, cost=cost)
     self.prompts = load_prompt_file(self.rl.prompt_file, self.tok) if self.rl.prompt_file else None
     objective = functools.partial(grpo_objective, clip_eps=self.rl.clip_eps, kl_coef=self.rl.kl_coef)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(self.rl.lr, b2=0.98, weight_decay=0.0))
