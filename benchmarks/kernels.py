@@ -217,7 +217,6 @@ def sweep(m, out_rows):
 GMM_SWEEP = [
     mosaic_gmm.GmmConfig(),
     mosaic_gmm.GmmConfig(delay_release=1),
-    mosaic_gmm.GmmConfig(delay_release=1, max_concurrent_steps=4),
     mosaic_gmm.GmmConfig(delay_release=1, grid_block_n=4),
     mosaic_gmm.GmmConfig(epi_split=2, max_concurrent_steps=4, delay_release=1),
     mosaic_gmm.GmmConfig(block_n=64, max_concurrent_steps=5, delay_release=1),

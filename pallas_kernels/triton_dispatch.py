@@ -43,8 +43,8 @@ class GatherConfig:
         raise ValueError(f"GatherConfig.{name} must be a power of two, got {value}")
 
 
-PERMUTE_DEFAULT = GatherConfig(block_rows=64, block_d=256, num_warps=4)
-COMBINE_DEFAULT = GatherConfig(block_rows=32, block_d=256, num_warps=4)
+PERMUTE_DEFAULT = GatherConfig(block_rows=64, block_d=256, num_warps=4)  # H200 sweep winner
+COMBINE_DEFAULT = GatherConfig(block_rows=8, block_d=1024, num_warps=4)  # H200 sweep winner
 # Candidates the benchmark times (benchmarks/kernels.py --sweep); winners become the defaults above.
 SWEEP = [
     GatherConfig(32, 256, 4), GatherConfig(64, 256, 4), GatherConfig(16, 512, 4),
