@@ -1,19 +1,19 @@
 """Cost-model simulator: calibrated on the measured GPU runs, validated on them, projected to EP 8-64.
 
 Model of one optimizer step (M micro-steps x L MoE layers), per policy:
-  t = sum_(m,l) [ alpha * maxload(m,l) * t_pair  +  overhead(D) ]            expert compute + dispatch
-      + 2 * shipped rows * t_expert_move                  home->base + per-micro-step fills, gradients back
+  t = sum_(m,l) maxload(m,l) * t_pair  +  M*L * (other(D) + beta(D) * D * C)       GEMMs + dispatch
+      + 2 * moved rows * t_expert_move                  home->base + per-micro-step fills, gradients back
       + (live only) M * planner ms on the critical path
-t_pair = forward+backward FLOPs of one (token, expert) pair / the measured grouped-GEMM rate;
-t_expert_move = the measured time to ppermute one 9.4 MB expert; shipped rows = what the executor's
-round engine sends per device: per layer, K rows in every active round (K = the largest per-pair need).
-`exact ms` instead charges only the busiest device's real incoming moves (a bytes-exact transfer).
-Calibration (per measured EP size): alpha and overhead(D) solve the two policies without transfers
-(static, ideal); the other policies (eplb_history, eplb_step, foremoe, live) are predictions: their
-error is the validation. Projection (EP 8-64): alpha = mean of the fits; overhead(D) = the measured
-non-all-to-all part (mean) + an all-to-all of the padded capacity at --a2a-gbs (NVLink inside a node of
-8, --ib-gbs across nodes; assumptions, not measurements); counts from the traces (the 64 -> 128 rule of
-moe_step.py), Qwen3-30B-A3B's 48 MoE layers replayed from the 26 trace layers cyclically.
+t_pair = forward+backward FLOPs of one (token, expert) pair / the measured grouped-GEMM rate; C = the
+policy's padded capacity (rows per source-destination pair), so D*C rows arrive at every device and the
+all-to-alls, sorts and gathers scale with it; t_expert_move = the measured time to ppermute one 9.4 MB
+expert; moved rows = the policy's remote base moves plus its filled slots.
+Calibration (per measured EP size): other(D) and beta(D) solve the two policies without transfers
+(static, ideal: different capacities); the other policies are predictions: their error is the
+validation. Projection (EP 8-64): other and beta = means of the fits; beyond one node (8 GPUs) the
+all-to-all part of the capacity cost is slowed from --a2a-gbs to --ib-gbs (assumptions, not
+measurements); counts from the traces (the 64 -> 128 rule of moe_step.py), Qwen3-30B-A3B's 48 MoE
+layers replayed from the 26 trace layers cyclically.
 
     python benchmarks/simulate.py            # reads benchmarks/results/{moe_step,transfer}.json
 """
@@ -54,7 +54,7 @@ def a2a_ms(d, capacity, hidden, gbs):
 
 
 def calibrate(moe: dict, transfer: dict):
-  """Per measured EP size: alpha, overhead per (m, l); and the validation table."""
+  """Per measured EP size: other, beta per (m, l); and the validation table."""
   fits, rows = {}, []
   for key, run in sorted(moe["runs"].items()):
     d, pol = run["D"], run["policies"]
@@ -63,17 +63,14 @@ def calibrate(moe: dict, transfer: dict):
     ml = run["micro_steps"] * run["layers"]
     if not all(p in pol for p in CALIBRATE):
       continue
-    # Two equations (static, ideal), two unknowns (alpha, overhead per (m, l)).
-    a = np.array([[pol[p]["max_load_sum"] * tp, ml] for p in CALIBRATE])
-    alpha, ovh = np.linalg.solve(a, [pol[p]["step_ms"] for p in CALIBRATE])
-    a2a = a2a_ms(d, run["capacity"], run["hidden"], r["a2a_gbs"])
-    fits[d] = dict(alpha=alpha, overhead_ms=ovh, a2a_ms=a2a, other_ms=ovh - a2a, tp_ms=tp, ml=ml, rates=r)
+    # Two equations (static, ideal), two unknowns (other, beta): t - GEMMs = M*L*(other + beta*D*C).
+    a = np.array([[ml, ml * d * pol[p]["capacity"]] for p in CALIBRATE])
+    other, beta = np.linalg.solve(a, [pol[p]["step_ms"] - pol[p]["max_load_sum"] * tp for p in CALIBRATE])
+    fits[d] = dict(other_ms=other, beta_ms_per_row=beta, tp_ms=tp, ml=ml, rates=r)
     for name, p in pol.items():
-      base = name.split("_shipped")[0]
-      shipped = run["layers"] * (d - 1) * run["base_remote_cap"] if p.get("base_moves_remote", 0) else 0
-      fills = ml * min(d - 1, p.get("moved_slots", 0) / ml)  # K=1 fill rows, one per active round
-      pred = alpha * p["max_load_sum"] * tp + ml * ovh + 2 * (shipped + fills) * r["move_ms"]
-      if base == "live":
+      moved = p.get("base_moves_remote", 0) + p.get("moved_slots", 0)  # rows over all devices
+      pred = p["max_load_sum"] * tp + ml * (other + beta * d * p["capacity"]) + 2 * moved / d * r["move_ms"]
+      if name == "live":
         pred += p["planner_ms"]
       rows.append(dict(D=d, policy=name, measured_ms=p["step_ms"], predicted_ms=pred,
                        error_pct=100 * (pred / p["step_ms"] - 1), role="calibration" if name in CALIBRATE else "validation"))
@@ -96,8 +93,8 @@ def trace_counts(pools, num_devices, tokens, micro_steps, layers, rng):
 
 def project(args, fits):
   pools = {task: traces.load_esft_task(pathlib.Path(args.traces), task) for task in traces.ESFT_TASKS}
-  alpha = float(np.mean([f["alpha"] for f in fits.values()]))
   other = float(np.mean([f["other_ms"] for f in fits.values()]))
+  beta = float(np.mean([f["beta_ms_per_row"] for f in fits.values()]))
   r = next(iter(fits.values()))["rates"]
   tp = pair_s(2048, 768, r["tflops"]) * 1e3
   rows = []
@@ -128,7 +125,9 @@ def project(args, fits):
       shipped += int(np.minimum(d - 1, moved).sum())
       exact += int((sum(p.moved_mask().sum(-1) for p in plans) > 0).any(-1).sum())
       ml = args.micro_steps * args.layers
-      t0 = alpha * max_load * tp + ml * (other + a2a_ms(d, bucket(need), 2048, gbs))
+      cap = bucket(need)
+      slower_a2a = a2a_ms(d, cap, 2048, gbs) - a2a_ms(d, cap, 2048, args.a2a_gbs)  # 0 inside a node
+      t0 = max_load * tp + ml * (other + beta * d * cap + slower_a2a)
       t, t_exact = t0 + 2 * shipped * move_ms, t0 + 2 * exact * move_ms
       if policy == "live":
         t, t_exact = t + plan_ms, t_exact + plan_ms
