@@ -5,11 +5,12 @@
 #   bash benchmarks/gpu_run.sh 3   # ~8 min: RL step (train.py's recompute + update) per policy, then the
 #                                  #   multi-GPU tests (ragged == padded dispatch, bf16 executor step), 4 GPUs
 #   bash benchmarks/gpu_run.sh 4   # ~5 min: MoE step EP=4, the four main policies only (a short re-run)
+#   bash benchmarks/gpu_run.sh 5   # ~5 min: the same with moved rows sent by one all_to_all (no lax.cond)
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
 # python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
 # BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
 set -u
-PHASE=${1:?phase 1, 2, 3 or 4}
+PHASE=${1:?phase 1 to 5}
 OUT=${OUT:-/tmp/foremoe_bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
@@ -49,6 +50,9 @@ case $PHASE in
   ;;
 4)
   moe 4 300 230 --policies static eplb_step foremoe ideal --trace-policies static foremoe
+  ;;
+5)
+  moe 4 300 230 --policies static eplb_step foremoe ideal --trace-policies static foremoe --exchange all_to_all
   ;;
 3)
   timeout 330 $PY benchmarks/rl_step.py --config gpu_4 --repeats 2 --out "$OUT/rl_step.json" > "$OUT/rl_step.log" 2>&1

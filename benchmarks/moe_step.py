@@ -126,7 +126,7 @@ def run(args, num_devices: int) -> dict:
     err = out.y.astype(jnp.float32) - batch["target"].astype(jnp.float32)
     return jnp.mean(err * err), {"dropped": out.dropped}
 
-  ex = Executor(model, optax.sgd(1e-4), loss_fn, mesh)
+  ex = Executor(model, optax.sgd(1e-4), loss_fn, mesh, exchange=args.exchange)
   shard = NamedSharding(mesh, P(("data", "expert")))
   keys = jax.random.split(jax.random.key(1), 2 * num_micro)
 
@@ -216,8 +216,8 @@ def run(args, num_devices: int) -> dict:
 
   result = dict(D=num_devices, S=slots, E=E, k=K, hidden=args.hidden, expert_hidden=args.expert_hidden,
                 layers=num_layers, micro_steps=num_micro, tokens_per_device=tokens, trace_layers=args.trace_layers,
-                live_capacity=live_caps["capacity"], gmm_backend=args.gmm_backend or "default", warmup=args.warmup,
-                repeats=args.repeats, policies={})
+                live_capacity=live_caps["capacity"], exchange=args.exchange,
+                gmm_backend=args.gmm_backend or "default", warmup=args.warmup, repeats=args.repeats, policies={})
   deadline = time.time() + args.deadline_s
   for name in order:
     if time.time() > deadline:
@@ -302,7 +302,8 @@ def save(args, result: dict) -> None:
   import jax
   path = pathlib.Path(args.out)
   doc = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-  doc["runs"][f"D{result['D']}"] = result
+  suffix = "" if result.get("exchange", "ppermute") == "ppermute" else f"_{result['exchange']}"
+  doc["runs"][f"D{result['D']}{suffix}"] = result
   doc["meta"] = dict(card=jax.devices()[0].device_kind, gpus_visible=jax.device_count(), jax=jax.__version__,
                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      command="bash benchmarks/gpu_run.sh")
@@ -328,6 +329,7 @@ def main():
   ap.add_argument("--traces", default=str(traces.traces_root()))
   ap.add_argument("--make-data", action="store_true", help="write the route npz files from the traces and exit")
   ap.add_argument("--out", default=None, help="JSON to merge results into")
+  ap.add_argument("--exchange", default="ppermute", help="how moved expert rows travel (transfer.EXCHANGES)")
   ap.add_argument("--trace-dir", default=None, help="profile one step per --trace-policies policy here")
   ap.add_argument("--trace-policies", nargs="+", default=["static", "foremoe"])
   ap.add_argument("--deadline-s", type=float, default=1e9, help="skip policies not started by then")

@@ -61,8 +61,8 @@ def calibrate(moe: dict, transfer: dict):
     r = rates(transfer, d)
     tp = pair_s(run["hidden"], run["expert_hidden"], r["tflops"]) * 1e3  # ms
     ml = run["micro_steps"] * run["layers"]
-    if not all(p in pol for p in CALIBRATE):
-      continue
+    if not all(p in pol for p in CALIBRATE) or run.get("exchange", "ppermute") != "ppermute":
+      continue  # one calibration per EP size: the default exchange
     # Two equations (static, ideal), two unknowns (other, beta): t - GEMMs = M*L*(other + beta*D*C).
     a = np.array([[ml, ml * d * pol[p]["capacity"]] for p in CALIBRATE])
     other, beta = np.linalg.solve(a, [pol[p]["step_ms"] - pol[p]["max_load_sum"] * tp for p in CALIBRATE])

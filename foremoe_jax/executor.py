@@ -28,8 +28,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.placement import Tables, plan_tables
-from foremoe_jax.transfer import (MoveTables, apply_moves, apply_moves_transpose, fill_moves, home_to_base_moves,
-                                  local_copies_needed, move_tables, moves_needed)
+from foremoe_jax.transfer import (EXCHANGES, MoveTables, apply_moves, apply_moves_transpose, fill_moves,
+                                  home_to_base_moves, local_copies_needed, move_tables, moves_needed)
 
 # loss_fn(model, batch, *, tables, working, capacity) -> (scalar loss, metrics dict)
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -56,6 +56,7 @@ class StepTables:
   fill_moves: MoveTables  # [M, L, ...] base -> micro-step m's working slots (gradients go back through it)
   refill_moves: MoveTables  # [M, L, ...] micro-step m-1's working slots -> m's (m = 0: from the base)
   refill_M: np.ndarray  # bool [M] (host): micro-step m's refill writes a slot in some layer
+  fill_M: np.ndarray  # bool [M] (host): micro-step m's placement differs from the base in some layer
   capacity: int  # padded rows per (source, destination), exact for this step's routes, bucketed
   moved_slots: int  # slots that differ from the base, summed over (m, l)
   refilled_slots: int  # slots rewritten between consecutive micro-steps, summed over (m, l)
@@ -107,6 +108,7 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
                     jax.tree.map(jnp.asarray, _tables_MxL(fills, num_devices, fill_cap, local_cap)),
                     jax.tree.map(jnp.asarray, _tables_MxL(refills, num_devices, fill_cap, local_cap)),
                     np.array([any(len(f) for f in row) for row in refills]),
+                    np.array([any(len(f) for f in row) for row in fills]),
                     capacity or max(bucket(need), min_capacity), sum(len(f) for row in fills for f in row),
                     sum(len(f) for row in refills for f in row))
 
@@ -139,16 +141,22 @@ class Executor:
   XLA may overlap them with its compute, or (default) right before each micro-step, skipping idle
   transfer rounds. Measured on 4 x H200 (BENCHMARKS.md) the prefetch hid nothing and its unconditional
   rounds cost more than the skipped ones, hence the default.
+  exchange: how moved rows travel between devices (`transfer.EXCHANGES`): "ppermute" rounds whose idle
+  ones are skipped by `lax.cond` (default, measured), or one "all_to_all" per move table, no cond.
   """
 
-  def __init__(self, model, tx: optax.GradientTransformation, loss_fn: LossFn, mesh, *, prefetch: bool = False):
+  def __init__(self, model, tx: optax.GradientTransformation, loss_fn: LossFn, mesh, *, prefetch: bool = False,
+               exchange: str = "ppermute"):
+    if exchange not in EXCHANGES:
+      raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-    self.tx, self.loss_fn, self.mesh, self.prefetch = tx, loss_fn, mesh, prefetch
+    self.tx, self.loss_fn, self.mesh, self.prefetch, self.exchange = tx, loss_fn, mesh, prefetch, exchange
     self.opt_state = replicate_unsharded(jax.jit(tx.init)(self.params), mesh)
     layer = model.moe_layers()[0]
     self.slots = layer.num_devices * layer.slots
     self._begin = jax.jit(self._begin_fn)
-    self._micro = jax.jit(self._micro_fn, static_argnames=("capacity", "refill"), donate_argnames=("working", "acc"))
+    self._micro = jax.jit(self._micro_fn, static_argnames=("capacity", "refill", "filled"),
+                          donate_argnames=("working", "acc"))
     self._forward = jax.jit(self._forward_fn, static_argnames=("capacity", "refill"), donate_argnames="working")
     self._finish = jax.jit(self._finish_fn, donate_argnums=(0, 1, 2))
     self._home_grads = jax.jit(self._home_grads_fn)
@@ -160,10 +168,12 @@ class Executor:
   def _to_base(self, home, base_moves):
     def one(w):
       return jnp.zeros((self.slots, *w.shape[1:]), w.dtype)
-    return [apply_moves(h, jax.tree.map(one, h), index(base_moves, l), self.mesh) for l, h in enumerate(home)]
+    return [apply_moves(h, jax.tree.map(one, h), index(base_moves, l), self.mesh, self.exchange)
+            for l, h in enumerate(home)]
 
-  def _refill(self, base, working, moves, skip_idle=True):
-    return [apply_moves(b, w, index(moves, l), self.mesh, skip_idle) for l, (b, w) in enumerate(zip(base, working))]
+  def _refill(self, base, working, moves, prefetch=False):
+    exchange = "ppermute_all" if prefetch and self.exchange == "ppermute" else self.exchange
+    return [apply_moves(b, w, index(moves, l), self.mesh, exchange) for l, (b, w) in enumerate(zip(base, working))]
 
   def _begin_fn(self, params, base_moves, first_refill):
     base = self._to_base(expert_weights(nnx.merge(self.graphdef, params, self.rest)), base_moves)
@@ -173,18 +183,20 @@ class Executor:
     model = nnx.merge(self.graphdef, params, self.rest)
     return self.loss_fn(model, batch, tables=tables, working=working, capacity=capacity)
 
-  def _micro_fn(self, params, base, working, batch, tables, fill, refill_moves, acc, *, capacity, refill):
+  def _micro_fn(self, params, base, working, batch, tables, fill, refill_moves, acc, *, capacity, refill, filled):
     """refill: "before" (rewrite this micro-step's changed slots first), "after" (the next micro-step's,
-    independent of this compute: the prefetch) or None. Returns (acc, working, loss, metrics)."""
+    independent of this compute: the prefetch) or None. filled: the placement differs from the base
+    (else the working slots' gradients are the base's). Returns (acc, working, loss, metrics)."""
     if refill == "before":
       working = self._refill(base, working, refill_moves)
     grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
     (loss, metrics), (grad_params, grad_working) = grad_fn(params, working, batch, tables, capacity)
     # Working slots hold base rows (copied by `fill`): their gradients go back through its transpose.
-    grad_base = [apply_moves_transpose(g, None, index(fill, l), self.mesh) for l, g in enumerate(grad_working)]
+    grad_base = grad_working if not filled else [
+        apply_moves_transpose(g, None, index(fill, l), self.mesh, self.exchange) for l, g in enumerate(grad_working)]
     acc = jax.tree.map(jnp.add, acc, (grad_params, grad_base))
     if refill == "after":
-      working = self._refill(base, working, refill_moves, skip_idle=False)
+      working = self._refill(base, working, refill_moves, prefetch=True)
     return acc, working, loss, metrics
 
   def _forward_fn(self, params, base, working, batch, tables, refill_moves, *, capacity, refill):
@@ -192,15 +204,15 @@ class Executor:
       working = self._refill(base, working, refill_moves)
     out = self._loss(params, working, batch, tables, capacity)
     if refill == "after":
-      working = self._refill(base, working, refill_moves, skip_idle=False)
+      working = self._refill(base, working, refill_moves, prefetch=True)
     return out, working
 
   def _home_grads_fn(self, params, acc, base_moves):
     """Accumulated (params, base) gradients -> gradients of the home-layout parameters."""
     grad_params, grad_base = acc
     home = expert_weights(nnx.merge(self.graphdef, params, self.rest))
-    grad_home = [apply_moves_transpose(g, jax.tree.map(jnp.zeros_like, h), index(base_moves, l), self.mesh)
-                 for l, (g, h) in enumerate(zip(grad_base, home))]
+    grad_home = [apply_moves_transpose(g, jax.tree.map(jnp.zeros_like, h), index(base_moves, l), self.mesh,
+                                       self.exchange) for l, (g, h) in enumerate(zip(grad_base, home))]
     grad_model = nnx.merge(self.graphdef, grad_params, self.rest)
     for layer, (g_gate_up, g_down) in zip(grad_model.moe_layers(), grad_home):
       layer.w_gate_up[...] = layer.w_gate_up[...] + g_gate_up
@@ -240,7 +252,7 @@ class Executor:
       refill, moves = self._schedule(step, m, prefetch)
       acc, working, loss, met = self._micro(self.params, base, working, batch, index(step.tables, m),
                                             index(step.fill_moves, m), moves, acc, capacity=step.capacity,
-                                            refill=refill)
+                                            refill=refill, filled=bool(step.fill_M[m]))
       stage_done("micro", acc)
       losses.append(loss)
       metrics.append(met)

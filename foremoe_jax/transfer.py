@@ -146,25 +146,48 @@ def _write_rows(dst_RdxX, write_K, rows):
   return dst_RdxX.at[target].set(rows.astype(dst_RdxX.dtype), mode="drop")
 
 
-def move_rows_local(src_RsxX, dst_RdxX, local_src_L, local_dst_L, send_RxK, recv_RxK, active_R, skip_idle=True):
-  """Per device (inside shard_map): copies rows of `src` into `dst`: local copies, then the rounds.
+# How remote rows travel: "ppermute" = one ppermute per round d -> d+r, idle rounds skipped by lax.cond;
+# "ppermute_all" = every round, no cond (a collective inside a cond cannot overlap work outside it);
+# "all_to_all" = one all_to_all of K rows per destination, no cond (one collective instead of D - 1).
+EXCHANGES = ("ppermute", "ppermute_all", "all_to_all")
 
-  skip_idle: inactive rounds are skipped with `lax.cond` (the flag is replicated, so all devices agree).
-  A collective inside a cond cannot overlap work outside it, so a prefetch runs every round instead.
+
+def _by_peer(send_RxK, recv_RxK):
+  """Round-indexed tables -> (rows sent to each destination device, rows written per source device)."""
+  num_devices = send_RxK.shape[0]
+  me, peers = jax.lax.axis_index(AXIS), jnp.arange(num_devices)
+  return send_RxK[(peers - me) % num_devices], recv_RxK[(me - peers) % num_devices]
+
+
+def _a2a(rows_DKxX, num_devices):
+  rows = rows_DKxX.reshape(num_devices, -1, *rows_DKxX.shape[1:])
+  return jax.lax.all_to_all(rows, AXIS, 0, 0, tiled=True).reshape(rows_DKxX.shape)
+
+
+def move_rows_local(src_RsxX, dst_RdxX, local_src_L, local_dst_L, send_RxK, recv_RxK, active_R,
+                    exchange="ppermute"):
+  """Per device (inside shard_map): copies rows of `src` into `dst`: local copies, then the remote rows
+  (`exchange`, see EXCHANGES; the active flags are replicated, so all devices agree on skipped rounds).
   The transpose of each `ppermute` is the reverse `ppermute`, so gradients of `dst` flow back to `src`.
   """
   num_devices = send_RxK.shape[0]
   dst_RdxX = _write_rows(dst_RdxX, local_dst_L, _read_rows(src_RsxX, local_src_L))
+  if exchange == "all_to_all":
+    to_dst_DxK, from_src_DxK = _by_peer(send_RxK, recv_RxK)
+    got = _a2a(_read_rows(src_RsxX, to_dst_DxK.reshape(-1)), num_devices)
+    return _write_rows(dst_RdxX, from_src_DxK.reshape(-1), got)
   for r in range(1, num_devices):
     def move(dst, r=r):
       rows = _read_rows(src_RsxX, send_RxK[r])
       rows = jax.lax.ppermute(rows, AXIS, [(d, (d + r) % num_devices) for d in range(num_devices)])
       return _write_rows(dst, recv_RxK[r], rows)
-    dst_RdxX = jax.lax.cond(active_R[r], move, lambda dst: dst, dst_RdxX) if skip_idle else move(dst_RdxX)
+    dst_RdxX = jax.lax.cond(active_R[r], move, lambda dst: dst, dst_RdxX) if exchange == "ppermute" else \
+        move(dst_RdxX)
   return dst_RdxX
 
 
-def move_rows_transpose_local(d_dst_RdxX, d_src_RsxX, local_src_L, local_dst_L, send_RxK, recv_RxK, active_R):
+def move_rows_transpose_local(d_dst_RdxX, d_src_RsxX, local_src_L, local_dst_L, send_RxK, recv_RxK, active_R,
+                              exchange="ppermute"):
   """Per device: the transpose of `move_rows_local` (which read every row from the original `src`).
 
   d_dst: gradient of the moved-into array. Returns (d_src + the written rows' gradients routed back to
@@ -172,35 +195,41 @@ def move_rows_transpose_local(d_dst_RdxX, d_src_RsxX, local_src_L, local_dst_L, 
   are added to the zeroed d_dst: the case `src` is `dst` (a fill). Only moved rows are touched.
   """
   num_devices = send_RxK.shape[0]
+  if exchange == "all_to_all":  # the same rows in one block per peer
+    send_RxK, recv_RxK = (t.reshape(1, -1) for t in _by_peer(send_RxK, recv_RxK))
   local_rows = _read_rows(d_dst_RdxX, local_dst_L)
-  round_rows = [_read_rows(d_dst_RdxX, recv_RxK[r]) for r in range(num_devices)]
+  remote_rows = [_read_rows(d_dst_RdxX, recv) for recv in recv_RxK]
   zeroed_RdxX = _write_rows(d_dst_RdxX, local_dst_L, jnp.zeros_like(local_rows))
-  for r in range(1, num_devices):
-    zeroed_RdxX = _write_rows(zeroed_RdxX, recv_RxK[r], jnp.zeros_like(round_rows[r]))
+  for recv, rows in zip(recv_RxK, remote_rows):
+    zeroed_RdxX = _write_rows(zeroed_RdxX, recv, jnp.zeros_like(rows))
   into = zeroed_RdxX if d_src_RsxX is None else d_src_RsxX
   into = _add_rows(into, local_src_L, local_rows)
+  if exchange == "all_to_all":  # block j came from device j: send its gradient back, add where read
+    return _add_rows(into, send_RxK[0], _a2a(remote_rows[0], num_devices)), zeroed_RdxX
   for r in range(1, num_devices):
     def back(into, r=r):  # rows received from d - r go back to it, in the order it sent them
-      rows = jax.lax.ppermute(round_rows[r], AXIS, [(d, (d - r) % num_devices) for d in range(num_devices)])
+      rows = jax.lax.ppermute(remote_rows[r], AXIS, [(d, (d - r) % num_devices) for d in range(num_devices)])
       return _add_rows(into, send_RxK[r], rows)
-    into = jax.lax.cond(active_R[r], back, lambda into: into, into)
+    into = jax.lax.cond(active_R[r], back, lambda into: into, into) if exchange == "ppermute" else back(into)
   return into, zeroed_RdxX
 
 
-def apply_moves_transpose(d_dst, d_src, moves: MoveTables, mesh: jax.sharding.Mesh):
+def apply_moves_transpose(d_dst, d_src, moves: MoveTables, mesh: jax.sharding.Mesh, exchange: str = "ppermute"):
   """Global transpose of `apply_moves`: pytrees of `[D*rows, ...]` gradients. With `d_src` given
   (e.g. zeros of the source's shape) returns the source's gradient; with None, `src` and `dst` are one
   array (a fill) and the result is that array's gradient."""
+  if exchange not in EXCHANGES:
+    raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
   tables_specs = (P(AXIS), P(AXIS), P(AXIS), P(AXIS), P())
   spec = jax.tree.map(lambda _: P(AXIS), d_dst)
 
   def fill(d_dst, local_src, local_dst, send, recv, active):
     return jax.tree.map(lambda g: move_rows_transpose_local(
-        g, None, local_src[0], local_dst[0], send[0], recv[0], active)[0], d_dst)
+        g, None, local_src[0], local_dst[0], send[0], recv[0], active, exchange)[0], d_dst)
 
   def copy(d_dst, d_src, local_src, local_dst, send, recv, active):
     return jax.tree.map(lambda g, s: move_rows_transpose_local(
-        g, s, local_src[0], local_dst[0], send[0], recv[0], active)[0], d_dst, d_src)
+        g, s, local_src[0], local_dst[0], send[0], recv[0], active, exchange)[0], d_dst, d_src)
 
   if d_src is None:
     return jax.shard_map(fill, mesh=mesh, in_specs=(spec, *tables_specs), out_specs=spec)(d_dst, *moves)
@@ -209,11 +238,14 @@ def apply_moves_transpose(d_dst, d_src, moves: MoveTables, mesh: jax.sharding.Me
       d_dst, d_src, *moves)
 
 
-def apply_moves(src, dst, moves: MoveTables, mesh: jax.sharding.Mesh, skip_idle: bool = True):
+def apply_moves(src, dst, moves: MoveTables, mesh: jax.sharding.Mesh, exchange: str = "ppermute"):
   """Global: pytrees of `[D*rows, ...]` arrays sharded over "expert"; returns the new `dst`."""
+  if exchange not in EXCHANGES:
+    raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
+
   def local(src, dst, local_src, local_dst, send, recv, active):
     return jax.tree.map(lambda s, t: move_rows_local(s, t, local_src[0], local_dst[0], send[0], recv[0], active,
-                                                     skip_idle), src, dst)
+                                                     exchange), src, dst)
 
   spec = jax.tree.map(lambda _: P(AXIS), dst)
   in_specs = (spec, spec, P(AXIS), P(AXIS), P(AXIS), P(AXIS), P())

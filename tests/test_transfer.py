@@ -108,10 +108,11 @@ def test_local_copies_do_not_pad_remote_rounds():
   np.testing.assert_array_equal(out, np.asarray(home)[home_like.reshape(-1)])
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_explicit_transposes_equal_autodiff(seed):
-  """apply_moves_transpose (touching only moved rows) equals jax.vjp of apply_moves, for a base transfer
-  (two arrays) and a fill (one array read and written), with local copies and remote rounds."""
+@pytest.mark.parametrize("seed,exchange", [(0, "ppermute"), (1, "ppermute"), (2, "all_to_all"), (3, "ppermute_all")])
+def test_explicit_transposes_equal_autodiff(seed, exchange):
+  """Every exchange moves the same rows as the ppermute rounds, and apply_moves_transpose (touching only
+  moved rows) equals jax.vjp of the ppermute version, for a base transfer (two arrays) and a fill (one
+  array read and written), with local copies and remote rows."""
   mesh = cpu_mesh(1, D)
   rng = np.random.default_rng(seed)
   base, _ = random_placement(rng, E, D, S, empty_fraction=0.0)
@@ -123,10 +124,12 @@ def test_explicit_transposes_equal_autodiff(seed):
   base_w = random_weights(seed + 1, D * S)
   cot = random_weights(seed + 2, D * S)
   zeros = jnp.zeros((D * S, X, 2))
-  _, to_home = jax.vjp(lambda h: apply_moves(h, zeros, base_tables, mesh), home)
+  moved, to_home = jax.vjp(lambda h: apply_moves(h, zeros, base_tables, mesh), home)
+  np.testing.assert_array_equal(jax.jit(lambda h: apply_moves(h, zeros, base_tables, mesh, exchange))(home), moved)
   np.testing.assert_allclose(
-      jax.jit(lambda g: apply_moves_transpose(g, jnp.zeros_like(home), base_tables, mesh))(cot),
-      to_home(cot)[0], rtol=1e-6)
-  _, to_base_w = jax.vjp(lambda b: apply_moves(b, b, fill_tables, mesh), base_w)
-  np.testing.assert_allclose(jax.jit(lambda g: apply_moves_transpose(g, None, fill_tables, mesh))(cot),
-                             to_base_w(cot)[0], rtol=1e-6)
+      jax.jit(lambda g: apply_moves_transpose(g, jnp.zeros_like(home), base_tables, mesh, exchange))(cot),
+      to_home(cot)[0], rtol=1e-5, atol=1e-6)
+  filled, to_base_w = jax.vjp(lambda b: apply_moves(b, b, fill_tables, mesh), base_w)
+  np.testing.assert_array_equal(jax.jit(lambda b: apply_moves(b, b, fill_tables, mesh, exchange))(base_w), filled)
+  np.testing.assert_allclose(jax.jit(lambda g: apply_moves_transpose(g, None, fill_tables, mesh, exchange))(cot),
+                             to_base_w(cot)[0], rtol=1e-5, atol=1e-6)
