@@ -108,7 +108,7 @@ def test_local_copies_do_not_pad_remote_rounds():
   np.testing.assert_array_equal(out, np.asarray(home)[home_like.reshape(-1)])
 
 
-@pytest.mark.parametrize("seed,exchange", [(0, "ppermute"), (2, "all_to_all")])  # ppermute_all: prefetch tests
+@pytest.mark.parametrize("seed,exchange", [(0, "ppermute"), (2, "all_to_all")])  # ppermute_all = ppermute without the conds
 def test_explicit_transposes_equal_autodiff(seed, exchange):
   """Every exchange moves the same rows as the ppermute rounds, and apply_moves_transpose (touching only
   moved rows) equals jax.vjp of the ppermute version, for a base transfer (two arrays) and a fill (one
