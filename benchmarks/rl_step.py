@@ -60,6 +60,8 @@ def main(argv=None):
       record = trainer.step(0)
       jax.block_until_ready(trainer.executor.params)
       record["seconds"]["total"] = time.perf_counter() - tic
+      print(f"pass {repeat} {policy}: " + " ".join(f"{k} {v:.3f}s" for k, v in record["seconds"].items()),
+            flush=True)  # partial results survive a time limit
       if repeat:
         runs[policy].append(record)
   rows = []
