@@ -168,7 +168,7 @@ def tokamax_anchor(rec, res, lhs, rhs, gs, dout, ref):
     except Exception as e:  # pylint: disable=broad-except
       res["tokamax"] = f"implementation={impl!r} failed: {type(e).__name__}: {str(e)[:200]}"
       continue
-    res["tokamax"] = f"tokamax {tokamax.__version__ if hasattr(tokamax, '__version__') else ''} {impl}"
+    res["tokamax"] = f"tokamax {getattr(tokamax, '__version__', '?')} implementation={impl!r}"
     rec("tokamax fwd", timeit(jax.jit(tk), lhs, rhs, gs))
     rec("tokamax fwd+bwd", timeit(fwd_bwd(tk), lhs, rhs, gs, dout), 3)
     return

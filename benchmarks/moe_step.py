@@ -31,7 +31,6 @@ step per policy, summarised per GPU kernel (`trace_summary.py`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import pathlib
@@ -205,9 +204,11 @@ def run(args, num_devices: int) -> dict:
       with jax.profiler.trace(str(directory), create_perfetto_trace=True):
         ex.train_step(batches_, step, prefetch=prefetch)
         jax.block_until_ready(ex.params)
-      return trace_summary.summarize(directory)
+      summary = trace_summary.summarize(directory)
     except Exception as err:  # the timing rows matter more than the trace
       return {"error": repr(err)[:300]}
+    print(f"D={num_devices} {name} trace:\n{trace_summary.format_summary(summary)}", flush=True)
+    return summary
 
   jobs = {p: (prepare_step(plans[p], step_counts[p], E), ideal_batches if p == "ideal" else batches, False)
           for p in plans}
@@ -258,8 +259,6 @@ def run(args, num_devices: int) -> dict:
                  profile=profile(step, batches_, prefetch))
       if args.trace_dir and name in args.trace_policies:
         row["trace"] = traced(name, step, batches_, prefetch)
-        import trace_summary
-        print(f"D={num_devices} {name} trace:\n{trace_summary.format_summary(row['trace'])}", flush=True)
     row.update(step_ms=median_ms(samples), samples_ms=[s * 1e3 for s in samples],
                wall_incl_compile_s=time.perf_counter() - t0)
     result["policies"][name] = row

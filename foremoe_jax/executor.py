@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.placement import Tables, plan_tables
-from foremoe_jax.transfer import (EXCHANGES, MoveTables, apply_moves, apply_moves_transpose, fill_moves,
+from foremoe_jax.transfer import (MoveTables, apply_moves, apply_moves_transpose, check_exchange, fill_moves,
                                   home_to_base_moves, local_copies_needed, move_tables, moves_needed)
 
 # loss_fn(model, batch, *, tables, working, capacity) -> (scalar loss, metrics dict)
@@ -147,8 +147,7 @@ class Executor:
 
   def __init__(self, model, tx: optax.GradientTransformation, loss_fn: LossFn, mesh, *, prefetch: bool = False,
                exchange: str = "ppermute"):
-    if exchange not in EXCHANGES:
-      raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
+    check_exchange(exchange)
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.tx, self.loss_fn, self.mesh, self.prefetch, self.exchange = tx, loss_fn, mesh, prefetch, exchange
     self.opt_state = replicate_unsharded(jax.jit(tx.init)(self.params), mesh)
@@ -183,29 +182,34 @@ class Executor:
     model = nnx.merge(self.graphdef, params, self.rest)
     return self.loss_fn(model, batch, tables=tables, working=working, capacity=capacity)
 
-  def _micro_fn(self, params, base, working, batch, tables, fill, refill_moves, acc, *, capacity, refill, filled):
-    """refill: "before" (rewrite this micro-step's changed slots first), "after" (the next micro-step's,
-    independent of this compute: the prefetch) or None. filled: the placement differs from the base
-    (else the working slots' gradients are the base's). Returns (acc, working, loss, metrics)."""
+  def _around_refill(self, base, working, refill_moves, refill, compute):
+    """compute(working) with the refill: "before" (this micro-step's changed slots first), "after" (the
+    next micro-step's, independent of this compute: the prefetch) or None. Returns (out, working)."""
     if refill == "before":
       working = self._refill(base, working, refill_moves)
-    grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
-    (loss, metrics), (grad_params, grad_working) = grad_fn(params, working, batch, tables, capacity)
-    # Working slots hold base rows (copied by `fill`): their gradients go back through its transpose.
-    grad_base = grad_working if not filled else [
-        apply_moves_transpose(g, None, index(fill, l), self.mesh, self.exchange) for l, g in enumerate(grad_working)]
-    acc = jax.tree.map(jnp.add, acc, (grad_params, grad_base))
-    if refill == "after":
-      working = self._refill(base, working, refill_moves, prefetch=True)
-    return acc, working, loss, metrics
-
-  def _forward_fn(self, params, base, working, batch, tables, refill_moves, *, capacity, refill):
-    if refill == "before":
-      working = self._refill(base, working, refill_moves)
-    out = self._loss(params, working, batch, tables, capacity)
+    out = compute(working)
     if refill == "after":
       working = self._refill(base, working, refill_moves, prefetch=True)
     return out, working
+
+  def _micro_fn(self, params, base, working, batch, tables, fill, refill_moves, acc, *, capacity, refill, filled):
+    """One micro-step's gradients added to acc. filled: the placement differs from the base (else the
+    working slots' gradients are the base's). Returns (acc, working, loss, metrics)."""
+    def compute(working):
+      grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
+      (loss, metrics), (grad_params, grad_working) = grad_fn(params, working, batch, tables, capacity)
+      # Working slots hold base rows (copied by `fill`): their gradients go back through its transpose.
+      grad_base = grad_working if not filled else [apply_moves_transpose(g, None, index(fill, l), self.mesh,
+                                                                         self.exchange)
+                                                   for l, g in enumerate(grad_working)]
+      return jax.tree.map(jnp.add, acc, (grad_params, grad_base)), loss, metrics
+
+    (acc, loss, metrics), working = self._around_refill(base, working, refill_moves, refill, compute)
+    return acc, working, loss, metrics
+
+  def _forward_fn(self, params, base, working, batch, tables, refill_moves, *, capacity, refill):
+    return self._around_refill(base, working, refill_moves, refill,
+                               lambda working: self._loss(params, working, batch, tables, capacity))
 
   def _home_grads_fn(self, params, acc, base_moves):
     """Accumulated (params, base) gradients -> gradients of the home-layout parameters."""

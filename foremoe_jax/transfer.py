@@ -190,58 +190,59 @@ def move_rows_transpose_local(d_dst_RdxX, d_src_RsxX, local_src_L, local_dst_L, 
                               exchange="ppermute"):
   """Per device: the transpose of `move_rows_local` (which read every row from the original `src`).
 
-  d_dst: gradient of the moved-into array. Returns (d_src + the written rows' gradients routed back to
-  the rows they were read from, d_dst with the written rows zeroed). With d_src None the routed rows
-  are added to the zeroed d_dst: the case `src` is `dst` (a fill). Only moved rows are touched.
+  d_dst: gradient of the moved-into array. Returns d_src + the written rows' gradients routed back to
+  the rows they were read from. With d_src None they are added to d_dst with the written rows zeroed:
+  the case `src` is `dst` (a fill). Only moved rows are touched.
   """
   num_devices = send_RxK.shape[0]
   if exchange == "all_to_all":  # the same rows in one block per peer
     send_RxK, recv_RxK = (t.reshape(1, -1) for t in _by_peer(send_RxK, recv_RxK))
   local_rows = _read_rows(d_dst_RdxX, local_dst_L)
   remote_rows = [_read_rows(d_dst_RdxX, recv) for recv in recv_RxK]
-  zeroed_RdxX = _write_rows(d_dst_RdxX, local_dst_L, jnp.zeros_like(local_rows))
-  for recv, rows in zip(recv_RxK, remote_rows):
-    zeroed_RdxX = _write_rows(zeroed_RdxX, recv, jnp.zeros_like(rows))
-  into = zeroed_RdxX if d_src_RsxX is None else d_src_RsxX
+  into = d_src_RsxX
+  if into is None:  # src is dst: the overwritten rows' own values were not used
+    into = _write_rows(d_dst_RdxX, local_dst_L, jnp.zeros_like(local_rows))
+    for recv, rows in zip(recv_RxK, remote_rows):
+      into = _write_rows(into, recv, jnp.zeros_like(rows))
   into = _add_rows(into, local_src_L, local_rows)
   if exchange == "all_to_all":  # block j came from device j: send its gradient back, add where read
-    return _add_rows(into, send_RxK[0], _a2a(remote_rows[0], num_devices)), zeroed_RdxX
+    return _add_rows(into, send_RxK[0], _a2a(remote_rows[0], num_devices))
   for r in range(1, num_devices):
     def back(into, r=r):  # rows received from d - r go back to it, in the order it sent them
       rows = jax.lax.ppermute(remote_rows[r], AXIS, [(d, (d - r) % num_devices) for d in range(num_devices)])
       return _add_rows(into, send_RxK[r], rows)
     into = jax.lax.cond(active_R[r], back, lambda into: into, into) if exchange == "ppermute" else back(into)
-  return into, zeroed_RdxX
+  return into
+
+
+def check_exchange(exchange: str) -> None:
+  if exchange not in EXCHANGES:
+    raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
 
 
 def apply_moves_transpose(d_dst, d_src, moves: MoveTables, mesh: jax.sharding.Mesh, exchange: str = "ppermute"):
   """Global transpose of `apply_moves`: pytrees of `[D*rows, ...]` gradients. With `d_src` given
   (e.g. zeros of the source's shape) returns the source's gradient; with None, `src` and `dst` are one
   array (a fill) and the result is that array's gradient."""
-  if exchange not in EXCHANGES:
-    raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
-  tables_specs = (P(AXIS), P(AXIS), P(AXIS), P(AXIS), P())
-  spec = jax.tree.map(lambda _: P(AXIS), d_dst)
+  check_exchange(exchange)
+  out = d_dst if d_src is None else d_src
+  dst_leaves, out_def = jax.tree.leaves(d_dst), jax.tree.structure(out)
+  src_leaves = [None] * len(dst_leaves) if d_src is None else jax.tree.leaves(d_src)
 
-  def fill(d_dst, local_src, local_dst, send, recv, active):
-    return jax.tree.map(lambda g: move_rows_transpose_local(
-        g, None, local_src[0], local_dst[0], send[0], recv[0], active, exchange)[0], d_dst)
+  def local(dst_leaves, src_leaves, local_src, local_dst, send, recv, active):
+    return [move_rows_transpose_local(g, s, local_src[0], local_dst[0], send[0], recv[0], active, exchange)
+            for g, s in zip(dst_leaves, src_leaves)]
 
-  def copy(d_dst, d_src, local_src, local_dst, send, recv, active):
-    return jax.tree.map(lambda g, s: move_rows_transpose_local(
-        g, s, local_src[0], local_dst[0], send[0], recv[0], active, exchange)[0], d_dst, d_src)
-
-  if d_src is None:
-    return jax.shard_map(fill, mesh=mesh, in_specs=(spec, *tables_specs), out_specs=spec)(d_dst, *moves)
-  src_spec = jax.tree.map(lambda _: P(AXIS), d_src)
-  return jax.shard_map(copy, mesh=mesh, in_specs=(spec, src_spec, *tables_specs), out_specs=src_spec)(
-      d_dst, d_src, *moves)
+  in_specs = ([P(AXIS)] * len(dst_leaves), [None if s is None else P(AXIS) for s in src_leaves],
+              P(AXIS), P(AXIS), P(AXIS), P(AXIS), P())
+  leaves = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=[P(AXIS)] * len(dst_leaves))(
+      dst_leaves, src_leaves, *moves)
+  return jax.tree.unflatten(out_def, leaves)
 
 
 def apply_moves(src, dst, moves: MoveTables, mesh: jax.sharding.Mesh, exchange: str = "ppermute"):
   """Global: pytrees of `[D*rows, ...]` arrays sharded over "expert"; returns the new `dst`."""
-  if exchange not in EXCHANGES:
-    raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
+  check_exchange(exchange)
 
   def local(src, dst, local_src, local_dst, send, recv, active):
     return jax.tree.map(lambda s, t: move_rows_local(s, t, local_src[0], local_dst[0], send[0], recv[0], active,
