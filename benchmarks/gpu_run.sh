@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The device calls of the performance benchmarks on one 4-GPU machine (see BENCHMARKS.md), in phases:
 #   bash benchmarks/gpu_run.sh 1   # ~8 min: MoE step EP=2 (GPUs 0,1) | kernel tests (GPU 2) | kernels (GPU 3)
-#   bash benchmarks/gpu_run.sh 2   # ~9 min: MoE step EP=4, then transfers EP=2,4
+#   bash benchmarks/gpu_run.sh 2   # ~10 min: MoE step EP=4, every policy, then transfers EP=4 (moved slots, overlap)
 #   bash benchmarks/gpu_run.sh 3   # ~8 min: RL step (train.py's recompute + update) per policy, then the
 #                                  #   multi-GPU tests (ragged == padded dispatch, bf16 executor step), 4 GPUs
-#   bash benchmarks/gpu_run.sh 4   # ~5 min: MoE step EP=4, the four main policies only (a short re-run)
-#   bash benchmarks/gpu_run.sh 5   # ~5 min: the same with moved rows sent by one all_to_all (no lax.cond)
+#   bash benchmarks/gpu_run.sh 4   # ~5 min: MoE step EP=4 by exchange: the four main policies with moved rows sent
+#                                  #   by one all_to_all (no lax.cond), then eplb_step and foremoe with ppermute
+#                                  #   rounds without and with the lax.cond that skips idle rounds
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
 # python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
 # BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
 set -u
-PHASE=${1:?phase 1 to 5}
+PHASE=${1:?phase 1 to 4}
 OUT=${OUT:-/tmp/foremoe_bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
@@ -42,17 +43,15 @@ case $PHASE in
   tail -n 3 "$OUT/pytest_gpu.txt"; tail -n 30 "$OUT/kernels.log"
   ;;
 2)
-  moe 4 400 280
-  timeout 150 $PY benchmarks/transfer.py --ep 2 4 --layers 2 --micro-steps 4 --moves 1 2 4 --out "$OUT/transfer.json" \
+  moe 4 330 270 --trace-policies foremoe
+  timeout 250 $PY benchmarks/transfer.py --ep 4 --layers 2 --micro-steps 4 --moves 1 2 4 --out "$OUT/transfer.json" \
     > "$OUT/transfer.log" 2>&1
   note "transfer exit $?"
   grep -h "^| \|^D=" "$OUT/transfer.log" | grep -v "^D=.*: " | cut -c1-300
   ;;
 4)
-  moe 4 300 230 --policies static eplb_step foremoe ideal --trace-policies static foremoe
-  ;;
-5)
-  moe 4 300 230 --policies static eplb_step foremoe ideal --trace-policies static foremoe --exchange all_to_all
+  moe 4 300 240 --policies static eplb_step foremoe ideal --exchange all_to_all ppermute_all ppermute \
+    --trace-policies foremoe foremoe@ppermute_all foremoe@ppermute
   ;;
 3)
   # The full gpu_4 preset (12 layers, 2,048 sequences) printed nothing within 330 s on 4 x H200

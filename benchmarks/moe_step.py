@@ -118,14 +118,13 @@ def run(args, num_devices: int) -> dict:
   mesh = jax.make_mesh((1, num_devices), ("data", "expert"), axis_types=(AxisType.Auto,) * 2, devices=devices)
   cfg = MoEConfig(d_model=args.hidden, d_ff=args.expert_hidden, num_experts=E, top_k=K, slots_per_device=slots,
                   dispatch="padded", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, gmm_backend=args.gmm_backend)
-  model = MoEStack(cfg, num_layers, mesh=mesh, rngs=nnx.Rngs(0))
 
   def loss_fn(model, batch, *, tables, working, capacity):
     out = model(batch["x"], tables, batch["replay"], capacity=capacity, working=working)
     err = out.y.astype(jnp.float32) - batch["target"].astype(jnp.float32)
     return jnp.mean(err * err), {"dropped": out.dropped}
 
-  ex = Executor(model, optax.sgd(1e-4), loss_fn, mesh, exchange=args.exchange)
+  executors = {}  # one per exchange, made when first needed, each with its own (donated) parameters
   shard = NamedSharding(mesh, P(("data", "expert")))
   keys = jax.random.split(jax.random.key(1), 2 * num_micro)
 
@@ -214,16 +213,25 @@ def run(args, num_devices: int) -> dict:
           for p in plans}
   jobs["foremoe_prefetch"] = (jobs["foremoe"][0], batches, True)
   order = [p for p in args.policies if p in jobs or p == "live"]
+  # Rows: every policy under the first exchange, then --exchange-policies under each other one
+  # ("policy@exchange"), so one call compares exchanges against baselines measured beside them.
+  runs = [(name, args.exchange[0]) for name in order] + [
+      (name, x) for x in args.exchange[1:] for name in order if name in args.exchange_policies]
 
   result = dict(D=num_devices, S=slots, E=E, k=K, hidden=args.hidden, expert_hidden=args.expert_hidden,
                 layers=num_layers, micro_steps=num_micro, tokens_per_device=tokens, trace_layers=args.trace_layers,
-                live_capacity=live_caps["capacity"], exchange=args.exchange,
+                live_capacity=live_caps["capacity"], exchange=args.exchange[0],
                 gmm_backend=args.gmm_backend or "default", warmup=args.warmup, repeats=args.repeats, policies={})
   deadline = time.time() + args.deadline_s
-  for name in order:
+  for name, exchange in runs:
+    key = name if exchange == args.exchange[0] else f"{name}@{exchange}"
     if time.time() > deadline:
-      print(f"deadline reached: skipping {name}", flush=True)
+      print(f"deadline reached: skipping {key}", flush=True)
       continue
+    if exchange not in executors:
+      model = MoEStack(cfg, num_layers, mesh=mesh, rngs=nnx.Rngs(0))
+      executors[exchange] = Executor(model, optax.sgd(1e-4), loss_fn, mesh, exchange=exchange)
+    ex = executors[exchange]
     t0 = time.perf_counter()
     if name == "live":
       for _ in range(args.warmup):
@@ -257,12 +265,12 @@ def run(args, num_devices: int) -> dict:
                  capacity=step.capacity, prefetch=prefetch,
                  dropped=int(np.sum(out["metrics"]["dropped"])), loss=out["loss"],
                  profile=profile(step, batches_, prefetch))
-      if args.trace_dir and name in args.trace_policies:
-        row["trace"] = traced(name, step, batches_, prefetch)
-    row.update(step_ms=median_ms(samples), samples_ms=[s * 1e3 for s in samples],
+      if args.trace_dir and key in args.trace_policies:
+        row["trace"] = traced(key, step, batches_, prefetch)
+    row.update(step_ms=median_ms(samples), samples_ms=[s * 1e3 for s in samples], exchange=exchange,
                wall_incl_compile_s=time.perf_counter() - t0)
-    result["policies"][name] = row
-    print(f"D={num_devices} {name:18s} step {row['step_ms']:8.2f} ms  imbalance {row['imbalance']:.4f}  "
+    result["policies"][key] = row
+    print(f"D={num_devices} {key:18s} step {row['step_ms']:8.2f} ms  imbalance {row['imbalance']:.4f}  "
           f"(incl. warm-up/compile {row['wall_incl_compile_s']:.1f} s)", flush=True)
     save(args, result)
   return result
@@ -301,7 +309,7 @@ def save(args, result: dict) -> None:
   import jax
   path = pathlib.Path(args.out)
   doc = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-  suffix = "" if result.get("exchange", "ppermute") == "ppermute" else f"_{result['exchange']}"
+  suffix = "" if result.get("exchange", "all_to_all") == "all_to_all" else f"_{result['exchange']}"
   doc["runs"][f"D{result['D']}{suffix}"] = result
   doc["meta"] = dict(card=jax.devices()[0].device_kind, gpus_visible=jax.device_count(), jax=jax.__version__,
                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -328,7 +336,10 @@ def main():
   ap.add_argument("--traces", default=str(traces.traces_root()))
   ap.add_argument("--make-data", action="store_true", help="write the route npz files from the traces and exit")
   ap.add_argument("--out", default=None, help="JSON to merge results into")
-  ap.add_argument("--exchange", default="ppermute", help="how moved expert rows travel (transfer.EXCHANGES)")
+  ap.add_argument("--exchange", nargs="+", default=["all_to_all"],
+                  help="how moved expert rows travel (transfer.EXCHANGES); the first runs every policy")
+  ap.add_argument("--exchange-policies", nargs="+", default=["eplb_step", "foremoe"],
+                  help="policies re-run under each further --exchange")
   ap.add_argument("--trace-dir", default=None, help="profile one step per --trace-policies policy here")
   ap.add_argument("--trace-policies", nargs="+", default=["static", "foremoe"])
   ap.add_argument("--deadline-s", type=float, default=1e9, help="skip policies not started by then")

@@ -4,7 +4,9 @@
 
 Sums each device event's duration by name on the first GPU's tracks and by a coarse class (grouped
 matmul, all-to-all, ppermute, sort, gather/scatter, other), so a benchmark can say where a step's
-time goes without a trace viewer. Overlapping streams are summed, so totals can exceed wall time.
+time goes without a trace viewer. Overlapping streams are summed, so totals can exceed wall time;
+`busy_ms` (the union of the GPU's event intervals) against `span_ms` (first start to last end) says how
+long that GPU sat idle within the traced step.
 """
 from __future__ import annotations
 
@@ -39,6 +41,16 @@ def load_events(directory: pathlib.Path) -> list[dict]:
   return doc["traceEvents"] if isinstance(doc, dict) else doc
 
 
+def busy_and_span_ms(spans_us: list[tuple[float, float]]) -> tuple[float, float]:
+  """(length of the union of [start, end) intervals, last end - first start), microseconds -> ms."""
+  busy, reach = 0.0, float("-inf")
+  for start, end in sorted(spans_us):
+    busy += max(0.0, end - max(start, reach))
+    reach = max(reach, end)
+  span = reach - min(s for s, _ in spans_us) if spans_us else 0.0
+  return busy / 1e3, span / 1e3
+
+
 def summarize(directory, top: int = 25) -> dict:
   events = load_events(pathlib.Path(directory))
   names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
@@ -49,12 +61,15 @@ def summarize(directory, top: int = 25) -> dict:
   device_name, pid = gpus[0]
   by_name, by_class = collections.Counter(), collections.Counter()
   count = collections.Counter()
+  spans = []
   for e in events:
     if e.get("pid") == pid and e.get("ph") == "X" and "dur" in e:
       by_name[e["name"]] += e["dur"] / 1e3
       by_class[classify(e["name"])] += e["dur"] / 1e3
       count[e["name"]] += 1
-  return {"device": device_name, "total_ms": sum(by_class.values()),
+      spans.append((e["ts"], e["ts"] + e["dur"]))
+  busy_ms, span_ms = busy_and_span_ms(spans)
+  return {"device": device_name, "total_ms": sum(by_class.values()), "busy_ms": busy_ms, "span_ms": span_ms,
           "by_class_ms": dict(by_class.most_common()),
           "top_ms": [(n, round(t, 3), count[n]) for n, t in by_name.most_common(top)]}
 
@@ -62,7 +77,8 @@ def summarize(directory, top: int = 25) -> dict:
 def format_summary(summary: dict) -> str:
   if "error" in summary:
     return summary["error"]
-  lines = [f"{summary['device']}: {summary['total_ms']:.1f} ms of device events"]
+  lines = [f"{summary['device']}: {summary['total_ms']:.1f} ms of device events, busy {summary['busy_ms']:.1f} of "
+           f"{summary['span_ms']:.1f} ms"]
   lines += [f"  {cls:16s} {ms:9.2f} ms" for cls, ms in summary["by_class_ms"].items()]
   lines += [f"  {ms:9.3f} ms  x{n:<5d} {name[:110]}" for name, ms, n in summary["top_ms"]]
   return "\n".join(lines)

@@ -11,8 +11,9 @@ For each EP size D (a mesh over the first D devices; no process restart):
    other devices, alternating between two such placements so every micro-step refills them (zero token
    share: the math is unchanged, only the transfers differ); each with the refill prefetched behind the
    previous micro-step's compute and without (right before its micro-step).
-   hidden % = 1 - (t(fill) - t(static)) / isolated, isolated = measured ppermute time of the moved rows
-   (weights in, gradients back) as sent in the executor's rounds.
+   hidden % = 1 - (t(fill) - t(static)) / isolated, isolated = the measured time of one micro-step's
+   transfers alone (every layer's refill of weights in and fill transpose of gradients back, as the
+   executor runs them with `--exchange`).
 
     python benchmarks/transfer.py --ep 2 4 --out benchmarks/results/transfer.json
     XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false" \
@@ -80,6 +81,54 @@ def links(args, mesh, num_devices):
   return out
 
 
+def exchanges(args, mesh, num_devices):
+  """Every device sends n experts to every other device (n in --moves), three ways: D - 1 ppermute
+  rounds of n rows, one all_to_all of n rows per peer (its own block is sent too), and one
+  ragged_all_to_all of exactly n rows per other peer (GPU/TPU only). ms per exchange."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  row = 3 * args.hidden * args.expert_hidden
+  spec = P("expert")
+
+  def rounds(x_DNxR):
+    me = jax.lax.axis_index("expert")
+    blocks = x_DNxR.reshape(num_devices, -1, row)
+    out = blocks
+    for r in range(1, num_devices):
+      got = jax.lax.ppermute(blocks[(me + r) % num_devices], "expert",
+                             [(d, (d + r) % num_devices) for d in range(num_devices)])
+      out = out.at[(me - r) % num_devices].set(got)
+    return out.reshape(x_DNxR.shape)
+
+  def a2a(x_DNxR):
+    blocks = x_DNxR.reshape(num_devices, -1, row)
+    return jax.lax.all_to_all(blocks, "expert", 0, 0, tiled=True).reshape(x_DNxR.shape)
+
+  def ragged(x_DNxR):
+    n = x_DNxR.shape[0] // num_devices
+    me = jax.lax.axis_index("expert")
+    peers = jnp.arange(num_devices, dtype=jnp.int32)
+    sizes = jnp.where(peers == me, 0, n).astype(jnp.int32)
+    offsets = (peers * n).astype(jnp.int32)
+    return jax.lax.ragged_all_to_all(x_DNxR, jnp.zeros_like(x_DNxR), offsets, sizes, me * n + 0 * peers, sizes,
+                                     axis_name="expert")
+
+  out = {}
+  ways = (("ppermute_rounds", rounds), ("all_to_all", a2a)) + (
+      (("ragged_all_to_all", ragged),) if jax.devices()[0].platform != "cpu" else ())
+  for n in args.moves:
+    x = jax.device_put(jnp.ones((num_devices * num_devices * n, row), jnp.bfloat16), NamedSharding(mesh, spec))
+    for name, fn in ways:
+      f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec))
+      try:
+        out[f"{name}_{n}"] = dict(experts_per_peer=n, ms=bench(f, x, repeats=args.repeats) * 1e3)
+      except Exception as err:  # a collective this backend lacks: say so in the results
+        out[f"{name}_{n}"] = dict(experts_per_peer=n, error=repr(err)[:200])
+  return out
+
+
 def compute(args, num_devices):
   import jax
   import jax.numpy as jnp
@@ -113,7 +162,7 @@ def fill_placement(num_devices, slots, moves, variant):
   return placement
 
 
-def overlap(args, mesh, num_devices, link):
+def overlap(args, mesh, num_devices):
   import jax
   import jax.numpy as jnp
   import optax
@@ -122,9 +171,10 @@ def overlap(args, mesh, num_devices, link):
   from jax.sharding import PartitionSpec as P
 
   from foremoe_jax import MoEConfig
-  from foremoe_jax.executor import Executor, prepare_step
+  from foremoe_jax.executor import Executor, index, prepare_step
   from foremoe_jax.moe_stack import MoEStack
   from foremoe_jax.planner import Plan, PlanConfig, home_placement
+  from foremoe_jax.transfer import apply_moves, apply_moves_transpose
 
   slots = E // num_devices + max(args.moves)
   cfg = MoEConfig(d_model=args.hidden, d_ff=args.expert_hidden, num_experts=E, top_k=K, slots_per_device=slots,
@@ -134,7 +184,17 @@ def overlap(args, mesh, num_devices, link):
     out = model(batch["x"], tables, batch["replay"], capacity=capacity, working=working)
     return jnp.mean(out.y.astype(jnp.float32) ** 2), {}
 
-  ex = Executor(MoEStack(cfg, args.layers, mesh=mesh, rngs=nnx.Rngs(0)), optax.sgd(1e-4), loss_fn, mesh)
+  ex = Executor(MoEStack(cfg, args.layers, mesh=mesh, rngs=nnx.Rngs(0)), optax.sgd(1e-4), loss_fn, mesh,
+                exchange=args.exchange)
+  slot_rows = NamedSharding(mesh, P("expert"))
+  weights = [(jnp.zeros((num_devices * slots, args.hidden, 2 * args.expert_hidden), jnp.bfloat16, device=slot_rows),
+              jnp.zeros((num_devices * slots, args.expert_hidden, args.hidden), jnp.bfloat16, device=slot_rows))
+             for _ in range(args.layers)]
+
+  def transfers_alone(weights, refill, fill):
+    """One micro-step's transfers without its compute: refill (weights in), fill transpose (gradients back)."""
+    return [(apply_moves(w, w, index(refill, l), mesh, args.exchange),
+             apply_moves_transpose(w, None, index(fill, l), mesh, args.exchange)) for l, w in enumerate(weights)]
   shard = NamedSharding(mesh, P(("data", "expert")))
   routes = (K * np.arange(args.tokens)[:, None] + np.arange(K)) % E  # uniform: every expert equal load
   replay = np.broadcast_to(routes[None, :, None, :], (num_devices, args.tokens, args.layers, K)).astype(np.int32)
@@ -157,8 +217,8 @@ def overlap(args, mesh, num_devices, link):
     step = prepare_step(plan, counts, E)
     fill_k = int(step.fill_moves.send_DxRxK.shape[-1])
     rounds = int(np.asarray(step.fill_moves.active_R[0, 0]).sum())
-    # Rows the executor ships per layer: K rows per active round, weights in and gradients back.
-    isolated = 2 * args.layers * rounds * fill_k * link["expert"]["ms"] if moves else 0.0
+    isolated = bench(jax.jit(transfers_alone), weights, index(step.refill_moves, 1),
+                     index(step.fill_moves, 1), repeats=args.repeats) * 1e3 if moves else 0.0
     for prefetch in (True, False) if moves else (True,):
       def one_step():
         ex.train_step(batches, step, prefetch=prefetch)
@@ -186,6 +246,7 @@ def main():
   ap.add_argument("--big-mb", type=int, default=256)
   ap.add_argument("--chain", type=int, default=20)
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--exchange", default="all_to_all", help="how the executor moves rows (transfer.EXCHANGES)")
   ap.add_argument("--out", default=None)
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args()
@@ -201,9 +262,12 @@ def main():
     mesh = jax.make_mesh((1, num_devices), ("data", "expert"), axis_types=(AxisType.Auto,) * 2,
                          devices=jax.devices()[:num_devices])
     result = dict(D=num_devices, hidden=args.hidden, expert_hidden=args.expert_hidden, tokens=args.tokens,
+                  exchange=args.exchange,
                   layers=args.layers, micro_steps=args.micro_steps)
-    for part, fn in (("links", lambda: links(args, mesh, num_devices)), ("compute", lambda: compute(args, num_devices)),
-                     ("overlap", lambda: overlap(args, mesh, num_devices, result["links"]))):
+    for part, fn in (("links", lambda: links(args, mesh, num_devices)),
+                     ("exchanges", lambda: exchanges(args, mesh, num_devices)),
+                     ("compute", lambda: compute(args, num_devices)),
+                     ("overlap", lambda: overlap(args, mesh, num_devices))):
       start = time.perf_counter()
       try:
         result[part] = fn()
@@ -217,6 +281,9 @@ def main():
     if "error" not in lk:
       print(f"D={r['D']} expert {lk['expert']['mbytes']:.1f} MB ppermute {lk['expert']['ms']:.3f} ms ({lk['expert']['gbytes_per_s']:.0f} GB/s); "
             f"{args.big_mb} MB ppermute {lk['big']['gbytes_per_s']:.0f} GB/s; all_to_all {lk['all_to_all']['gbytes_per_s']:.0f} GB/s")
+    if "error" not in r["exchanges"]:
+      print(f"D={r['D']} n experts to every peer: " + ", ".join(
+          f"{k} {v['ms']:.3f} ms" if "ms" in v else f"{k} failed" for k, v in r["exchanges"].items()))
     if "error" not in r["compute"]:
       print(f"D={r['D']} expert FFN fwd+bwd {r['compute']['ms']:.2f} ms = {r['compute']['tflops']:.0f} TFLOP/s")
     if "error" not in r["overlap"]:

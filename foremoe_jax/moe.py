@@ -94,7 +94,8 @@ class MoE(nnx.Module):
     home = NamedSharding(mesh, P(AXIS))
 
     def init(shape, fan_in, sharding):
-      w = jax.random.normal(rngs.params(), shape, cfg.param_dtype) / np.sqrt(fan_in)
+      w = jax.random.normal(rngs.params(), shape, jnp.float32) / np.sqrt(fan_in)  # f32 scale, then cast
+      w = w.astype(cfg.param_dtype)
       return jax.device_put(w, sharding)
 
     self.router = nnx.Param(init((h, e), h, NamedSharding(mesh, P())))

@@ -146,8 +146,8 @@ def _write_rows(dst_RdxX, write_K, rows):
   return dst_RdxX.at[target].set(rows.astype(dst_RdxX.dtype), mode="drop")
 
 
-# How remote rows travel: "ppermute" = one ppermute per round d -> d+r, idle rounds skipped by lax.cond;
-# "ppermute_all" = every round, no cond (a collective inside a cond cannot overlap work outside it);
+# How remote rows travel: "ppermute" = one ppermute per round d -> d+r, idle rounds skipped by lax.cond
+# (on GPU a cond reads its predicate on the host: a sync); "ppermute_all" = every round, no cond;
 # "all_to_all" = one all_to_all of K rows per destination, no cond (one collective instead of D - 1).
 EXCHANGES = ("ppermute", "ppermute_all", "all_to_all")
 
@@ -165,7 +165,7 @@ def _a2a(rows_DKxX, num_devices):
 
 
 def move_rows_local(src_RsxX, dst_RdxX, local_src_L, local_dst_L, send_RxK, recv_RxK, active_R,
-                    exchange="ppermute"):
+                    exchange="all_to_all"):
   """Per device (inside shard_map): copies rows of `src` into `dst`: local copies, then the remote rows
   (`exchange`, see EXCHANGES; the active flags are replicated, so all devices agree on skipped rounds).
   The transpose of each `ppermute` is the reverse `ppermute`, so gradients of `dst` flow back to `src`.
@@ -187,7 +187,7 @@ def move_rows_local(src_RsxX, dst_RdxX, local_src_L, local_dst_L, send_RxK, recv
 
 
 def move_rows_transpose_local(d_dst_RdxX, d_src_RsxX, local_src_L, local_dst_L, send_RxK, recv_RxK, active_R,
-                              exchange="ppermute"):
+                              exchange="all_to_all"):
   """Per device: the transpose of `move_rows_local` (which read every row from the original `src`).
 
   d_dst: gradient of the moved-into array. Returns d_src + the written rows' gradients routed back to
@@ -220,7 +220,7 @@ def check_exchange(exchange: str) -> None:
     raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
 
 
-def apply_moves_transpose(d_dst, d_src, moves: MoveTables, mesh: jax.sharding.Mesh, exchange: str = "ppermute"):
+def apply_moves_transpose(d_dst, d_src, moves: MoveTables, mesh: jax.sharding.Mesh, exchange: str = "all_to_all"):
   """Global transpose of `apply_moves`: pytrees of `[D*rows, ...]` gradients. With `d_src` given
   (e.g. zeros of the source's shape) returns the source's gradient; with None, `src` and `dst` are one
   array (a fill) and the result is that array's gradient."""
@@ -240,7 +240,7 @@ def apply_moves_transpose(d_dst, d_src, moves: MoveTables, mesh: jax.sharding.Me
   return jax.tree.unflatten(out_def, leaves)
 
 
-def apply_moves(src, dst, moves: MoveTables, mesh: jax.sharding.Mesh, exchange: str = "ppermute"):
+def apply_moves(src, dst, moves: MoveTables, mesh: jax.sharding.Mesh, exchange: str = "all_to_all"):
   """Global: pytrees of `[D*rows, ...]` arrays sharded over "expert"; returns the new `dst`."""
   check_exchange(exchange)
 

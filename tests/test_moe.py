@@ -89,6 +89,11 @@ def test_hot_expert_and_empty_experts_with_replicas():
   assert slot_counts[holders].sum() == 48 and np.count_nonzero(slot_counts[holders]) > 1
 
 
+def test_parameters_have_param_dtype():
+  moe = build(cpu_mesh(1, 8), param_dtype=jnp.bfloat16)
+  assert {p.dtype for p in (moe.router[...], moe.w_gate_up[...], moe.w_down[...])} == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_replay_of_captured_routes_is_identical():
   moe = build(cpu_mesh(1, 8), top_k=4)
   x = jax.random.normal(jax.random.key(5), (8, 4, H))
