@@ -7,11 +7,13 @@
 #   bash benchmarks/gpu_run.sh 4   # ~5 min: MoE step EP=4 by exchange: the four main policies with moved rows sent
 #                                  #   by one all_to_all (no lax.cond), then eplb_step and foremoe with ppermute
 #                                  #   rounds without and with the lax.cond that skips idle rounds
+#   bash benchmarks/gpu_run.sh 5   # ~1.5 min: one foremoe step at EP=4 with XLA's optimized HLO of the micro-step
+#                                  #   program dumped (names the fusions in the trace summaries)
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
 # python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
 # BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
 set -u
-PHASE=${1:?phase 1 to 4}
+PHASE=${1:?phase 1 to 5}
 OUT=${OUT:-/tmp/foremoe_bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
@@ -53,13 +55,18 @@ case $PHASE in
   moe 4 300 240 --policies static eplb_step foremoe ideal --exchange all_to_all ppermute_all ppermute \
     --trace-policies foremoe foremoe@ppermute_all foremoe@ppermute
   ;;
+5)
+  XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_module_re=.*micro.* --xla_dump_hlo_as_text" \
+    moe 4 150 100 --policies foremoe --warmup 0 --repeats 1 --trace-policies foremoe
+  ls "$OUT/hlo" | grep -c after_optimizations
+  ;;
 3)
   # The full gpu_4 preset (12 layers, 2,048 sequences) printed nothing within 330 s on 4 x H200
   # (compiles): this cut keeps the shapes per layer and fits the call.
-  timeout 330 $PY benchmarks/rl_step.py --config gpu_4 --repeats 2 --set model.num_layers=4 \
+  timeout 280 $PY benchmarks/rl_step.py --config gpu_4 --repeats 2 --set model.num_layers=4 \
     --set rl.prompts_per_step=128 --out "$OUT/rl_step.json" > "$OUT/rl_step.log" 2>&1
   note "rl_step exit $?"
-  timeout 200 $PY -m pytest -q -m gpu tests/test_dispatch_gpu.py tests/test_executor_gpu.py -p no:cacheprovider \
+  timeout 170 $PY -m pytest -q -m gpu tests/test_dispatch_gpu.py tests/test_executor_gpu.py -p no:cacheprovider \
     > "$OUT/pytest_gpu_multi.txt" 2>&1
   note "pytest (4 GPUs) exit $?"
   tail -n 8 "$OUT/rl_step.log"; tail -n 3 "$OUT/pytest_gpu_multi.txt"
