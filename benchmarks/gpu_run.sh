@@ -7,24 +7,26 @@
 #   bash benchmarks/gpu_run.sh 4   # ~5 min: MoE step EP=4 by exchange: the four main policies with moved rows sent
 #                                  #   by one all_to_all (no lax.cond), then eplb_step and foremoe with ppermute
 #                                  #   rounds without and with the lax.cond that skips idle rounds
+#   bash benchmarks/gpu_run.sh 6   # ~7 min: MoE step EP=2, the policies split over GPUs 0,1 and 2,3 (two runs at
+#                                  #   once), then EP=4 ideal routes (permuted and round-robin) beside static, eplb_step
 #   bash benchmarks/gpu_run.sh 5   # ~1.5 min: one foremoe step at EP=4 with XLA's optimized HLO of the micro-step
 #                                  #   program dumped (names the fusions in the trace summaries)
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
 # python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
 # BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
 set -u
-PHASE=${1:?phase 1 to 5}
+PHASE=${1:?phase 1 to 6}
 OUT=${OUT:-/tmp/foremoe_bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
 { date -u; nvidia-smi -L; $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"; } >> "$OUT/env.txt" 2>&1
 T0=$SECONDS
 note() { echo "$1 at $((SECONDS - T0)) s" | tee -a "$OUT/env.txt"; }
-moe() {  # moe EP TIMEOUT DEADLINE [extra args]; the deadline skips policies not yet started
-  local ep=$1 limit=$2 deadline=$3; shift 3
-  timeout "$limit" $PY benchmarks/moe_step.py --ep "$ep" --out "$OUT/moe_step_D$ep.json" --deadline-s "$deadline" \
-    --trace-dir /tmp/traces "$@" >> "$OUT/moe_step_D$ep.log" 2>&1
-  note "moe_step D=$ep exit $?"
+moe() {  # [TAG=_x] moe EP TIMEOUT DEADLINE [extra args]; the deadline skips policies not yet started
+  local ep=$1 limit=$2 deadline=$3 name="moe_step_D$1${TAG:-}"; shift 3
+  timeout "$limit" $PY benchmarks/moe_step.py --ep "$ep" --out "$OUT/$name.json" --deadline-s "$deadline" \
+    --trace-dir "/tmp/traces$name" "$@" >> "$OUT/$name.log" 2>&1
+  note "$name exit $?"
 }
 case $PHASE in
 1)
@@ -54,6 +56,13 @@ case $PHASE in
 4)
   moe 4 300 240 --policies static eplb_step foremoe ideal --exchange all_to_all ppermute_all ppermute \
     --trace-policies foremoe foremoe@ppermute_all foremoe@ppermute
+  ;;
+6)
+  CUDA_VISIBLE_DEVICES=0,1 moe 2 260 170 --policies static ideal foremoe eplb_step --trace-policies foremoe &
+  CUDA_VISIBLE_DEVICES=2,3 TAG=_b moe 2 260 170 --policies live eplb_history ideal_round_robin foremoe_prefetch \
+    --trace-policies none
+  wait
+  moe 4 200 130 --policies static ideal eplb_step ideal_round_robin --trace-policies ideal ideal_round_robin
   ;;
 5)
   XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_module_re=.*micro.* --xla_dump_hlo_as_text" \

@@ -10,8 +10,11 @@ per device per micro-step (`traces.sample_micro_steps`); benchmark layer i repla
 experts 2e and 2e+1; a token's first two listed choices take both halves (4 experts), each of its other
 four choices j takes one half, 2e + (n + j) % 2 by the token's index n. This keeps each trace expert's
 load (split over its two halves) and gives 8 distinct experts per token. `eplb_history` plans from a
-second, independently drawn step. `ideal`: the same token count with round-robin routes (token n takes
-experts (8n + j) % 128), so every expert gets the same load from every source: perfect balance.
+second, independently drawn step. `ideal`: the same token count with routes that give every expert
+the same load from every source (perfect balance): token n takes experts pi_l((8n + j) % 128), j < 8,
+with pi_l a fixed random permutation per layer, so a token's experts spread over devices as real
+routes do. `ideal_round_robin` drops pi_l: each token's 8 experts are consecutive, all on one device
+(measured slower than the permuted routes on 4 x H200; kept to show it).
 
 Policies: static, eplb_history, eplb_step, foremoe (planned ahead, host planning not timed; each refill
 right before its micro-step, the executor's default), foremoe_prefetch (the same plan, each refill inside
@@ -44,7 +47,9 @@ from foremoe_jax.planner import PlanConfig, plan_step, traces  # noqa: E402
 
 E, K, H, F = 128, 8, 2048, 768
 SMOKE = dict(hidden=64, expert_hidden=64, tokens=64, micro_steps=2, layers=2, warmup=1, repeats=1)
-POLICIES = ("static", "ideal", "foremoe", "eplb_step", "live", "foremoe_prefetch", "eplb_history")  # most needed first
+POLICIES = ("static", "ideal", "foremoe", "eplb_step", "live", "foremoe_prefetch", "eplb_history",
+            "ideal_round_robin")  # most needed first
+IDEALS = ("ideal", "ideal_round_robin")
 
 
 def map_routes_64_to_128(routes_NxLx6: np.ndarray) -> np.ndarray:
@@ -87,9 +92,12 @@ def counts_of(routes_MxNxLxK: np.ndarray, num_devices: int) -> np.ndarray:
                          for r in routes_MxNxLxK])
 
 
-def ideal_routes(m: int, n: int, l: int) -> np.ndarray:
+def ideal_routes(m: int, n: int, l: int, permute: bool = True) -> np.ndarray:
+  """uint8 [m, n, l, K]: every expert gets the same pairs from every source (see the module doc)."""
   routes = (K * np.arange(n)[:, None] + np.arange(K)[None, :]) % E
-  return np.broadcast_to(routes[None, :, None, :], (m, n, l, K)).astype(np.uint8)
+  perms = [np.random.default_rng(seed).permutation(E) if permute else np.arange(E) for seed in range(l)]
+  routes_NxLxK = np.stack([perm[routes] for perm in perms], axis=1)
+  return np.broadcast_to(routes_NxLxK[None], (m, n, l, K)).astype(np.uint8)
 
 
 def median_ms(samples):
@@ -139,8 +147,8 @@ def run(args, num_devices: int) -> dict:
     return out
 
   counts = counts_of(routes, num_devices)
-  ideal = ideal_routes(num_micro, num_tokens, num_layers)
-  ideal_counts = counts_of(ideal, num_devices)
+  ideal_sets = {name: ideal_routes(num_micro, num_tokens, num_layers, permute=name == "ideal") for name in IDEALS}
+  ideal_counts = {name: counts_of(r, num_devices) for name, r in ideal_sets.items()}
   pcfg = lambda policy: PlanConfig(E, num_devices, slots, policy=policy)  # noqa: E731
 
   # Plans (host). Planning ahead is off the critical path; its time is reported, not added.
@@ -149,9 +157,10 @@ def run(args, num_devices: int) -> dict:
     start = time.perf_counter()
     plans[policy] = plan_step(counts, pcfg(policy), history=history)
     plan_ms[policy] = (time.perf_counter() - start) * 1e3
-  plans["ideal"] = plan_step(ideal_counts, pcfg("static"))
+  for name in IDEALS:
+    plans[name] = plan_step(ideal_counts[name], pcfg("static"))
   live_plans = [plan_step(counts[m:m + 1], pcfg("eplb_microstep")) for m in range(num_micro)]
-  step_counts = {p: (ideal_counts if p == "ideal" else counts) for p in plans}
+  step_counts = {p: ideal_counts.get(p, counts) for p in plans}
 
   # Live cannot change shapes between its micro-steps: one capacity and table sizes over all of them.
   live_loose = [prepare_step(p, counts[m:m + 1], E) for m, p in enumerate(live_plans)]
@@ -165,7 +174,7 @@ def run(args, num_devices: int) -> dict:
     return sum(1 for l in range(num_layers) for s, _, d, _ in home_to_base_moves(plan.base[l], E) if s != d)
 
   batches = batches_for(routes)
-  ideal_batches = batches_for(ideal)
+  ideal_batches = {name: batches_for(r) for name, r in ideal_sets.items()}
   update = jax.jit(lambda p, o, g: (lambda u, o2: (optax.apply_updates(p, u), o2))(*ex.tx.update(g, o, p)),
                    donate_argnums=(0, 1))
 
@@ -209,7 +218,7 @@ def run(args, num_devices: int) -> dict:
     print(f"D={num_devices} {name} trace:\n{trace_summary.format_summary(summary)}", flush=True)
     return summary
 
-  jobs = {p: (prepare_step(plans[p], step_counts[p], E), ideal_batches if p == "ideal" else batches, False)
+  jobs = {p: (prepare_step(plans[p], step_counts[p], E), ideal_batches.get(p, batches), False)
           for p in plans}
   jobs["foremoe_prefetch"] = (jobs["foremoe"][0], batches, True)
   order = [p for p in args.policies if p in jobs or p == "live"]
