@@ -7,10 +7,13 @@ Model of one optimizer step (M micro-steps x L MoE layers), per policy:
 t_pair = forward+backward FLOPs of one (token, expert) pair / the measured grouped-GEMM rate; C = the
 policy's padded capacity (rows per source-destination pair), so D*C rows arrive at every device and the
 all-to-alls, sorts and gathers scale with it; t_expert_move = the measured time to ppermute one 9.4 MB
-expert; moved rows = the policy's remote base moves plus its filled slots.
-Calibration (per measured EP size): other(D) and beta(D) solve the two policies without transfers
-(static, ideal: different capacities); the other policies are predictions: their error is the
-validation. Projection (EP 8-64): other and beta = means of the fits; beyond one node (8 GPUs) the
+expert; moved rows = the rows the exchange ships (measured runs: the remote base moves and filled
+slots; projection: the all_to_all exchange's K rows to every peer, see shipped_rows).
+Calibration (per measured EP size): other(D) and beta(D) solve two policies on the same real routes
+with different capacities (static, eplb_step; eplb_step's base moves are charged by the transfer
+term); the other policies are predictions: their error is the validation. (`ideal` is not used: its
+synthetic routes change the cost of the combine's fused gathers, so it is not the same step at a
+smaller capacity; measured on 4 x H200, BENCHMARKS.md.) Projection (EP 8-64): other and beta = means of the fits; beyond one node (8 GPUs) the
 all-to-all part of the capacity cost is slowed from --a2a-gbs to --ib-gbs (assumptions, not
 measurements); counts from the traces (the 64 -> 128 rule of moe_step.py), Qwen3-30B-A3B's 48 MoE
 layers replayed from the 26 trace layers cyclically.
@@ -35,7 +38,7 @@ from foremoe_jax.transfer import home_to_base_moves  # noqa: E402
 from moe_step import E, K, map_routes_64_to_128  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-CALIBRATE = ("static", "ideal")
+CALIBRATE = ("static", "eplb_step")
 
 
 def pair_s(hidden, expert_hidden, tflops):
@@ -61,15 +64,19 @@ def calibrate(moe: dict, transfer: dict):
     r = rates(transfer, d)
     tp = pair_s(run["hidden"], run["expert_hidden"], r["tflops"]) * 1e3  # ms
     ml = run["micro_steps"] * run["layers"]
-    if not all(p in pol for p in CALIBRATE) or run.get("exchange", "ppermute") != "ppermute":
-      continue  # one calibration per EP size: the default exchange
-    # Two equations (static, ideal), two unknowns (other, beta): t - GEMMs = M*L*(other + beta*D*C).
+    if key != f"D{d}" or not all(p in pol for p in CALIBRATE):
+      continue  # one calibration per EP size: its main run
+    def transfer_ms(p):  # rows over all devices, weights in and gradients back
+      return 2 * (p.get("base_moves_remote", 0) + p.get("moved_slots", 0)) / d * r["move_ms"]
+
+    # Two equations (static, eplb_step), two unknowns (other, beta):
+    # t - GEMMs - transfers = M*L*(other + beta*D*C).
     a = np.array([[ml, ml * d * pol[p]["capacity"]] for p in CALIBRATE])
-    other, beta = np.linalg.solve(a, [pol[p]["step_ms"] - pol[p]["max_load_sum"] * tp for p in CALIBRATE])
+    other, beta = np.linalg.solve(a, [pol[p]["step_ms"] - pol[p]["max_load_sum"] * tp - transfer_ms(pol[p])
+                                      for p in CALIBRATE])
     fits[d] = dict(other_ms=other, beta_ms_per_row=beta, tp_ms=tp, ml=ml, rates=r)
     for name, p in pol.items():
-      moved = p.get("base_moves_remote", 0) + p.get("moved_slots", 0)  # rows over all devices
-      pred = p["max_load_sum"] * tp + ml * (other + beta * d * p["capacity"]) + 2 * moved / d * r["move_ms"]
+      pred = p["max_load_sum"] * tp + ml * (other + beta * d * p["capacity"]) + transfer_ms(p)
       if name == "live":
         pred += p["planner_ms"]
       rows.append(dict(D=d, policy=name, measured_ms=p["step_ms"], predicted_ms=pred,
@@ -121,8 +128,10 @@ def project(args, fits):
       mean_load = sum(p.device_load(c).mean(-1).sum() for p, c in zip(plans, c_list))
       need = max(int(p.slot_pairs(c).reshape(*p.slot_pairs(c).shape[:3], d, -1).sum(-1).max()) for p, c in zip(plans, c_list))
       shipped, exact, moves = shipped_rows(plans, d, args.layers)
-      moved = sum(p.moved_mask().sum((2, 3)) for p in plans)  # [M, L] slots filled per micro-step
-      shipped += int(np.minimum(d - 1, moved).sum())
+      # Fills: the all_to_all exchange sends K = 1 row to every peer, in every layer of a micro-step
+      # whose placement differs from the base somewhere (weights in; gradients back: the factor 2 below).
+      filled_M = sum(p.moved_mask().any((1, 2, 3)) for p in plans)
+      shipped += int(np.sum(filled_M)) * args.layers * (d - 1)
       exact += int((sum(p.moved_mask().sum(-1) for p in plans) > 0).any(-1).sum())
       ml = args.micro_steps * args.layers
       cap = bucket(need)
@@ -139,7 +148,8 @@ def project(args, fits):
 
 
 def shipped_rows(plans, d, layers):
-  """(rows the round engine ships per device, rows a bytes-exact transfer moves to the busiest device,
+  """(rows the all_to_all exchange ships per device: K rows to each of the D - 1 peers in every layer,
+  K the most rows one device sends another; rows a bytes-exact transfer moves to the busiest device;
   remote moves), summed over the plans' layers."""
   shipped = exact = moves = 0
   for p in plans:
@@ -148,9 +158,7 @@ def shipped_rows(plans, d, layers):
     for l, mvs in enumerate(per_layer):
       for s, _, t, _ in mvs:
         pairs[l, s, t] += 1
-    k = int(pairs.max(initial=0))
-    rounds = np.array([[pairs[l, s, (s + r) % d] for s in range(d)] for l in range(layers) for r in range(1, d)])
-    shipped += k * int((rounds.reshape(layers, d - 1, d).max(-1) > 0).sum())
+    shipped += int(pairs.max(initial=0)) * (d - 1) * layers
     exact += int(pairs.sum(1).max(-1).sum())
     moves += sum(len(m) for m in per_layer)
   return shipped, exact, moves
@@ -203,7 +211,7 @@ def main():
   moe, transfer = json.loads(pathlib.Path(args.moe).read_text()), json.loads(pathlib.Path(args.transfer).read_text())
   fits, validation = calibrate(moe, transfer)
   args.a2a_gbs = args.a2a_gbs or float(np.mean([f["rates"]["a2a_gbs"] for f in fits.values()]))
-  print("MEASURED (GPU runs) vs MODEL: calibration on static+ideal, the rest are predictions")
+  print(f"MEASURED (GPU runs) vs MODEL: calibration on {'+'.join(CALIBRATE)}, the rest are predictions")
   print("| D | policy | measured ms | predicted ms | error % | role |\n|---|---|---|---|---|---|")
   for r in validation:
     print(f"| {r['D']} | {r['policy']} | {r['measured_ms']:.1f} | {r['predicted_ms']:.1f} | {r['error_pct']:+.1f} | {r['role']} |")
