@@ -112,7 +112,8 @@ def exchanges(args, mesh, num_devices):
     peers = jnp.arange(num_devices, dtype=jnp.int32)
     sizes = jnp.where(peers == me, 0, n).astype(jnp.int32)
     offsets = (peers * n).astype(jnp.int32)
-    return jax.lax.ragged_all_to_all(x_DNxR, jnp.zeros_like(x_DNxR), offsets, sizes, me * n + 0 * peers, sizes,
+    into_peer = jnp.full((num_devices,), me * n, jnp.int32)  # my block in every peer's output
+    return jax.lax.ragged_all_to_all(x_DNxR, jnp.zeros_like(x_DNxR), offsets, sizes, into_peer, sizes,
                                      axis_name="expert")
 
   out = {}

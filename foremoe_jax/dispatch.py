@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from foremoe_jax.placement import slot_pair_counts
+from pallas_kernels import vma
 
 AXIS = "expert"
 
@@ -55,13 +56,6 @@ def local_slot_ids(count_from_src_DxS: jax.Array, rows_per_src: int, rows_arrive
   return slot_DxR.reshape(-1)
 
 
-def varying_axes(x: jax.Array) -> frozenset:
-  """The manual mesh axes `x` varies over (`manual_axis_type.varying` in jax 0.10, `vma` elsewhere)."""
-  aval = jax.typeof(x)
-  manual = getattr(aval, "manual_axis_type", None)
-  return frozenset(manual.varying if manual is not None else aval.vma)
-
-
 def vary_over(axes: tuple[str, ...], *arrays: jax.Array) -> tuple[jax.Array, ...]:
   """Marks the arrays as varying over all of `axes` (the token axes).
 
@@ -69,10 +63,7 @@ def vary_over(axes: tuple[str, ...], *arrays: jax.Array) -> tuple[jax.Array, ...
   transpose of this cast sums e.g. the weight gradient over the data axis. (Received rows of the
   ragged exchange are typed invariant, weights vary over "expert" only, tokens over all batch axes.)
   """
-  def cast(a):
-    missing = tuple(sorted(frozenset(axes) - varying_axes(a)))
-    return jax.lax.pcast(a, missing, to="varying") if missing else a
-  return tuple(cast(a) for a in arrays)
+  return tuple(vma.vary_over(axes, a) for a in arrays)
 
 
 def _take(x_NxH: jax.Array, idx_M: jax.Array) -> jax.Array:
@@ -84,7 +75,7 @@ def gather_rows(x_NxH: jax.Array, idx_M: jax.Array, inverse_N: jax.Array) -> jax
   """`y[m] = x[idx[m]]` (0 where idx < 0) for an `idx` that reads each row of x at most once, with
   `inverse[n]` the m reading row n (-1 if none). The backward is then a gather too: GPUs run a
   scatter-add of [rows, hidden] with atomics, a gather without."""
-  axes = varying_axes(x_NxH) | varying_axes(idx_M) | varying_axes(inverse_N)
+  axes = vma.varying_axes(x_NxH) | vma.varying_axes(idx_M) | vma.varying_axes(inverse_N)
   (x_NxH,) = vary_over(tuple(axes), x_NxH)  # the cotangent varies like the indices
   return _gather_rows(x_NxH, idx_M, inverse_N)
 

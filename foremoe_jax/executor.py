@@ -5,11 +5,11 @@ Two levels, as the plan has them:
    micro-step's working slots from the base.
 2. each micro-step runs forward and backward on its working slots and adds the gradients to
    accumulators kept in the base layout: a working slot's gradient goes back to the base slot it was
-   copied from through the transpose of the base -> working fill (the reverse ppermute).
+   copied from through the transpose of the base -> working fill (the reverse exchange).
    Between micro-steps only the slots whose expert changes are rewritten (`refill`), from the base; a
    micro-step whose placement equals the previous one in every layer skips it. With `prefetch` the
    next micro-step's refill runs inside the current micro-step's program, where it depends on nothing
-   the compute produces, so XLA's scheduler may overlap its ppermutes with the compute.
+   the compute produces, so XLA's scheduler may overlap its collectives with the compute.
 3. `finish`: the accumulated base gradients go home through the transpose of the base transfer, then one
    optimizer update in the home layout. Parameters and optimizer state never see a placement.
 Placements are traced table values: a new plan never recompiles (the padded capacity is bucketed, the
@@ -147,9 +147,8 @@ class Executor:
   working=)` and `moe_layers()`) over micro-steps with changing placements.
 
   prefetch: refill the next micro-step's changed slots inside the current micro-step's program, where
-  XLA may overlap them with its compute, or (default) right before each micro-step, skipping idle
-  transfer rounds. Measured on 4 x H200 (BENCHMARKS.md) the prefetch hid nothing and its unconditional
-  rounds cost more than the skipped ones, hence the default.
+  XLA may overlap them with its compute, or (default) right before each micro-step. Measured on
+  4 x H200 (BENCHMARKS.md) about half of a refill hid either way; the prefetch added 0-24 points.
   exchange: how moved rows travel between devices (`transfer.EXCHANGES`): one "all_to_all" per move
   table (default), or "ppermute" rounds, every one ("ppermute_all") or the active ones, chosen by a
   `lax.cond`. Measured on 4 x H200 (BENCHMARKS.md), the all_to_all step was 3% faster than the

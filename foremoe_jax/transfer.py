@@ -3,7 +3,7 @@
 Home weights are `[E, ...]` sharded over "expert" (device d holds experts d*E/D ... (d+1)*E/D - 1).
 The working layout is `[D*S, ...]` sharded over "expert": slot j of device d holds expert
 `slot_expert[d*S + j]`. Everything is differentiable (the transpose of the all-gather is a reduce-scatter,
-that of a `ppermute` the reverse `ppermute`). The executor maps gradients back with `apply_moves_transpose`,
+that of a `ppermute` the reverse `ppermute`, that of an `all_to_all` the reverse `all_to_all`). The executor maps gradients back with `apply_moves_transpose`,
 written out so that it touches only the moved rows: autodiff of a row copy materializes gradients of the
 whole array (a scatter-add of whole experts into zeros, then a full add), which cost more than the moves.
 """
@@ -49,7 +49,7 @@ class MoveTables(NamedTuple):
   local_src_DxL, local_dst_DxL int32: rows each device copies within itself (-1 = nothing);
   send_DxRxK int32: the source row each device sends in each round (-1 = nothing);
   recv_DxRxK int32: the destination row each device writes with what it receives (-1 = nothing);
-  active_R bool: rounds where any device sends a row (others are skipped at run time).
+  active_R bool: rounds where any device sends a row (the "ppermute" exchange skips the others).
   """
   local_src_DxL: jax.Array
   local_dst_DxL: jax.Array

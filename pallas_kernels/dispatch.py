@@ -17,7 +17,7 @@ import jax
 
 from pallas_kernels import backend as _backend
 from pallas_kernels import reference
-from pallas_kernels.gmm import _vary_like  # pylint: disable=protected-access
+from pallas_kernels.vma import vary_like
 
 
 def _kernels():
@@ -29,7 +29,7 @@ def _kernels():
 def _vary_alike(*arrays):
   """Types every array as varying over all manual mesh axes any of them varies over (a pallas_call
   under shard_map takes its result type from its inputs; a no-op outside shard_map)."""
-  return [_vary_like(a, *arrays) for a in arrays]
+  return [vary_like(a, *arrays) for a in arrays]
 
 
 def _gather(name, x_TxD, idx_R, scale_R=None, out_dtype=None):

@@ -13,6 +13,7 @@ from pallas_kernels import backend as _backend
 from pallas_kernels import mosaic_gmm
 from pallas_kernels import mosaic_tgmm
 from pallas_kernels import reference
+from pallas_kernels.vma import vary_like
 
 _INTERPRET = []  # the GPU interpreter's params, made on first use
 
@@ -73,23 +74,9 @@ def _tgmm_impl(name, lhs, rhs, group_sizes, out_dtype):
                           interpret=_interpret_params() if name == "interpret" else None)
 
 
-def _varying(x) -> frozenset:
-  """Manual mesh axes x varies over inside shard_map (`manual_axis_type` in jax 0.10, `vma` later)."""
-  aval = jax.typeof(x)
-  manual = getattr(aval, "manual_axis_type", None)
-  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
-
-
-def _vary_like(y, *likes):
-  """Types `y` as varying over every mesh axis the `likes` vary over: a pallas_call's result is typed
-  invariant, and a custom VJP must return each cotangent with its input's type."""
-  missing = tuple(sorted(frozenset().union(*map(_varying, likes)) - _varying(y)))
-  return jax.lax.pcast(y, missing, to="varying") if missing else y
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _gmm(lhs, rhs, group_sizes, transpose_rhs, name, out_dtype):
-  return _vary_like(_gmm_impl(name, lhs, rhs, group_sizes, transpose_rhs, out_dtype), lhs, rhs)
+  return vary_like(_gmm_impl(name, lhs, rhs, group_sizes, transpose_rhs, out_dtype), lhs, rhs)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, name, out_dtype):
@@ -106,7 +93,7 @@ def _gmm_bwd(transpose_rhs, name, out_dtype, res, dout):
     drhs = _tgmm(dout, lhs, group_sizes, name, rhs.dtype)
   else:
     drhs = _tgmm(lhs, dout, group_sizes, name, rhs.dtype)
-  return _vary_like(dlhs, lhs), _vary_like(drhs, rhs), None
+  return vary_like(dlhs, lhs), vary_like(drhs, rhs), None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -114,7 +101,7 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _tgmm(lhs, rhs, group_sizes, name, out_dtype):
-  return _vary_like(_tgmm_impl(name, lhs, rhs, group_sizes, out_dtype), lhs, rhs)
+  return vary_like(_tgmm_impl(name, lhs, rhs, group_sizes, out_dtype), lhs, rhs)
 
 
 def _tgmm_fwd(lhs, rhs, group_sizes, name, out_dtype):
@@ -127,7 +114,7 @@ def _tgmm_bwd(name, out_dtype, res, dout_GxKxN):
   dout_GxKxN = dout_GxKxN.astype(lhs.dtype)
   dlhs = _gmm(rhs, dout_GxKxN, group_sizes, True, name, lhs.dtype)  # rhs_g @ dout_g^T
   drhs = _gmm(lhs, dout_GxKxN, group_sizes, False, name, rhs.dtype)  # lhs_g @ dout_g
-  return _vary_like(dlhs, lhs), _vary_like(drhs, rhs), None
+  return vary_like(dlhs, lhs), vary_like(drhs, rhs), None
 
 
 _tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
