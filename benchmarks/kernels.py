@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pallas_kernels as pk  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pallas_kernels import mosaic_gmm, mosaic_tgmm  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pallas_kernels import mosaic_gmm, mosaic_tgmm, tiling  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 G = 17
 SHAPES = {"gate_up": (2048, 1536), "down": (768, 2048)}
@@ -73,6 +73,9 @@ def example_kernels():
 EXAMPLE_FWD_CONFIGS = [dict(block_m=128, block_n=bn, block_k=64, max_concurrent_steps=s,
                             grid_block_n=gb) for bn, s, gb in
                        [(128, 4, 16), (192, 4, 8)]]
+# The example's best forward blocks per shape in every sweep so far (H100 run 1, H200 runs 2-4): the
+# anchor of a run without --sweep.
+EXAMPLE_BEST = {"gate_up": EXAMPLE_FWD_CONFIGS[1], "down": EXAMPLE_FWD_CONFIGS[0]}
 EXAMPLE_T_CONFIG = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 
 
@@ -129,6 +132,9 @@ def bench_gmm_case(m, name, skew, rows, skip_slow, example_cfg):
   ref = jax.jit(lambda a, b, g: jax.lax.ragged_dot(a, b, g, preferred_element_type=jnp.float32))
   res["rel_err_fwd"] = rel_err(ours(lhs, rhs, gs), ref(lhs, rhs, gs))
   rec("ours fwd", timeit(ours, lhs, rhs, gs))
+  # The row-tile table that each of our calls computes in XLA before the kernel: part of "ours".
+  res["tile_table_ms"] = timeit(jax.jit(lambda g: tuple(vars(tiling.row_tiles(g, m, 128)).values())), gs) * 1e3
+  print(f"  {m:>6} {name:<8} {skew:<8} {'tile table (in ours)':<22} {res['tile_table_ms']:8.3f} ms", flush=True)
   ours_fb = fwd_bwd(lambda a, b, g: pk.gmm(a, b, g, backend="mosaic_gpu"))
   rec("ours fwd+bwd", timeit(ours_fb, lhs, rhs, gs, dout), 3)
   dense_b = rhs[0]
@@ -220,6 +226,11 @@ GMM_SWEEP = [
     mosaic_gmm.GmmConfig(delay_release=1, grid_block_n=4),
     mosaic_gmm.GmmConfig(epi_split=2, max_concurrent_steps=4, delay_release=1),
     mosaic_gmm.GmmConfig(block_n=64, max_concurrent_steps=5, delay_release=1),
+    # Warpgroups split the rows: 64 x 256 (or 64 x 192, the example's CTA tile) wgmmas per warpgroup.
+    mosaic_gmm.GmmConfig(block_n=256, split_m=True, delay_release=1),
+    mosaic_gmm.GmmConfig(block_n=256, split_m=True, max_concurrent_steps=4, epi_split=2, delay_release=1),
+    mosaic_gmm.GmmConfig(block_n=192, split_m=True, max_concurrent_steps=4, delay_release=1),
+    mosaic_gmm.GmmConfig(block_m=256, split_m=True, delay_release=1),
 ]
 TGMM_SWEEP = [
     mosaic_tgmm.TgmmConfig(),
@@ -337,8 +348,8 @@ def main():
   result = {"meta": meta, "sweep": [], "gmm": [], "dispatch": [], "dispatch_sweep": []}
   save = lambda: json.dump(result, open(os.path.join(args.out, "kernels.json"), "w"), indent=1)
   rows_list = [int(r) for r in args.rows.split(",")]
-  example_cfg = {name: {"fwd": EXAMPLE_FWD_CONFIGS[0], "dlhs": EXAMPLE_FWD_CONFIGS[0],
-                        "t": EXAMPLE_T_CONFIG} for name in SHAPES}
+  example_cfg = {name: {"fwd": EXAMPLE_BEST[name], "dlhs": EXAMPLE_BEST[name], "t": EXAMPLE_T_CONFIG}
+                 for name in SHAPES}
   dispatch_backends = args.dispatch_backends.split(",")
   if args.sweep and not args.dispatch_only:
     example_cfg = sweep(65536, result["sweep"])

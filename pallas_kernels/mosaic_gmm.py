@@ -4,7 +4,8 @@ out[M, N] = lhs[M, K] @ rhs[g] for the rows of group g; rows past the groups are
 Work unit: a (row tile, N tile) pair. Row tiles come from `tiling.row_tiles`: a row block that
 straddles a group boundary is computed once per group and each pass stores only its own rows, with
 a ladder of power-of-two-row TMA stores (TMA boxes are static). The loop is persistent (one CTA per
-SM walking the tiles), two compute warpgroups split the N tile, a third one feeds TMA loads.
+SM walking the tiles), two compute warpgroups split the N tile (or, with split_m, the rows, so each
+issues wgmmas twice as wide in N), a third one feeds TMA loads.
 """
 import dataclasses
 import functools
@@ -33,6 +34,17 @@ class GmmConfig:
   delay_release: int = 0
   # Epilogue in this many column chunks per warpgroup: less smem for it, more for the pipeline.
   epi_split: int = 1
+  # Warp-specialized only: the compute warpgroups split the CTA's block_m rows instead of its columns;
+  # each then covers all block_n columns (the CTA tile is block_m x block_n).
+  split_m: bool = False
+
+  @property
+  def cta_n(self) -> int:
+    return self.block_n if self.split_m else self.block_n * self.num_compute_wgs
+
+  @property
+  def wg_m(self) -> int:
+    return self.block_m // self.num_compute_wgs if self.split_m else self.block_m
 
 
 _PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
@@ -45,18 +57,20 @@ def num_sms(interpret=None) -> int:
   return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-# Sweep winners at 64K rows, 17 balanced groups (benchmarks/results/kernels.md: H200, jax 0.11.2),
-# keyed by (K, N) of the call. The gate+up and down projections of Qwen3-30B-A3B and their d(lhs).
+# Sweep winners at 64K rows, 17 balanced groups (benchmarks/results/kernels.md: H200, jax 0.11.2, run 4),
+# keyed by (K, N) of the call: the gate+up and down projections of Qwen3-30B-A3B and their d(lhs). At
+# every shape the row-split warpgroups (64 x 256 wgmmas each) with 4 stages and a halved epilogue won.
+_ROW_SPLIT = GmmConfig(block_n=256, split_m=True, max_concurrent_steps=4, epi_split=2, delay_release=1)
 TUNED: dict[tuple[int, int], GmmConfig] = {
-    (2048, 1536): GmmConfig(delay_release=1),
-    (1536, 2048): GmmConfig(max_concurrent_steps=4, delay_release=1, epi_split=2),
-    (768, 2048): GmmConfig(max_concurrent_steps=4, delay_release=1, epi_split=2),
-    (2048, 768): GmmConfig(),
+    (2048, 1536): _ROW_SPLIT,
+    (1536, 2048): _ROW_SPLIT,
+    (768, 2048): _ROW_SPLIT,
+    (2048, 768): _ROW_SPLIT,
 }
 
 
 def _fits(config: GmmConfig, k: int, n: int) -> bool:
-  return k % config.block_k == 0 and n % (config.block_n * config.num_compute_wgs) == 0
+  return k % config.block_k == 0 and n % config.cta_n == 0
 
 
 def default_config(m, k, n, dtype, out_dtype=None) -> GmmConfig | None:
@@ -111,7 +125,9 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
   if rhs.shape[2 if transpose_rhs else 1] != k:
     raise ValueError(f"contracting sizes differ: lhs {lhs_MxK.shape}, rhs {rhs.shape}")
   c = config
-  cta_n = c.block_n * c.num_compute_wgs
+  cta_n = c.cta_n
+  if c.split_m and (c.num_compute_wgs == 1 or c.wg_m % 64):
+    raise ValueError(f"split_m needs several compute warpgroups of 64-row multiples; got {c}")
   if not _fits(c, k, n):
     raise ValueError(f"mosaic gmm needs K % {c.block_k} == 0 and N % {cta_n} == 0; got K={k}, N={n}")
   out_dtype = out_dtype or lhs_MxK.dtype
@@ -172,8 +188,10 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
     wg_cols = pl.ds(wg * c.block_n, c.block_n)
 
     def mma(_, lhs_smem, rhs_smem, acc_ref):
-      rhs_wg = rhs_smem.at[wg_cols] if transpose_rhs else rhs_smem.at[:, wg_cols]
-      wgmma(acc_ref, lhs_smem, rhs_wg)
+      if c.split_m:
+        wgmma(acc_ref, lhs_smem.at[pl.ds(wg * c.wg_m, c.wg_m)], rhs_smem)
+      else:
+        wgmma(acc_ref, lhs_smem, rhs_smem.at[wg_cols] if transpose_rhs else rhs_smem.at[:, wg_cols])
       plgpu.wgmma_wait(c.delay_release)  # older steps are done: their slots go back to the loader
       return acc_ref
 
@@ -202,35 +220,41 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(lhs_tile_gmem, rhs_tile_gmem),
-        o_smem=plgpu.SMEM((c.num_compute_wgs, c.block_m, c.block_n // c.epi_split), out_dtype),
+        o_smem=plgpu.SMEM((c.num_compute_wgs, c.wg_m, c.block_n // c.epi_split), out_dtype),
         collective_axes="wg",
     )
     def _scope(allocs, o_smem):
       @plgpu.nd_loop((max_tiles * grid_n,), collective_axes="sm")
       def _tile(info):
         ni, group, block, start, size = tile_info(t_group, t_block, t_start, t_size, info.index[0])
-        row0 = block * c.block_m
-        col0 = ni * cta_n + wg * c.block_n
+        if c.split_m:  # this warpgroup stores the segment's rows in [wg * wg_m, (wg + 1) * wg_m)
+          row0, col0 = block * c.block_m + wg * c.wg_m, ni * cta_n
+          wg_start = jnp.clip(start - wg * c.wg_m, 0, c.wg_m)
+          wg_size = jnp.clip(start + size - wg * c.wg_m, 0, c.wg_m) - wg_start
+        else:
+          row0, col0 = block * c.block_m, ni * cta_n + wg * c.block_n
+          wg_start, wg_size = start, size
+
+        def store(acc):
+          _store_rows(acc, o_smem.at[wg], out_gmem, row0, wg_start, wg_size, col0, c.wg_m)
 
         def compute_context(eval_pipeline):
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((c.block_m, c.block_n)))
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((c.wg_m, c.block_n)))
           def _(acc_ref):
             eval_pipeline(acc_ref)
-            _store_rows(acc_ref[...], o_smem.at[wg], out_gmem, row0, start, size, col0,
-                        c.block_m)
+            store(acc_ref[...])
 
         @pl.when((group < g) & (size > 0))
         def _():
           gi = jnp.minimum(group, g - 1)
           rhs_cta = rhs_gmem.at[gi].at[pl.ds(ni * cta_n, cta_n)] if transpose_rhs else \
               rhs_gmem.at[gi].at[:, pl.ds(ni * cta_n, cta_n)]
-          pipeline(mma, compute_context)(lhs_gmem.at[pl.ds(row0, c.block_m)], rhs_cta,
+          pipeline(mma, compute_context)(lhs_gmem.at[pl.ds(block * c.block_m, c.block_m)], rhs_cta,
                                          allocations=allocs)
 
         @pl.when((group == g) & (size > 0) & (wg < c.num_compute_wgs))
         def _():
-          _store_rows(jnp.zeros((c.block_m, c.block_n), jnp.float32), o_smem.at[wg], out_gmem,
-                      row0, start, size, col0, c.block_m)
+          store(jnp.zeros((c.wg_m, c.block_n), jnp.float32))
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

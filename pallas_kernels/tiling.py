@@ -40,7 +40,8 @@ def row_tiles(group_sizes_G: jax.Array, m: int, block_m: int) -> RowTiles:
   tiles_S = jnp.where(ends_S > starts_S, (ends_S - 1) // block_m - first_S + 1, 0)
   tile_end_S = jnp.cumsum(tiles_S)
   i_T = jnp.arange(max_row_tiles(m, num_groups, block_m), dtype=jnp.int32)
-  seg_T = jnp.searchsorted(tile_end_S, i_T, side="right").astype(jnp.int32)
+  # compare_all: one small fusion; the default method is a loop (a chain of tiny kernels on GPU).
+  seg_T = jnp.searchsorted(tile_end_S, i_T, side="right", method="compare_all").astype(jnp.int32)
   valid_T = seg_T <= num_groups
   seg_T = jnp.minimum(seg_T, num_groups)
   block_T = first_S[seg_T] + i_T - (tile_end_S[seg_T] - tiles_S[seg_T])

@@ -26,6 +26,8 @@ GMM_CONFIGS = [
     mosaic_gmm.GmmConfig(num_compute_wgs=1, block_n=192, max_concurrent_steps=4),
     mosaic_gmm.GmmConfig(delay_release=1, grid_block_n=4),
     mosaic_gmm.GmmConfig(block_n=64, max_concurrent_steps=5, delay_release=1),
+    mosaic_gmm.GmmConfig(block_n=256, split_m=True, delay_release=1),
+    mosaic_gmm.GmmConfig(block_m=256, split_m=True, max_concurrent_steps=2),
 ]
 
 
