@@ -4,8 +4,11 @@ One source device holds N tokens with k experts each: P = N*k (token, expert) pa
 1. `route`: each pair gets a global slot g = d*S + j by the placement's deterministic split rule, and a
    position in the by-slot order (grouped by destination device, then local slot).
 2. `padded_exchange` / `ragged_exchange`: rows travel to their destination devices, where they are
-   grouped by local slot for one grouped matmul over the working slots, then travel back.
-3. The caller combines each token's k outputs with its gate weights.
+   grouped by local slot for one grouped matmul over the working slots, then travel back, and each
+   token's k outputs are summed with its gate weights.
+Row moves are `pallas_kernels.permute` / `combine` (Pallas kernels on GPU, XLA elsewhere) given their
+inverse maps, so every backward is a gather: no scatter-add, and no XLA fusion of a k-row gather
+with what follows it (on 4 x H200 those fusions took a third of the MoE step).
 All index arithmetic is traced: a new placement is new values, never a new program.
 """
 from typing import Callable, NamedTuple
@@ -13,6 +16,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from foremoe_jax.placement import slot_pair_counts
 from pallas_kernels import vma
 
@@ -25,6 +29,12 @@ class Routing(NamedTuple):
   pair_at_P: jax.Array  # int32 [P] the pair at each by-slot position (inverse of position_P)
 
 
+def searchsorted(sorted_S: jax.Array, queries: jax.Array) -> jax.Array:
+  """`jnp.searchsorted(side="right")` for the short sorted arrays here (slots, devices): one compare-and-
+  count fusion instead of the default method's loop (a while loop of small kernels on GPU)."""
+  return jnp.searchsorted(sorted_S, queries, side="right", method="compare_all").astype(jnp.int32)
+
+
 def route(expert_P: jax.Array, slot_expert_G: jax.Array, share_G: jax.Array, num_experts: int) -> Routing:
   """Assigns every pair to a replica slot of its expert; the i-th pair of an expert in pair order
   goes to the replica whose integer share interval covers i."""
@@ -34,7 +44,7 @@ def route(expert_P: jax.Array, slot_expert_G: jax.Array, share_G: jax.Array, num
   by_expert_P = jnp.argsort(expert_P, stable=True)
   # Slots in (expert, replica) order tile the expert-sorted pairs exactly.
   end_sorted_G = jnp.cumsum(count_G[order_G])
-  slot_rank_P = jnp.searchsorted(end_sorted_G, jnp.arange(num_pairs), side="right")
+  slot_rank_P = searchsorted(end_sorted_G, jnp.arange(num_pairs))
   slot_rank_P = jnp.minimum(slot_rank_P, order_G.shape[0] - 1)
   slot_of_sorted_P = order_G[slot_rank_P]
   start_in_expert_order_G = jnp.zeros_like(count_G).at[order_G].set(end_sorted_G - count_G[order_G])
@@ -51,7 +61,7 @@ def local_slot_ids(count_from_src_DxS: jax.Array, rows_per_src: int, rows_arrive
   num_slots = count_from_src_DxS.shape[1]
   ends_DxS = jnp.cumsum(count_from_src_DxS, axis=1)
   rows_R = jnp.arange(rows_per_src)
-  slot_DxR = jax.vmap(lambda e: jnp.searchsorted(e, rows_R, side="right"))(ends_DxS)
+  slot_DxR = jax.vmap(lambda e: searchsorted(e, rows_R))(ends_DxS)
   slot_DxR = jnp.where(rows_R[None, :] < rows_arrived_D[:, None], slot_DxR, num_slots)
   return slot_DxR.reshape(-1)
 
@@ -66,34 +76,22 @@ def vary_over(axes: tuple[str, ...], *arrays: jax.Array) -> tuple[jax.Array, ...
   return tuple(vma.vary_over(axes, a) for a in arrays)
 
 
-def _take(x_NxH: jax.Array, idx_M: jax.Array) -> jax.Array:
-  rows_MxH = x_NxH[jnp.maximum(idx_M, 0)]
-  return jnp.where((idx_M >= 0)[:, None], rows_MxH, jnp.zeros((), x_NxH.dtype))
-
-
-def gather_rows(x_NxH: jax.Array, idx_M: jax.Array, inverse_N: jax.Array) -> jax.Array:
-  """`y[m] = x[idx[m]]` (0 where idx < 0) for an `idx` that reads each row of x at most once, with
-  `inverse[n]` the m reading row n (-1 if none). The backward is then a gather too: GPUs run a
-  scatter-add of [rows, hidden] with atomics, a gather without."""
-  axes = vma.varying_axes(x_NxH) | vma.varying_axes(idx_M) | vma.varying_axes(inverse_N)
+def gather_rows(x_NxH: jax.Array, idx_M: jax.Array, inverse_NxK: jax.Array, backend: str | None) -> jax.Array:
+  """`y[m] = x[idx[m]]` (0 where idx < 0), with `inverse[n]` every m reading row n (-1 fills): the
+  backward is then a gather (K = 1) or a k-row gather-sum, never a scatter-add of [rows, hidden]
+  (GPUs run those with atomics)."""
+  axes = vma.varying_axes(x_NxH) | vma.varying_axes(idx_M) | vma.varying_axes(inverse_NxK)
   (x_NxH,) = vary_over(tuple(axes), x_NxH)  # the cotangent varies like the indices
-  return _gather_rows(x_NxH, idx_M, inverse_N)
+  return pallas_kernels.permute(x_NxH, idx_M, inverse_TxK=inverse_NxK, backend=backend)
 
 
-@jax.custom_vjp
-def _gather_rows(x_NxH, idx_M, inverse_N):
-  return _take(x_NxH, idx_M)
-
-
-def _gather_rows_fwd(x_NxH, idx_M, inverse_N):
-  return _take(x_NxH, idx_M), inverse_N
-
-
-def _gather_rows_bwd(inverse_N, dy_MxH):
-  return _take(dy_MxH, inverse_N), None, None
-
-
-_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+def combine_rows(y_RxH: jax.Array, read_NxK: jax.Array, gate_NxK: jax.Array, out_dtype,
+                 backend: str | None) -> jax.Array:
+  """`out[n] = sum_j gate[n, j] * y[read[n, j]]` (f32 sum) in out_dtype; no row of y is read twice."""
+  axes = vma.varying_axes(y_RxH) | vma.varying_axes(read_NxK) | vma.varying_axes(gate_NxK)
+  y_RxH, gate_NxK = vary_over(tuple(axes), y_RxH, gate_NxK)
+  return pallas_kernels.combine(y_RxH, read_NxK, gate_NxK, unique_rows=True, out_dtype=out_dtype,
+                                backend=backend)
 
 
 def inverse_map(idx_M: jax.Array, size: int) -> jax.Array:
@@ -102,21 +100,21 @@ def inverse_map(idx_M: jax.Array, size: int) -> jax.Array:
   return jnp.full((size,), -1, jnp.int32).at[jnp.where(idx_M >= 0, idx_M, size)].set(m, mode="drop")
 
 
-def grouped_by_slot(rows_RxH, slot_R, num_slots: int, expert_fn: Callable):
+def grouped_by_slot(rows_RxH, slot_R, num_slots: int, expert_fn: Callable, backend: str | None):
   """Sorts received rows by local slot, runs `expert_fn(rows, group_sizes)`, restores the order."""
   order_R = jnp.argsort(slot_R, stable=True).astype(jnp.int32)
   inverse_R = inverse_map(order_R, order_R.shape[0])
   group_sizes_S = jnp.bincount(slot_R, length=num_slots + 1)[:num_slots].astype(jnp.int32)
-  out_RxH = expert_fn(gather_rows(rows_RxH, order_R, inverse_R), group_sizes_S)
-  return gather_rows(out_RxH, inverse_R, order_R), group_sizes_S
+  out_RxH = expert_fn(gather_rows(rows_RxH, order_R, inverse_R[:, None], backend), group_sizes_S)
+  return gather_rows(out_RxH, inverse_R, order_R[:, None], backend), group_sizes_S
 
 
-def padded_exchange(x_NxH, routing: Routing, top_k: int, num_slots: int, capacity: int,
-                    expert_fn: Callable):
+def padded_exchange(x_NxH, gate_NxK, routing: Routing, num_slots: int, capacity: int, expert_fn: Callable,
+                    backend: str | None = None):
   """Fixed-capacity `all_to_all`: at most `capacity` rows per (source, destination); rows beyond it
-  are dropped and counted. Returns (out_PxH in pair order, group_sizes_S, dropped pairs)."""
+  are dropped and counted. Returns (y_NxH gate-weighted sums, group_sizes_S, dropped pairs)."""
   num_devices = routing.count_G.shape[0] // num_slots
-  hidden = x_NxH.shape[1]
+  (num_tokens, hidden), top_k = x_NxH.shape, gate_NxK.shape[1]
   num_pairs = routing.pair_at_P.shape[0]
   send_D = routing.count_G.reshape(num_devices, num_slots).sum(axis=1)
   start_D = jnp.cumsum(send_D) - send_D
@@ -125,27 +123,29 @@ def padded_exchange(x_NxH, routing: Routing, top_k: int, num_slots: int, capacit
   position_DxC = jnp.clip(start_D[:, None] + rows_C[None, :], 0, num_pairs - 1)
   pair_DC = jnp.where(valid_DxC, routing.pair_at_P[position_DxC], -1).reshape(-1)
   # Each pair's row in the send buffer (destination block, then position in it); -1 = dropped.
-  dst_P = jnp.minimum(jnp.searchsorted(jnp.cumsum(send_D), routing.position_P, side="right"), num_devices - 1)
+  dst_P = jnp.minimum(searchsorted(jnp.cumsum(send_D), routing.position_P), num_devices - 1)
   row_P = routing.position_P - start_D[dst_P]
-  slot_in_buffer_P = jnp.where(row_P < capacity, dst_P * capacity + row_P, -1).astype(jnp.int32)
-  x_PxH = jnp.repeat(x_NxH, top_k, axis=0)  # pair i = t*k + j; its transpose sums over k
-  send_DCxH = gather_rows(x_PxH, pair_DC, slot_in_buffer_P)
+  slot_in_buffer_NxK = jnp.where(row_P < capacity, dst_P * capacity + row_P, -1).astype(jnp.int32).reshape(
+      num_tokens, top_k)  # pair i = t*k + j
+  token_DC = jnp.where(pair_DC >= 0, pair_DC // top_k, -1)
+  send_DCxH = gather_rows(x_NxH, token_DC, slot_in_buffer_NxK, backend)
   recv_DxCxH = jax.lax.all_to_all(send_DCxH.reshape(num_devices, capacity, hidden), AXIS, 0, 0, tiled=True)
   count_to_dst_DxS = routing.count_G.reshape(num_devices, num_slots)
   count_from_src_DxS = jax.lax.all_to_all(count_to_dst_DxS, AXIS, 0, 0, tiled=True)
   arrived_D = jnp.minimum(count_from_src_DxS.sum(axis=1), capacity)
   slot_R = local_slot_ids(count_from_src_DxS, capacity, arrived_D)
-  out_RxH, group_sizes_S = grouped_by_slot(recv_DxCxH.reshape(-1, hidden), slot_R, num_slots, expert_fn)
+  out_RxH, group_sizes_S = grouped_by_slot(recv_DxCxH.reshape(-1, hidden), slot_R, num_slots, expert_fn,
+                                           backend)
   back_DxCxH = jax.lax.all_to_all(out_RxH.reshape(num_devices, capacity, hidden), AXIS, 0, 0, tiled=True)
-  out_PxH = gather_rows(back_DxCxH.reshape(-1, hidden), slot_in_buffer_P, pair_DC)
+  y_NxH = combine_rows(back_DxCxH.reshape(-1, hidden), slot_in_buffer_NxK, gate_NxK, x_NxH.dtype, backend)
   dropped = (send_D - jnp.minimum(send_D, capacity)).sum()
-  return out_PxH, group_sizes_S, dropped
-def ragged_exchange(x_NxH, routing: Routing, top_k: int, num_slots: int, recv_capacity: int,
-                    expert_fn: Callable):
+  return y_NxH, group_sizes_S, dropped
+def ragged_exchange(x_NxH, gate_NxK, routing: Routing, num_slots: int, recv_capacity: int, expert_fn: Callable,
+                    backend: str | None = None):
   """`ragged_all_to_all` (GPU/TPU): rows travel unpadded; each receiver holds at most `recv_capacity`
   rows, and senders clip deterministically (from the all-gathered size matrix) so none overflows."""
   num_devices = routing.count_G.shape[0] // num_slots
-  hidden = x_NxH.shape[1]
+  (num_tokens, hidden), top_k = x_NxH.shape, gate_NxK.shape[1]
   me = jax.lax.axis_index(AXIS)
   count_to_dst_DxS = routing.count_G.reshape(num_devices, num_slots)
   sizes_SrcxDst = jax.lax.all_gather(count_to_dst_DxS.sum(axis=1), AXIS)
@@ -157,7 +157,8 @@ def ragged_exchange(x_NxH, routing: Routing, top_k: int, num_slots: int, recv_ca
   out_offsets_D = before_SrcxDst[me].astype(jnp.int32)
   recv_sizes_D = kept_SrcxDst[:, me]
   recv_offsets_D = before_SrcxDst[:, me].astype(jnp.int32)
-  x_sorted_PxH = gather_rows(jnp.repeat(x_NxH, top_k, axis=0), routing.pair_at_P, routing.position_P)
+  x_sorted_PxH = gather_rows(x_NxH, routing.pair_at_P // top_k, routing.position_P.reshape(num_tokens, top_k),
+                             backend)
   recv_RxH = jnp.zeros((recv_capacity, hidden), x_NxH.dtype)
   recv_RxH = jax.lax.ragged_all_to_all(x_sorted_PxH, recv_RxH, start_D.astype(jnp.int32),
                                        send_D.astype(jnp.int32), out_offsets_D, recv_sizes_D.astype(jnp.int32),
@@ -165,20 +166,19 @@ def ragged_exchange(x_NxH, routing: Routing, top_k: int, num_slots: int, recv_ca
   count_from_src_DxS = jax.lax.all_to_all(count_to_dst_DxS, AXIS, 0, 0, tiled=True)
   # Slot of received row r: find its source block, then its slot inside that block.
   rows_R = jnp.arange(recv_capacity)
-  src_R = jnp.clip(jnp.searchsorted(recv_offsets_D + recv_sizes_D, rows_R, side="right"), 0, num_devices - 1)
+  src_R = jnp.clip(searchsorted(recv_offsets_D + recv_sizes_D, rows_R), 0, num_devices - 1)
   within_R = rows_R - recv_offsets_D[src_R]
   ends_DxS = jnp.cumsum(count_from_src_DxS, axis=1)
-  slot_R = jax.vmap(lambda e, r: jnp.searchsorted(e, r, side="right"))(ends_DxS[src_R], within_R)
+  slot_R = jax.vmap(searchsorted)(ends_DxS[src_R], within_R)
   slot_R = jnp.where(within_R < recv_sizes_D[src_R], slot_R, num_slots)
-  out_RxH, group_sizes_S = grouped_by_slot(recv_RxH, slot_R, num_slots, expert_fn)
+  out_RxH, group_sizes_S = grouped_by_slot(recv_RxH, slot_R, num_slots, expert_fn, backend)
   back_PxH = jnp.zeros_like(x_sorted_PxH)
   back_PxH = jax.lax.ragged_all_to_all(out_RxH, back_PxH, recv_offsets_D, recv_sizes_D.astype(jnp.int32),
                                        start_SrcxDst[:, me].astype(jnp.int32), send_D.astype(jnp.int32),
                                        axis_name=AXIS)
-  dst_P = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes_SrcxDst[me]), routing.position_P, side="right"),
-                      num_devices - 1)
+  dst_P = jnp.minimum(searchsorted(jnp.cumsum(sizes_SrcxDst[me]), routing.position_P), num_devices - 1)
   kept_P = routing.position_P - start_D[dst_P] < send_D[dst_P]
-  read_P = jnp.where(kept_P, routing.position_P, -1)
-  out_PxH = gather_rows(back_PxH, read_P, inverse_map(read_P, back_PxH.shape[0]))
+  read_NxK = jnp.where(kept_P, routing.position_P, -1).reshape(num_tokens, top_k)
+  y_NxH = combine_rows(back_PxH, read_NxK, gate_NxK, x_NxH.dtype, backend)
   dropped = (sizes_SrcxDst[me] - send_D).sum()
-  return out_PxH, group_sizes_S, dropped
+  return y_NxH, group_sizes_S, dropped

@@ -35,7 +35,8 @@ class MoEConfig:
   norm_topk_prob: bool = True  # renormalize the top-k gates (Qwen3); False keeps the softmax values (OLMoE)
   dtype: Any = jnp.float32  # expert matmul dtype
   param_dtype: Any = jnp.float32
-  gmm_backend: str | None = None  # pallas_kernels backend; None picks by platform
+  gmm_backend: str | None = None  # pallas_kernels backend of the grouped matmuls; None picks by platform
+  dispatch_backend: str | None = None  # pallas_kernels backend of permute/combine; None picks by platform
 
 
 class MoEOutput(NamedTuple):
@@ -164,11 +165,11 @@ class MoE(nnx.Module):
     me = jax.lax.axis_index(AXIS)
     routing = route(expert_P, slot_expert_G, share_DxG[me], e)
     if mode == "padded":
-      out_PxH, group_sizes_S, dropped = padded_exchange(x_NxH, routing, k, self.slots, capacity, expert_fn)
+      y_NxH, group_sizes_S, dropped = padded_exchange(x_NxH, gate_NxK, routing, self.slots, capacity, expert_fn,
+                                                      cfg.dispatch_backend)
     else:  # a receiver holds what every source may send it
-      out_PxH, group_sizes_S, dropped = ragged_exchange(x_NxH, routing, k, self.slots,
-                                                        capacity * self.num_devices, expert_fn)
-    y_NxH = (out_PxH.reshape(b * t, k, h).astype(jnp.float32) * gate_NxK[..., None]).sum(axis=1)
+      y_NxH, group_sizes_S, dropped = ragged_exchange(x_NxH, gate_NxK, routing, self.slots,
+                                                      capacity * self.num_devices, expert_fn, cfg.dispatch_backend)
 
     counts_E = jax.lax.psum(jnp.bincount(expert_P, length=e).astype(jnp.int32), axes)
     # A psum of one-hot blocks (all_gather's result is not marked replicated).

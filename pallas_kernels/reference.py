@@ -46,10 +46,11 @@ def permute_transpose_xla(dy_RxD, idx_R, num_rows):
   return out_TxD.astype(dy_RxD.dtype)
 
 
-def combine_xla(y_RxD, idx_TxK, weights_TxK):
-  """out[t] = sum_k weights[t, k] * y[idx[t, k]] (f32 accumulate, y's dtype); idx outside [0, R) adds 0."""
+def combine_xla(y_RxD, idx_TxK, weights_TxK, out_dtype=None):
+  """out[t] = sum_k weights[t, k] * y[idx[t, k]] (f32 accumulate, out_dtype or y's); idx outside [0, R)
+  adds 0."""
   rows_TxKxD = _gather_rows(y_RxD, idx_TxK).astype(_F32)
-  return jnp.einsum("tkd,tk->td", rows_TxKxD, weights_TxK.astype(_F32)).astype(y_RxD.dtype)
+  return jnp.einsum("tkd,tk->td", rows_TxKxD, weights_TxK.astype(_F32)).astype(out_dtype or y_RxD.dtype)
 
 
 def combine_bwd_xla(y_RxD, idx_TxK, weights_TxK, dout_TxD, unique_rows=False):

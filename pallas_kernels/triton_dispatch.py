@@ -100,15 +100,17 @@ def _combine_kernel(idx_ref, w_ref, y_ref, out_ref, *, config):
 
 
 def _result_type(shape, dtype, like):
-  """The result's type, varying over the manual mesh axes `like` varies over: under shard_map a
-  pallas_call must be told (the callers make all inputs vary alike). Spelled `manual_axis_type` in
-  JAX 0.10, `vma` in other versions; empty outside shard_map."""
+  """The result's type, varying over the manual mesh axes `like` varies over (none for an invariant
+  `like`): under shard_map a pallas_call must be told, even when that set is empty (the callers make all
+  inputs vary alike). Spelled `manual_axis_type` in JAX 0.10-0.11, `vma` in other versions; outside
+  shard_map it is ignored."""
   aval = jax.typeof(like)
   manual = getattr(aval, "manual_axis_type", None)
-  if manual is not None and manual.varying:
+  if manual is not None:
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
-  if getattr(aval, "vma", None):
-    return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
+  vma = getattr(aval, "vma", None)
+  if vma is not None:
+    return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
@@ -135,12 +137,12 @@ def gather_rows(x_TxD: jax.Array, idx_R: jax.Array, scale_R: jax.Array | None = 
   return call(*args, x_TxD)
 
 
-def combine(y_RxD: jax.Array, idx_TxK: jax.Array, weights_TxK: jax.Array, *,
+def combine(y_RxD: jax.Array, idx_TxK: jax.Array, weights_TxK: jax.Array, *, out_dtype=None,
             config: GatherConfig = COMBINE_DEFAULT, interpret: bool = False) -> jax.Array:
-  """out[t] = sum_k weights[t, k] * y[idx[t, k]] -> [T, D] in y's dtype, f32 accumulation; an index
-  outside [0, R) adds 0."""
+  """out[t] = sum_k weights[t, k] * y[idx[t, k]] -> [T, D] in out_dtype (y's by default), f32
+  accumulation; an index outside [0, R) adds 0."""
   (num_tokens, _), d = idx_TxK.shape, y_RxD.shape[1]
-  out_shape = _result_type((num_tokens, d), y_RxD.dtype, y_RxD)
+  out_shape = _result_type((num_tokens, d), jnp.dtype(out_dtype or y_RxD.dtype), y_RxD)
   if num_tokens == 0 or d == 0 or y_RxD.shape[0] == 0:
     return jnp.zeros(out_shape.shape, out_shape.dtype)
   kernel = functools.partial(_combine_kernel, config=config)

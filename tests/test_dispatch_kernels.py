@@ -57,14 +57,24 @@ def combine_idx(rng, k, unique_rows):
   return r, jnp.asarray(idx, jnp.int32)
 
 
+def inverse_of(idx, k):
+  """[T, k]: the rows reading each token (-1 fills), in a shuffled column order."""
+  rows = [[r for r, t in enumerate(np.asarray(idx)) if t == token] for token in range(T)]
+  inverse = np.full((T, k), -1, np.int32)
+  for token, rs in enumerate(rows):
+    inverse[token, np.random.default_rng(token).permutation(k)[:len(rs)]] = rs
+  return jnp.asarray(inverse)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k,unique_rows", [(1, True), (8, False)])
-def test_permute_values_and_grads(backend, dtype, k, unique_rows):
+@pytest.mark.parametrize("k,unique_rows,with_inverse", [(1, True, False), (8, False, False), (8, False, True)])
+def test_permute_values_and_grads(backend, dtype, k, unique_rows, with_inverse):
   rng = np.random.default_rng(k)
   x, idx = rand(rng, (T, D), dtype), permute_idx(rng, k, unique_rows)
+  inverse = inverse_of(idx, k) if with_inverse else None
   dy = rand(rng, (idx.shape[0], D), dtype)
-  f = jax.jit(lambda a: jax.vjp(lambda b: pk.permute(b, idx, unique_rows=unique_rows,
+  f = jax.jit(lambda a: jax.vjp(lambda b: pk.permute(b, idx, unique_rows=unique_rows, inverse_TxK=inverse,
                                                      backend=backend), a))
   out, vjp = f(x)
   assert out.dtype == dtype and out.shape == (idx.shape[0], D)
@@ -82,13 +92,15 @@ def test_combine_values_and_grads(backend, dtype, k, unique_rows):
   r, idx = combine_idx(rng, k, unique_rows)
   y, dout = rand(rng, (r, D), dtype), rand(rng, (T, D), dtype)
   w = jax.nn.softmax(rand(rng, (T, k)), axis=-1)
+  out_dtype = jnp.float32 if k == 8 else None  # also: an output wider than y
   loss = lambda a, b: jnp.sum(pk.combine(a, idx, b, unique_rows=unique_rows, backend=backend)
                               .astype(jnp.float32) * dout.astype(jnp.float32))
-  out = jax.jit(lambda a, b: pk.combine(a, idx, b, unique_rows=unique_rows, backend=backend))(y, w)
+  out = jax.jit(lambda a, b: pk.combine(a, idx, b, unique_rows=unique_rows, out_dtype=out_dtype,
+                                        backend=backend))(y, w)
   dy, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(y, w)
   ws, rows = np.float64(w), gather_np(y, idx)
-  assert out.dtype == dtype and out.shape == (T, D)
-  assert rel_err(out, np.einsum("tkd,tk->td", rows, ws)) < TOL[dtype]
+  assert out.dtype == (out_dtype or dtype) and out.shape == (T, D)
+  assert rel_err(out, np.einsum("tkd,tk->td", rows, ws)) < TOL[out_dtype or dtype]
   ref_dy = scatter_np(ws[:, :, None] * np.float64(dout)[:, None, :], idx, r)
   assert dy.dtype == dtype and rel_err(dy, ref_dy) < TOL[dtype]
   assert rel_err(dw, np.einsum("tkd,td->tk", rows, np.float64(dout))) < 1e-5
@@ -143,3 +155,19 @@ def test_kernels_lower_to_triton_for_cuda():
                    (td.combine, (x, idx_TxK, w))]:
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
+
+
+def test_kernels_take_invariant_inputs_inside_shard_map():
+  """Under shard_map a pallas_call must be told how its result varies, also when every input is
+  invariant (rows received by ragged_all_to_all are typed so). Traced only: the interpreter under
+  shard_map on virtual CPU devices can deadlock."""
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((2,), ("expert",), axis_types=(jax.sharding.AxisType.Explicit,))
+  x, idx = jnp.ones((T, D), jnp.bfloat16), jnp.arange(T, dtype=jnp.int32)
+
+  def body(x, idx):
+    rows = pk.permute(x, idx, backend="interpret")
+    return pk.combine(rows, idx[:, None], jnp.ones((T, 1)), unique_rows=True, backend="interpret")
+
+  f = jax.shard_map(body, mesh=mesh, in_specs=(P(), P()), out_specs=P())
+  assert jax.eval_shape(f, x, idx).shape == (T, D)
