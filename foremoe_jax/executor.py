@@ -16,7 +16,6 @@ Placements are traced table values: a new plan never recompiles (the padded capa
 move tables' row counts are powers of two).
 """
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
@@ -28,21 +27,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.placement import Tables, plan_tables
+from foremoe_jax.planner.pairs import bucket
 from foremoe_jax.transfer import (MoveTables, apply_moves, apply_moves_transpose, check_exchange, fill_moves,
                                   home_to_base_moves, local_copies_needed, move_tables, moves_needed)
 
 # loss_fn(model, batch, *, tables, working, capacity) -> (scalar loss, metrics dict)
 LossFn = Callable[..., tuple[jax.Array, dict]]
-# Padded capacity buckets per power of two: at most 1/BUCKETS_PER_OCTAVE padding, few compiled shapes.
-BUCKETS_PER_OCTAVE = 8
-
-
-def bucket(n: int) -> int:
-  """Rounds up to 8, then to one of BUCKETS_PER_OCTAVE steps per power of two."""
-  n = max(8, math.ceil(n / 8) * 8)
-  step = max(8, 2 ** (n.bit_length() - 1) // BUCKETS_PER_OCTAVE)
-  return math.ceil(n / step) * step
-
 
 def capacity_power_of_two(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()

@@ -48,6 +48,12 @@ class CostModel:
     """A pair leaving its source device: dispatch and combine, forward and backward (4 hidden vectors)."""
     return 4.0 * self.hidden * self.bytes_per_param / self.a2a_bytes_per_s
 
+  def padded_a2a_s(self, max_load):
+    """One (m, l)'s padded all_to_all: every source pads its rows for each destination to one capacity,
+    set by the busiest receiver (about its load / D from each source), so every device ships about the
+    busiest device's load of pairs. Elementwise on arrays of max loads (tokens)."""
+    return max_load * self.a2a_s_per_token
+
   def layer_s(self, max_load, max_moves_per_device, max_remote_tokens=0.0):
     """Estimated time of one (m, l): slowest device's compute, plus exposed transfer and dispatch time.
 

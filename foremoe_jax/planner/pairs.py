@@ -11,6 +11,8 @@ Batched over B (micro-step, layer) problems; Python loops run over replicated ex
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # Bisection steps for a block's multiplier: the bracket shrinks to 2^-10 of the largest count; the
@@ -18,6 +20,34 @@ import numpy as np
 BISECTIONS = 10
 # First round of balance_pairs: the problems whose max pair count is within this fraction of the max.
 NEAR_MAX = 0.7
+# Padded capacity buckets per power of two: at most 1/BUCKETS_PER_OCTAVE padding, few compiled shapes.
+BUCKETS_PER_OCTAVE = 8
+
+
+def bucket(n: int) -> int:
+  """The padded capacity compiled for a need of n rows per (source, destination): rounded up to 8,
+  then to one of BUCKETS_PER_OCTAVE steps per power of two (the executor's rule; the planner prices it)."""
+  n = max(8, math.ceil(n / 8) * 8)
+  step = max(8, 2 ** (n.bit_length() - 1) // BUCKETS_PER_OCTAVE)
+  return math.ceil(n / step) * step
+
+
+def fixed_pair_max(counts_MxLxDxE: np.ndarray, bases_NxLxDxS: np.ndarray) -> np.ndarray:
+  """int64 [N, L]: per base and layer, the largest (source, destination) pair count over the micro-steps
+  from the experts the base holds once. No split can move those pairs: the padded capacity is at least this."""
+  num_micro, num_layers, num_devices, num_experts = counts_MxLxDxE.shape
+  # One batched matmul per base with a one-hot of the owners: float32 sums of whole counts are exact.
+  counts_LxRxE = counts_MxLxDxE.transpose(1, 0, 2, 3).reshape(num_layers, -1, num_experts).astype(np.float32)
+  rows_LxG = np.arange(num_layers)[:, None]
+  out = []
+  for base_LxDxS in bases_NxLxDxS:
+    slot_expert_LxG = base_LxDxS.reshape(num_layers, -1)
+    device_G = np.arange(slot_expert_LxG.shape[1]) // base_LxDxS.shape[2]
+    owner_LxExD = np.zeros((num_layers, num_experts + 1, num_devices), np.float32)
+    np.add.at(owner_LxExD, (rows_LxG, slot_expert_LxG, device_G), 1.0)  # -1 (empty) lands in row E
+    owner_LxExD *= owner_LxExD.sum(-1, keepdims=True) == 1  # replicated experts' pairs can move
+    out.append(np.matmul(counts_LxRxE, owner_LxExD[:, :num_experts]).max((1, 2)))
+  return np.stack(out).astype(np.int64)
 
 
 def pair_counts(pairs_BxGxD: np.ndarray, num_devices: int) -> np.ndarray:

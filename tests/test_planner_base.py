@@ -1,0 +1,52 @@
+"""foremoe's step-level base: the swap candidate, the pairs no split can move, and the capacity-aware choice."""
+
+import numpy as np
+
+from foremoe_jax.planner import CostModel, PlanConfig, foremoe, home_placement, pairs
+from test_planner import skewed_counts
+
+
+def test_fixed_pair_max_counts_the_single_copy_experts_pairs():
+  rng = np.random.default_rng(0)
+  counts = rng.integers(0, 100, (3, 2, 4, 12))
+  base = np.stack([home_placement(12, 4, 4), home_placement(12, 4, 4)])
+  base[0, 1, 3] = 0  # expert 0 now has two copies: its pairs may go either way
+  base[1, 2, 0], base[1, 3, 0] = base[1, 3, 0], base[1, 2, 0]  # experts 6 and 9 swap devices
+  want = np.zeros(2, np.int64)
+  for layer in range(2):
+    flat = base[layer].ravel()
+    for dst in range(4):
+      single = [e for e in base[layer, dst] if e >= 0 and (flat == e).sum() == 1]
+      want[layer] = max(want[layer], counts[:, layer][..., single].sum(-1).max())
+  np.testing.assert_array_equal(pairs.fixed_pair_max(counts, base[None])[0], want)
+
+
+def test_swap_base_balances_a_hot_device_with_few_fetched_experts():
+  cfg = PlanConfig(32, 4, 9)
+  counts = skewed_counts(np.random.default_rng(1), 4, 3, 4, 32, 4000)
+  counts[..., :8] *= 3  # device 0's home experts take most pairs
+  w = counts.sum((0, 2)).astype(float)
+  load_home = w.reshape(3, 4, 8).sum(-1)
+  swapped = foremoe.swap_base(w, cfg)
+  primary = swapped[..., :8]  # swaps keep E/D experts per device; the ninth slot holds a replica
+  np.testing.assert_array_equal(np.sort(primary.reshape(3, -1), axis=1), np.broadcast_to(np.arange(32), (3, 32)))
+  load_swap = np.take_along_axis(w, primary.reshape(3, -1), axis=1).reshape(3, 4, 8).sum(-1)
+  assert (load_swap.max(1) / load_swap.mean(1) < 1.02).all()
+  assert (load_home.max(1) / load_home.mean(1) > 1.5).all()
+  lpt = foremoe.align.align_placement(foremoe.lpt_base(w, cfg), home_placement(32, 4, 9), 32)
+  assert (foremoe.remote_base_slots(swapped, cfg) < foremoe.remote_base_slots(lpt, cfg)).all()
+
+
+def test_base_choice_weighs_the_step_wide_capacity():
+  cfg = PlanConfig(32, 4, 9)
+  # Base 1 is faster in every layer, but in layer 0 it needs one capacity bucket more, which every
+  # (m, l) of the step pays in the padded all_to_all.
+  step_s = np.array([[1.0, 1.0], [0.9, 0.9]]) * 1e-3
+  need = np.array([[1000.0, 1000.0], [1100.0, 1000.0]])
+  assert pairs.bucket(1100) > pairs.bucket(1000)
+  row_s = cfg.cost.padded_a2a_s(cfg.num_devices)  # one more row per (source, destination)
+  assert 8 * 2 * row_s * (pairs.bucket(1100) - pairs.bucket(1000)) > 0.1e-3
+  np.testing.assert_array_equal(foremoe.choose_bases(step_s, need, 8, cfg), [0, 1])
+  cheap_a2a = PlanConfig(32, 4, 9, cost=CostModel(a2a_bytes_per_s=1e18))
+  np.testing.assert_array_equal(foremoe.choose_bases(step_s, need, 8, cheap_a2a), [1, 1])
+
