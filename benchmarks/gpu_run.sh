@@ -9,13 +9,20 @@
 #                                  #   rounds without and with the lax.cond that skips idle rounds
 #   bash benchmarks/gpu_run.sh 6   # ~7 min: MoE step EP=2, the policies split over GPUs 0,1 and 2,3 (two runs at
 #                                  #   once), then EP=4 ideal routes (permuted and round-robin) beside static, eplb_step
+#   bash benchmarks/gpu_run.sh 7   # ~9 min: kernels at 32K/64K/80K rows with the block sweep (GPU 3) | kernel tests
+#                                  #   (GPU 2) | MoE step EP=2 with the default and with the Triton permute/combine
+#   bash benchmarks/gpu_run.sh 8   # ~9 min: MoE step EP=2 (GPUs 0,1) | kernel table, no sweep (GPU 2); then MoE step
+#                                  #   EP=4, six policies
+#   bash benchmarks/gpu_run.sh 9   # ~8 min: phase 3 with the multi-GPU tests first
+#   bash benchmarks/gpu_run.sh 10  # ~5 min: the multi-GPU tests, then MoE step EP=2 for live, eplb_history and
+#                                  #   foremoe_prefetch (GPUs 0,1)
 #   bash benchmarks/gpu_run.sh 5   # ~1.5 min: one foremoe step at EP=4 with XLA's optimized HLO of the micro-step
 #                                  #   program dumped (names the fusions in the trace summaries)
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
 # python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
 # BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
 set -u
-PHASE=${1:?phase 1 to 6}
+PHASE=${1:?phase 1 to 10}
 OUT=${OUT:-/tmp/foremoe_bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
@@ -64,10 +71,49 @@ case $PHASE in
   wait
   moe 4 200 130 --policies static ideal eplb_step ideal_round_robin --trace-policies ideal ideal_round_robin
   ;;
+7)
+  CUDA_VISIBLE_DEVICES=2 timeout 400 $PY -m pytest -q -m gpu tests/test_kernels_gpu.py -p no:cacheprovider \
+    > "$OUT/pytest_gpu.txt" 2>&1 &
+  TESTS=$!
+  CUDA_VISIBLE_DEVICES=3 timeout 520 $PY benchmarks/kernels.py --out "$OUT" --sweep --skip-slow \
+    > "$OUT/kernels.log" 2>&1 &
+  KERNELS=$!
+  export CUDA_VISIBLE_DEVICES=0,1
+  moe 2 280 200 --policies static ideal foremoe eplb_step --trace-policies foremoe ideal
+  TAG=_triton moe 2 230 150 --policies static foremoe ideal --dispatch-backend triton --trace-policies foremoe
+  wait $TESTS; note "pytest exit $?"
+  wait $KERNELS; note "kernels exit $?"
+  tail -n 3 "$OUT/pytest_gpu.txt"; grep -h "TUNED\|tile table\|ours fwd \|example fwd " "$OUT/kernels.log" | cut -c1-200
+  ;;
+8)
+  CUDA_VISIBLE_DEVICES=2 timeout 260 $PY benchmarks/kernels.py --out "$OUT" --skip-slow --dispatch-backends xla,triton \
+    > "$OUT/kernels.log" 2>&1 &
+  KERNELS=$!
+  CUDA_VISIBLE_DEVICES=0,1 moe 2 250 170 --policies static ideal foremoe eplb_step live --trace-policies foremoe ideal
+  wait $KERNELS; note "kernels exit $?"
+  moe 4 320 250 --policies static eplb_step foremoe ideal eplb_history live --trace-policies foremoe ideal
+  grep -h "ours fwd \|example fwd \|tile table" "$OUT/kernels.log" | cut -c1-120
+  ;;
 5)
   XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_module_re=.*micro.* --xla_dump_hlo_as_text" \
     moe 4 150 100 --policies foremoe --warmup 0 --repeats 1 --trace-policies foremoe
   ls "$OUT/hlo" | grep -c after_optimizations
+  ;;
+9)
+  timeout 170 $PY -m pytest -q -m gpu tests/test_dispatch_gpu.py tests/test_executor_gpu.py -p no:cacheprovider \
+    > "$OUT/pytest_gpu_multi.txt" 2>&1
+  note "pytest (4 GPUs) exit $?"
+  timeout 300 $PY benchmarks/rl_step.py --config gpu_4 --repeats 2 --set model.num_layers=4 \
+    --set rl.prompts_per_step=128 --out "$OUT/rl_step.json" > "$OUT/rl_step.log" 2>&1
+  note "rl_step exit $?"
+  tail -n 8 "$OUT/rl_step.log"; tail -n 3 "$OUT/pytest_gpu_multi.txt"
+  ;;
+10)
+  timeout 170 $PY -m pytest -q -m gpu tests/test_dispatch_gpu.py tests/test_executor_gpu.py -p no:cacheprovider \
+    > "$OUT/pytest_gpu_multi.txt" 2>&1
+  note "pytest (4 GPUs) exit $?"
+  tail -n 3 "$OUT/pytest_gpu_multi.txt"
+  CUDA_VISIBLE_DEVICES=0,1 TAG=_b moe 2 220 150 --policies live eplb_history foremoe_prefetch --trace-policies none
   ;;
 3)
   # The full gpu_4 preset (12 layers, 2,048 sequences) printed nothing within 330 s on 4 x H200

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pallas_kernels as pk  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pallas_kernels import mosaic_gmm, mosaic_tgmm, tiling  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pallas_kernels import mosaic_gmm, mosaic_tgmm  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 G = 17
 SHAPES = {"gate_up": (2048, 1536), "down": (768, 2048)}
@@ -132,9 +132,6 @@ def bench_gmm_case(m, name, skew, rows, skip_slow, example_cfg):
   ref = jax.jit(lambda a, b, g: jax.lax.ragged_dot(a, b, g, preferred_element_type=jnp.float32))
   res["rel_err_fwd"] = rel_err(ours(lhs, rhs, gs), ref(lhs, rhs, gs))
   rec("ours fwd", timeit(ours, lhs, rhs, gs))
-  # The row-tile table that each of our calls computes in XLA before the kernel: part of "ours".
-  res["tile_table_ms"] = timeit(jax.jit(lambda g: tuple(vars(tiling.row_tiles(g, m, 128)).values())), gs) * 1e3
-  print(f"  {m:>6} {name:<8} {skew:<8} {'tile table (in ours)':<22} {res['tile_table_ms']:8.3f} ms", flush=True)
   ours_fb = fwd_bwd(lambda a, b, g: pk.gmm(a, b, g, backend="mosaic_gpu"))
   rec("ours fwd+bwd", timeit(ours_fb, lhs, rhs, gs, dout), 3)
   dense_b = rhs[0]
@@ -260,9 +257,21 @@ def rel_diff(a, b):
 def bench_dispatch(rows, backends=("xla",), t_tok=8192, d=2048):
   """permute x[T, D] -> [T*k, D] and combine back, bf16, k=8 (T*k = 65,536 at T=8192), per
   backend, against a copy; each non-XLA row records its largest relative difference from XLA's.
-  fwd+bwd rows take value_and_grad so that XLA cannot drop the unused forward."""
+  fwd+bwd rows return the forward and the vjp of a random cotangent (nothing for XLA to drop or fold;
+  combine's take value_and_grad of a sum, whose all-ones cotangent XLA cannot fold into a gather)."""
   k = 8
   x, idx_R, y, idx_TxK, w = dispatch_inputs(t_tok, k, d)
+  # The rows reading each token (the MoE dispatch passes this map: its backward is then a k-row sum).
+  inverse_TxK = jnp.argsort(jnp.argsort(jax.random.randint(jax.random.key(2), (t_tok * k,), 0, 128)))
+  inverse_TxK = inverse_TxK.reshape(t_tok, k).astype(jnp.int32)
+  dy_R = jax.random.normal(jax.random.key(7), (t_tok * k, d), jnp.bfloat16)
+
+  def with_vjp(fn):
+    """(fn(x, *idx), d/dx of <fn, cotangent>) for args (x, *idx, cotangent)."""
+    def f(a, *rest):
+      out, vjp = jax.vjp(lambda u: fn(u, *rest[:-1]), a)
+      return out, vjp(rest[-1])
+    return jax.jit(f)
   big = jax.random.normal(jax.random.key(6), (t_tok * k, d), jnp.bfloat16)
   row_bytes = d * 2
   copy_bytes = 2 * t_tok * k * row_bytes
@@ -273,9 +282,10 @@ def bench_dispatch(rows, backends=("xla",), t_tok=8192, d=2048):
          (t_tok + t_tok * k) * row_bytes),
         ("combine", jax.jit(lambda a, i, c: pk.combine(a, i, c, backend=b)), (y, idx_TxK, w),
          (t_tok * k + t_tok) * row_bytes),
-        ("permute fwd+bwd", jax.jit(jax.value_and_grad(lambda a, i: jnp.sum(
-            pk.permute(a, i, backend=b).astype(jnp.float32)))), (x, idx_R),
+        ("permute fwd+bwd", with_vjp(lambda a, i: pk.permute(a, i, backend=b)), (x, idx_R, dy_R),
          2 * (t_tok + t_tok * k) * row_bytes),
+        ("permute fwd+bwd inverse", with_vjp(lambda a, i, v: pk.permute(a, i, inverse_TxK=v, backend=b)),
+         (x, idx_R, inverse_TxK, dy_R), 2 * (t_tok + t_tok * k) * row_bytes),
         ("combine fwd+bwd", jax.jit(jax.value_and_grad(lambda a, i, c: jnp.sum(
             pk.combine(a, i, c, backend=b).astype(jnp.float32)), argnums=(0, 2))),
          (y, idx_TxK, w), 2 * (t_tok * k + t_tok) * row_bytes + t_tok * k * row_bytes),

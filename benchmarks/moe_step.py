@@ -43,7 +43,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from foremoe_jax.planner import PlanConfig, plan_step, traces  # noqa: E402
+from foremoe_jax.planner import CostModel, PlanConfig, plan_step, traces  # noqa: E402
 
 E, K, H, F = 128, 8, 2048, 768
 SMOKE = dict(hidden=64, expert_hidden=64, tokens=64, micro_steps=2, layers=2, warmup=1, repeats=1)
@@ -125,7 +125,8 @@ def run(args, num_devices: int) -> dict:
   devices = jax.devices()[:num_devices]
   mesh = jax.make_mesh((1, num_devices), ("data", "expert"), axis_types=(AxisType.Auto,) * 2, devices=devices)
   cfg = MoEConfig(d_model=args.hidden, d_ff=args.expert_hidden, num_experts=E, top_k=K, slots_per_device=slots,
-                  dispatch="padded", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, gmm_backend=args.gmm_backend)
+                  dispatch="padded", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, gmm_backend=args.gmm_backend,
+                  dispatch_backend=args.dispatch_backend)
 
   def loss_fn(model, batch, *, tables, working, capacity):
     out = model(batch["x"], tables, batch["replay"], capacity=capacity, working=working)
@@ -149,7 +150,10 @@ def run(args, num_devices: int) -> dict:
   counts = counts_of(routes, num_devices)
   ideal_sets = {name: ideal_routes(num_micro, num_tokens, num_layers, permute=name == "ideal") for name in IDEALS}
   ideal_counts = {name: counts_of(r, num_devices) for name, r in ideal_sets.items()}
-  pcfg = lambda policy: PlanConfig(E, num_devices, slots, policy=policy)  # noqa: E731
+  tflops, link_gbs, a2a_gbs = args.plan_rates
+  cost = CostModel(hidden=args.hidden, expert_intermediate=args.expert_hidden, matmul_flops_per_s=tflops * 1e12,
+                   link_bytes_per_s=link_gbs * 1e9, a2a_bytes_per_s=a2a_gbs * 1e9)
+  pcfg = lambda policy: PlanConfig(E, num_devices, slots, policy=policy, cost=cost)  # noqa: E731
 
   # Plans (host). Planning ahead is off the critical path; its time is reported, not added.
   plans, plan_ms = {}, {}
@@ -230,7 +234,9 @@ def run(args, num_devices: int) -> dict:
   result = dict(D=num_devices, S=slots, E=E, k=K, hidden=args.hidden, expert_hidden=args.expert_hidden,
                 layers=num_layers, micro_steps=num_micro, tokens_per_device=tokens, trace_layers=args.trace_layers,
                 live_capacity=live_caps["capacity"], exchange=args.exchange[0],
-                gmm_backend=args.gmm_backend or "default", warmup=args.warmup, repeats=args.repeats, policies={})
+                gmm_backend=args.gmm_backend or "default", dispatch_backend=args.dispatch_backend or "default",
+                plan_rates=dict(zip(("tflops", "link_gbs", "a2a_gbs"), args.plan_rates)),
+                warmup=args.warmup, repeats=args.repeats, policies={})
   deadline = time.time() + args.deadline_s
   for name, exchange in runs:
     key = name if exchange == args.exchange[0] else f"{name}@{exchange}"
@@ -340,6 +346,12 @@ def main():
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--gmm-backend", default=None, help="pallas_kernels backend (default: by platform)")
+  ap.add_argument("--plan-rates", type=float, nargs=3, default=[600.0, 130.0, 175.0],
+                  metavar=("TFLOPS", "LINK_GBS", "A2A_GBS"),
+                  help="planner cost model: grouped GEMM TFLOP/s, GB/s per expert move (weights in, gradients "
+                       "back), all_to_all GB/s. Default: measured on 4 x H200 (BENCHMARKS.md)")
+  ap.add_argument("--dispatch-backend", default=None,
+                  help="pallas_kernels backend of permute/combine (default: by platform)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--data", default=".bench_data")
   ap.add_argument("--traces", default=str(traces.traces_root()))
