@@ -179,12 +179,13 @@ def test_ragged_dispatch_is_refused_on_cpu():
 
 
 def test_ragged_dispatch_traces_values_and_gradients(monkeypatch):
-  """XLA runs ragged_all_to_all on GPU only, but its program (incl. the custom-VJP kernels' axis types)
-  must trace here: the GPU test then checks values."""
+  """XLA runs ragged_all_to_all on GPU only, but its program (incl. the custom-VJP kernels' axis types,
+  with the Pallas permute/combine as on GPU: received rows are typed invariant) must trace here: the GPU
+  test then checks values."""
   from foremoe_jax import backends
   real = backends.choose_dispatch
   monkeypatch.setattr(backends, "choose_dispatch", lambda requested, plat=None: real(requested, "gpu"))
-  moe = build(cpu_mesh(2, 4), top_k=2, slots=5, dispatch="ragged")
+  moe = build(cpu_mesh(2, 4), top_k=2, slots=5, dispatch="ragged", dispatch_backend="interpret")
   graphdef, state = nnx.split(moe)
   x = jnp.ones((8, 4, H))
 
@@ -196,11 +197,11 @@ def test_ragged_dispatch_traces_values_and_gradients(monkeypatch):
 
 
 def test_pallas_kernel_gradients_trace_inside_shard_map():
-  """The layer with the Pallas grouped matmul on a (data, expert) mesh: its custom VJPs must return
-  cotangents of their inputs' mesh-axis types. Traced only: executing the GPU interpreter under
+  """The layer with the Pallas grouped matmul and permute/combine on a (data, expert) mesh: their custom
+  VJPs must return cotangents of their inputs' mesh-axis types. Traced only: executing the GPU interpreter under
   shard_map on 8 virtual CPU devices can deadlock; the GPU tests run it for real."""
   cfg = MoEConfig(d_model=64, d_ff=32, num_experts=8, top_k=2, slots_per_device=3, gmm_backend="interpret",
-                  dtype=jnp.bfloat16)
+                  dispatch_backend="interpret", dtype=jnp.bfloat16)
   moe = MoE(cfg, mesh=cpu_mesh(2, 4), rngs=nnx.Rngs(1))
   graphdef, state = nnx.split(moe)
   x = jnp.ones((8, 2, 64))
