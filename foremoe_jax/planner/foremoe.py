@@ -182,6 +182,18 @@ def moved_placements(counts_MxLxDxE: np.ndarray, base_LxDxS: np.ndarray, cfg: Pl
   return se, split.merge_same_device_copies(se, x.reshape(se.shape)).reshape(batch, -1)
 
 
+def estimated_step_s(slot_load_MxLxG: np.ndarray, pair_need_MxL: np.ndarray, moves_MxL: np.ndarray,
+                     base_LxDxS: np.ndarray, cfg: PlanConfig) -> float:
+  """The cost model's time of a whole planned step: every (m, l) at its slowest device with its moves
+  (slots off the base on the busiest device), the base transfer, and the padded all_to_all at the
+  step's largest (source, destination) pair count, bucketed."""
+  num_micro, num_layers = pair_need_MxL.shape
+  max_load = slot_load_MxLxG.reshape(num_micro, num_layers, cfg.num_devices, -1).sum(-1).max(-1)
+  need = int(pair_need_MxL.max(initial=0))
+  return float(cfg.cost.layer_s(max_load, moves_MxL).sum() + remote_base_slots(base_LxDxS, cfg).sum() * cfg.cost.move_s
+               + num_micro * num_layers * cfg.cost.padded_a2a_s(cfg.num_devices * pairs.bucket(need)))
+
+
 def choose_bases(step_s_NxL: np.ndarray, need_NxL: np.ndarray, num_micro: int, cfg: PlanConfig) -> np.ndarray:
   """int [L]: the base of each layer that minimizes the estimated step time.
 

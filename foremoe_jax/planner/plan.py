@@ -26,6 +26,11 @@ class Plan:
   base: np.ndarray
   policy: str
   config: PlanConfig
+  # From the planner's integer split (None where a plan is built otherwise): pairs per slot, int64
+  # [M, L, G], and per (m, l) the largest (source, destination) pair count, int64 [M, L]: what the
+  # padded all_to_all must hold.
+  slot_load: np.ndarray | None = None
+  pair_need: np.ndarray | None = None
 
   @property
   def num_micro_steps(self) -> int:

@@ -192,11 +192,31 @@ def shares_from_pairs(slot_expert_BxG: np.ndarray, pairs_BxGxD: np.ndarray, coun
 
 def plan_shares(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG=None, pair_sweeps: int = 0,
                 chunk: int = 8) -> np.ndarray:
-  """float32 [B, D_src, G]: shares realizing `slot_pairs` exactly, or EPLB's even split if None.
+  """float32 [B, D_src, G]: shares realizing `slot_pairs` exactly, or EPLB's even split if None."""
+  return plan_split(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG, pair_sweeps, chunk)[0]
 
-  With `pair_sweeps`, the sources' mix behind each replica is then flattened over (source, destination)
-  pairs (`pairs.balance_pairs`, over all B at once). The rest works in chunks of B so that the
-  [chunk, G, D] temporaries stay in cache.
+
+def even_split_stats(slot_expert_BxDxS, counts_BxDxE, chunk: int = 8):
+  """(slot loads int64 [B, G], pair need int64 [B]) of EPLB's even split, without its shares."""
+  batch, num_devices, _ = slot_expert_BxDxS.shape
+  se_BxG = slot_expert_BxDxS.reshape(batch, -1)
+  load_BxG = np.empty(se_BxG.shape, np.int64)
+  need_B = np.empty(batch, np.int64)
+  for lo in range(0, batch, chunk):
+    part = slice(lo, lo + chunk)
+    chunk_pairs = even_split_by_source(se_BxG[part], counts_BxDxE[part])
+    load_BxG[part] = chunk_pairs.sum(-1)
+    need_B[part] = pairs.pair_counts(chunk_pairs, num_devices).max((1, 2), initial=0)
+  return load_BxG, need_B
+
+
+def plan_split(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG=None, pair_sweeps: int = 0, chunk: int = 8):
+  """(shares float32 [B, D_src, G], slot loads int64 [B, G], pair need int64 [B]) of `plan_shares`.
+
+  The pair need of a problem is its largest (source, destination) pair count: what its padded
+  all_to_all must hold. With `pair_sweeps`, the sources' mix behind each replica is flattened over
+  (source, destination) pairs (`pairs.balance_pairs`, over all B at once). The rest works in chunks of
+  B so that the [chunk, G, D] temporaries stay in cache.
   """
   batch, num_devices, num_slots = slot_expert_BxDxS.shape
   num_experts = counts_BxDxE.shape[2]
@@ -212,6 +232,10 @@ def plan_shares(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG=None, pair_sweep
     pairs_BxGxD = pairs.balance_pairs(table_BxKxR, pairs_BxGxD, num_slots, pair_sweeps)
     pairs_BxGxD = [pairs_BxGxD[part] for part in parts]
   share_BxDxG = np.empty((batch, num_devices, num_devices * num_slots), np.float32)
+  load_BxG = np.empty((batch, num_devices * num_slots), np.int64)
+  need_B = np.empty(batch, np.int64)
   for part, chunk_pairs in zip(parts, pairs_BxGxD):
     share_BxDxG[part] = shares_from_pairs(se_BxG[part], chunk_pairs, counts_BxDxE[part])
-  return share_BxDxG
+    load_BxG[part] = chunk_pairs.sum(-1)
+    need_B[part] = pairs.pair_counts(chunk_pairs, num_devices).max((1, 2), initial=0)
+  return share_BxDxG, load_BxG, need_B

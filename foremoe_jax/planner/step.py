@@ -32,10 +32,11 @@ def _plan(counts, placement_MxLxDxS, base_LxDxS, cfg: PlanConfig, slot_pairs_BxG
   """A Plan with exact shares for slot_pairs, or EPLB's even split over copies when it is None."""
   num_micro, num_layers, num_devices, num_slots = placement_MxLxDxS.shape
   batch = num_micro * num_layers
-  share = split.plan_shares(np.ascontiguousarray(placement_MxLxDxS).reshape(batch, num_devices, num_slots),
-                            counts.reshape(batch, num_devices, -1), slot_pairs_BxG, cfg.pair_sweeps)
+  share, load, need = split.plan_split(np.ascontiguousarray(placement_MxLxDxS).reshape(batch, num_devices, num_slots),
+                                      counts.reshape(batch, num_devices, -1), slot_pairs_BxG, cfg.pair_sweeps)
   return Plan(placement_MxLxDxS.astype(np.int32), share.reshape(num_micro, num_layers, num_devices, -1),
-              base_LxDxS.astype(np.int32), cfg.policy, cfg)
+              base_LxDxS.astype(np.int32), cfg.policy, cfg, load.reshape(num_micro, num_layers, -1),
+              need.reshape(num_micro, num_layers))
 
 
 def _step_placement(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
@@ -74,4 +75,21 @@ def plan_step(counts, cfg: PlanConfig, history=None) -> Plan:
     placement = align.align_placement(placement, reference, cfg.num_experts, cfg.eplb_nodes)
     return _plan(counts, placement.reshape(num_micro, num_layers, cfg.num_devices, -1), base, cfg)
   slot_expert, slot_pairs_BxG, base = foremoe.plan_foremoe(counts, cfg)
-  return _plan(counts, slot_expert, base, cfg, slot_pairs_BxG)
+  plan = _plan(counts, slot_expert, base, cfg, slot_pairs_BxG)
+  if not cfg.eplb_base_candidate or cfg.redundant_per_device == 0:
+    return plan
+  # Last check on the whole step: water-filled splits balance devices but can concentrate (source,
+  # destination) pairs, which the per-layer choice only bounds; EPLB's step placement with its even
+  # split may then need a smaller padded capacity. Keep whichever the cost model finds faster.
+  step_base = _step_placement(counts.sum((0, 2)), cfg)
+  placement = np.broadcast_to(step_base, (num_micro, *step_base.shape))
+  batch = num_micro * num_layers
+  load, need = split.even_split_stats(placement.reshape(batch, cfg.num_devices, -1),
+                                      counts.reshape(batch, cfg.num_devices, -1))
+  no_moves = np.zeros((num_micro, num_layers), np.int64)
+  step_level_s = foremoe.estimated_step_s(load.reshape(num_micro, num_layers, -1), need.reshape(num_micro, num_layers),
+                                          no_moves, step_base, cfg)
+  ours_s = foremoe.estimated_step_s(plan.slot_load, plan.pair_need, plan.moved_mask().sum(-1).max(-1), plan.base, cfg)
+  if step_level_s < ours_s:
+    return _plan(counts, placement, step_base, cfg)
+  return plan
