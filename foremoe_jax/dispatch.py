@@ -80,16 +80,15 @@ def gather_rows(x_NxH: jax.Array, idx_M: jax.Array, inverse_NxK: jax.Array, back
   """`y[m] = x[idx[m]]` (0 where idx < 0), with `inverse[n]` every m reading row n (-1 fills): the
   backward is then a gather (K = 1) or a k-row gather-sum, never a scatter-add of [rows, hidden]
   (GPUs run those with atomics)."""
-  axes = vma.varying_axes(x_NxH) | vma.varying_axes(idx_M) | vma.varying_axes(inverse_NxK)
-  (x_NxH,) = vary_over(tuple(axes), x_NxH)  # the cotangent varies like the indices
+  x_NxH = vma.vary_like(x_NxH, idx_M, inverse_NxK)  # the cotangent varies like the indices
   return pallas_kernels.permute(x_NxH, idx_M, inverse_TxK=inverse_NxK, backend=backend)
 
 
 def combine_rows(y_RxH: jax.Array, read_NxK: jax.Array, gate_NxK: jax.Array, out_dtype,
                  backend: str | None) -> jax.Array:
   """`out[n] = sum_j gate[n, j] * y[read[n, j]]` (f32 sum) in out_dtype; no row of y is read twice."""
-  axes = vma.varying_axes(y_RxH) | vma.varying_axes(read_NxK) | vma.varying_axes(gate_NxK)
-  y_RxH, gate_NxK = vary_over(tuple(axes), y_RxH, gate_NxK)
+  y_RxH = vma.vary_like(y_RxH, read_NxK, gate_NxK)
+  gate_NxK = vma.vary_like(gate_NxK, y_RxH)
   return pallas_kernels.combine(y_RxH, read_NxK, gate_NxK, unique_rows=True, out_dtype=out_dtype,
                                 backend=backend)
 

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from pallas_kernels import vma
+
 _F32 = jnp.float32
 
 
@@ -99,21 +101,6 @@ def _combine_kernel(idx_ref, w_ref, y_ref, out_ref, *, config):
                   mask=in_rows[:, None] & in_cols[None, :])
 
 
-def _result_type(shape, dtype, like):
-  """The result's type, varying over the manual mesh axes `like` varies over (none for an invariant
-  `like`): under shard_map a pallas_call must be told, even when that set is empty (the callers make all
-  inputs vary alike). Spelled `manual_axis_type` in JAX 0.10-0.11, `vma` in other versions; outside
-  shard_map it is ignored."""
-  aval = jax.typeof(like)
-  manual = getattr(aval, "manual_axis_type", None)
-  if manual is not None:
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
-  vma = getattr(aval, "vma", None)
-  if vma is not None:
-    return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
-  return jax.ShapeDtypeStruct(shape, dtype)
-
-
 def _call(kernel, out_shape, num_rows, d, config, interpret, name):
   grid = (pl.cdiv(num_rows, config.block_rows) * pl.cdiv(d, config.block_d),)
   return pl.pallas_call(
@@ -128,7 +115,7 @@ def gather_rows(x_TxD: jax.Array, idx_R: jax.Array, scale_R: jax.Array | None = 
   """out[r] = x[idx[r]] (times scale[r] in f32 when given) -> [R, D] in out_dtype (x's by default);
   an index outside [0, T) gives a zero row."""
   (_, d), num_rows = x_TxD.shape, idx_R.shape[0]
-  out_shape = _result_type((num_rows, d), jnp.dtype(out_dtype or x_TxD.dtype), x_TxD)
+  out_shape = vma.result_type((num_rows, d), jnp.dtype(out_dtype or x_TxD.dtype), x_TxD)
   if num_rows == 0 or d == 0 or x_TxD.shape[0] == 0:  # nothing to read: every row is padding
     return jnp.zeros(out_shape.shape, out_shape.dtype)
   kernel = functools.partial(_gather_kernel, config=config, scaled=scale_R is not None)
@@ -142,7 +129,7 @@ def combine(y_RxD: jax.Array, idx_TxK: jax.Array, weights_TxK: jax.Array, *, out
   """out[t] = sum_k weights[t, k] * y[idx[t, k]] -> [T, D] in out_dtype (y's by default), f32
   accumulation; an index outside [0, R) adds 0."""
   (num_tokens, _), d = idx_TxK.shape, y_RxD.shape[1]
-  out_shape = _result_type((num_tokens, d), jnp.dtype(out_dtype or y_RxD.dtype), y_RxD)
+  out_shape = vma.result_type((num_tokens, d), jnp.dtype(out_dtype or y_RxD.dtype), y_RxD)
   if num_tokens == 0 or d == 0 or y_RxD.shape[0] == 0:
     return jnp.zeros(out_shape.shape, out_shape.dtype)
   kernel = functools.partial(_combine_kernel, config=config)

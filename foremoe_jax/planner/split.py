@@ -196,18 +196,18 @@ def plan_shares(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG=None, pair_sweep
   return plan_split(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG, pair_sweeps, chunk)[0]
 
 
+def split_stats(pairs_BxGxD: np.ndarray, num_devices: int) -> tuple[np.ndarray, np.ndarray]:
+  """(pairs per slot int64 [B, G], pair need int64 [B]: the largest (source, destination) pair count)."""
+  return pairs_BxGxD.sum(-1), pairs.pair_counts(pairs_BxGxD, num_devices).max((1, 2), initial=0)
+
+
 def even_split_stats(slot_expert_BxDxS, counts_BxDxE, chunk: int = 8):
   """(slot loads int64 [B, G], pair need int64 [B]) of EPLB's even split, without its shares."""
   batch, num_devices, _ = slot_expert_BxDxS.shape
   se_BxG = slot_expert_BxDxS.reshape(batch, -1)
-  load_BxG = np.empty(se_BxG.shape, np.int64)
-  need_B = np.empty(batch, np.int64)
-  for lo in range(0, batch, chunk):
-    part = slice(lo, lo + chunk)
-    chunk_pairs = even_split_by_source(se_BxG[part], counts_BxDxE[part])
-    load_BxG[part] = chunk_pairs.sum(-1)
-    need_B[part] = pairs.pair_counts(chunk_pairs, num_devices).max((1, 2), initial=0)
-  return load_BxG, need_B
+  stats = [split_stats(even_split_by_source(se_BxG[lo:lo + chunk], counts_BxDxE[lo:lo + chunk]), num_devices)
+           for lo in range(0, batch, chunk)]
+  return np.concatenate([s[0] for s in stats]), np.concatenate([s[1] for s in stats])
 
 
 def plan_split(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG=None, pair_sweeps: int = 0, chunk: int = 8):
@@ -236,6 +236,5 @@ def plan_split(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG=None, pair_sweeps
   need_B = np.empty(batch, np.int64)
   for part, chunk_pairs in zip(parts, pairs_BxGxD):
     share_BxDxG[part] = shares_from_pairs(se_BxG[part], chunk_pairs, counts_BxDxE[part])
-    load_BxG[part] = chunk_pairs.sum(-1)
-    need_B[part] = pairs.pair_counts(chunk_pairs, num_devices).max((1, 2), initial=0)
+    load_BxG[part], need_B[part] = split_stats(chunk_pairs, num_devices)
   return share_BxDxG, load_BxG, need_B
