@@ -16,8 +16,7 @@
 #   bash benchmarks/gpu_run.sh 9   # ~8 min: phase 3 with the multi-GPU tests first
 #   bash benchmarks/gpu_run.sh 10  # ~5 min: the multi-GPU tests, then MoE step EP=2 for live, eplb_history and
 #                                  #   foremoe_prefetch (GPUs 0,1)
-#   bash benchmarks/gpu_run.sh 11  # ~8 min (not run yet): MoE step EP=4 with and without GmmConfig.skip_idle_rows,
-#                                  #   then EP=2 with it (GPUs 0,1) beside the kernel sweep that includes it (GPU 2)
+#   bash benchmarks/gpu_run.sh 11  # ~8 min, 2 GPUs: kernel GPU tests (GPU 1) | kernel sweep (GPU 0)
 #   bash benchmarks/gpu_run.sh 5   # ~1.5 min: one foremoe step at EP=4 with XLA's optimized HLO of the micro-step
 #                                  #   program dumped (names the fusions in the trace summaries)
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
@@ -118,13 +117,14 @@ case $PHASE in
   CUDA_VISIBLE_DEVICES=0,1 TAG=_b moe 2 220 150 --policies live eplb_history foremoe_prefetch --trace-policies none
   ;;
 11)
-  TAG=_skip moe 4 190 140 --policies static eplb_step foremoe ideal --skip-idle-rows --trace-policies foremoe
-  moe 4 190 140 --policies static eplb_step foremoe ideal --trace-policies none
-  CUDA_VISIBLE_DEVICES=2 timeout 190 $PY benchmarks/kernels.py --out "$OUT" --sweep --skip-slow --rows 65536 \
-    --dispatch-backends xla > "$OUT/kernels.log" 2>&1 &
-  CUDA_VISIBLE_DEVICES=0,1 TAG=_skip moe 2 190 140 --policies static eplb_step foremoe ideal --skip-idle-rows \
-    --trace-policies none
-  wait
+  CUDA_VISIBLE_DEVICES=1 timeout 400 $PY -m pytest -q -m gpu tests/test_kernels_gpu.py -p no:cacheprovider \
+    > "$OUT/pytest_gpu.txt" 2>&1 &
+  TESTS=$!
+  CUDA_VISIBLE_DEVICES=0 timeout 480 $PY benchmarks/kernels.py --out "$OUT" --sweep --skip-slow --rows 65536 \
+    --dispatch-backends xla > "$OUT/kernels.log" 2>&1
+  note "kernels exit $?"
+  wait $TESTS; note "pytest exit $?"
+  tail -n 3 "$OUT/pytest_gpu.txt"; grep -h "TUNED\|tile table\|ours fwd \|example fwd " "$OUT/kernels.log" | cut -c1-200
   ;;
 3)
   # The full gpu_4 preset (12 layers, 2,048 sequences) printed nothing within 330 s on 4 x H200

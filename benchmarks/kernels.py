@@ -228,9 +228,6 @@ GMM_SWEEP = [
     mosaic_gmm.GmmConfig(block_n=256, split_m=True, max_concurrent_steps=4, epi_split=2, delay_release=1),
     mosaic_gmm.GmmConfig(block_n=192, split_m=True, max_concurrent_steps=4, delay_release=1),
     mosaic_gmm.GmmConfig(block_m=256, split_m=True, delay_release=1),
-    # Not yet measured: boundary row blocks at half cost (real routes' unaligned groups, BENCHMARKS.md).
-    mosaic_gmm.GmmConfig(block_n=256, split_m=True, max_concurrent_steps=4, epi_split=2, delay_release=1,
-                         skip_idle_rows=True),
 ]
 TGMM_SWEEP = [
     mosaic_tgmm.TgmmConfig(),

@@ -34,7 +34,6 @@ step per policy, summarised per GPU kernel (`trace_summary.py`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import pathlib
@@ -118,9 +117,6 @@ def run(args, num_devices: int) -> dict:
   from foremoe_jax.moe_stack import MoEStack
   from foremoe_jax.transfer import home_to_base_moves, moves_needed
 
-  if args.skip_idle_rows:  # the grouped matmul's boundary blocks at half cost (see mosaic_gmm.GmmConfig)
-    from pallas_kernels import mosaic_gmm
-    mosaic_gmm.TUNED.update({key: dataclasses.replace(c, skip_idle_rows=True) for key, c in mosaic_gmm.TUNED.items()})
   data = np.load(data_path(args, num_devices))
   routes, history = data["routes"], data["history_counts"]
   num_micro, num_tokens, num_layers, _ = routes.shape
@@ -239,7 +235,6 @@ def run(args, num_devices: int) -> dict:
                 layers=num_layers, micro_steps=num_micro, tokens_per_device=tokens, trace_layers=args.trace_layers,
                 live_capacity=live_caps["capacity"], exchange=args.exchange[0],
                 gmm_backend=args.gmm_backend or "default", dispatch_backend=args.dispatch_backend or "default",
-                skip_idle_rows=args.skip_idle_rows,
                 plan_rates=dict(zip(("tflops", "link_gbs", "a2a_gbs"), args.plan_rates)),
                 warmup=args.warmup, repeats=args.repeats, policies={})
   deadline = time.time() + args.deadline_s
@@ -355,8 +350,6 @@ def main():
                   metavar=("TFLOPS", "LINK_GBS", "A2A_GBS"),
                   help="planner cost model: grouped GEMM TFLOP/s, GB/s per expert move (weights in, gradients "
                        "back), all_to_all GB/s. Default: measured on 4 x H200 (BENCHMARKS.md)")
-  ap.add_argument("--skip-idle-rows", action="store_true",
-                  help="grouped matmuls with GmmConfig.skip_idle_rows (TUNED's tiles otherwise)")
   ap.add_argument("--dispatch-backend", default=None,
                   help="pallas_kernels backend of permute/combine (default: by platform)")
   ap.add_argument("--seed", type=int, default=0)

@@ -37,9 +37,6 @@ class GmmConfig:
   # Warp-specialized only: the compute warpgroups split the CTA's block_m rows instead of its columns;
   # each then covers all block_n columns (the CTA tile is block_m x block_n).
   split_m: bool = False
-  # split_m only: a warpgroup whose rows hold none of a segment's rows issues no wgmma for it, so a row
-  # block straddling a group boundary costs about its rows at 64-row granularity, not twice a full tile.
-  skip_idle_rows: bool = False
 
   @property
   def cta_n(self) -> int:
@@ -131,8 +128,6 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
   cta_n = c.cta_n
   if c.split_m and (c.num_compute_wgs == 1 or c.wg_m % 64):
     raise ValueError(f"split_m needs several compute warpgroups of 64-row multiples; got {c}")
-  if c.skip_idle_rows and not c.split_m:
-    raise ValueError(f"skip_idle_rows needs split_m; got {c}")
   if not _fits(c, k, n):
     raise ValueError(f"mosaic gmm needs K % {c.block_k} == 0 and N % {cta_n} == 0; got K={k}, N={n}")
   out_dtype = out_dtype or lhs_MxK.dtype
@@ -192,13 +187,9 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
     wg = lax.axis_index("wg")
     wg_cols = pl.ds(wg * c.block_n, c.block_n)
 
-    def mma(wg_size, _, lhs_smem, rhs_smem, acc_ref):
+    def mma(_, lhs_smem, rhs_smem, acc_ref):
       if c.split_m:
-        issue = lambda: wgmma(acc_ref, lhs_smem.at[pl.ds(wg * c.wg_m, c.wg_m)], rhs_smem)
-        if c.skip_idle_rows:  # these rows are never stored: leave the tensor cores to the other half
-          pl.when(wg_size > 0)(issue)
-        else:
-          issue()
+        wgmma(acc_ref, lhs_smem.at[pl.ds(wg * c.wg_m, c.wg_m)], rhs_smem)
       else:
         wgmma(acc_ref, lhs_smem, rhs_smem.at[wg_cols] if transpose_rhs else rhs_smem.at[:, wg_cols])
       plgpu.wgmma_wait(c.delay_release)  # older steps are done: their slots go back to the loader
@@ -258,8 +249,8 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
           gi = jnp.minimum(group, g - 1)
           rhs_cta = rhs_gmem.at[gi].at[pl.ds(ni * cta_n, cta_n)] if transpose_rhs else \
               rhs_gmem.at[gi].at[:, pl.ds(ni * cta_n, cta_n)]
-          pipeline(functools.partial(mma, wg_size), compute_context)(
-              lhs_gmem.at[pl.ds(block * c.block_m, c.block_m)], rhs_cta, allocations=allocs)
+          pipeline(mma, compute_context)(lhs_gmem.at[pl.ds(block * c.block_m, c.block_m)], rhs_cta,
+                                         allocations=allocs)
 
         @pl.when((group == g) & (size > 0) & (wg < c.num_compute_wgs))
         def _():

@@ -60,16 +60,14 @@ def test_gmm_values(backend, m, k, n, sizes):
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0)
 
 
-@pytest.mark.parametrize("split_m,skip_idle_rows", [(False, False), (True, False), (True, True)])
-def test_warp_specialized_gmm_in_the_interpreter(split_m, skip_idle_rows):
+@pytest.mark.parametrize("split_m", [False, True])
+def test_warp_specialized_gmm_in_the_interpreter(split_m):
   """The warp-specialized kernel (two compute warpgroups splitting the N tile or the rows, one TMA
-  loader; with skip_idle_rows a warpgroup without rows of a segment skips its products) on
-  boundary-straddling, empty and tail row tiles, against float64 numpy."""
+  loader) on boundary-straddling, empty and tail row tiles, against float64 numpy."""
   from pallas_kernels import mosaic_gmm
   m, k, n, sizes = 300, 64, 128, [70, 0, 130, 50]  # block 0: group 2's rows 70-127 miss warpgroup 0
   lhs, rhs = rand(1, (m, k), jnp.bfloat16), rand(2, (len(sizes), k, n), jnp.bfloat16)
-  cfg = mosaic_gmm.GmmConfig(block_m=128, block_n=64, max_concurrent_steps=2, split_m=split_m,
-                             skip_idle_rows=skip_idle_rows)
+  cfg = mosaic_gmm.GmmConfig(block_m=128, block_n=64, max_concurrent_steps=2, split_m=split_m)
   out = mosaic_gmm.gmm(lhs, rhs, jnp.array(sizes), config=cfg, interpret=pk_gmm._interpret_params())
   assert rel_err(out, gmm_np(lhs, rhs, sizes)) < 1e-2  # bf16 output rounding
   np.testing.assert_array_equal(np.asarray(out, np.float32)[sum(sizes):], 0)
@@ -194,10 +192,8 @@ def test_shape_errors():
     pk.gmm(jnp.ones((8, 16)), jnp.ones((2, 16, 8)), jnp.array([4, 2, 2]))
   from pallas_kernels import mosaic_gmm  # pylint: disable=g-import-not-at-top
   lhs, rhs = jnp.ones((128, 64), jnp.bfloat16), jnp.ones((2, 64, 128), jnp.bfloat16)
-  for bad, message in [(mosaic_gmm.GmmConfig(skip_idle_rows=True), "needs split_m"),
-                       (mosaic_gmm.GmmConfig(split_m=True, num_compute_wgs=1), "several compute warpgroups")]:
-    with pytest.raises(ValueError, match=message):
-      mosaic_gmm.gmm(lhs, rhs, jnp.array([64, 64]), config=bad)
+  with pytest.raises(ValueError, match="several compute warpgroups"):
+    mosaic_gmm.gmm(lhs, rhs, jnp.array([64, 64]), config=mosaic_gmm.GmmConfig(split_m=True, num_compute_wgs=1))
 
 
 def test_row_tiles_cover_every_row_once():

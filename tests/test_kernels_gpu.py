@@ -28,7 +28,6 @@ GMM_CONFIGS = [
     mosaic_gmm.GmmConfig(block_n=64, max_concurrent_steps=5, delay_release=1),
     mosaic_gmm.GmmConfig(block_n=256, split_m=True, delay_release=1),
     mosaic_gmm.GmmConfig(block_m=256, split_m=True, max_concurrent_steps=2),
-    mosaic_gmm.GmmConfig(block_n=256, split_m=True, delay_release=1, skip_idle_rows=True),
 ]
 
 
