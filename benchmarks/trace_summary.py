@@ -58,20 +58,25 @@ def summarize(directory, top: int = 25) -> dict:
   gpus = sorted((n, pid) for pid, n in names.items() if "gpu" in n.lower())
   if not gpus:
     return {"error": f"no GPU process in the trace; processes: {sorted(set(names.values()))[:10]}"}
-  device_name, pid = gpus[0]
-  by_name, by_class = collections.Counter(), collections.Counter()
-  count = collections.Counter()
-  spans = []
+  gpu_of = {pid: i for i, (_, pid) in enumerate(gpus)}
+  by_name, count = collections.Counter(), collections.Counter()
+  by_class = [collections.Counter() for _ in gpus]
+  spans = [[] for _ in gpus]
   for e in events:
-    if e.get("pid") == pid and e.get("ph") == "X" and "dur" in e:
-      by_name[e["name"]] += e["dur"] / 1e3
-      by_class[classify(e["name"])] += e["dur"] / 1e3
-      count[e["name"]] += 1
-      spans.append((e["ts"], e["ts"] + e["dur"]))
-  busy_ms, span_ms = busy_and_span_ms(spans)
-  return {"device": device_name, "total_ms": sum(by_class.values()), "busy_ms": busy_ms, "span_ms": span_ms,
-          "by_class_ms": dict(by_class.most_common()),
-          "top_ms": [(n, round(t, 3), count[n]) for n, t in by_name.most_common(top)]}
+    i = gpu_of.get(e.get("pid"))
+    if i is not None and e.get("ph") == "X" and "dur" in e:
+      by_class[i][classify(e["name"])] += e["dur"] / 1e3
+      spans[i].append((e["ts"], e["ts"] + e["dur"]))
+      if i == 0:
+        by_name[e["name"]] += e["dur"] / 1e3
+        count[e["name"]] += 1
+  busy_ms, span_ms = busy_and_span_ms(spans[0])
+  # The first GPU in detail; every GPU's busy time and classes, since the busiest one sets the pace.
+  return {"device": gpus[0][0], "total_ms": sum(by_class[0].values()), "busy_ms": busy_ms, "span_ms": span_ms,
+          "by_class_ms": dict(by_class[0].most_common()),
+          "top_ms": [(n, round(t, 3), count[n]) for n, t in by_name.most_common(top)],
+          "by_gpu": [{"device": name, "busy_ms": busy_and_span_ms(sp)[0], "by_class_ms": dict(c.most_common())}
+                     for (name, _), c, sp in zip(gpus, by_class, spans)]}
 
 
 def format_summary(summary: dict) -> str:
@@ -81,6 +86,8 @@ def format_summary(summary: dict) -> str:
            f"{summary['span_ms']:.1f} ms"]
   lines += [f"  {cls:16s} {ms:9.2f} ms" for cls, ms in summary["by_class_ms"].items()]
   lines += [f"  {ms:9.3f} ms  x{n:<5d} {name[:110]}" for name, ms, n in summary["top_ms"]]
+  lines += [f"{g['device']}: busy {g['busy_ms']:.1f} ms; " + ", ".join(f"{c} {ms:.1f}" for c, ms in g["by_class_ms"].items())
+            for g in summary.get("by_gpu", [])[1:]]
   return "\n".join(lines)
 
 

@@ -1,0 +1,38 @@
+"""benchmarks/trace_summary.py on a hand-made perfetto trace: classes, busy time, every GPU."""
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import trace_summary  # noqa: E402
+
+
+def write_trace(directory: Path, events: list[dict],
+                processes=((1, "/host:CPU"), (7, "/device:GPU:0"), (9, "/device:GPU:1"))) -> None:
+  meta = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}} for pid, name in processes]
+  with gzip.open(directory / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": meta + events}, f)
+
+
+def test_summary_per_class_and_per_gpu(tmp_path):
+  x = lambda pid, name, ts, dur: {"ph": "X", "pid": pid, "name": name, "ts": ts, "dur": dur}  # noqa: E731
+  write_trace(tmp_path, [
+      x(7, "ws_body_mosaic_gpu_kernel", 0, 2000), x(7, "ncclDevKernel_SendRecv", 1000, 2000),
+      x(7, "loop_add_fusion", 5000, 1000), x(1, "host_op", 0, 99000),
+      x(9, "ws_body_mosaic_gpu_kernel", 0, 4000), x(9, "input_scatter_fusion", 6000, 500)])
+  s = trace_summary.summarize(tmp_path)
+  assert s["device"] == "/device:GPU:0"
+  assert s["by_class_ms"] == {"grouped_matmul": 2.0, "ppermute": 2.0, "other": 1.0}
+  assert s["busy_ms"] == pytest.approx(4.0) and s["span_ms"] == pytest.approx(6.0)  # overlap counted once
+  gpu1 = s["by_gpu"][1]
+  assert gpu1["device"] == "/device:GPU:1" and gpu1["busy_ms"] == pytest.approx(4.5)
+  assert gpu1["by_class_ms"] == {"grouped_matmul": 4.0, "gather_scatter": 0.5}
+  assert "/device:GPU:1: busy 4.5 ms" in trace_summary.format_summary(s)
+
+
+def test_summary_without_gpu_says_so(tmp_path):
+  write_trace(tmp_path, [], processes=((1, "/host:CPU"),))
+  assert "no GPU process" in trace_summary.summarize(tmp_path)["error"]
