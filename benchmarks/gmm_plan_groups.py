@@ -1,10 +1,10 @@
-"""Grouped matmul on the group sizes the MoE-step plans hand each GPU, one GPU, per kernel config.
+"""Grouped matmul on the group sizes the MoE-step plans hand each GPU (one GPU).
 
 The MoE step's grouped GEMMs see the busiest device's slot loads of each (micro-step, layer): groups
-that are not multiples of the 128-row tile, so row blocks straddle group boundaries. This times the
-four grouped matmuls of a layer (gate+up and down forward, and their d(lhs) with the weights
-transposed) on those exact sizes with `mosaic_gmm.TUNED`, beside the `ideal` routes' tile-aligned
-sizes, with the (group, row block) visits each makes: what unaligned groups cost the kernel.
+that are not multiples of the 128-row tile. This times the four grouped matmuls of a layer (gate+up
+and down forward, and their d(lhs) with the weights transposed) on those exact sizes with
+`mosaic_gmm.TUNED`, beside the `ideal` routes' tile-aligned sizes, with the row tiles each costs:
+what unaligned groups cost the kernel.
 
     python benchmarks/moe_step.py --make-data --ep 2 4          # host: .bench_data routes
     python benchmarks/gmm_plan_groups.py --ep 2 4 --out $OUT/gmm_plan_groups.json   # one Hopper GPU
@@ -48,15 +48,14 @@ def busiest_group_sizes(num_devices: int, policy: str, args) -> np.ndarray:
   return per_slot[np.arange(len(per_slot)), per_slot.sum(-1).argmax(-1)]
 
 
-def tile_visits(sizes_BxS: np.ndarray, block_m: int = 128) -> float:
-  """Mean over (m, l) of the (group, row block) pairs the kernel computes."""
-  visits = []
-  for sizes in sizes_BxS:
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    nz = sizes > 0
-    visits.append(int(((ends[nz] - 1) // block_m - starts[nz] // block_m + 1).sum()))
-  return float(np.mean(visits))
+def tile_visits(sizes_BxS: np.ndarray, block_m: int = 128, align: int = 8) -> float:
+  """Mean over (m, l) of the row tiles the kernel computes (`tiling.row_tiles`): a group of rows
+  [s, e) costs ceil((e - s + s % align) / block_m); blocks aligned to the array would add one per
+  boundary inside a block."""
+  ends = np.cumsum(sizes_BxS, -1)
+  starts = ends - sizes_BxS
+  tiles = np.where(sizes_BxS > 0, -(-(ends - starts // align * align) // block_m), 0)
+  return float(tiles.sum(-1).mean())
 
 
 def run(args) -> dict:

@@ -1,9 +1,9 @@
 """Grouped matmul forward on Hopper with Pallas Mosaic GPU (wgmma + TMA).
 
 out[M, N] = lhs[M, K] @ rhs[g] for the rows of group g; rows past the groups are written as zeros.
-Work unit: a (row tile, N tile) pair. Row tiles come from `tiling.row_tiles`: a row block that
-straddles a group boundary is computed once per group and each pass stores only its own rows, with
-a ladder of power-of-two-row TMA stores (TMA boxes are static). The loop is persistent (one CTA per
+Work unit: a (row tile, N tile) pair. Row tiles come from `tiling.row_tiles`: each group is tiled
+from its own first row (rounded down to 8 rows for TMA), and a tile stores only its group's rows,
+with a ladder of power-of-two-row TMA stores (TMA boxes are static). The loop is persistent (one CTA per
 SM walking the tiles), two compute warpgroups split the N tile (or, with split_m, the rows, so each
 issues wgmmas twice as wide in N), a third one feeds TMA loads.
 """
@@ -146,18 +146,18 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
   rhs_spec_shape = (cta_n, c.block_k) if transpose_rhs else (c.block_k, cta_n)
   rhs_index = (lambda ni: lambda ki: (ni, ki)) if transpose_rhs else (lambda ni: lambda ki: (ki, ni))
 
-  def tile_info(t_group, t_block, t_start, t_size, lin):
+  def tile_info(t_group, t_row0, t_start, t_size, lin):
     mi, ni = plgpu.planar_snake(lin, (max_tiles, grid_n), 1, c.grid_block_n or grid_n)
-    return ni, t_group[mi], t_block[mi], t_start[mi], t_size[mi]
+    return ni, t_group[mi], t_row0[mi], t_start[mi], t_size[mi]
 
   def wgmma(acc_ref, lhs_smem, rhs_smem):
     plgpu.wgmma(acc_ref, lhs_smem,
                 plgpu.transpose_ref(rhs_smem, (1, 0)) if transpose_rhs else rhs_smem)
 
-  def simple_body(t_group, t_block, t_start, t_size, lhs_gmem, rhs_gmem, out_gmem):
+  def simple_body(t_group, t_row0, t_start, t_size, lhs_gmem, rhs_gmem, out_gmem):
     @plgpu.nd_loop((max_tiles * grid_n,), collective_axes="sm")
     def _tile(info):
-      ni, group, block, start, size = tile_info(t_group, t_block, t_start, t_size, info.index[0])
+      ni, group, tile_row0, start, size = tile_info(t_group, t_row0, t_start, t_size, info.index[0])
 
       def acc_scope(acc_ref):
         @pl.when((group < g) & (size > 0))
@@ -166,11 +166,11 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
               lambda _, lhs_smem, rhs_smem: wgmma(acc_ref, lhs_smem, rhs_smem),
               grid=(k // c.block_k,),
               in_specs=[
-                  plgpu.BlockSpec((c.block_m, c.block_k), lambda ki: (block, ki), delay_release=1),
+                  plgpu.BlockSpec((c.block_m, c.block_k), lambda ki: (0, ki), delay_release=1),
                   plgpu.BlockSpec(rhs_spec_shape, rhs_index(ni), delay_release=1),
               ],
               max_concurrent_steps=c.max_concurrent_steps,
-          )(lhs_gmem, rhs_gmem.at[jnp.minimum(group, g - 1)])
+          )(lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, tiling.ALIGN), c.block_m)], rhs_gmem.at[jnp.minimum(group, g - 1)])
         return acc_ref[...]
 
       acc = pl.run_scoped(acc_scope, plgpu.ACC((c.block_m, cta_n)))
@@ -178,12 +178,12 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
       @pl.when(size > 0)
       def _():
         pl.run_scoped(
-            lambda o_smem: _store_rows(acc, o_smem, out_gmem, block * c.block_m, start, size,
+            lambda o_smem: _store_rows(acc, o_smem, out_gmem, tile_row0, start, size,
                                        ni * cta_n, c.block_m),
             plgpu.SMEM((c.block_m, cta_n), out_dtype))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  def ws_body(t_group, t_block, t_start, t_size, lhs_gmem, rhs_gmem, out_gmem):
+  def ws_body(t_group, t_row0, t_start, t_size, lhs_gmem, rhs_gmem, out_gmem):
     wg = lax.axis_index("wg")
     wg_cols = pl.ds(wg * c.block_n, c.block_n)
 
@@ -226,13 +226,13 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
     def _scope(allocs, o_smem):
       @plgpu.nd_loop((max_tiles * grid_n,), collective_axes="sm")
       def _tile(info):
-        ni, group, block, start, size = tile_info(t_group, t_block, t_start, t_size, info.index[0])
+        ni, group, tile_row0, start, size = tile_info(t_group, t_row0, t_start, t_size, info.index[0])
         if c.split_m:  # this warpgroup stores the segment's rows in [wg * wg_m, (wg + 1) * wg_m)
-          row0, col0 = block * c.block_m + wg * c.wg_m, ni * cta_n
+          row0, col0 = tile_row0 + wg * c.wg_m, ni * cta_n
           wg_start = jnp.clip(start - wg * c.wg_m, 0, c.wg_m)
           wg_size = jnp.clip(start + size - wg * c.wg_m, 0, c.wg_m) - wg_start
         else:
-          row0, col0 = block * c.block_m, ni * cta_n + wg * c.block_n
+          row0, col0 = tile_row0, ni * cta_n + wg * c.block_n
           wg_start, wg_size = start, size
 
         def store(acc):
@@ -249,7 +249,7 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
           gi = jnp.minimum(group, g - 1)
           rhs_cta = rhs_gmem.at[gi].at[pl.ds(ni * cta_n, cta_n)] if transpose_rhs else \
               rhs_gmem.at[gi].at[:, pl.ds(ni * cta_n, cta_n)]
-          pipeline(mma, compute_context)(lhs_gmem.at[pl.ds(block * c.block_m, c.block_m)], rhs_cta,
+          pipeline(mma, compute_context)(lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, tiling.ALIGN), c.block_m)], rhs_cta,
                                          allocations=allocs)
 
         @pl.when((group == g) & (size > 0) & (wg < c.num_compute_wgs))
@@ -267,4 +267,4 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
         ws_body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(num_sms(interpret),), grid_names=("sm",), num_threads=c.num_compute_wgs + 1,
         thread_name="wg", compiler_params=_PARAMS, interpret=interpret)
-  return kernel(tiles.group, tiles.block, tiles.start, tiles.size, lhs_MxK, rhs)
+  return kernel(tiles.group, tiles.row0, tiles.start, tiles.size, lhs_MxK, rhs)

@@ -197,19 +197,31 @@ def test_shape_errors():
 
 
 def test_row_tiles_cover_every_row_once():
+  """Every row in exactly one tile of its own segment, blocks inside the array, ceil(g / block) tiles
+  per segment of g rows."""
   from pallas_kernels import tiling  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(2)
   for _ in range(20):
-    m, block, g = int(rng.integers(1, 300)), int(rng.choice([8, 64])), int(rng.integers(1, 6))
+    m, block, g = 8 * int(rng.integers(1, 40)), int(rng.choice([8, 64])), int(rng.integers(1, 6))
     sizes = rng.multinomial(int(rng.integers(0, m + 1)), np.ones(g) / g)
     t = tiling.row_tiles(jnp.array(sizes), m, block)
     owner = np.full(m, -1)
-    for grp, blk, start, size in zip(*map(np.asarray, (t.group, t.block, t.start, t.size))):
-      rows = np.arange(blk * block + start, blk * block + start + size)
+    used = np.zeros(g + 1, int)
+    for grp, row0, start, size in zip(*map(np.asarray, (t.group, t.row0, t.start, t.size))):
+      if size == 0:
+        continue
+      assert 0 <= start and start + size <= block and (row0 + block <= m or row0 == 0) and row0 % 8 == 0
+      rows = np.arange(row0 + start, row0 + start + size)
       assert np.all(owner[rows] == -1)
       owner[rows] = grp
+      used[grp] += 1
     ends = np.cumsum(sizes)
     np.testing.assert_array_equal(owner, np.searchsorted(ends, np.arange(m), side="right"))
+    first = np.concatenate([[0], ends])
+    np.testing.assert_array_equal(used, np.where(np.append(sizes, m - sizes.sum()) > 0,
+                                                 -(-(np.append(ends, m) - first // 8 * 8) // block), 0))
+  with pytest.raises(ValueError, match="divisible by 8"):
+    tiling.row_tiles(jnp.array([3, 4]), 12, 8)
 
 
 def test_new_group_sizes_do_not_recompile():
