@@ -13,10 +13,14 @@ Calibration (per measured EP size): other(D) and beta(D) solve two policies on t
 with different capacities (static, eplb_step; eplb_step's base moves are charged by the transfer
 term); the other policies are predictions: their error is the validation. (`ideal` is not used: its
 synthetic routes change the cost of the combine's fused gathers, so it is not the same step at a
-smaller capacity; measured on 4 x H200, BENCHMARKS.md.) Projection (EP 8-64): other and beta = means of the fits; beyond one node (8 GPUs) the
-all-to-all part of the capacity cost is slowed from --a2a-gbs to --ib-gbs (assumptions, not
-measurements); counts from the traces (the 64 -> 128 rule of moe_step.py), Qwen3-30B-A3B's 48 MoE
-layers replayed from the 26 trace layers cyclically.
+smaller capacity; measured on 4 x H200, BENCHMARKS.md.)
+Projection (EP 8-64): other and beta = means of the fits; beyond one node (8 GPUs) the all-to-all part
+of the capacity cost and the expert moves are slowed from the measured rates to --ib-gbs (assumptions,
+not measurements); the planners get a CostModel with these rates. Counts from the traces (the 64 -> 128
+rule of moe_step.py), Qwen3-30B-A3B's 48 MoE layers replayed from the 26 trace layers cyclically. A
+second, bytes-exact variant replaces D*C by each (m, l)'s busiest receiver's rows and the padded
+cross-device volume by the busiest sender's or receiver's own rows, and charges a transfer only for
+the experts it moves (a ragged exchange at the padded one's bandwidth: an assumption).
 
     python benchmarks/simulate.py            # reads benchmarks/results/{moe_step,transfer}.json
 """
@@ -33,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from foremoe_jax.executor import bucket  # noqa: E402
-from foremoe_jax.planner import PlanConfig, plan_step, traces  # noqa: E402
+from foremoe_jax.planner import CostModel, PlanConfig, plan_step, traces  # noqa: E402
 from foremoe_jax.transfer import home_to_base_moves  # noqa: E402
 from moe_step import E, K, map_routes_64_to_128  # noqa: E402
 
@@ -98,6 +102,22 @@ def trace_counts(pools, num_devices, tokens, micro_steps, layers, rng):
   return out
 
 
+def exchange_rows(plans, c_list, d):
+  """Per plan, from its (source, destination) pair counts [M, L, D, D]: (the padded need: the largest
+  pair; sum over (m, l) of the busiest receiver's rows; sum over (m, l) of the largest rows one device
+  sends or receives across devices), the last two summed over the plans."""
+  need, received, remote = 0, 0, 0
+  eye = np.eye(d, dtype=bool)
+  for p, c in zip(plans, c_list):
+    sp = p.slot_pairs(c)
+    pair = sp.reshape(*sp.shape[:3], d, -1).sum(-1)  # [M, L, src, dst]
+    need = max(need, int(pair.max(initial=0)))
+    received += int(pair.sum(2).max(-1).sum())
+    off = np.where(eye, 0, pair)
+    remote += int(np.maximum(off.sum(3), off.sum(2)).max(-1).sum())
+  return need, received, remote
+
+
 def project(args, fits):
   pools = {task: traces.load_esft_task(pathlib.Path(args.traces), task) for task in traces.ESFT_TASKS}
   other = float(np.mean([f["other_ms"] for f in fits.values()]))
@@ -113,20 +133,23 @@ def project(args, fits):
     slots = E // d + 1
     gbs = args.a2a_gbs if d <= 8 else args.ib_gbs
     move_ms = r["move_ms"] * (1 if d <= 8 else r["link_gbs"] / args.ib_gbs)
+    # The planners price moves, compute and the all-to-all at the simulated machine's rates.
+    cost = CostModel(matmul_flops_per_s=r["tflops"] * 1e12, link_bytes_per_s=CostModel().expert_bytes / move_ms * 1e3,
+                     a2a_bytes_per_s=gbs * 1e9)
+    pcfg = lambda policy: PlanConfig(E, d, slots, policy=policy, cost=cost)  # noqa: E731
     for policy in ("static", "eplb_history", "eplb_step", "foremoe", "live", "ideal"):
       start = time.perf_counter()
       if policy == "live":  # each micro-step planned alone, on the critical path
-        plans = [plan_step(counts[m:m + 1], PlanConfig(E, d, slots, policy="eplb_microstep"))
-                 for m in range(args.micro_steps)]
+        plans = [plan_step(counts[m:m + 1], pcfg("eplb_microstep")) for m in range(args.micro_steps)]
       else:
         c = ideal if policy == "ideal" else counts
-        plans = [plan_step(c, PlanConfig(E, d, slots, policy="static" if policy == "ideal" else policy), history=history)]
+        plans = [plan_step(c, pcfg("static" if policy == "ideal" else policy), history=history)]
       plan_ms = (time.perf_counter() - start) * 1e3
       c_list = [counts[m:m + 1] for m in range(args.micro_steps)] if policy == "live" else \
           [ideal if policy == "ideal" else counts]
       max_load = sum(p.device_load(c).max(-1).sum() for p, c in zip(plans, c_list))
       mean_load = sum(p.device_load(c).mean(-1).sum() for p, c in zip(plans, c_list))
-      need = max(int(p.slot_pairs(c).reshape(*p.slot_pairs(c).shape[:3], d, -1).sum(-1).max()) for p, c in zip(plans, c_list))
+      need, received, remote = exchange_rows(plans, c_list, d)
       shipped, exact, moves = shipped_rows(plans, d, args.layers)
       # Fills: the all_to_all exchange sends K = 1 row to every peer, in every layer of a micro-step
       # whose placement differs from the base somewhere (weights in; gradients back: the factor 2 below).
@@ -136,14 +159,17 @@ def project(args, fits):
       ml = args.micro_steps * args.layers
       cap = bucket(need)
       slower_a2a = a2a_ms(d, cap, 2048, gbs) - a2a_ms(d, cap, 2048, args.a2a_gbs)  # 0 inside a node
-      t0 = max_load * tp + ml * (other + beta * d * cap + slower_a2a)
-      t, t_exact = t0 + 2 * shipped * move_ms, t0 + 2 * exact * move_ms
+      t = max_load * tp + ml * (other + beta * d * cap + slower_a2a) + 2 * shipped * move_ms
+      # Bytes-exact exchange: each (m, l) waits for its busiest receiver's rows and busiest cross-device
+      # sender or receiver, and a transfer moves only its own rows.
+      slower_exact = 4 * remote * 2048 * 2 * (1 / gbs - 1 / args.a2a_gbs) / 1e6
+      t_exact = max_load * tp + ml * other + beta * received + slower_exact + 2 * exact * move_ms
       if policy == "live":
         t, t_exact = t + plan_ms, t_exact + plan_ms
       rows.append(dict(D=d, policy=policy, imbalance=max_load / mean_load, step_ms=t, exact_ms=t_exact,
-                       capacity=bucket(need), base_moves_remote=moves, shipped_rows=shipped, planner_ms=plan_ms))
+                       capacity=cap, base_moves_remote=moves, shipped_rows=shipped, planner_ms=plan_ms))
       print(f"projected D={d:<3d} {policy:13s} imbalance {max_load / mean_load:.4f}  step {t:9.1f} ms  "
-            f"plan {plan_ms:8.1f} ms", flush=True)
+            f"exact {t_exact:9.1f} ms  plan {plan_ms:8.1f} ms", flush=True)
   return rows
 
 
@@ -164,12 +190,13 @@ def shipped_rows(plans, d, layers):
   return shipped, exact, moves
 
 
-def speedups(rows):
-  by = {(r["D"], r["policy"]): r["step_ms"] for r in rows}
+def speedups(rows, key="step_ms", prefix=""):
+  """Adds {prefix}vs_static, vs_eplb_step and to_ideal_pct of each row's `key` time."""
+  by = {(r["D"], r["policy"]): r[key] for r in rows}
   for r in rows:
     st, eq, idl = by.get((r["D"], "static")), by.get((r["D"], "eplb_step")), by.get((r["D"], "ideal"))
-    r.update(vs_static=st / r["step_ms"], vs_eplb_step=eq / r["step_ms"] if eq else np.nan,
-             to_ideal_pct=100 * (r["step_ms"] / idl - 1) if idl else np.nan)
+    r.update({f"{prefix}vs_static": st / r[key], f"{prefix}vs_eplb_step": eq / r[key] if eq else np.nan,
+              f"{prefix}to_ideal_pct": 100 * (r[key] / idl - 1) if idl else np.nan})
   return rows
 
 
@@ -218,16 +245,12 @@ def main():
   errs = [abs(r["error_pct"]) for r in validation if r["role"] == "validation" and r["policy"] != "live"]
   print(f"validation (planned-ahead policies and ideals; live's programs are not modelled): mean |error| "
         f"{np.mean(errs):.1f}%, max {np.max(errs):.1f}% over {len(errs)} predictions")
-  rows = speedups(project(args, fits))
+  rows = speedups(speedups(project(args, fits)), "exact_ms", "exact_")
   measured = speedups([dict(D=r["D"], policy=r["policy"], step_ms=r["measured_ms"]) for r in validation
                        if not r["policy"].endswith("_shipped")])
   print(f"\nPROJECTED (cost model, not measured): Qwen3-30B-A3B MoE layers x{args.layers}, M={args.micro_steps}, "
         f"{args.tokens} tok/GPU/micro-step, a2a {args.a2a_gbs:.0f} GB/s (<=8 GPUs), {args.ib_gbs:.0f} GB/s beyond")
-  print("| D | policy | imbalance | step ms | x static | x eplb_step | vs ideal % | exact-transfer ms | planner ms (host, step) |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    print(f"| {r['D']} | {r['policy']} | {r['imbalance']:.4f} | {r['step_ms']:.0f} | {r['vs_static']:.3f} | "
-          f"{r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.1f} | {r['exact_ms']:.0f} | {r['planner_ms']:.0f} |")
+  print(projection_table(rows))
   doc = dict(note="validation rows: measured on GPUs vs model; projection rows: cost model only (not measured)",
              measured_meta=moe.get("meta"), fits={str(k): {kk: vv for kk, vv in v.items()} for k, v in fits.items()},
              validation=validation, projection=rows, args=vars(args))
@@ -236,6 +259,16 @@ def main():
   out.with_suffix(".md").write_text(markdown(doc, errs))
   plot(rows, measured, out.with_suffix(".png"))
   print(f"wrote {out} and its .md and .png")
+
+
+def projection_table(rows) -> str:
+  lines = ["| D | policy | imbalance | padded ms | x static | x eplb_step | vs ideal % | bytes-exact ms | x static | "
+           "x eplb_step | vs ideal % | capacity | planner ms (host, step) |", "|" + "---|" * 13]
+  lines += [f"| {r['D']} | {r['policy']} | {r['imbalance']:.4f} | {r['step_ms']:.0f} | {r['vs_static']:.3f} | "
+            f"{r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.1f} | {r['exact_ms']:.0f} | {r['exact_vs_static']:.3f} | "
+            f"{r['exact_vs_eplb_step']:.3f} | {r['exact_to_ideal_pct']:+.1f} | {r['capacity']} | {r['planner_ms']:.0f} |"
+            for r in rows]
+  return "\n".join(lines)
 
 
 def markdown(doc: dict, errs: list[float]) -> str:
@@ -257,14 +290,12 @@ def markdown(doc: dict, errs: list[float]) -> str:
             "per-micro-step programs with a host sync between them dominate it.", "",
             "## Projection (cost model only, NOT measured)", "",
             f"Settings: `{json.dumps({k: doc['args'][k] for k in ('ep', 'tokens', 'micro_steps', 'layers', 'a2a_gbs', 'ib_gbs')})}`;",
-            "all-to-all at the measured rate up to 8 GPUs and the assumed `ib_gbs` beyond; transfers as the",
-            "`all_to_all` exchange ships them (K rows to every peer in every layer); `exact-transfer ms` charges only",
-            "the rows a bytes-exact transfer moves. Plans use the planner's default cost model.", "",
-            "| D | policy | imbalance | step ms | x static | x eplb_step | vs ideal % | capacity | shipped rows | "
-            "exact-transfer ms | planner ms (host, step) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-  lines += [f"| {r['D']} | {r['policy']} | {r['imbalance']:.4f} | {r['step_ms']:.0f} | {r['vs_static']:.3f} | "
-            f"{r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.1f} | {r['capacity']} | {r['shipped_rows']} | "
-            f"{r['exact_ms']:.0f} | {r['planner_ms']:.0f} |" for r in doc["projection"]]
+            "all-to-all at the measured rate up to 8 GPUs and the assumed `ib_gbs` beyond. Two exchanges:",
+            "**padded** is what JAX runs today (token all-to-all padded to the step's capacity, moved experts",
+            "sent by the `all_to_all` exchange: K rows to every peer in every layer); **bytes-exact** charges",
+            "only the rows that exist (a ragged token exchange at the padded one's bandwidth, experts sent to",
+            "their destination only): an assumption, since XLA's `ragged_all_to_all` is 7-16x slower today.",
+            "Every planner is given the simulated machine's rates.", "", projection_table(doc["projection"])]
   return "\n".join(lines) + "\n"
 
 
