@@ -1,8 +1,8 @@
 """Grouped matmul on the group sizes the MoE-step plans hand each GPU (one GPU).
 
 The MoE step's grouped GEMMs see the busiest device's slot loads of each (micro-step, layer): groups
-that are not multiples of the 128-row tile. This times the four grouped matmuls of a layer (gate+up
-and down forward, and their d(lhs) with the weights transposed) on those exact sizes with
+that are not multiples of the 128-row tile. This times the six grouped matmuls of a layer (gate+up
+and down forward, their d(lhs) with the weights transposed, and the weight gradients) on those exact sizes with
 `mosaic_gmm.TUNED`, beside the `ideal` routes' tile-aligned sizes, with the row tiles each costs:
 what unaligned groups cost the kernel.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import pathlib
 import sys
@@ -28,6 +29,8 @@ from moe_step import E, F, H, K, counts_of, data_path  # noqa: E402
 # (name, K, N, transpose_rhs): the layer's four grouped matmuls with [rows, K] x [G, K, N] (or [G, N, K]).
 MATMULS = (("gate_up fwd", H, 2 * F, False), ("down fwd", F, H, False),
            ("down d(lhs)", H, F, True), ("gate_up d(lhs)", 2 * F, H, True))
+# (name, K, N): the weight gradients, tgmm of lhs [rows, K] and the output gradient [rows, N].
+TGMMS = (("gate_up d(w)", H, 2 * F), ("down d(w)", F, H))
 
 
 def busiest_group_sizes(num_devices: int, policy: str, args) -> np.ndarray:
@@ -58,12 +61,24 @@ def tile_visits(sizes_BxS: np.ndarray, block_m: int = 128, align: int = 8) -> fl
   return float(tiles.sum(-1).mean())
 
 
+def layer_matmuls(num_groups: int, rows: int):
+  """(name, K, N, rhs shape, fn(lhs, rhs, group_sizes)) of the layer's six grouped matmuls."""
+  from pallas_kernels import mosaic_gmm, mosaic_tgmm
+  out = []
+  for name, k, n, transpose in MATMULS:
+    cfg = mosaic_gmm.TUNED[(k, n)]
+    out.append((name, k, n, (num_groups, n, k) if transpose else (num_groups, k, n),
+                functools.partial(mosaic_gmm.gmm, transpose_rhs=transpose, config=cfg)))
+  for name, k, n in TGMMS:
+    out.append((name, k, n, (rows, n), functools.partial(mosaic_tgmm.tgmm, config=mosaic_tgmm.TUNED[(k, n)])))
+  return out
+
+
 def run(args) -> dict:
   import jax
   import jax.numpy as jnp
 
   from kernels import timeit
-  from pallas_kernels import mosaic_gmm
 
   out = dict(meta=dict(card=jax.devices()[0].device_kind, jax=jax.__version__,
                        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -74,12 +89,10 @@ def run(args) -> dict:
     for policy in args.policies:
       sizes_BxS = busiest_group_sizes(d, policy, args)[:args.max_sets]
       rows = int(-(-sizes_BxS.sum(-1).max() // 128) * 128)
-      for name, k, n, transpose in MATMULS:
+      for name, k, n, rhs_shape, call in layer_matmuls(sizes_BxS.shape[1], rows):
         lhs = jax.random.normal(key, (rows, k), jnp.bfloat16)
-        rhs = jax.random.normal(key, (sizes_BxS.shape[1], n, k) if transpose else (sizes_BxS.shape[1], k, n),
-                                jnp.bfloat16)
-        cfg = mosaic_gmm.TUNED[(k, n)]
-        fn = jax.jit(lambda a, b, g, cfg=cfg, t=transpose: mosaic_gmm.gmm(a, b, g, transpose_rhs=t, config=cfg))
+        rhs = jax.random.normal(key, rhs_shape, jnp.bfloat16)
+        fn = jax.jit(call)
         ms = [timeit(fn, lhs, rhs, jnp.asarray(s, jnp.int32)) * 1e3 for s in sizes_BxS]
         flops = 2 * sizes_BxS.sum(-1) * k * n
         row = dict(D=d, policy=policy, matmul=name, ms=float(np.sum(ms)),

@@ -1,9 +1,11 @@
 """The weight-gradient grouped matmul (tgmm) on Hopper with Pallas Mosaic GPU.
 
 out[g] = lhs_g^T @ rhs_g for lhs[M, K], rhs[M, N] -> [G, K, N]: a reduction over each group's rows.
-Work unit: (group, K tile, N tile); the pipeline walks the group's row blocks. The first and last
-row blocks of a group may hold rows of its neighbours (or padding past the groups): those rows are
-zeroed in both operands in shared memory before the wgmma, with a select, so NaN padding cannot leak.
+Work unit: (group, K tile, N tile); the pipeline walks the group's row blocks, from its first row
+rounded down to 8 (TMA's alignment), so a group costs ceil(rows / block_r) blocks plus at most 7 rows
+wherever it starts. The first and last blocks may hold rows of its neighbours (or padding past the
+groups): those rows are zeroed in both operands in shared memory before the wgmma, with a select, so
+NaN padding cannot leak.
 Empty groups store zeros.
 """
 import dataclasses
@@ -82,8 +84,8 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_G, *, out_dtype=None, config: TgmmConfig 
     return tgmm(jnp.pad(lhs_MxK, pad), jnp.pad(rhs_MxN, pad), group_sizes_G, out_dtype=out_dtype,
                 config=config, interpret=interpret)
   starts_G, ends_G = tiling.clipped_bounds(group_sizes_G, m)
-  first_G = starts_G // c.block_r
-  blocks_G = jnp.where(ends_G > starts_G, -(-ends_G // c.block_r) - first_G, 0)
+  first_G = starts_G // tiling.ALIGN * tiling.ALIGN  # the group's first block starts here
+  blocks_G = jnp.where(ends_G > starts_G, -(-(ends_G - first_G) // c.block_r), 0)
   # The GPU interpreter has no transposed wgmma operands: there, lhs is handed over as [K, M].
   k_major = bool(interpret)
   lhs = lhs_MxK.T if k_major else lhs_MxK
@@ -96,7 +98,7 @@ def tgmm(lhs_MxK, rhs_MxN, group_sizes_G, *, out_dtype=None, config: TgmmConfig 
       gi = info.index[0]
       ki, ni = plgpu.planar_snake(info.index[1], (grid_k, grid_n), 1, c.grid_block_n)
       num_blocks = blocks_gmem[gi]
-      row0 = first_gmem[gi] * c.block_r
+      row0 = pl.multiple_of(first_gmem[gi], tiling.ALIGN)
       lo = starts_gmem[gi] - row0  # first valid row inside the first block
       hi = ends_gmem[gi] - row0 - (num_blocks - 1) * c.block_r  # rows valid in the last block
 
