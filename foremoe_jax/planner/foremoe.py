@@ -37,10 +37,12 @@ def place_replicas(slot_expert_BxDxS: np.ndarray, free_BxDxS: np.ndarray, w_BxE:
   """
   batch, num_devices, num_slots = slot_expert_BxDxS.shape
   default_BxG = slot_expert_BxDxS.reshape(batch, -1).astype(np.int64)
-  free_BxG = free_BxDxS.reshape(batch, -1).copy()
-  se_BxG = np.where(free_BxG, -1, default_BxG)
-  x_BxG = split.even_slot_loads(se_BxG.reshape(slot_expert_BxDxS.shape), w_BxE)
-  load_BxD = x_BxG.reshape(batch, num_devices, num_slots).sum(-1)
+  free_BxDxS = free_BxDxS.copy()
+  se_BxDxS = np.where(free_BxDxS, -1, default_BxG.reshape(free_BxDxS.shape))
+  se_BxG = se_BxDxS.reshape(batch, -1)
+  x_BxG = split.even_slot_loads(se_BxDxS, w_BxE)
+  x_BxDxS = x_BxG.reshape(se_BxDxS.shape)
+  load_BxD = x_BxDxS.sum(-1)
   free_BxD = free_BxDxS.sum(-1)
   rows = np.arange(batch)
   # The fixed slot a default would draw its pairs from: the first fixed copy of its expert.
@@ -49,37 +51,52 @@ def place_replicas(slot_expert_BxDxS: np.ndarray, free_BxDxS: np.ndarray, w_BxE:
   rows_BxG = np.broadcast_to(rows[:, None], se_BxG.shape)
   first_slot_BxE[rows_BxG[first], se_BxG[first]] = np.nonzero(first)[1]
   default_src_BxG = np.where(default_BxG >= 0, first_slot_BxE[rows_BxG, np.maximum(default_BxG, 0)], -1)
-  for _ in range(int(free_BxD.sum(1).max(initial=0))):
-    active = free_BxD.any(1)
-    target = np.argmin(np.where(free_BxD > 0, load_BxD, np.inf), axis=1)
-    target_slots = target[:, None] * num_slots + np.arange(num_slots)
-    new_slot = target * num_slots + np.argmax(free_BxG[rows[:, None], target_slots], axis=1)
-    on_target = se_BxG[rows[:, None], target_slots]
-    target_load = load_BxD[rows, target]
-    heavy = np.argmax(np.where(np.arange(num_devices) == target[:, None], -np.inf, load_BxD), axis=1)
-    heavy_slots = heavy[:, None] * num_slots + np.arange(num_slots)
-    heavy_experts = se_BxG[rows[:, None], heavy_slots]
-    duplicate = (heavy_experts[:, :, None] == on_target[:, None, :]).any(-1)
-    gap = (load_BxD[rows, heavy] - target_load) / 2
-    relief = np.where((heavy_experts >= 0) & ~duplicate,
-                      np.minimum(x_BxG[rows[:, None], heavy_slots], gap[:, None]), -np.inf)
+  # Flat views and indices: np.take and one flat index beat fancy indexing with two index arrays.
+  se_RxS, x_RxS, free_RxS = (a.reshape(-1, num_slots) for a in (se_BxDxS, x_BxDxS, free_BxDxS))
+  se_flat, x_flat, free_flat = se_BxG.reshape(-1), x_BxG.reshape(-1), free_BxDxS.reshape(-1)
+  load_flat, free_count_flat = load_BxD.reshape(-1), free_BxD.reshape(-1)
+  default_flat, default_src_flat = default_BxG.reshape(-1), default_src_BxG.reshape(-1)
+  row_devices, row_slots = rows * num_devices, rows * num_devices * num_slots
+  # Kept up to date entry by entry (two devices change per step) rather than rebuilt each step.
+  free_load_BxD = np.where(free_BxD > 0, load_BxD, np.inf)
+  free_load_flat = free_load_BxD.reshape(-1)
+  left_B = free_BxD.sum(1)
+  for _ in range(int(left_B.max(initial=0))):
+    active = left_B > 0
+    target = row_devices + np.argmin(free_load_BxD, axis=1)
+    new_slot = target * num_slots + np.argmax(np.take(free_RxS, target, axis=0), axis=1)
+    on_target = np.take(se_RxS, target, axis=0)
+    # The heaviest other device: the argmax with the target's load masked for a moment.
+    target_load = load_flat[target]
+    load_flat[target] = -np.inf
+    heavy = row_devices + np.argmax(load_BxD, axis=1)
+    load_flat[target] = target_load
+    heavy_experts = np.take(se_RxS, heavy, axis=0)
+    fresh = heavy_experts >= 0
+    for j in range(num_slots):
+      fresh &= heavy_experts != on_target[:, j:j + 1]
+    gap = (load_flat[heavy] - target_load) / 2
+    relief = np.where(fresh, np.minimum(np.take(x_RxS, heavy, axis=0), gap[:, None]), -np.inf)
     best_j = np.argmax(relief, axis=1)
     best = relief[rows, best_j]
-    default = default_BxG[rows, new_slot]
-    default_src = np.maximum(default_src_BxG[rows, new_slot], 0)
-    default_relief = np.minimum(x_BxG[rows, default_src], (load_BxD[rows, default_src // num_slots] - target_load) / 2)
+    default = default_flat[new_slot]
+    default_src = row_slots + np.maximum(default_src_flat[new_slot], 0)
+    default_relief = np.minimum(x_flat[default_src], (load_flat[default_src // num_slots] - target_load) / 2)
     keep = (default >= 0) & ~(on_target == default[:, None]).any(1) & (default_relief >= best)
     place = active & (keep | np.isfinite(best))
     src = np.where(keep, default_src, heavy * num_slots + best_j)
-    expert = np.where(keep, default, heavy_experts[rows, best_j])
     delta = np.where(place, np.maximum(np.where(keep, default_relief, best), 0.0), 0.0)
-    se_BxG[rows[place], new_slot[place]] = expert[place]
-    x_BxG[rows, src] -= delta
-    x_BxG[rows, new_slot] += delta
-    load_BxD[rows, src // num_slots] -= delta
-    load_BxD[rows, target] += delta
-    free_BxG[rows[active], new_slot[active]] = False
-    free_BxD[rows[active], target[active]] -= 1
+    se_flat[new_slot[place]] = np.where(keep, default, heavy_experts[rows, best_j])[place]
+    x_flat[src] -= delta
+    x_flat[new_slot] += delta
+    src_device = src // num_slots
+    load_flat[src_device] -= delta
+    load_flat[target] += delta
+    free_flat[new_slot[active]] = False
+    free_count_flat[target[active]] -= 1
+    left_B -= active
+    changed = np.concatenate([src_device, target])
+    free_load_flat[changed] = np.where(free_count_flat[changed] > 0, load_flat[changed], np.inf)
   return se_BxG.astype(np.int32).reshape(slot_expert_BxDxS.shape), x_BxG
 
 
@@ -92,21 +109,7 @@ def primary_mask(base_BxDxS: np.ndarray) -> np.ndarray:
 
 def lpt_base(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
   """int32 [L, D, S]: a permutation of experts (E/D per device, balanced on W) plus greedy replicas."""
-  num_layers = w_LxE.shape[0]
-  pack_LxE, position_LxE = eplb.balanced_packing(w_LxE, cfg.num_devices, cfg.experts_per_device)
-  base = np.full((num_layers, cfg.num_devices, cfg.slots_per_device), -1, np.int32)
-  rows = np.broadcast_to(np.arange(num_layers)[:, None], pack_LxE.shape)
-  base[rows, pack_LxE, position_LxE] = np.arange(cfg.num_experts)
-  free = np.broadcast_to(np.arange(cfg.slots_per_device) >= cfg.experts_per_device, base.shape)
-  return place_replicas(base, free, w_LxE)[0]
-
-
-def home_base(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
-  """int32 [L, D, S]: the home layout plus greedy replicas in the redundant slots (no expert leaves home)."""
-  home = slots.home_placement(cfg.num_experts, cfg.num_devices, cfg.slots_per_device)
-  base = np.broadcast_to(home, (w_LxE.shape[0], *home.shape))
-  free = np.broadcast_to(np.arange(cfg.slots_per_device) >= cfg.experts_per_device, base.shape)
-  return place_replicas(base, free, w_LxE)[0]
+  return with_replicas(_lpt_permutation(w_LxE, cfg)[None], w_LxE, cfg)[0]
 
 
 def swap_base(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
@@ -118,14 +121,43 @@ def swap_base(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
   device's load (its compute and the padded all_to_all it sets), plus the busiest device's fetched
   experts times a move.
   """
+  return with_replicas(_swapped_home(w_LxE, cfg)[None], w_LxE, cfg)[0]
+
+
+def with_replicas(bases_NxLxDxS: np.ndarray, w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
+  """int32 [N, L, D, S]: each layout (E/D experts per device, the redundant slots free) plus the greedy's
+  replicas on W, all N in one batch (the rows are independent)."""
+  num_bases, num_layers = bases_NxLxDxS.shape[:2]
+  bases = bases_NxLxDxS.reshape(-1, *bases_NxLxDxS.shape[2:])
+  free = np.broadcast_to(np.arange(cfg.slots_per_device) >= cfg.experts_per_device, bases.shape)
+  w_NLxE = np.broadcast_to(w_LxE, (num_bases, *w_LxE.shape)).reshape(-1, w_LxE.shape[1])
+  return place_replicas(bases, free, w_NLxE)[0].reshape(bases_NxLxDxS.shape)
+
+
+def _home_layers(num_layers: int, cfg: PlanConfig) -> np.ndarray:
+  home = slots.home_placement(cfg.num_experts, cfg.num_devices, cfg.slots_per_device)
+  return np.broadcast_to(home, (num_layers, *home.shape))
+
+
+def _lpt_permutation(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
+  """int32 [L, D, S]: experts packed E/D per device by LPT on W, the redundant slots empty."""
+  num_layers = w_LxE.shape[0]
+  pack_LxE, position_LxE = eplb.balanced_packing(w_LxE, cfg.num_devices, cfg.experts_per_device)
+  base = np.full((num_layers, cfg.num_devices, cfg.slots_per_device), -1, np.int32)
+  rows = np.broadcast_to(np.arange(num_layers)[:, None], pack_LxE.shape)
+  base[rows, pack_LxE, position_LxE] = np.arange(cfg.num_experts)
+  return base
+
+
+def _swapped_home(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
+  """int32 [L, D, S]: swap_base before its replicas."""
   num_layers, num_experts = w_LxE.shape
   per, rows = cfg.experts_per_device, np.arange(num_layers)
-  home = slots.home_placement(num_experts, cfg.num_devices, cfg.slots_per_device)
   home_device_E = np.arange(num_experts) // per
   device_LxE = np.broadcast_to(home_device_E, w_LxE.shape).copy()
   slot_LxE = np.broadcast_to(np.arange(num_experts) % per, w_LxE.shape).copy()
   load_LxD = w_LxE.reshape(num_layers, cfg.num_devices, per).sum(-1)
-  base = np.broadcast_to(home, (num_layers, *home.shape)).copy()
+  base = _home_layers(num_layers, cfg).copy()
   pair_s = cfg.cost.token_compute_s + cfg.cost.padded_a2a_s(1.0)
   best_base, best_s = base.copy(), load_LxD.max(1) * pair_s
   diff_LxExE = w_LxE[:, :, None] - w_LxE[:, None, :]
@@ -146,12 +178,14 @@ def swap_base(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
     slot_LxE[r, a], slot_LxE[r, b] = slot_LxE[r, b], slot_LxE[r, a]
     load_LxD[r, h] -= d
     load_LxD[r, l] += d
-    fetched_LxD = np.stack([((device_LxE == dev) & (home_device_E != dev)).sum(1) for dev in range(cfg.num_devices)], 1)
+    # Experts each device holds away from their home device, per layer.
+    away = device_LxE != home_device_E
+    fetched_LxD = np.bincount((rows[:, None] * cfg.num_devices + device_LxE)[away],
+                              minlength=num_layers * cfg.num_devices).reshape(num_layers, -1)
     step_s = load_LxD.max(1) * pair_s + fetched_LxD.max(1) * cfg.cost.move_s
     better = step_s < best_s
     best_base[better], best_s[better] = base[better], step_s[better]
-  free = np.broadcast_to(np.arange(cfg.slots_per_device) >= per, best_base.shape)
-  return place_replicas(best_base, free, w_LxE)[0]
+  return best_base
 
 
 def remote_base_slots(base_LxDxS: np.ndarray, cfg: PlanConfig) -> np.ndarray:
@@ -167,19 +201,29 @@ def free_slots(base_BxDxS: np.ndarray, primary_BxDxS: np.ndarray, w_BxE: np.ndar
   copies = slots.copies_per_expert(se_BxG, w_BxE.shape[1])
   per_copy = np.take_along_axis(w_BxE / np.maximum(copies, 1), np.maximum(se_BxG, 0), axis=1)
   score = np.where(se_BxG >= 0, per_copy, -1.0).reshape(base_BxDxS.shape)
-  rank = np.argsort(np.argsort(np.where(primary_BxDxS, np.inf, score), axis=2, kind="stable"), axis=2)
+  key = np.where(primary_BxDxS, np.inf, score)
+  # Each slot's place in a stable sort of its device's slots, by pairwise comparisons: a device has
+  # few slots, and a sort per device costs more.
+  rank = np.zeros(key.shape, np.int64)
+  for i in range(key.shape[2]):
+    rank += key[..., i:i + 1] < key
+    rank[..., i + 1:] += key[..., i:i + 1] == key[..., i + 1:]
   return ~primary_BxDxS & (rank < per_device)
 
 
-def moved_placements(counts_MxLxDxE: np.ndarray, base_LxDxS: np.ndarray, cfg: PlanConfig):
-  """The greedy's per-(m, l) moves on one base: (slot_expert [M*L, D, S], its load estimate x [M*L, G])."""
-  num_micro, num_layers, num_devices, num_experts = counts_MxLxDxE.shape
-  batch = num_micro * num_layers
-  w_BxE = counts_MxLxDxE.sum(2).reshape(batch, num_experts).astype(np.float64)
-  base_BxDxS = np.broadcast_to(base_LxDxS, (num_micro, *base_LxDxS.shape)).reshape(batch, num_devices, -1)
-  primary = np.broadcast_to(primary_mask(base_LxDxS), (num_micro, *base_LxDxS.shape)).reshape(base_BxDxS.shape)
-  se, x = place_replicas(base_BxDxS, free_slots(base_BxDxS, primary, w_BxE, cfg.max_moves_per_device), w_BxE)
-  return se, split.merge_same_device_copies(se, x.reshape(se.shape)).reshape(batch, -1)
+def moved_placements(w_BxE: np.ndarray, bases_NxLxDxS: np.ndarray, cfg: PlanConfig):
+  """The greedy's per-(m, l) moves on each base, in one batch (the rows are independent): slot_expert
+  [N*M*L, D, S] and its load estimate x [N*M*L, G], base-major."""
+  num_bases, num_layers, num_devices, num_slots = bases_NxLxDxS.shape
+  batch, num_experts = w_BxE.shape
+  shape = (num_bases, batch // num_layers, num_layers, num_devices, num_slots)
+  base_BxDxS = np.broadcast_to(bases_NxLxDxS[:, None], shape).reshape(-1, num_devices, num_slots)
+  primary = primary_mask(bases_NxLxDxS.reshape(-1, num_devices, num_slots))
+  primary = np.broadcast_to(primary.reshape(num_bases, 1, num_layers, num_devices, num_slots), shape)
+  w_NBxE = np.broadcast_to(w_BxE, (num_bases, batch, num_experts)).reshape(-1, num_experts)
+  free = free_slots(base_BxDxS, primary.reshape(base_BxDxS.shape), w_NBxE, cfg.max_moves_per_device)
+  se, x = place_replicas(base_BxDxS, free, w_NBxE)
+  return se, split.merge_same_device_copies(se, x.reshape(se.shape)).reshape(se.shape[0], -1)
 
 
 def estimated_step_s(slot_load_MxLxG: np.ndarray, pair_need_MxL: np.ndarray, moves_MxL: np.ndarray,
@@ -189,8 +233,16 @@ def estimated_step_s(slot_load_MxLxG: np.ndarray, pair_need_MxL: np.ndarray, mov
   step's largest (source, destination) pair count, bucketed."""
   num_micro, num_layers = pair_need_MxL.shape
   max_load = slot_load_MxLxG.reshape(num_micro, num_layers, cfg.num_devices, -1).sum(-1).max(-1)
-  need = int(pair_need_MxL.max(initial=0))
-  return float(cfg.cost.layer_s(max_load, moves_MxL).sum() + remote_base_slots(base_LxDxS, cfg).sum() * cfg.cost.move_s
+  return step_s(max_load, int(pair_need_MxL.max(initial=0)), moves_MxL, base_LxDxS, cfg)
+
+
+def step_s(max_load_MxL: np.ndarray, need: int, moves_MxL: np.ndarray, base_LxDxS: np.ndarray,
+           cfg: PlanConfig) -> float:
+  """estimated_step_s from each (m, l)'s busiest-device load and the step's pair need; nondecreasing in
+  both while the cost model's overlap_fraction is at most 1."""
+  num_micro, num_layers = max_load_MxL.shape
+  return float(cfg.cost.layer_s(max_load_MxL, moves_MxL).sum()
+               + remote_base_slots(base_LxDxS, cfg).sum() * cfg.cost.move_s
                + num_micro * num_layers * cfg.cost.padded_a2a_s(cfg.num_devices * pairs.bucket(need)))
 
 
@@ -216,35 +268,50 @@ def choose_bases(step_s_NxL: np.ndarray, need_NxL: np.ndarray, num_micro: int, c
   return best_L
 
 
-def plan_foremoe(counts_MxLxDxE: np.ndarray, cfg: PlanConfig):
-  """Returns (slot_expert int32 [M, L, D, S], slot_pairs int64 [M*L, G], base int32 [L, D, S])."""
+def plan_foremoe(counts_MxLxDxE: np.ndarray, cfg: PlanConfig, eplb_base_LxDxS: np.ndarray | None = None):
+  """Returns (slot_expert int32 [M, L, D, S], slot_pairs int64 [M*L, G], base int32 [L, D, S]).
+
+  eplb_base_LxDxS: the eplb_step placement (aligned to home) when the caller has it, else computed here.
+  """
   num_micro, num_layers, num_devices, num_experts = counts_MxLxDxE.shape
   batch = num_micro * num_layers
   w_LxE = counts_MxLxDxE.sum((0, 2)).astype(np.float64)
   w_BxE = counts_MxLxDxE.sum(2).reshape(batch, num_experts).astype(np.float64)
   # Home layouts first: on equal estimated time, experts stay home.
   home = slots.home_placement(num_experts, num_devices, cfg.slots_per_device)
-  bases = [np.broadcast_to(home, (num_layers, *home.shape)), home_base(w_LxE, cfg), lpt_base(w_LxE, cfg),
-           swap_base(w_LxE, cfg)]
+  home_LxDxS = _home_layers(num_layers, cfg)
+  # Home, home + replicas, LPT and swap bases: replicas and alignment each in one batch.
+  replicated = with_replicas(np.stack([home_LxDxS, _lpt_permutation(w_LxE, cfg), _swapped_home(w_LxE, cfg)]),
+                             w_LxE, cfg)
+  layouts = np.concatenate([home_LxDxS[None], replicated]).reshape(-1, num_devices, cfg.slots_per_device)
+  aligned = align.align_placement(layouts, home, num_experts, cfg.eplb_nodes)
+  bases = list(aligned.reshape(4, num_layers, num_devices, -1))
   if cfg.eplb_base_candidate and cfg.redundant_per_device > 0:
-    bases.append(eplb.eplb_placement(w_LxE, num_devices, cfg.slots_per_device, cfg.eplb_groups, cfg.eplb_nodes))
-  bases = [align.align_placement(base, home, num_experts, cfg.eplb_nodes) for base in bases]
+    if eplb_base_LxDxS is None:
+      eplb_base_LxDxS = align.align_placement(eplb.eplb_placement(w_LxE, num_devices, cfg.slots_per_device,
+                                                                  cfg.eplb_groups, cfg.eplb_nodes),
+                                              home, num_experts, cfg.eplb_nodes)
+    bases.append(eplb_base_LxDxS)
   # Per-(m, l) candidates: every base unchanged, plus the greedy's moves on home, LPT and swap bases.
   # Home + replicas shares home's moves (both re-decide only the redundant slots), so the greedy runs
   # three times, not four; moves on the EPLB base rarely win (never on the ESFT traces).
   candidates_se = [np.broadcast_to(base, (num_micro, *base.shape)).reshape(batch, num_devices, -1) for base in bases]
   candidates_x = [split.even_slot_loads(se, w_BxE) for se in candidates_se]
   moved_from = (0, 2, 3)
-  for source in moved_from:
-    se, x = moved_placements(counts_MxLxDxE, bases[source], cfg)
-    candidates_se.append(se)
-    candidates_x.append(x)
+  se, x = moved_placements(w_BxE, np.stack([bases[source] for source in moved_from]), cfg)
+  candidates_se += list(se.reshape(len(moved_from), batch, num_devices, -1))
+  candidates_x += list(x.reshape(len(moved_from), batch, -1))
   home_moved, lpt_moved, swap_moved = range(len(bases), len(bases) + len(moved_from))
   of_base = [(0, home_moved), (1, home_moved), (2, lpt_moved), (3, swap_moved)] + [(4,)] * (len(bases) - 4)
   se_CxBxDxS = np.stack(candidates_se)
-  x_CxBxG = split.waterfill_slot_loads(se_CxBxDxS.reshape(-1, num_devices, cfg.slots_per_device),
-                                       np.concatenate(candidates_x), num_experts,
-                                       cfg.split_sweeps).reshape(len(candidates_se), batch, -1)
+  # The unchanged bases' candidates share one placement per layer: their replica tables are per layer.
+  layer_B = np.arange(batch) % num_layers
+  placement_CxB = np.concatenate([np.arange(len(bases))[:, None] * num_layers + layer_B,
+                                  len(bases) * num_layers + np.arange(len(moved_from) * batch).reshape(-1, batch)])
+  placements = np.concatenate([np.stack(bases).reshape(-1, num_devices, cfg.slots_per_device),
+                               se_CxBxDxS[len(bases):].reshape(-1, num_devices, cfg.slots_per_device)])
+  x_CxBxG = split.waterfill_slot_loads(placements, np.concatenate(candidates_x), num_experts, cfg.split_sweeps,
+                                       placement_B=placement_CxB.ravel()).reshape(len(candidates_se), batch, -1)
   max_load_CxB = x_CxBxG.reshape(*x_CxBxG.shape[:2], num_devices, -1).sum(-1).max(-1)
   # Per (m, l) and base, the candidate with the lowest estimated time (moves counted from that base);
   # per layer and base, the estimated step time (its micro-steps, then its one-off transfer) and the

@@ -6,7 +6,8 @@ left free is the mix of sources behind each replica. Block coordinate descent on
 (source, destination) pair counts P[d, s], one block per replicated expert and two of its devices: the
 pairs each of the two copies takes stay fixed, the sources' mix between them is re-solved exactly
 (a water-filling in one multiplier), then rounded so that every count stays a whole number.
-Batched over B (micro-step, layer) problems; Python loops run over replicated experts only.
+Batched over B (micro-step, layer) problems; Python loops run over each problem's blocks in turn
+(the p-th block of every problem at once), never over problems.
 """
 
 from __future__ import annotations
@@ -36,18 +37,25 @@ def fixed_pair_max(counts_MxLxDxE: np.ndarray, bases_NxLxDxS: np.ndarray) -> np.
   """int64 [N, L]: per base and layer, the largest (source, destination) pair count over the micro-steps
   from the experts the base holds once. No split can move those pairs: the padded capacity is at least this."""
   num_micro, num_layers, num_devices, num_experts = counts_MxLxDxE.shape
-  # One batched matmul per base with a one-hot of the owners: float32 sums of whole counts are exact.
-  counts_LxRxE = counts_MxLxDxE.transpose(1, 0, 2, 3).reshape(num_layers, -1, num_experts).astype(np.float32)
-  rows_LxG = np.arange(num_layers)[:, None]
-  out = []
-  for base_LxDxS in bases_NxLxDxS:
-    slot_expert_LxG = base_LxDxS.reshape(num_layers, -1)
-    device_G = np.arange(slot_expert_LxG.shape[1]) // base_LxDxS.shape[2]
-    owner_LxExD = np.zeros((num_layers, num_experts + 1, num_devices), np.float32)
-    np.add.at(owner_LxExD, (rows_LxG, slot_expert_LxG, device_G), 1.0)  # -1 (empty) lands in row E
-    owner_LxExD *= owner_LxExD.sum(-1, keepdims=True) == 1  # replicated experts' pairs can move
-    out.append(np.matmul(counts_LxRxE, owner_LxExD[:, :num_experts]).max((1, 2)))
-  return np.stack(out).astype(np.int64)
+  num_bases, _, _, num_slots = bases_NxLxDxS.shape
+  # Per layer, each expert's pairs per (micro-step, source) as one contiguous row, then a zero row: a
+  # device's pair counts are the sum of the rows of the experts it holds once, S row gathers per layer.
+  rows_LxExR = np.zeros((num_layers, num_experts + 1, num_micro * num_devices), np.int64)
+  rows_LxExR[:, :num_experts] = counts_MxLxDxE.transpose(1, 3, 0, 2).reshape(num_layers, num_experts, -1)
+  expert_LxNxG = np.where(bases_NxLxDxS >= 0, bases_NxLxDxS, num_experts).transpose(1, 0, 2, 3).reshape(
+      num_layers, num_bases, -1)
+  flat = (np.arange(num_layers * num_bases).reshape(num_layers, num_bases, 1) * (num_experts + 1) + expert_LxNxG)
+  copies = np.bincount(flat.ravel(), minlength=num_layers * num_bases * (num_experts + 1))
+  # Replicated experts' pairs can move; empty slots point at the zero row too.
+  expert_LxNxG = np.where(copies[flat] == 1, expert_LxNxG, num_experts).reshape(num_layers, num_bases,
+                                                                                 num_devices, num_slots)
+  out = np.empty((num_bases, num_layers), np.int64)
+  for layer in range(num_layers):
+    total_NxDxR = np.take(rows_LxExR[layer], expert_LxNxG[layer, :, :, 0], axis=0)
+    for j in range(1, num_slots):
+      total_NxDxR += np.take(rows_LxExR[layer], expert_LxNxG[layer, :, :, j], axis=0)
+    out[:, layer] = total_NxDxR.reshape(num_bases, -1).max(1)
+  return out
 
 
 def pair_counts(pairs_BxGxD: np.ndarray, num_devices: int) -> np.ndarray:
@@ -61,17 +69,22 @@ def _clip_fill(h_BxN: np.ndarray, cap_BxN: np.ndarray, amount_B: np.ndarray) -> 
 
   sum(t) is nondecreasing in nu: bisection (cheaper than sorting kinks), then the exact sum by
   interpolating between the bracket's two clipped points (which keeps 0 <= t <= cap).
+  The bisection's sums are exact (halves of whole pair counts and bracket points on a 2^-BISECTIONS
+  grid), so its test sum(clip(h + nu, 0, cap)) < amount is made as sum(clip(nu, -h, cap - h)) <
+  amount - sum(h): the same answers, one pass less.
   """
-  amount = amount_B[:, None]
-  lo = (-h_BxN).min(1, keepdims=True)
-  hi = (cap_BxN - h_BxN).max(1, keepdims=True)
+  low, high = -h_BxN, cap_BxN - h_BxN
+  lo, hi = low.min(1, keepdims=True), high.max(1, keepdims=True)
+  rest = amount_B[:, None] - h_BxN.sum(1, keepdims=True)
+  t = np.empty_like(h_BxN)
   for _ in range(BISECTIONS):
     mid = 0.5 * (lo + hi)
-    below = np.clip(h_BxN + mid, 0.0, cap_BxN).sum(1, keepdims=True) < amount
+    below = np.minimum(np.maximum(low, mid, out=t), high, out=t).sum(1, keepdims=True) < rest
     lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
-  t_lo, t_hi = np.clip(h_BxN + lo, 0.0, cap_BxN), np.clip(h_BxN + hi, 0.0, cap_BxN)
+  t_lo = np.minimum(np.maximum(h_BxN + lo, 0.0), cap_BxN)
+  t_hi = np.minimum(np.maximum(h_BxN + hi, 0.0), cap_BxN)
   f_lo, f_hi = t_lo.sum(1, keepdims=True), t_hi.sum(1, keepdims=True)
-  weight = np.clip((amount - f_lo) / np.maximum(f_hi - f_lo, 1e-12), 0.0, 1.0)
+  weight = np.clip((amount_B[:, None] - f_lo) / np.maximum(f_hi - f_lo, 1e-12), 0.0, 1.0)
   return t_lo + weight * (t_hi - t_lo)
 
 
@@ -83,54 +96,75 @@ def _round_keeping_sum(t_BxN: np.ndarray, cap_BxN: np.ndarray, total_B: np.ndarr
   return np.clip(out, 0, cap_BxN)
 
 
-def _balance_rows(table_BxKxR: np.ndarray, pairs_BxGxD: np.ndarray, num_slots: int, sweeps: int) -> np.ndarray:
-  """pairs_BxGxD, updated in place by block coordinate descent over every problem (module docstring)."""
-  num_devices = pairs_BxGxD.shape[1] // num_slots
-  pairs = pairs_BxGxD
-  p_BxDxD = pair_counts(pairs, num_devices)
+def _block_sequence(table_NxKxR: np.ndarray):
+  """Each problem's blocks (devices i and i+1 of its k-th replicated expert) in (k, i) order, padded:
+  (g1 int [N, P], g2 int [N, P], blocks int [N]). Problems are independent, so step p can run the p-th
+  block of all of them: P Python steps (at most the extra slots of a problem) instead of one per (k, i)."""
+  num = table_NxKxR.shape[0]
+  first_NxX, second_NxX = table_NxKxR[:, :, :-1].reshape(num, -1), table_NxKxR[:, :, 1:].reshape(num, -1)
+  row, col = np.nonzero(second_NxX >= 0)
+  blocks_N = np.bincount(row, minlength=num)
+  position = np.arange(row.size) - np.repeat(np.cumsum(blocks_N) - blocks_N, blocks_N)
+  g1_NxP = np.zeros((num, int(blocks_N.max(initial=0))), np.int64)
+  g2_NxP = np.zeros_like(g1_NxP)
+  g1_NxP[row, position], g2_NxP[row, position] = first_NxX[row, col], second_NxX[row, col]
+  return g1_NxP, g2_NxP, blocks_N
+
+
+def _balance_rows(table_NxKxR: np.ndarray, pairs_BxGxD: np.ndarray, p_BxDxD: np.ndarray, rows_N: np.ndarray,
+                  num_slots: int, sweeps: int) -> None:
+  """Block coordinate descent (module docstring) on problems rows_N of pairs_BxGxD and their pair
+  counts p_BxDxD (pair_counts of pairs_BxGxD), both in place."""
+  _, num_slots_total, num_devices = pairs_BxGxD.shape
+  # Rows of D sources, by flat index: np.take and one index beat fancy indexing with two.
+  pairs_RxD, p_RxD = pairs_BxGxD.reshape(-1, num_devices), p_BxDxD.reshape(-1, num_devices)
+  g1_NxP, g2_NxP, blocks_N = _block_sequence(table_NxKxR)
+  d1_NxP = rows_N[:, None] * num_devices + g1_NxP // num_slots
+  d2_NxP = rows_N[:, None] * num_devices + g2_NxP // num_slots
+  g1_NxP += rows_N[:, None] * num_slots_total
+  g2_NxP += rows_N[:, None] * num_slots_total
   for _ in range(sweeps):
-    for k in range(table_BxKxR.shape[1]):
-      for i in range(table_BxKxR.shape[2] - 1):
-        # Only the problems where this expert has an i+1-th device (few, for large i).
-        rows = np.nonzero(table_BxKxR[:, k, i + 1] >= 0)[0]
-        if rows.size == 0:
-          continue
-        g1, g2 = table_BxKxR[rows, k, i], table_BxKxR[rows, k, i + 1]
-        d1, d2 = g1 // num_slots, g2 // num_slots
-        y1, y2 = pairs[rows, g1], pairs[rows, g2]
-        cap = y1 + y2
-        others1, others2 = p_BxDxD[rows, d1] - y1, p_BxDxD[rows, d2] - y2
-        # Minimizes (others1 + t)^2 + (others2 + cap - t)^2 summed over sources, with sum(t) fixed.
-        total = y1.sum(1)
-        t = _clip_fill((others2 + cap - others1) / 2.0, cap.astype(np.float64), total.astype(np.float64))
-        new1 = _round_keeping_sum(t, cap, total)
-        pairs[rows, g1], pairs[rows, g2] = new1, cap - new1
-        p_BxDxD[rows, d1], p_BxDxD[rows, d2] = others1 + new1, others2 + cap - new1
-  return pairs
+    for step in range(g1_NxP.shape[1]):
+      local = np.nonzero(blocks_N > step)[0]
+      g1, g2, d1, d2 = g1_NxP[local, step], g2_NxP[local, step], d1_NxP[local, step], d2_NxP[local, step]
+      y1, y2 = np.take(pairs_RxD, g1, axis=0), np.take(pairs_RxD, g2, axis=0)
+      cap = y1 + y2
+      others1, others2 = np.take(p_RxD, d1, axis=0) - y1, np.take(p_RxD, d2, axis=0) - y2
+      # Minimizes (others1 + t)^2 + (others2 + cap - t)^2 summed over sources, with sum(t) fixed.
+      total = y1.sum(1)
+      t = _clip_fill((others2 + cap - others1) / 2.0, cap.astype(np.float64), total.astype(np.float64))
+      new1 = _round_keeping_sum(t, cap, total)
+      pairs_RxD[g1], pairs_RxD[g2] = new1, cap - new1
+      p_RxD[d1], p_RxD[d2] = others1 + new1, others2 + cap - new1
 
 
 def balance_pairs(table_BxKxR: np.ndarray, pairs_BxGxD: np.ndarray, num_slots: int, sweeps: int,
-                  near_max: float = NEAR_MAX) -> np.ndarray:
+                  near_max: float = NEAR_MAX, p_BxDxD: np.ndarray | None = None, stop=None) -> np.ndarray:
   """pairs_BxGxD, updated in place: the same slot totals and per-source expert totals, a flatter P[d, s].
 
   table_BxKxR: the slots of each replicated expert, one per device, -1 padded (`split.replica_table`);
-  num_slots: S per device. No slot's total changes, so device loads stay exactly as planned.
+  num_slots: S per device. No slot's total changes, so device loads stay as planned (up to a pair the
+  rounding's clip to [0, cap] can move between an expert's two slots).
   Only the step-wide max of P sets the all_to_all capacity, so only the problems that could hold it are
   balanced: first those within `near_max` of the max, then any left above the balanced ones' new max
   (problems are independent, so the step-wide max is never above that of balancing all; near_max=0
-  balances all).
+  balances all). p_BxDxD: their pair_counts, if the caller has them; kept up to date in place.
+  stop: called after each round with bool [B], the problems balanced so far (final from then on);
+  True ends the balancing there, unfinished.
   """
   if sweeps < 1 or table_BxKxR.shape[1] == 0:
     return pairs_BxGxD
-  num_devices = pairs_BxGxD.shape[1] // num_slots
-  pairs = pairs_BxGxD
-  need_B = pair_counts(pairs, num_devices).max((1, 2))
+  if p_BxDxD is None:
+    p_BxDxD = pair_counts(pairs_BxGxD, pairs_BxGxD.shape[1] // num_slots)
+  need_B = p_BxDxD.max((1, 2))
   done_B = np.zeros(need_B.shape, bool)
   todo_B = need_B >= near_max * need_B.max()
   while todo_B.any():
     rows = np.nonzero(todo_B)[0]
-    pairs[rows] = _balance_rows(table_BxKxR[rows], pairs[rows], num_slots, sweeps)
-    need_B[rows] = pair_counts(pairs[rows], num_devices).max((1, 2))
+    _balance_rows(table_BxKxR[rows], pairs_BxGxD, p_BxDxD, rows, num_slots, sweeps)
+    need_B[rows] = p_BxDxD[rows].max((1, 2))
     done_B |= todo_B
+    if stop is not None and stop(done_B):
+      break
     todo_B = ~done_B & (need_B > need_B[done_B].max())
-  return pairs
+  return pairs_BxGxD

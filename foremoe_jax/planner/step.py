@@ -34,9 +34,15 @@ def _plan(counts, placement_MxLxDxS, base_LxDxS, cfg: PlanConfig, slot_pairs_BxG
   batch = num_micro * num_layers
   share, load, need = split.plan_split(np.ascontiguousarray(placement_MxLxDxS).reshape(batch, num_devices, num_slots),
                                       counts.reshape(batch, num_devices, -1), slot_pairs_BxG, cfg.pair_sweeps)
-  return Plan(placement_MxLxDxS.astype(np.int32), share.reshape(num_micro, num_layers, num_devices, -1),
-              base_LxDxS.astype(np.int32), cfg.policy, cfg, load.reshape(num_micro, num_layers, -1),
-              need.reshape(num_micro, num_layers))
+  return _make_plan(placement_MxLxDxS, share, base_LxDxS, cfg, load, need)
+
+
+def _make_plan(placement_MxLxDxS, share_BxDxG, base_LxDxS, cfg: PlanConfig, load_BxG, need_B) -> Plan:
+  """The Plan of a split already made (per-(m, l) arrays flattened over B = M*L)."""
+  num_micro, num_layers, num_devices = placement_MxLxDxS.shape[:3]
+  return Plan(placement_MxLxDxS.astype(np.int32), share_BxDxG.reshape(num_micro, num_layers, num_devices, -1),
+              base_LxDxS.astype(np.int32), cfg.policy, cfg, load_BxG.reshape(num_micro, num_layers, -1),
+              need_B.reshape(num_micro, num_layers))
 
 
 def _step_placement(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
@@ -74,22 +80,37 @@ def plan_step(counts, cfg: PlanConfig, history=None) -> Plan:
     reference = np.broadcast_to(base, (num_micro, *base.shape)).reshape(placement.shape)
     placement = align.align_placement(placement, reference, cfg.num_experts, cfg.eplb_nodes)
     return _plan(counts, placement.reshape(num_micro, num_layers, cfg.num_devices, -1), base, cfg)
-  slot_expert, slot_pairs_BxG, base = foremoe.plan_foremoe(counts, cfg)
-  plan = _plan(counts, slot_expert, base, cfg, slot_pairs_BxG)
-  if not cfg.eplb_base_candidate or cfg.redundant_per_device == 0:
-    return plan
+  # The eplb_step placement is one of foremoe's bases and its whole-step rival: computed once for both.
+  step_base = None
+  if cfg.eplb_base_candidate and cfg.redundant_per_device > 0:
+    step_base = _step_placement(counts.sum((0, 2)), cfg)
+  slot_expert, slot_pairs_BxG, base = foremoe.plan_foremoe(counts, cfg, step_base)
+  batch = num_micro * num_layers
+  se_BxDxS, counts_BxDxE = slot_expert.reshape(batch, cfg.num_devices, -1), counts.reshape(batch, cfg.num_devices, -1)
+  if step_base is None:
+    pairs_BxGxD, load, need = split.exact_pairs(se_BxDxS, counts_BxDxE, slot_pairs_BxG, cfg.pair_sweeps)
+    return _make_plan(slot_expert, split.exact_shares(se_BxDxS, counts_BxDxE, pairs_BxGxD), base, cfg, load, need)
   # Last check on the whole step: water-filled splits balance devices but can concentrate (source,
   # destination) pairs, which the per-layer choice only bounds; EPLB's step placement with its even
   # split may then need a smaller padded capacity. Keep whichever the cost model finds faster.
-  step_base = _step_placement(counts.sum((0, 2)), cfg)
-  placement = np.broadcast_to(step_base, (num_micro, *step_base.shape))
-  batch = num_micro * num_layers
-  load, need = split.even_split_stats(placement.reshape(batch, cfg.num_devices, -1),
-                                      counts.reshape(batch, cfg.num_devices, -1))
+  step_plan = _plan(counts, np.broadcast_to(step_base, (num_micro, *step_base.shape)), step_base, cfg)
   no_moves = np.zeros((num_micro, num_layers), np.int64)
-  step_level_s = foremoe.estimated_step_s(load.reshape(num_micro, num_layers, -1), need.reshape(num_micro, num_layers),
-                                          no_moves, step_base, cfg)
-  ours_s = foremoe.estimated_step_s(plan.slot_load, plan.pair_need, plan.moved_mask().sum(-1).max(-1), plan.base, cfg)
-  if step_level_s < ours_s:
-    return _plan(counts, placement, step_base, cfg)
-  return plan
+  step_level_s = foremoe.estimated_step_s(step_plan.slot_load, step_plan.pair_need, no_moves, step_base, cfg)
+  moves = (slot_expert != base[None]).sum(-1).max(-1)
+
+  def slower(busiest_B, need):
+    """Whether our plan is estimated slower with these busiest-device loads and step-wide pair need."""
+    return step_level_s < foremoe.step_s(busiest_B.reshape(num_micro, num_layers), need, moves, base, cfg)
+
+  # The balancing of our split stops once lower bounds of its loads and pair need already make it
+  # slower: the estimate grows with both (unless transfers overlap more than the compute they hide).
+  cost = cfg.cost
+  monotone = cost.overlap_fraction <= 1.0 and cost.token_compute_s >= 0 and cost.a2a_s_per_token >= 0
+  exact = split.exact_pairs(se_BxDxS, counts_BxDxE, slot_pairs_BxG, cfg.pair_sweeps,
+                            stop=slower if monotone else None)
+  if exact is None:
+    return step_plan
+  pairs_BxGxD, load, need = exact
+  if slower(load.reshape(batch, cfg.num_devices, -1).sum(-1).max(-1), int(need.max())):
+    return step_plan
+  return _make_plan(slot_expert, split.exact_shares(se_BxDxS, counts_BxDxE, pairs_BxGxD), base, cfg, load, need)
