@@ -44,7 +44,7 @@ def test_base_choice_weighs_the_step_wide_capacity():
   step_s = np.array([[1.0, 1.0], [0.9, 0.9]]) * 1e-3
   need = np.array([[1000.0, 1000.0], [1100.0, 1000.0]])
   assert pairs.bucket(1100) > pairs.bucket(1000)
-  row_s = cfg.cost.padded_a2a_s(cfg.num_devices)  # one more row per (source, destination)
+  row_s = cfg.cost.a2a_s(cfg.num_devices)  # one more row per (source, destination)
   assert 8 * 2 * row_s * (pairs.bucket(1100) - pairs.bucket(1000)) > 0.1e-3
   np.testing.assert_array_equal(foremoe.choose_bases(step_s, need, 8, cfg), [0, 1])
   cheap_a2a = PlanConfig(32, 4, 9, cost=CostModel(a2a_bytes_per_s=1e18))
@@ -71,3 +71,28 @@ def test_foremoe_is_never_slower_than_eplb_step_on_its_cost_model():
     same = np.array_equal(ours.slot_expert, eplb.slot_expert)
     fell_back, kept = fell_back + same, kept + (not same)
   assert kept > 0 and fell_back > 0, (kept, fell_back)  # both outcomes occur here
+
+
+def test_a_ragged_exchange_prices_each_micro_steps_own_rows():
+  """CostModel(padded_a2a=False): no step-wide capacity (the base choice ignores pair needs, the step
+  pays each (m, l)'s busiest receiver), and foremoe stays never slower than eplb_step on that model."""
+  ragged = PlanConfig(32, 4, 9, cost=CostModel(padded_a2a=False))
+  step_s = np.array([[1.0, 1.0], [0.9, 0.9]]) * 1e-3
+  need = np.array([[1000.0, 1000.0], [1100.0, 1000.0]])
+  np.testing.assert_array_equal(foremoe.choose_bases(step_s, need, 8, ragged), [1, 1])
+  load = np.array([[900.0, 1000.0]])
+  for padded in (True, False):
+    cfg = PlanConfig(32, 4, 9, cost=CostModel(padded_a2a=padded))
+    expected = cfg.cost.a2a_s(load).sum() if not padded else 2 * cfg.cost.a2a_s(4 * pairs.bucket(1001))
+    assert foremoe.exchange_s(load, 1001, cfg) == expected
+  rng = np.random.default_rng(5)
+  kept = 0
+  for devices, slots in [(8, 5), (16, 3)]:
+    cfg = PlanConfig(32, devices, slots, cost=CostModel(a2a_bytes_per_s=5e9, padded_a2a=False))
+    counts = skewed_counts(rng, 4, 2, devices, 32, 2000)
+    ours = plan_step(counts, cfg)
+    ours.validate()
+    eplb = plan_step(counts, PlanConfig(32, devices, slots, policy="eplb_step", cost=cfg.cost))
+    assert estimate(ours, cfg) <= estimate(eplb, cfg) * (1 + 1e-9)
+    kept += not np.array_equal(ours.slot_expert, eplb.slot_expert)
+  assert kept > 0  # with exact rows the balance pays for itself here

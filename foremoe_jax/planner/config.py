@@ -28,6 +28,10 @@ class CostModel:
   # transfer time beyond it is exposed and counted as cost. 0: on 4 x H200 a prefetched refill hid
   # nothing (BENCHMARKS.md), and the executor refills right before each micro-step by default.
   overlap_fraction: float = 0.0
+  # True: the token all-to-all pads every (source, destination) pair to one capacity for the whole
+  # step (the executor's padded dispatch), so the step pays its largest pair count, bucketed. False:
+  # it moves only the rows that exist (a ragged exchange): each (m, l) pays its busiest receiver.
+  padded_a2a: bool = True
 
   @property
   def expert_bytes(self) -> float:
@@ -48,11 +52,10 @@ class CostModel:
     """A pair leaving its source device: dispatch and combine, forward and backward (4 hidden vectors)."""
     return 4.0 * self.hidden * self.bytes_per_param / self.a2a_bytes_per_s
 
-  def padded_a2a_s(self, max_load):
-    """One (m, l)'s padded all_to_all: every source pads its rows for each destination to one capacity,
-    set by the busiest receiver (about its load / D from each source), so every device ships about the
-    busiest device's load of pairs. Elementwise on arrays of max loads (tokens)."""
-    return max_load * self.a2a_s_per_token
+  def a2a_s(self, rows):
+    """An all-to-all in which every device ships (and receives) this many rows: a padded one ships D
+    times its capacity, a ragged one about the busiest receiver's load. Elementwise on arrays."""
+    return rows * self.a2a_s_per_token
 
   def layer_s(self, max_load, max_moves_per_device, max_remote_tokens=0.0):
     """Estimated time of one (m, l): slowest device's compute, plus exposed transfer and dispatch time.

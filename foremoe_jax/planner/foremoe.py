@@ -158,7 +158,7 @@ def _swapped_home(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
   slot_LxE = np.broadcast_to(np.arange(num_experts) % per, w_LxE.shape).copy()
   load_LxD = w_LxE.reshape(num_layers, cfg.num_devices, per).sum(-1)
   base = _home_layers(num_layers, cfg).copy()
-  pair_s = cfg.cost.token_compute_s + cfg.cost.padded_a2a_s(1.0)
+  pair_s = cfg.cost.token_compute_s + cfg.cost.a2a_s(1.0)
   best_base, best_s = base.copy(), load_LxD.max(1) * pair_s
   diff_LxExE = w_LxE[:, :, None] - w_LxE[:, None, :]
   for _ in range(per):
@@ -240,10 +240,17 @@ def step_s(max_load_MxL: np.ndarray, need: int, moves_MxL: np.ndarray, base_LxDx
            cfg: PlanConfig) -> float:
   """estimated_step_s from each (m, l)'s busiest-device load and the step's pair need; nondecreasing in
   both while the cost model's overlap_fraction is at most 1."""
-  num_micro, num_layers = max_load_MxL.shape
   return float(cfg.cost.layer_s(max_load_MxL, moves_MxL).sum()
                + remote_base_slots(base_LxDxS, cfg).sum() * cfg.cost.move_s
-               + num_micro * num_layers * cfg.cost.padded_a2a_s(cfg.num_devices * pairs.bucket(need)))
+               + exchange_s(max_load_MxL, need, cfg))
+
+
+def exchange_s(max_load_MxL: np.ndarray, need: int, cfg: PlanConfig) -> float:
+  """The step's token all-to-alls: padded, every (m, l) ships D times the step's pair need, bucketed
+  like the executor's capacity; ragged (`CostModel.padded_a2a=False`), its busiest receiver's rows."""
+  if not cfg.cost.padded_a2a:
+    return float(cfg.cost.a2a_s(max_load_MxL).sum())
+  return max_load_MxL.size * cfg.cost.a2a_s(cfg.num_devices * pairs.bucket(need))
 
 
 def choose_bases(step_s_NxL: np.ndarray, need_NxL: np.ndarray, num_micro: int, cfg: PlanConfig) -> np.ndarray:
@@ -257,12 +264,14 @@ def choose_bases(step_s_NxL: np.ndarray, need_NxL: np.ndarray, num_micro: int, c
   """
   num_layers = step_s_NxL.shape[1]
   best_s, best_L = np.inf, step_s_NxL.argmin(0)
+  if not cfg.cost.padded_a2a:  # each layer's exchange is already in its step_s
+    return best_L
   for bound in np.unique(need_NxL):
     within_NxL = np.where(need_NxL <= bound, step_s_NxL, np.inf)
     choice_L = within_NxL.argmin(0)
     capacity = pairs.bucket(int(bound))
     total = (within_NxL[choice_L, np.arange(num_layers)].sum()
-             + num_micro * num_layers * cfg.cost.padded_a2a_s(capacity * cfg.num_devices))
+             + num_micro * num_layers * cfg.cost.a2a_s(capacity * cfg.num_devices))
     if total < best_s:
       best_s, best_L = total, choice_L
   return best_L
@@ -323,6 +332,8 @@ def plan_foremoe(counts_MxLxDxE: np.ndarray, cfg: PlanConfig, eplb_base_LxDxS: n
   for b, cands in enumerate(of_base):
     time_cxB = np.stack([cfg.cost.layer_s(max_load_CxB[c], (se_CxBxDxS[c] != candidates_se[b]).sum(-1).max(-1))
                          for c in cands])
+    if not cfg.cost.padded_a2a:  # a ragged exchange ships each (m, l)'s own rows
+      time_cxB = time_cxB + cfg.cost.a2a_s(max_load_CxB[list(cands)])
     choice_NxB.append(np.asarray(cands)[np.argmin(time_cxB, axis=0)])
     worst_load_L = max_load_CxB[choice_NxB[-1], rows].reshape(num_micro, num_layers).max(0)
     need_NxL.append(np.maximum(np.ceil(worst_load_L / num_devices), fixed_NxL[b]))

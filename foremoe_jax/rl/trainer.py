@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from foremoe_jax import backends
 from foremoe_jax.checkpoint import Checkpointer
 from foremoe_jax.executor import Executor, bucket, prepare_step, replicate_unsharded
 from foremoe_jax.mesh import batch_sharding, batch_shards
@@ -86,7 +87,8 @@ class GRPOTrainer:
     cost = CostModel(hidden=cfg.model.d_model, expert_intermediate=cfg.model.d_ff_expert,
                      bytes_per_param=jnp.dtype(cfg.model.param_dtype).itemsize,
                      matmul_flops_per_s=self.rl.plan_matmul_tflops * 1e12, link_bytes_per_s=self.rl.plan_link_gbs * 1e9,
-                     a2a_bytes_per_s=self.rl.plan_a2a_gbs * 1e9)
+                     a2a_bytes_per_s=self.rl.plan_a2a_gbs * 1e9,
+                     padded_a2a=backends.choose_dispatch(moe.cfg.dispatch) == "padded")
     self.plan_cfg = PlanConfig(num_experts=cfg.model.num_experts, num_devices=moe.num_devices,
                                slots_per_device=moe.slots, policy=self.rl.policy, cost=cost)
     self.prompts = load_prompt_file(self.rl.prompt_file, self.tok) if self.rl.prompt_file else None
