@@ -48,15 +48,19 @@ def grpo_objective(model, batch, *, tables, working, capacity, clip_eps: float, 
   return loss, {**metrics, "logp": logp_BxT, "dropped": out.dropped}
 
 
-def plan_minibatches(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history, min_capacity: int = 0):
-  """Plans each mini-batch (one optimizer step) with the running policy -> (StepTables list, seconds)."""
+def plan_minibatch(counts_MxLxDxE, plan_cfg: PlanConfig, history, min_capacity: int = 0):
+  """Plans one mini-batch (one optimizer step) with the running policy -> (StepTables, seconds)."""
   tic = time.perf_counter()
-  tables, hist = [], history
-  for chunk in np.split(counts_MxLxDxE, num_minibatches):
-    plan = plan_step(chunk, plan_cfg, history=hist)
-    tables.append(prepare_step(plan, chunk, plan_cfg.num_experts, min_capacity=min_capacity))
-    hist = chunk
+  plan = plan_step(counts_MxLxDxE, plan_cfg, history=history)
+  tables = prepare_step(plan, counts_MxLxDxE, plan_cfg.num_experts, min_capacity=min_capacity)
   return tables, time.perf_counter() - tic
+
+
+def plan_minibatches(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history, min_capacity: int = 0):
+  """Plans each mini-batch in turn, each with the previous one as history -> (StepTables list, seconds)."""
+  chunks = np.split(counts_MxLxDxE, num_minibatches)
+  planned = [plan_minibatch(c, plan_cfg, h, min_capacity) for c, h in zip(chunks, [history] + chunks[:-1])]
+  return [t for t, _ in planned], sum(s for _, s in planned)
 
 
 def policy_report(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history):
@@ -162,9 +166,11 @@ class GRPOTrainer:
                                 num_experts=self.plan_cfg.num_experts, num_minibatches=rl.num_minibatches,
                                 seed=step)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner")
-    future = pool.submit(plan_minibatches, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg, self.history,
-                         self.capacity)
-    # Queued behind the plan: runs while recompute and update do, collected at the end of the step.
+    # One plan per mini-batch, in order: mini-batch i recomputes while the later ones are planned.
+    chunks = np.split(packed.counts_MxLxDxE, rl.num_minibatches)
+    futures = [pool.submit(plan_minibatch, c, self.plan_cfg, h, self.capacity)
+               for c, h in zip(chunks, [self.history] + chunks[:-1])]
+    # Queued behind the plans: runs while recompute and update do, collected at the end of the step.
     report = pool.submit(policy_report, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg, self.history)
     answers = [a for _, a in pairs for _ in range(rl.group_size)]
     completions = [self.tok.decode(row[start:]) for row, start in zip(roll.tokens, roll.prompt_lengths)]
@@ -172,18 +178,21 @@ class GRPOTrainer:
     advantages_N = np.asarray(group_advantages(jnp.asarray(rewards_N), rl.group_size))
     batches = [self.device_batch(b) for b in with_advantages(packed, advantages_N)]
     times["postprocess"] = time.perf_counter() - tic
-    tic = time.perf_counter()
-    step_tables, planner_s = future.result()
-    self.capacity = max(t.capacity for t in step_tables)  # never shrinks: few compiled capacities
-    times["plan_wait"] = time.perf_counter() - tic
-    self.history = packed.counts_MxLxDxE[-len(packed.counts_MxLxDxE) // rl.num_minibatches:]
+    self.history = chunks[-1]
 
-    tic = time.perf_counter()
+    # Recompute: each mini-batch as soon as its plan is ready; time spent waiting for plans is plan_wait.
+    tic, waited = time.perf_counter(), 0.0
     per_mb = len(batches) // rl.num_minibatches
-    groups = [(batches[i * per_mb:(i + 1) * per_mb], t) for i, t in enumerate(step_tables)]
-    for mb, tables in groups:
-      self.attach_logprobs(mb, tables)
-    times["recompute"] = time.perf_counter() - tic
+    groups = []
+    for i, future in enumerate(futures):
+      wait = time.perf_counter()
+      tables, _ = future.result()
+      waited += time.perf_counter() - wait
+      groups.append((batches[i * per_mb:(i + 1) * per_mb], tables))
+      self.attach_logprobs(*groups[-1])
+    times["plan_wait"], times["recompute"] = waited, time.perf_counter() - tic - waited
+    planner_s = sum(f.result()[1] for f in futures)
+    self.capacity = max(t.capacity for _, t in groups)  # never shrinks: few compiled capacities
 
     tic = time.perf_counter()
     updates = [self.executor.train_step(mb, tables) for _ in range(rl.ppo_epochs) for mb, tables in groups]
