@@ -12,7 +12,7 @@ from foremoe_jax.mesh import make_mesh
 from foremoe_jax.model import Model
 from foremoe_jax.rl.config import RLConfig
 from foremoe_jax.rl.microbatch import build_step_batches, spread_routes, with_advantages
-from foremoe_jax.rl.trainer import GRPOTrainer, plan_minibatches, policy_report
+from foremoe_jax.rl.trainer import GRPOTrainer, plan_minibatch, policy_report
 from foremoe_jax.sft import make_task
 
 
@@ -64,9 +64,9 @@ def test_recompute_under_foremoe_equals_static(tmp_path):
   logps = {}
   for policy in ("static", "foremoe", "eplb_microstep"):
     cfg = dataclasses.replace(trainer.plan_cfg, policy=policy)
-    tables, _ = plan_minibatches(step.counts_MxLxDxE, 1, cfg, None)
+    tables, _ = plan_minibatch(step.counts_MxLxDxE, cfg, None)
     copy = [dict(b) for b in batches]
-    trainer.attach_logprobs(copy, tables[0])
+    trainer.attach_logprobs(copy, tables)
     logps[policy] = np.stack([np.asarray(b["logp_old"]) for b in copy])
   imbalance, _ = policy_report(step.counts_MxLxDxE, 1, trainer.plan_cfg, None)
   assert imbalance["foremoe"][0] < imbalance["static"][0]

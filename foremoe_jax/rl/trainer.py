@@ -56,25 +56,21 @@ def plan_minibatch(counts_MxLxDxE, plan_cfg: PlanConfig, history, min_capacity: 
   return tables, time.perf_counter() - tic
 
 
-def plan_minibatches(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history, min_capacity: int = 0):
-  """Plans each mini-batch in turn, each with the previous one as history -> (StepTables list, seconds)."""
+def minibatches(counts_MxLxDxE, num_minibatches: int, history) -> list[tuple[np.ndarray, np.ndarray | None]]:
+  """(counts, history) of each mini-batch: the history of one is the mini-batch before it, the first's
+  the previous step's last (what `eplb_history` plans from)."""
   chunks = np.split(counts_MxLxDxE, num_minibatches)
-  planned = [plan_minibatch(c, plan_cfg, h, min_capacity) for c, h in zip(chunks, [history] + chunks[:-1])]
-  return [t for t, _ in planned], sum(s for _, s in planned)
+  return list(zip(chunks, [history] + chunks[:-1]))
 
 
 def policy_report(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history):
   """Every policy on the same counts, for the per-step report (off the critical path) ->
   (policy -> (sum of max, sum of mean device load) over (m, l), policy -> [M] per-micro-step imbalance)."""
-  chunks = np.split(counts_MxLxDxE, num_minibatches)
   sums, per_micro = {}, {}
   for policy in POLICIES:
     cfg = dataclasses.replace(plan_cfg, policy=policy)
-    hist, loads = history, []
-    for chunk in chunks:
-      loads.append(plan_step(chunk, cfg, history=hist).device_load(chunk))
-      hist = chunk
-    load_MxLxD = np.concatenate(loads)
+    load_MxLxD = np.concatenate([plan_step(chunk, cfg, history=hist).device_load(chunk)
+                                 for chunk, hist in minibatches(counts_MxLxDxE, num_minibatches, history)])
     sums[policy] = (float(load_MxLxD.max(-1).sum()), float(load_MxLxD.mean(-1).sum()))
     per_micro[policy] = (load_MxLxD.max(-1).sum(-1) / np.maximum(load_MxLxD.mean(-1).sum(-1), 1e-9)).tolist()
   return sums, per_micro
@@ -167,9 +163,8 @@ class GRPOTrainer:
                                 seed=step)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner")
     # One plan per mini-batch, in order: mini-batch i recomputes while the later ones are planned.
-    chunks = np.split(packed.counts_MxLxDxE, rl.num_minibatches)
-    futures = [pool.submit(plan_minibatch, c, self.plan_cfg, h, self.capacity)
-               for c, h in zip(chunks, [self.history] + chunks[:-1])]
+    planned = minibatches(packed.counts_MxLxDxE, rl.num_minibatches, self.history)
+    futures = [pool.submit(plan_minibatch, c, self.plan_cfg, h, self.capacity) for c, h in planned]
     # Queued behind the plans: runs while recompute and update do, collected at the end of the step.
     report = pool.submit(policy_report, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg, self.history)
     answers = [a for _, a in pairs for _ in range(rl.group_size)]
@@ -178,7 +173,7 @@ class GRPOTrainer:
     advantages_N = np.asarray(group_advantages(jnp.asarray(rewards_N), rl.group_size))
     batches = [self.device_batch(b) for b in with_advantages(packed, advantages_N)]
     times["postprocess"] = time.perf_counter() - tic
-    self.history = chunks[-1]
+    self.history = planned[-1][0]
 
     # Recompute: each mini-batch as soon as its plan is ready; time spent waiting for plans is plan_wait.
     tic, waited = time.perf_counter(), 0.0
