@@ -17,14 +17,13 @@ import functools
 import json
 import pathlib
 import sys
-import types
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from foremoe_jax.planner import CostModel, PlanConfig, plan_step  # noqa: E402
-from moe_step import E, F, H, K, counts_of, data_path  # noqa: E402
+from foremoe_jax.planner import PlanConfig, plan_step  # noqa: E402
+from moe_step import E, F, H, K, PLAN_RATES, counts_of, plan_cost, route_file  # noqa: E402
 
 # (name, K, N, transpose_rhs): the layer's four grouped matmuls with [rows, K] x [G, K, N] (or [G, N, K]).
 MATMULS = (("gate_up fwd", H, 2 * F, False), ("down fwd", F, H, False),
@@ -35,16 +34,13 @@ TGMMS = (("gate_up d(w)", H, 2 * F), ("down d(w)", F, H))
 
 def busiest_group_sizes(num_devices: int, policy: str, args) -> np.ndarray:
   """int64 [M*L, S]: the slot loads of the busiest device of each (m, l) under `policy`'s plan."""
-  fake = types.SimpleNamespace(data=args.data, tokens=args.tokens, micro_steps=8, trace_layers=[4, 10, 16, 22],
-                               seed=0)
-  data = np.load(data_path(fake, num_devices))
+  data = np.load(route_file(args.data, num_devices, args.tokens))
   slots = E // num_devices + 1
   if policy == "ideal":
     per_slot = np.where(np.arange(slots) < E // num_devices, num_devices * args.tokens * K // E, 0)
     return per_slot[None].repeat(data["routes"].shape[0] * data["routes"].shape[2], 0)
   counts = counts_of(data["routes"], num_devices)
-  cost = CostModel(matmul_flops_per_s=600e12, link_bytes_per_s=130e9, a2a_bytes_per_s=175e9)
-  plan = plan_step(counts, PlanConfig(E, num_devices, slots, policy=policy, cost=cost),
+  plan = plan_step(counts, PlanConfig(E, num_devices, slots, policy=policy, cost=plan_cost(*PLAN_RATES)),
                    history=data["history_counts"])
   per_slot = plan.slot_pairs(counts).sum(2)  # [M, L, G]
   per_slot = per_slot.reshape(-1, num_devices, slots)

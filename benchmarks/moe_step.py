@@ -50,6 +50,14 @@ SMOKE = dict(hidden=64, expert_hidden=64, tokens=64, micro_steps=2, layers=2, wa
 POLICIES = ("static", "ideal", "foremoe", "eplb_step", "live", "foremoe_prefetch", "eplb_history",
             "ideal_round_robin")  # most needed first
 IDEALS = ("ideal", "ideal_round_robin")
+MICRO_STEPS, TRACE_LAYERS, SEED = 8, (4, 10, 16, 22), 0  # the defaults that name the route files
+PLAN_RATES = (600.0, 130.0, 175.0)  # grouped GEMM TFLOP/s, GB/s per move, all_to_all GB/s (4 x H200)
+
+
+def plan_cost(tflops: float, link_gbs: float, a2a_gbs: float, hidden: int = H, expert_hidden: int = F) -> CostModel:
+  """The planners' cost model at these rates (see --plan-rates)."""
+  return CostModel(hidden=hidden, expert_intermediate=expert_hidden, matmul_flops_per_s=tflops * 1e12,
+                   link_bytes_per_s=link_gbs * 1e9, a2a_bytes_per_s=a2a_gbs * 1e9)
 
 
 def map_routes_64_to_128(routes_NxLx6: np.ndarray) -> np.ndarray:
@@ -62,8 +70,12 @@ def map_routes_64_to_128(routes_NxLx6: np.ndarray) -> np.ndarray:
 
 
 def data_path(args, num_devices):
-  return pathlib.Path(args.data) / (f"moe_routes_D{num_devices}_T{args.tokens}_M{args.micro_steps}"
-                                    f"_L{'-'.join(map(str, args.trace_layers))}_s{args.seed}.npz")
+  return route_file(args.data, num_devices, args.tokens, args.micro_steps, args.trace_layers, args.seed)
+
+
+def route_file(data_dir, num_devices, tokens, micro_steps=MICRO_STEPS, trace_layers=TRACE_LAYERS, seed=SEED):
+  return pathlib.Path(data_dir) / (f"moe_routes_D{num_devices}_T{tokens}_M{micro_steps}"
+                                   f"_L{'-'.join(map(str, trace_layers))}_s{seed}.npz")
 
 
 def make_data(args):
@@ -150,9 +162,7 @@ def run(args, num_devices: int) -> dict:
   counts = counts_of(routes, num_devices)
   ideal_sets = {name: ideal_routes(num_micro, num_tokens, num_layers, permute=name == "ideal") for name in IDEALS}
   ideal_counts = {name: counts_of(r, num_devices) for name, r in ideal_sets.items()}
-  tflops, link_gbs, a2a_gbs = args.plan_rates
-  cost = CostModel(hidden=args.hidden, expert_intermediate=args.expert_hidden, matmul_flops_per_s=tflops * 1e12,
-                   link_bytes_per_s=link_gbs * 1e9, a2a_bytes_per_s=a2a_gbs * 1e9)
+  cost = plan_cost(*args.plan_rates, hidden=args.hidden, expert_hidden=args.expert_hidden)
   pcfg = lambda policy: PlanConfig(E, num_devices, slots, policy=policy, cost=cost)  # noqa: E731
 
   # Plans (host). Planning ahead is off the critical path; its time is reported, not added.
@@ -337,8 +347,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--ep", type=int, nargs="+", default=[2, 4])
   ap.add_argument("--tokens", type=int, default=4096, help="tokens per device per micro-step")
-  ap.add_argument("--micro-steps", type=int, default=8)
-  ap.add_argument("--trace-layers", type=int, nargs="+", default=[4, 10, 16, 22], help="ESFT layers 1..26")
+  ap.add_argument("--micro-steps", type=int, default=MICRO_STEPS)
+  ap.add_argument("--trace-layers", type=int, nargs="+", default=list(TRACE_LAYERS), help="ESFT layers 1..26")
   ap.add_argument("--layers", type=int, default=None, help="(smoke) take the first N of --trace-layers")
   ap.add_argument("--hidden", type=int, default=H)
   ap.add_argument("--expert-hidden", type=int, default=F)
@@ -346,13 +356,13 @@ def main():
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--gmm-backend", default=None, help="pallas_kernels backend (default: by platform)")
-  ap.add_argument("--plan-rates", type=float, nargs=3, default=[600.0, 130.0, 175.0],
+  ap.add_argument("--plan-rates", type=float, nargs=3, default=list(PLAN_RATES),
                   metavar=("TFLOPS", "LINK_GBS", "A2A_GBS"),
                   help="planner cost model: grouped GEMM TFLOP/s, GB/s per expert move (weights in, gradients "
                        "back), all_to_all GB/s. Default: measured on 4 x H200 (BENCHMARKS.md)")
   ap.add_argument("--dispatch-backend", default=None,
                   help="pallas_kernels backend of permute/combine (default: by platform)")
-  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--seed", type=int, default=SEED)
   ap.add_argument("--data", default=".bench_data")
   ap.add_argument("--traces", default=str(traces.traces_root()))
   ap.add_argument("--make-data", action="store_true", help="write the route npz files from the traces and exit")
