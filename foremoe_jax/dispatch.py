@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import pallas_kernels
 from foremoe_jax.placement import slot_pair_counts
 from pallas_kernels import vma
+from pallas_kernels.tiling import searchsorted
 
 AXIS = "expert"
 
@@ -27,12 +28,6 @@ class Routing(NamedTuple):
   position_P: jax.Array  # int32 [P] position of each pair in the by-slot order
   count_G: jax.Array  # int32 [G] pairs this source sends to each global slot
   pair_at_P: jax.Array  # int32 [P] the pair at each by-slot position (inverse of position_P)
-
-
-def searchsorted(sorted_S: jax.Array, queries: jax.Array) -> jax.Array:
-  """`jnp.searchsorted(side="right")` for the short sorted arrays here (slots, devices): one compare-and-
-  count fusion instead of the default method's loop (a while loop of small kernels on GPU)."""
-  return jnp.searchsorted(sorted_S, queries, side="right", method="compare_all").astype(jnp.int32)
 
 
 def route(expert_P: jax.Array, slot_expert_G: jax.Array, share_G: jax.Array, num_experts: int) -> Routing:

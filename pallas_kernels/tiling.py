@@ -38,6 +38,12 @@ def clipped_bounds(group_sizes_G: jax.Array, m: int) -> tuple[jax.Array, jax.Arr
   return starts_G, ends_G
 
 
+def searchsorted(sorted_S: jax.Array, queries: jax.Array) -> jax.Array:
+  """int32 `jnp.searchsorted(side="right")` for short sorted arrays (groups, slots, devices): one
+  compare-and-count fusion instead of the default method's loop (a chain of tiny kernels on GPU)."""
+  return jnp.searchsorted(sorted_S, queries, side="right", method="compare_all").astype(jnp.int32)
+
+
 def row_tiles(group_sizes_G: jax.Array, m: int, block_m: int) -> RowTiles:
   """The tiles of m rows (a multiple of ALIGN) split into groups of group_sizes_G rows."""
   if m % ALIGN or block_m % ALIGN:
@@ -50,8 +56,7 @@ def row_tiles(group_sizes_G: jax.Array, m: int, block_m: int) -> RowTiles:
   tiles_S = jnp.where(ends_S > starts_S, -(-(ends_S - from_S) // block_m), 0)
   tile_end_S = jnp.cumsum(tiles_S)
   i_T = jnp.arange(max_row_tiles(m, num_groups, block_m), dtype=jnp.int32)
-  # compare_all: one small fusion; the default method is a loop (a chain of tiny kernels on GPU).
-  seg_T = jnp.searchsorted(tile_end_S, i_T, side="right", method="compare_all").astype(jnp.int32)
+  seg_T = searchsorted(tile_end_S, i_T)
   valid_T = seg_T <= num_groups
   seg_T = jnp.minimum(seg_T, num_groups)
   block0_T = from_S[seg_T] + (i_T - (tile_end_S[seg_T] - tiles_S[seg_T])) * block_m
