@@ -1,5 +1,7 @@
 """foremoe's step-level base: the swap candidate, the pairs no split can move, and the capacity-aware choice."""
 
+import math
+
 import numpy as np
 
 from foremoe_jax.planner import CostModel, PlanConfig, foremoe, home_placement, pairs, plan_step
@@ -12,12 +14,13 @@ def test_fixed_pair_max_counts_the_single_copy_experts_pairs():
   base = np.stack([home_placement(12, 4, 4), home_placement(12, 4, 4)])
   base[0, 1, 3] = 0  # expert 0 now has two copies: its pairs may go either way
   base[1, 2, 0], base[1, 3, 0] = base[1, 3, 0], base[1, 2, 0]  # experts 6 and 9 swap devices
-  want = np.zeros(2, np.int64)
+  want = np.zeros((3, 2), np.int64)  # per micro-step and layer: the max over devices only
   for layer in range(2):
     flat = base[layer].ravel()
     for dst in range(4):
       single = [e for e in base[layer, dst] if e >= 0 and (flat == e).sum() == 1]
-      want[layer] = max(want[layer], counts[:, layer][..., single].sum(-1).max())
+      want[:, layer] = np.maximum(want[:, layer], counts[:, layer][..., single].sum(-1).max(-1))
+  assert len(np.unique(want[:, 0])) > 1  # the micro-steps differ: no max over them
   np.testing.assert_array_equal(pairs.fixed_pair_max(counts, base[None])[0], want)
 
 
@@ -37,19 +40,48 @@ def test_swap_base_balances_a_hot_device_with_few_fetched_experts():
   assert (foremoe.remote_base_slots(swapped, cfg) < foremoe.remote_base_slots(lpt, cfg)).all()
 
 
-def test_base_choice_weighs_the_step_wide_capacity():
+def test_base_choice_weighs_each_micro_steps_capacity():
   cfg = PlanConfig(32, 4, 9)
-  # Base 1 is faster in every layer, but in layer 0 it needs one capacity bucket more, which every
-  # (m, l) of the step pays in the padded all_to_all.
-  step_s = np.array([[1.0, 1.0], [0.9, 0.9]]) * 1e-3
-  need = np.array([[1000.0, 1000.0], [1100.0, 1000.0]])
-  assert pairs.bucket(1100) > pairs.bucket(1000)
-  row_s = cfg.cost.a2a_s(cfg.num_devices)  # one more row per (source, destination)
-  assert 8 * 2 * row_s * (pairs.bucket(1100) - pairs.bucket(1000)) > 0.1e-3
-  np.testing.assert_array_equal(foremoe.choose_bases(step_s, need, 8, cfg), [0, 1])
+  # 2 micro-steps, 2 layers. Base 1 is faster in layer 0, but there it needs one capacity bucket more
+  # in micro-step 0 only: both layers of micro-step 0 pay it in the padded all_to_all, micro-step 1 not.
+  need = np.array([[[1000.0, 1000.0], [1000.0, 1000.0]],
+                   [[1100.0, 1000.0], [1000.0, 1000.0]]])
+  assert (pairs.bucket(1000), pairs.bucket(1100)) == (1024, 1152)
+  raised_s = 2 * cfg.cost.a2a_s(4 * (1152 - 1024))  # one micro-step's two layers, 128 more rows each
+  for saving, want in [(1.5 * raised_s, [1, 0]), (0.5 * raised_s, [0, 0])]:
+    step_s = np.array([[1e-3, 1e-3], [1e-3 - saving, 1e-3 + 1e-4]])
+    # Pays: the saving beats one micro-step's raise (a step-wide capacity, raised in both, would not).
+    np.testing.assert_array_equal(foremoe.choose_bases(step_s, need, cfg), want)
+  # Free when layer 1 already sets micro-step 0's capacity at that bucket: then any saving pays.
+  need[:, 0, 1] = 1100.0
+  step_s = np.array([[1e-3, 1e-3], [1e-3 - 0.01 * raised_s, 1e-3 + 1e-4]])
+  np.testing.assert_array_equal(foremoe.choose_bases(step_s, need, cfg), [1, 0])
   cheap_a2a = PlanConfig(32, 4, 9, cost=CostModel(a2a_bytes_per_s=1e18))
-  np.testing.assert_array_equal(foremoe.choose_bases(step_s, need, 8, cheap_a2a), [1, 1])
+  step_s = np.array([[1e-3, 1e-3], [0.9e-3, 0.9e-3]])
+  np.testing.assert_array_equal(foremoe.choose_bases(step_s, need, cheap_a2a), [1, 1])
 
+
+def test_bucket_works_elementwise_with_the_scalar_rule():
+  def rule(n):  # the executor's rule, one int at a time
+    n = max(8, math.ceil(n / 8) * 8)
+    step = max(8, 2 ** (n.bit_length() - 1) // pairs.BUCKETS_PER_OCTAVE)
+    return math.ceil(n / step) * step
+  needs = np.concatenate([np.arange(0, 5000), np.random.default_rng(7).integers(0, 1 << 40, 2000)])
+  np.testing.assert_array_equal(pairs.bucket(needs), [rule(int(n)) for n in needs])
+  assert pairs.bucket(1000) == 1024 and isinstance(pairs.bucket(1000), int)
+  assert pairs.bucket(1000.5) == pairs.bucket(1001)  # float needs round up like ints
+
+
+def test_exchange_s_prices_each_micro_step_at_its_own_capacity():
+  cfg = PlanConfig(32, 4, 9)
+  load = np.zeros((2, 2))
+  need = np.array([[1000, 900], [200, 300]])  # micro-step 0 needs 1024 rows per pair, micro-step 1 304
+  assert (pairs.bucket(1000), pairs.bucket(300)) == (1024, 304)
+  row_s = cfg.cost.a2a_s_per_token
+  want = 2 * 4 * (1024 + 304) * row_s  # 2 layers each, D=4 chunks of the capacity
+  assert np.isclose(foremoe.exchange_s(load, need, cfg), want, rtol=1e-12)
+  assert not np.isclose(want, 2 * 2 * 4 * 1024 * row_s)  # a step-wide capacity would charge more
+  np.testing.assert_array_equal(pairs.micro_capacities(need), [1024, 304])
 
 
 def estimate(plan, cfg):
@@ -74,17 +106,17 @@ def test_foremoe_is_never_slower_than_eplb_step_on_its_cost_model():
 
 
 def test_a_ragged_exchange_prices_each_micro_steps_own_rows():
-  """CostModel(padded_a2a=False): no step-wide capacity (the base choice ignores pair needs, the step
+  """CostModel(padded_a2a=False): no padded capacities (the base choice ignores pair needs, the step
   pays each (m, l)'s busiest receiver), and foremoe stays never slower than eplb_step on that model."""
   ragged = PlanConfig(32, 4, 9, cost=CostModel(padded_a2a=False))
   step_s = np.array([[1.0, 1.0], [0.9, 0.9]]) * 1e-3
-  need = np.array([[1000.0, 1000.0], [1100.0, 1000.0]])
-  np.testing.assert_array_equal(foremoe.choose_bases(step_s, need, 8, ragged), [1, 1])
+  need = np.array([[[1000.0, 1000.0]], [[1100.0, 1000.0]]])
+  np.testing.assert_array_equal(foremoe.choose_bases(step_s, need, ragged), [1, 1])
   load = np.array([[900.0, 1000.0]])
   for padded in (True, False):
     cfg = PlanConfig(32, 4, 9, cost=CostModel(padded_a2a=padded))
     expected = cfg.cost.a2a_s(load).sum() if not padded else 2 * cfg.cost.a2a_s(4 * pairs.bucket(1001))
-    assert foremoe.exchange_s(load, 1001, cfg) == expected
+    assert foremoe.exchange_s(load, np.array([[1001, 7]]), cfg) == expected
   rng = np.random.default_rng(5)
   kept = 0
   for devices, slots in [(8, 5), (16, 3)]:

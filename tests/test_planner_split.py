@@ -45,7 +45,8 @@ def test_slot_token_counts_follows_the_dispatcher_rule_for_any_shares():
 
 def test_foremoe_shares_reproduce_its_integer_split_exactly_in_float32():
   counts = skewed_counts(np.random.default_rng(1), 4, 3, 8, 32, 5000)
-  cfg = PlanConfig(32, 8, 5)
+  # No EPLB base: no whole-step check that could swap in EPLB's even split for foremoe's integer split.
+  cfg = PlanConfig(32, 8, 5, eplb_base_candidate=False)
   plan = plan_step(counts, cfg)
   _, slot_pairs_BxG, _ = foremoe.plan_foremoe(counts, cfg)
   pairs = plan.slot_pairs(counts)
@@ -190,3 +191,32 @@ def test_balance_pairs_leaves_problems_far_below_the_max_alone_and_keeps_the_max
   assert not np.array_equal(every[:3], before[:3])
   need = lambda p: pairs.pair_counts(p, 4).max()
   assert need(lazy) <= need(every) < need(before)
+
+
+def test_balance_pairs_balances_near_each_micro_steps_own_max():
+  """Two micro-steps of 3 layers, micro-step 1 with a tenth of the pairs: each micro-step's max sets its
+  own capacity, so the problems near micro-step 1's max are balanced too (a step-wide rule skips them)."""
+  from foremoe_jax.planner import pairs
+  rng = np.random.default_rng(13)
+  placement = np.stack([random_placement(rng, 4, 6, 16) for _ in range(6)])
+  counts = rng.integers(0, 200, (6, 4, 16))
+  counts[2] //= 10  # far below micro-step 0's max
+  counts[3:] //= 10  # micro-step 1: all far below micro-step 0's max ...
+  counts[5] //= 10  # ... and its layer 2 far below its own max
+  w = counts.sum(1)
+  x = split.waterfill_slot_loads(placement, split.even_slot_loads(placement, w.astype(float)), 16, 8)
+  before = split.split_by_source(placement, split.integer_slot_loads(placement.reshape(6, -1), x, w), counts)
+  table = split.replica_table(placement, 16)
+  step_wide = pairs.balance_pairs(table, before.copy(), 6, sweeps=3)
+  one_micro_step = pairs.balance_pairs(table, before.copy(), 6, sweeps=3, num_layers=6)
+  np.testing.assert_array_equal(one_micro_step, step_wide)
+  np.testing.assert_array_equal(step_wide[2:], before[2:])
+  every = pairs.balance_pairs(table, before.copy(), 6, sweeps=3, near_max=0.0, num_layers=3)
+  per_micro = pairs.balance_pairs(table, before.copy(), 6, sweeps=3, num_layers=3)
+  np.testing.assert_array_equal(per_micro[[2, 5]], before[[2, 5]])
+  need_MxL = lambda p: pairs.pair_counts(p, 4).max((1, 2)).reshape(2, 3)
+  top = need_MxL(before)[1].argmax()
+  assert top != 2 and not np.array_equal(per_micro[3 + top], before[3 + top])
+  np.testing.assert_array_equal(per_micro[:3], step_wide[:3])
+  assert (need_MxL(per_micro).max(1) <= need_MxL(every).max(1)).all()
+  assert need_MxL(per_micro)[1].max() < need_MxL(before)[1].max() == need_MxL(step_wide)[1].max()

@@ -28,9 +28,10 @@ class CostModel:
   # transfer time beyond it is exposed and counted as cost. 0: on 4 x H200 a prefetched refill hid
   # nothing (BENCHMARKS.md), and the executor refills right before each micro-step by default.
   overlap_fraction: float = 0.0
-  # True: the token all-to-all pads every (source, destination) pair to one capacity for the whole
-  # step (the executor's padded dispatch), so the step pays its largest pair count, bucketed. False:
-  # it moves only the rows that exist (a ragged exchange): each (m, l) pays its busiest receiver.
+  # True: the token all-to-all pads every (source, destination) pair to one capacity per micro-step
+  # (the executor's padded dispatch), so each micro-step pays, in every layer, its layers' largest pair
+  # count, bucketed. False: it moves only the rows that exist (a ragged exchange): each (m, l) pays its
+  # busiest receiver.
   padded_a2a: bool = True
 
   @property

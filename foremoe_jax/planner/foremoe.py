@@ -229,52 +229,53 @@ def moved_placements(w_BxE: np.ndarray, bases_NxLxDxS: np.ndarray, cfg: PlanConf
 def estimated_step_s(slot_load_MxLxG: np.ndarray, pair_need_MxL: np.ndarray, moves_MxL: np.ndarray,
                      base_LxDxS: np.ndarray, cfg: PlanConfig) -> float:
   """The cost model's time of a whole planned step: every (m, l) at its slowest device with its moves
-  (slots off the base on the busiest device), the base transfer, and the padded all_to_all at the
-  step's largest (source, destination) pair count, bucketed."""
+  (slots off the base on the busiest device), the base transfer, and the padded all_to_alls, each
+  micro-step's at its own capacity: its layers' largest (source, destination) pair count, bucketed."""
   num_micro, num_layers = pair_need_MxL.shape
   max_load = slot_load_MxLxG.reshape(num_micro, num_layers, cfg.num_devices, -1).sum(-1).max(-1)
-  return step_s(max_load, int(pair_need_MxL.max(initial=0)), moves_MxL, base_LxDxS, cfg)
+  return step_s(max_load, pair_need_MxL, moves_MxL, base_LxDxS, cfg)
 
 
-def step_s(max_load_MxL: np.ndarray, need: int, moves_MxL: np.ndarray, base_LxDxS: np.ndarray,
+def step_s(max_load_MxL: np.ndarray, need_MxL: np.ndarray, moves_MxL: np.ndarray, base_LxDxS: np.ndarray,
            cfg: PlanConfig) -> float:
-  """estimated_step_s from each (m, l)'s busiest-device load and the step's pair need; nondecreasing in
-  both while the cost model's overlap_fraction is at most 1."""
+  """estimated_step_s from each (m, l)'s busiest-device load and pair need; nondecreasing in each of
+  them while the cost model's overlap_fraction is at most 1."""
   return float(cfg.cost.layer_s(max_load_MxL, moves_MxL).sum()
                + remote_base_slots(base_LxDxS, cfg).sum() * cfg.cost.move_s
-               + exchange_s(max_load_MxL, need, cfg))
+               + exchange_s(max_load_MxL, need_MxL, cfg))
 
 
-def exchange_s(max_load_MxL: np.ndarray, need: int, cfg: PlanConfig) -> float:
-  """The step's token all-to-alls: padded, every (m, l) ships D times the step's pair need, bucketed
-  like the executor's capacity; ragged (`CostModel.padded_a2a=False`), its busiest receiver's rows."""
+def exchange_s(max_load_MxL: np.ndarray, need_MxL: np.ndarray, cfg: PlanConfig) -> float:
+  """The step's token all-to-alls: padded, every layer of micro-step m ships D times m's capacity
+  (`pairs.micro_capacities` of the pair needs, the executor's rule); ragged (`CostModel.padded_a2a=False`),
+  each (m, l) its busiest receiver's rows."""
   if not cfg.cost.padded_a2a:
     return float(cfg.cost.a2a_s(max_load_MxL).sum())
-  return max_load_MxL.size * cfg.cost.a2a_s(cfg.num_devices * pairs.bucket(need))
+  capacity_M = pairs.micro_capacities(need_MxL)
+  return float(max_load_MxL.shape[1] * cfg.cost.a2a_s(cfg.num_devices * capacity_M).sum())
 
 
-def choose_bases(step_s_NxL: np.ndarray, need_NxL: np.ndarray, num_micro: int, cfg: PlanConfig) -> np.ndarray:
+def choose_bases(step_s_NxL: np.ndarray, need_NxMxL: np.ndarray, cfg: PlanConfig) -> np.ndarray:
   """int [L]: the base of each layer that minimizes the estimated step time.
 
-  Each layer adds its own micro-steps and transfer (step_s), but the padded all_to_all has one capacity
-  for the whole step: the largest (source, destination) pair count of any (m, l), bucketed like the
-  executor's. So one layer's base can make every micro-step of every layer ship more rows. Tries each
-  layer's estimated need as the step's bound; per layer the fastest base within it; keeps the bound
-  with the lowest total.
+  Each layer adds its own micro-steps and transfer (step_s), but a micro-step's padded all_to_all has one
+  capacity for all its layers: their largest (source, destination) pair need, bucketed like the
+  executor's (`pairs.micro_capacities`). So one layer's base can make every layer of a micro-step ship
+  more rows. Tries each layer's largest need over the micro-steps as a bound; per layer the fastest base
+  within it; keeps the choice with the lowest total, its all_to_alls priced at their per-micro-step
+  capacities.
   """
   num_layers = step_s_NxL.shape[1]
-  best_s, best_L = np.inf, step_s_NxL.argmin(0)
   if not cfg.cost.padded_a2a:  # each layer's exchange is already in its step_s
-    return best_L
-  for bound in np.unique(need_NxL):
-    within_NxL = np.where(need_NxL <= bound, step_s_NxL, np.inf)
-    choice_L = within_NxL.argmin(0)
-    capacity = pairs.bucket(int(bound))
-    total = (within_NxL[choice_L, np.arange(num_layers)].sum()
-             + num_micro * num_layers * cfg.cost.a2a_s(capacity * cfg.num_devices))
-    if total < best_s:
-      best_s, best_L = total, choice_L
-  return best_L
+    return step_s_NxL.argmin(0)
+  worst_NxL = need_NxMxL.max(1)
+  bound_C = np.unique(worst_NxL)
+  within_CxNxL = np.where(worst_NxL <= bound_C[:, None, None], step_s_NxL, np.inf)
+  choice_CxL = within_CxNxL.argmin(1)
+  need_CxLxM = need_NxMxL[choice_CxL, :, np.arange(num_layers)]
+  capacity_CxM = pairs.bucket(need_CxLxM.max(1))
+  total_C = within_CxNxL.min(1).sum(1) + num_layers * cfg.cost.a2a_s(cfg.num_devices * capacity_CxM).sum(1)
+  return choice_CxL[total_C.argmin()]
 
 
 def plan_foremoe(counts_MxLxDxE: np.ndarray, cfg: PlanConfig, eplb_base_LxDxS: np.ndarray | None = None):
@@ -323,23 +324,23 @@ def plan_foremoe(counts_MxLxDxE: np.ndarray, cfg: PlanConfig, eplb_base_LxDxS: n
                                        placement_B=placement_CxB.ravel()).reshape(len(candidates_se), batch, -1)
   max_load_CxB = x_CxBxG.reshape(*x_CxBxG.shape[:2], num_devices, -1).sum(-1).max(-1)
   # Per (m, l) and base, the candidate with the lowest estimated time (moves counted from that base);
-  # per layer and base, the estimated step time (its micro-steps, then its one-off transfer) and the
-  # padded all_to_all's capacity need: at least the worst device load over D, and at least the largest
-  # pair count no split can move (the base's single-copy experts).
-  choice_NxB, step_s_NxL, need_NxL = [], [], []
+  # per layer and base, the estimated step time (its micro-steps, then its one-off transfer); per (m, l)
+  # and base, the padded all_to_all's capacity need: at least the busiest device's load over D, and at
+  # least the largest pair count no split can move (the base's single-copy experts).
+  choice_NxB, step_s_NxL, need_NxMxL = [], [], []
   rows = np.arange(batch)
-  fixed_NxL = pairs.fixed_pair_max(counts_MxLxDxE, np.stack(bases))
+  fixed_NxMxL = pairs.fixed_pair_max(counts_MxLxDxE, np.stack(bases))
   for b, cands in enumerate(of_base):
     time_cxB = np.stack([cfg.cost.layer_s(max_load_CxB[c], (se_CxBxDxS[c] != candidates_se[b]).sum(-1).max(-1))
                          for c in cands])
     if not cfg.cost.padded_a2a:  # a ragged exchange ships each (m, l)'s own rows
       time_cxB = time_cxB + cfg.cost.a2a_s(max_load_CxB[list(cands)])
     choice_NxB.append(np.asarray(cands)[np.argmin(time_cxB, axis=0)])
-    worst_load_L = max_load_CxB[choice_NxB[-1], rows].reshape(num_micro, num_layers).max(0)
-    need_NxL.append(np.maximum(np.ceil(worst_load_L / num_devices), fixed_NxL[b]))
+    busiest_MxL = max_load_CxB[choice_NxB[-1], rows].reshape(num_micro, num_layers)
+    need_NxMxL.append(np.maximum(np.ceil(busiest_MxL / num_devices), fixed_NxMxL[b]))
     step_s_NxL.append(time_cxB.min(0).reshape(num_micro, num_layers).sum(0)
                       + remote_base_slots(bases[b], cfg) * cfg.cost.move_s)
-  choice_L = choose_bases(np.stack(step_s_NxL), np.stack(need_NxL), num_micro, cfg)
+  choice_L = choose_bases(np.stack(step_s_NxL), np.stack(need_NxMxL), cfg)
   choice_B = np.stack(choice_NxB).reshape(len(bases), num_micro, num_layers)[choice_L, :, np.arange(num_layers)].T.ravel()
   slot_expert = se_CxBxDxS[choice_B, rows]
   base = np.stack(bases)[choice_L, np.arange(num_layers)]

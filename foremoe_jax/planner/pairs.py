@@ -1,41 +1,53 @@
 """Pair-aware split: which source sends a replicated expert's pairs to which of its devices.
 
-The padded all_to_all gives every (source, destination) chunk, the self chunk included, one capacity:
-the step-wide max pair count. Slot loads (and so device loads) are fixed before this step; what is
-left free is the mix of sources behind each replica. Block coordinate descent on the sum of squared
-(source, destination) pair counts P[d, s], one block per replicated expert and two of its devices: the
-pairs each of the two copies takes stay fixed, the sources' mix between them is re-solved exactly
-(a water-filling in one multiplier), then rounded so that every count stays a whole number.
+The padded all_to_all gives every (source, destination) chunk, the self chunk included, one capacity
+per micro-step: the max pair count over its layers, bucketed (`micro_capacities`). Slot loads (and so
+device loads) are fixed before this step; what is left free is the mix of sources behind each replica.
+Block coordinate descent on the sum of squared (source, destination) pair counts P[d, s], one block per
+replicated expert and two of its devices: the pairs each of the two copies takes stay fixed, the
+sources' mix between them is re-solved exactly (a water-filling in one multiplier), then rounded so
+that every count stays a whole number.
 Batched over B (micro-step, layer) problems; Python loops run over each problem's blocks in turn
 (the p-th block of every problem at once), never over problems.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 # Bisection steps for a block's multiplier: the bracket shrinks to 2^-10 of the largest count; the
 # interpolation between its ends then hits the sum exactly (rounding follows anyway).
 BISECTIONS = 10
-# First round of balance_pairs: the problems whose max pair count is within this fraction of the max.
+# First rounds of balance_pairs: the problems whose max pair count is within this fraction of their
+# micro-step's max.
 NEAR_MAX = 0.7
-# Padded capacity buckets per power of two: at most 1/BUCKETS_PER_OCTAVE padding, few compiled shapes.
-BUCKETS_PER_OCTAVE = 8
+# Padded capacity buckets per power of two: at most 1/BUCKETS_PER_OCTAVE padding; each bucket a
+# micro-step meets compiles its program once.
+BUCKETS_PER_OCTAVE = 16
 
 
-def bucket(n: int) -> int:
+def bucket(n):
   """The padded capacity compiled for a need of n rows per (source, destination): rounded up to 8,
-  then to one of BUCKETS_PER_OCTAVE steps per power of two (the executor's rule; the planner prices it)."""
-  n = max(8, math.ceil(n / 8) * 8)
-  step = max(8, 2 ** (n.bit_length() - 1) // BUCKETS_PER_OCTAVE)
-  return math.ceil(n / step) * step
+  then to one of BUCKETS_PER_OCTAVE steps per power of two (the executor's rule; the planner prices it).
+  An int for a scalar n; elementwise (int64) on arrays."""
+  n = np.maximum(8, np.ceil(np.asarray(n) / 8).astype(np.int64) * 8)
+  # frexp's exponent is n's bit length (exact: needs stay far below 2^53).
+  step = np.maximum(8, np.left_shift(1, np.frexp(n)[1].astype(np.int64) - 1) // BUCKETS_PER_OCTAVE)
+  capacity = -(-n // step) * step
+  return int(capacity) if capacity.ndim == 0 else capacity
+
+
+def micro_capacities(need_MxL: np.ndarray) -> np.ndarray:
+  """int64 [M]: each micro-step's padded capacity: its layers' largest pair need, bucketed. One program
+  runs all layers of a micro-step, so they share one capacity; micro-steps each get their own."""
+  need_MxL = np.asarray(need_MxL)
+  return bucket(need_MxL.reshape(len(need_MxL), -1).max(1, initial=0))
 
 
 def fixed_pair_max(counts_MxLxDxE: np.ndarray, bases_NxLxDxS: np.ndarray) -> np.ndarray:
-  """int64 [N, L]: per base and layer, the largest (source, destination) pair count over the micro-steps
-  from the experts the base holds once. No split can move those pairs: the padded capacity is at least this."""
+  """int64 [N, M, L]: per base, micro-step and layer, the largest (source, destination) pair count from
+  the experts the base holds once. No split can move those pairs: that micro-step's padded capacity is at
+  least this."""
   num_micro, num_layers, num_devices, num_experts = counts_MxLxDxE.shape
   num_bases, _, _, num_slots = bases_NxLxDxS.shape
   # Per layer, each expert's pairs per (micro-step, source) as one contiguous row, then a zero row: a
@@ -49,12 +61,12 @@ def fixed_pair_max(counts_MxLxDxE: np.ndarray, bases_NxLxDxS: np.ndarray) -> np.
   # Replicated experts' pairs can move; empty slots point at the zero row too.
   expert_LxNxG = np.where(copies[flat] == 1, expert_LxNxG, num_experts).reshape(num_layers, num_bases,
                                                                                  num_devices, num_slots)
-  out = np.empty((num_bases, num_layers), np.int64)
+  out = np.empty((num_bases, num_micro, num_layers), np.int64)
   for layer in range(num_layers):
     total_NxDxR = np.take(rows_LxExR[layer], expert_LxNxG[layer, :, :, 0], axis=0)
     for j in range(1, num_slots):
       total_NxDxR += np.take(rows_LxExR[layer], expert_LxNxG[layer, :, :, j], axis=0)
-    out[:, layer] = total_NxDxR.reshape(num_bases, -1).max(1)
+    out[:, :, layer] = total_NxDxR.max(1).reshape(num_bases, num_micro, num_devices).max(2)
   return out
 
 
@@ -139,16 +151,20 @@ def _balance_rows(table_NxKxR: np.ndarray, pairs_BxGxD: np.ndarray, p_BxDxD: np.
 
 
 def balance_pairs(table_BxKxR: np.ndarray, pairs_BxGxD: np.ndarray, num_slots: int, sweeps: int,
-                  near_max: float = NEAR_MAX, p_BxDxD: np.ndarray | None = None, stop=None) -> np.ndarray:
+                  near_max: float = NEAR_MAX, p_BxDxD: np.ndarray | None = None, stop=None,
+                  num_layers: int | None = None) -> np.ndarray:
   """pairs_BxGxD, updated in place: the same slot totals and per-source expert totals, a flatter P[d, s].
 
   table_BxKxR: the slots of each replicated expert, one per device, -1 padded (`split.replica_table`);
   num_slots: S per device. No slot's total changes, so device loads stay as planned (up to a pair the
   rounding's clip to [0, cap] can move between an expert's two slots).
-  Only the step-wide max of P sets the all_to_all capacity, so only the problems that could hold it are
-  balanced: first those within `near_max` of the max, then any left above the balanced ones' new max
-  (problems are independent, so the step-wide max is never above that of balancing all; near_max=0
-  balances all). p_BxDxD: their pair_counts, if the caller has them; kept up to date in place.
+  num_layers: the problems are micro-step-major (b = m * num_layers + l); None: all one micro-step.
+  Only each micro-step's max of P sets its all_to_all capacity, so only the problems that could hold it
+  are balanced, per micro-step: those within `near_max` of their micro-step's max, then any left above
+  their micro-step's balanced ones' new max (problems are independent, so no micro-step's max is ever
+  above that of balancing all; near_max=0 balances all). Of the first, those within `near_max` of the
+  step's max go in a round of their own: the largest capacities are the likeliest to make `stop` give up.
+  p_BxDxD: their pair_counts, if the caller has them; kept up to date in place.
   stop: called after each round with bool [B], the problems balanced so far (final from then on);
   True ends the balancing there, unfinished.
   """
@@ -158,7 +174,10 @@ def balance_pairs(table_BxKxR: np.ndarray, pairs_BxGxD: np.ndarray, num_slots: i
     p_BxDxD = pair_counts(pairs_BxGxD, pairs_BxGxD.shape[1] // num_slots)
   need_B = p_BxDxD.max((1, 2))
   done_B = np.zeros(need_B.shape, bool)
-  todo_B = need_B >= near_max * need_B.max()
+  # Views by micro-step: they follow need_B and done_B.
+  need_MxL, done_MxL = (a.reshape(-1, num_layers or a.size) for a in (need_B, done_B))
+  near_B = (need_MxL >= near_max * need_MxL.max(1, keepdims=True)).ravel()
+  todo_B = need_B >= near_max * need_B.max()  # near the step's max: a subset of near_B
   while todo_B.any():
     rows = np.nonzero(todo_B)[0]
     _balance_rows(table_BxKxR[rows], pairs_BxGxD, p_BxDxD, rows, num_slots, sweeps)
@@ -166,5 +185,7 @@ def balance_pairs(table_BxKxR: np.ndarray, pairs_BxGxD: np.ndarray, num_slots: i
     done_B |= todo_B
     if stop is not None and stop(done_B):
       break
-    todo_B = ~done_B & (need_B > need_B[done_B].max())
+    todo_B = near_B & ~done_B
+    if not todo_B.any():  # each micro-step's max is done: the rest only above its done ones' max
+      todo_B = (~done_MxL & (need_MxL > np.where(done_MxL, need_MxL, -1).max(1, keepdims=True))).ravel()
   return pairs_BxGxD

@@ -287,14 +287,16 @@ def plan_split(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG=None, pair_sweeps
   return share_BxDxG, load_BxG, need_B
 
 
-def exact_pairs(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG, pair_sweeps: int = 0, chunk: int = 8, stop=None):
+def exact_pairs(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG, pair_sweeps: int = 0, chunk: int = 8, stop=None,
+                num_layers: int | None = None):
   """(pairs int64 [B, G, D_src], slot loads int64 [B, G], pair need int64 [B]) of the exact split:
   `split_by_source`, then with `pair_sweeps` the sources' mix behind each replica flattened over
-  (source, destination) pairs (`pairs.balance_pairs`, over all B at once).
+  (source, destination) pairs (`pairs.balance_pairs`, over all B at once, by micro-step: the problems
+  are micro-step-major with num_layers per micro-step; None: all one micro-step).
 
-  stop(busiest_B, need): for a caller that only needs to know whether the split is worse than something;
-  called between balancing rounds with lower bounds of each problem's busiest-device load (int64 [B])
-  and of the step-wide pair need. True ends the work, and exact_pairs returns None.
+  stop(busiest_B, need_B): for a caller that only needs to know whether the split is worse than
+  something; called between balancing rounds with lower bounds of each problem's busiest-device load
+  and of its pair need (int64 [B] each). True ends the work, and exact_pairs returns None.
   """
   batch, num_devices, num_slots = slot_expert_BxDxS.shape
   pairs_BxGxD = np.empty((batch, num_devices * num_slots, num_devices), np.int64)
@@ -307,7 +309,7 @@ def exact_pairs(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG, pair_sweeps: in
                     room_end_BxG[part], out_BxGxD=pairs_BxGxD[part])
     load_BxG[part], p_BxDxD[part] = pairs_BxGxD[part].sum(-1), pairs.pair_counts(pairs_BxGxD[part], num_devices)
   # Balancing moves pairs between the slots of a problem, never in or out: its busiest device keeps at
-  # least the mean load until its own round is done.
+  # least the mean load until its own round is done, and some source sends that device at least 1/D of it.
   busiest_floor_B = -(-load_BxG.sum(1) // num_devices)
   balanced_B = np.zeros(batch, bool)
   gave_up = False
@@ -319,11 +321,12 @@ def exact_pairs(slot_expert_BxDxS, counts_BxDxE, slot_pairs_BxG, pair_sweeps: in
     balanced_B[:] = done_B
     if stop is not None:
       busiest_B = np.where(done_B, load_BxG.reshape(batch, num_devices, num_slots).sum(-1).max(-1), busiest_floor_B)
-      gave_up = stop(busiest_B, int(p_BxDxD[done_B].max()))
+      need_B = np.where(done_B, p_BxDxD.max((1, 2)), -(-busiest_B // num_devices))
+      gave_up = stop(busiest_B, need_B)
     return gave_up
 
   pairs.balance_pairs(replica_table(slot_expert_BxDxS, counts_BxDxE.shape[2]), pairs_BxGxD, num_slots,
-                      pair_sweeps, p_BxDxD=p_BxDxD, stop=round_done)
+                      pair_sweeps, p_BxDxD=p_BxDxD, stop=round_done, num_layers=num_layers)
   if gave_up:
     return None
   return pairs_BxGxD, load_BxG, p_BxDxD.max((1, 2), initial=0)

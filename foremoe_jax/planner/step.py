@@ -88,29 +88,31 @@ def plan_step(counts, cfg: PlanConfig, history=None) -> Plan:
   batch = num_micro * num_layers
   se_BxDxS, counts_BxDxE = slot_expert.reshape(batch, cfg.num_devices, -1), counts.reshape(batch, cfg.num_devices, -1)
   if step_base is None:
-    pairs_BxGxD, load, need = split.exact_pairs(se_BxDxS, counts_BxDxE, slot_pairs_BxG, cfg.pair_sweeps)
+    pairs_BxGxD, load, need = split.exact_pairs(se_BxDxS, counts_BxDxE, slot_pairs_BxG, cfg.pair_sweeps,
+                                                num_layers=num_layers)
     return _make_plan(slot_expert, split.exact_shares(se_BxDxS, counts_BxDxE, pairs_BxGxD), base, cfg, load, need)
   # Last check on the whole step: water-filled splits balance devices but can concentrate (source,
   # destination) pairs, which the per-layer choice only bounds; EPLB's step placement with its even
-  # split may then need a smaller padded capacity. Keep whichever the cost model finds faster.
+  # split may then need smaller padded capacities. Keep whichever the cost model finds faster.
   step_plan = _plan(counts, np.broadcast_to(step_base, (num_micro, *step_base.shape)), step_base, cfg)
   no_moves = np.zeros((num_micro, num_layers), np.int64)
   step_level_s = foremoe.estimated_step_s(step_plan.slot_load, step_plan.pair_need, no_moves, step_base, cfg)
   moves = (slot_expert != base[None]).sum(-1).max(-1)
 
-  def slower(busiest_B, need):
-    """Whether our plan is estimated slower with these busiest-device loads and step-wide pair need."""
-    return step_level_s < foremoe.step_s(busiest_B.reshape(num_micro, num_layers), need, moves, base, cfg)
+  def slower(busiest_B, need_B):
+    """Whether our plan is estimated slower with these per-(m, l) busiest-device loads and pair needs."""
+    return step_level_s < foremoe.step_s(busiest_B.reshape(num_micro, num_layers),
+                                         need_B.reshape(num_micro, num_layers), moves, base, cfg)
 
-  # The balancing of our split stops once lower bounds of its loads and pair need already make it
-  # slower: the estimate grows with both (unless transfers overlap more than the compute they hide).
+  # The balancing of our split stops once lower bounds of its loads and pair needs already make it
+  # slower: the estimate grows with each (unless transfers overlap more than the compute they hide).
   cost = cfg.cost
   monotone = cost.overlap_fraction <= 1.0 and cost.token_compute_s >= 0 and cost.a2a_s_per_token >= 0
   exact = split.exact_pairs(se_BxDxS, counts_BxDxE, slot_pairs_BxG, cfg.pair_sweeps,
-                            stop=slower if monotone else None)
+                            stop=slower if monotone else None, num_layers=num_layers)
   if exact is None:
     return step_plan
   pairs_BxGxD, load, need = exact
-  if slower(load.reshape(batch, cfg.num_devices, -1).sum(-1).max(-1), int(need.max())):
+  if slower(load.reshape(batch, cfg.num_devices, -1).sum(-1).max(-1), need):
     return step_plan
   return _make_plan(slot_expert, split.exact_shares(se_BxDxS, counts_BxDxE, pairs_BxGxD), base, cfg, load, need)
