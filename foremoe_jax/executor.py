@@ -12,8 +12,10 @@ Two levels, as the plan has them:
    the compute produces, so XLA's scheduler may overlap its collectives with the compute.
 3. `finish`: the accumulated base gradients go home through the transpose of the base transfer, then one
    optimizer update in the home layout. Parameters and optimizer state never see a placement.
-Placements are traced table values: a new plan never recompiles (the padded capacity is bucketed, the
-move tables' row counts are powers of two).
+Placements are traced table values: a new plan never recompiles (the move tables' row counts are
+powers of two). Each micro-step's padded all_to_all is sized to that micro-step's exact need, bucketed:
+the routes are known before the step runs, so a balanced micro-step ships fewer rows; each bucket a
+micro-step meets compiles its program once (jit's cache), a handful over a run.
 """
 import dataclasses
 from typing import Any, Callable
@@ -27,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.placement import Tables, plan_tables
-from foremoe_jax.planner.pairs import bucket
+from foremoe_jax.planner.pairs import micro_capacities
 from foremoe_jax.transfer import (MoveTables, apply_moves, apply_moves_transpose, check_exchange, fill_moves,
                                   home_to_base_moves, local_copies_needed, move_tables, moves_needed)
 
@@ -47,13 +49,18 @@ class StepTables:
   refill_moves: MoveTables  # [M, L, ...] micro-step m-1's working slots -> m's (m = 0: from the base)
   refill_M: np.ndarray  # bool [M] (host): micro-step m's refill writes a slot in some layer
   fill_M: np.ndarray  # bool [M] (host): micro-step m's placement differs from the base in some layer
-  capacity: int  # padded rows per (source, destination), exact for this step's routes, bucketed
+  capacity_M: tuple[int, ...]  # padded rows per (source, destination) of each micro-step: its need, bucketed
   moved_slots: int  # slots that differ from the base, summed over (m, l)
   refilled_slots: int  # slots rewritten between consecutive micro-steps, summed over (m, l)
 
   @property
   def num_micro_steps(self) -> int:
     return self.tables.slot_expert_G.shape[0]
+
+  @property
+  def capacity(self) -> int:
+    """The largest micro-step capacity: what one step-wide capacity would have to be."""
+    return max(self.capacity_M)
 
 
 def stack_moves(tables: list[MoveTables]) -> MoveTables:
@@ -66,14 +73,12 @@ def _tables_MxL(moves_MxL, num_devices: int, capacity: int, local_capacity: int)
 
 
 def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity: int | None = None,
-                 min_capacity: int = 0, fill_capacity: int | None = None,
-                 base_capacity: int | None = None) -> StepTables:
+                 fill_capacity: int | None = None, base_capacity: int | None = None) -> StepTables:
   """Host: a planner `Plan` plus the step's routed counts -> StepTables.
 
-  `capacity` fixes the padded rows per (source, destination) (default: the step's exact need,
-  bucketed, at least `min_capacity`: a run that passes its largest capacity so far compiles each
-  program for a handful of capacities only); it must cover the need, since dropping tokens would change
-  the math. `fill_capacity` / `base_capacity`: rows one device may send another per micro-step fill /
+  `capacity` fixes the padded rows per (source, destination) of every micro-step (default: each
+  micro-step's exact need, bucketed: `pairs.micro_capacities`); it must cover the need, since dropping
+  tokens would change the math. `fill_capacity` / `base_capacity`: rows one device may send another per micro-step fill /
   in the base transfer; by default the plan's need rounded up to a power of two (1 for "foremoe", whose
   budget is one slot per device). Passing them fixes the tables' shapes across plans.
   """
@@ -90,16 +95,18 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   # Base local copies: every expert that stays home, at most S per device: a fixed, cheap shape.
   base_moves = stack_moves([move_tables(m, num_devices, base_cap, slots) for m in base_list])
   slot_pairs = plan.slot_pairs(counts_MxLxDxE)  # [M, L, D_src, G]
-  need = int(slot_pairs.reshape(*slot_pairs.shape[:3], num_devices, -1).sum(-1).max(initial=0))
+  need_MxL = slot_pairs.reshape(*slot_pairs.shape[:3], num_devices, -1).sum(-1).max((2, 3), initial=0)
+  need = int(need_MxL.max(initial=0))
   if capacity is not None and capacity < need:
     raise ValueError(f"capacity={capacity} rows per (source, destination) is below this step's need of {need}")
+  capacity_M = (capacity,) * num_micro if capacity else tuple(int(c) for c in micro_capacities(need_MxL))
   return StepTables(plan_tables(plan.slot_expert, plan.slot_share, num_experts),
                     jax.tree.map(jnp.asarray, base_moves),
                     jax.tree.map(jnp.asarray, _tables_MxL(fills, num_devices, fill_cap, local_cap)),
                     jax.tree.map(jnp.asarray, _tables_MxL(refills, num_devices, fill_cap, local_cap)),
                     np.array([any(len(f) for f in row) for row in refills]),
                     np.array([any(len(f) for f in row) for row in fills]),
-                    capacity or max(bucket(need), min_capacity), sum(len(f) for row in fills for f in row),
+                    capacity_M, sum(len(f) for row in fills for f in row),
                     sum(len(f) for row in refills for f in row))
 
 
@@ -256,7 +263,7 @@ class Executor:
     for m, batch in enumerate(micro_batches):
       refill, moves = self._schedule(step, m, prefetch)
       acc, working, loss, met = self._micro(self.params, base, working, batch, index(step.tables, m),
-                                            index(step.fill_moves, m), moves, acc, capacity=step.capacity,
+                                            index(step.fill_moves, m), moves, acc, capacity=step.capacity_M[m],
                                             refill=refill, filled=bool(step.fill_M[m]))
       stage_done("micro", acc)
       losses.append(loss)
@@ -281,7 +288,7 @@ class Executor:
     for m, batch in enumerate(micro_batches):
       refill, moves = self._schedule(step, m, prefetch)
       out, working = self._forward(self.params, base, working, batch, index(step.tables, m), moves,
-                                   capacity=step.capacity, refill=refill)
+                                   capacity=step.capacity_M[m], refill=refill)
       outs.append(out)
     return outs
 

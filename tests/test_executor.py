@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 
 from foremoe_jax import MoEConfig
-from foremoe_jax.executor import Executor, accumulators, bucket, prepare_step
+from foremoe_jax.executor import Executor, accumulators, prepare_step
 from foremoe_jax.moe_stack import MoEStack
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
+from foremoe_jax.planner.pairs import bucket
 from foremoe_jax.planner.split import plan_shares
 from moe_reference import cpu_mesh
 
@@ -31,7 +32,7 @@ def make_model(mesh):
   return MoEStack(cfg, L, mesh=mesh, rngs=nnx.Rngs(0))
 
 
-def skewed_micro_batches(mesh, seed=0):
+def skewed_micro_batches(mesh, seed=0, tokens=T):
   """Micro-batches whose captured routes pile onto a few experts, differently in each micro-step."""
   model = make_model(mesh)
   graphdef, state = nnx.split(model)
@@ -39,10 +40,10 @@ def skewed_micro_batches(mesh, seed=0):
   batches, counts = [], np.zeros((M, L, D, E), np.int64)
   for m in range(M):
     kx, kt = jax.random.split(jax.random.key(seed * 100 + m))
-    x = jax.random.normal(kx, (B, T, H)) + 2.0 * jax.random.normal(jax.random.key(m), (H,))
+    x = jax.random.normal(kx, (B, tokens, H)) + 2.0 * jax.random.normal(jax.random.key(m), (H,))
     routes = capture(state, x)
-    batches.append({"x": x, "target": jax.random.normal(kt, (B, T, H)), "replay": routes})
-    source = np.repeat(np.arange(B) // (B // D), T * 2)
+    batches.append({"x": x, "target": jax.random.normal(kt, (B, tokens, H)), "replay": routes})
+    source = np.repeat(np.arange(B) // (B // D), tokens * 2)
     for l in range(L):
       np.add.at(counts[m, l], (source, np.asarray(routes[:, :, l]).reshape(-1)), 1)
   return batches, counts
@@ -109,8 +110,33 @@ def test_capacity_below_need_is_refused(step_inputs):
 
 def test_capacity_buckets_are_coarse():
   assert [bucket(n) for n in (1, 8, 9, 33, 100, 1000)] == [8, 8, 16, 40, 104, 1024]
-  assert all(bucket(n) >= n and bucket(n) <= 1.125 * n + 8 for n in range(1, 5000, 37))
-  assert len({bucket(n) for n in range(4097, 8193)}) == 8
+  assert all(bucket(n) >= n and bucket(n) <= 1.0625 * n + 8 for n in range(1, 5000, 37))
+  assert len({bucket(n) for n in range(4097, 8193)}) == 16
+
+
+def test_each_micro_step_gets_its_own_capacity_and_each_compiles_once(step_inputs):
+  """By default micro-step m's capacity is its own largest (source, destination) pair count, bucketed;
+  the step equals the static layout at a fixed capacity, and each distinct capacity traces once."""
+  mesh = step_inputs[0]
+  batches, counts = skewed_micro_batches(mesh, tokens=2 * T)  # enough pairs per source to span buckets
+  traces = []
+
+  def counting_loss(model, batch, **kw):
+    traces.append(kw["capacity"])
+    return loss_fn(model, batch, **kw)
+
+  executor = Executor(make_model(mesh), optax.sgd(0.5), counting_loss, mesh)
+  reference = Executor(make_model(mesh), optax.sgd(0.5), loss_fn, mesh)
+  plan = plan_step(counts, PlanConfig(E, D, S, policy="static"))
+  step = prepare_step(plan, counts, E)
+  pairs_MxLxSrcxDst = plan.slot_pairs(counts).reshape(M, L, D, D, -1).sum(-1)
+  assert step.capacity_M == tuple(bucket(int(n)) for n in pairs_MxLxSrcxDst.max((1, 2, 3)))
+  assert len(set(step.capacity_M)) > 1 and step.capacity == max(step.capacity_M)
+  grads = executor.gradients(batches, step)  # a dropped pair would show here
+  want = reference.gradients(batches, prepare_step(plan, counts, E, capacity=step.capacity))
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+  assert sorted(traces) == sorted(set(step.capacity_M))
 
 
 def test_low_precision_gradients_accumulate_in_float32():

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from foremoe_jax import backends
 from foremoe_jax.checkpoint import Checkpointer
-from foremoe_jax.executor import Executor, bucket, prepare_step, replicate_unsharded
+from foremoe_jax.executor import Executor, prepare_step, replicate_unsharded
 from foremoe_jax.mesh import batch_sharding, batch_shards
 from foremoe_jax.planner import POLICIES, CostModel, PlanConfig, plan_step
 from foremoe_jax.rl.grpo import group_advantages, grpo_loss, token_logprobs
@@ -48,11 +48,12 @@ def grpo_objective(model, batch, *, tables, working, capacity, clip_eps: float, 
   return loss, {**metrics, "logp": logp_BxT, "dropped": out.dropped}
 
 
-def plan_minibatch(counts_MxLxDxE, plan_cfg: PlanConfig, history, min_capacity: int = 0):
-  """Plans one mini-batch (one optimizer step) with the running policy -> (StepTables, seconds)."""
+def plan_minibatch(counts_MxLxDxE, plan_cfg: PlanConfig, history):
+  """Plans one mini-batch (one optimizer step) with the running policy -> (StepTables, seconds).
+  Each micro-step's exchange is sized to its own need (bucketed); each new bucket compiles once."""
   tic = time.perf_counter()
   plan = plan_step(counts_MxLxDxE, plan_cfg, history=history)
-  tables = prepare_step(plan, counts_MxLxDxE, plan_cfg.num_experts, min_capacity=min_capacity)
+  tables = prepare_step(plan, counts_MxLxDxE, plan_cfg.num_experts)
   return tables, time.perf_counter() - tic
 
 
@@ -101,10 +102,7 @@ class GRPOTrainer:
       self.reference.params = jax.tree.map(jnp.copy, self.reference.params)
     self.ckpt = Checkpointer(os.path.join(run_dir, "rl_ckpt"))
     self.history = None
-    # Padded rows per (source, destination): start at twice the even share, grow (and recompile) only
-    # when a step needs more.
-    even_share = self.rl.rows_per_shard * cfg.model.max_seq_len * cfg.model.top_k / moe.num_devices
-    self.capacity = bucket(int(2 * even_share))
+    self.capacities = set()  # the padded capacities met so far: each compiled its programs once
 
   # --- checkpoints ---------------------------------------------------------------------------------
   def save(self, step: int, record: dict) -> None:
@@ -164,7 +162,7 @@ class GRPOTrainer:
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner")
     # One plan per mini-batch, in order: mini-batch i recomputes while the later ones are planned.
     planned = minibatches(packed.counts_MxLxDxE, rl.num_minibatches, self.history)
-    futures = [pool.submit(plan_minibatch, c, self.plan_cfg, h, self.capacity) for c, h in planned]
+    futures = [pool.submit(plan_minibatch, c, self.plan_cfg, h) for c, h in planned]
     # Queued behind the plans: runs while recompute and update do, collected at the end of the step.
     report = pool.submit(policy_report, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg, self.history)
     answers = [a for _, a in pairs for _ in range(rl.group_size)]
@@ -187,7 +185,8 @@ class GRPOTrainer:
       self.attach_logprobs(*groups[-1])
     times["plan_wait"], times["recompute"] = waited, time.perf_counter() - tic - waited
     planner_s = sum(f.result()[1] for f in futures)
-    self.capacity = max(t.capacity for _, t in groups)  # never shrinks: few compiled capacities
+    capacity_M = [c for _, t in groups for c in t.capacity_M]
+    self.capacities.update(capacity_M)
 
     tic = time.perf_counter()
     updates = [self.executor.train_step(mb, tables) for _ in range(rl.ppo_epochs) for mb, tables in groups]
@@ -201,7 +200,8 @@ class GRPOTrainer:
             "seconds": times, "planner_ms": 1e3 * planner_s, "micro_steps": len(batches),
             "imbalance": {p: a / b for p, (a, b) in imbalance_sums.items()},
             "imbalance_sums": imbalance_sums, "imbalance_per_micro_step": per_micro_step,
-            "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates))}
+            "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates)),
+            "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.capacities)}
 
   def attach_logprobs(self, micro_batches: list[dict], tables) -> None:
     """Recompute: old (and reference) log-probs under replayed routes, forward only."""
