@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from foremoe_jax.planner import PlanConfig, bins, foremoe, home_placement, pairs, split
+from foremoe_jax.planner import PlanConfig, align, bins, foremoe, home_placement, pairs, split
 from test_planner import skewed_counts
 from test_planner_split import random_placement
 
@@ -40,12 +40,12 @@ def test_fixed_pair_max_skips_same_device_duplicates_and_empty_slots():
   bases = np.stack([home_placement(8, 4, 3)] * 3)[None].copy()  # [1, L, D, S]: slot 2 empty everywhere
   bases[0, 1, 0, 2] = 0  # layer 1: expert 0 twice on device 0, so not held once
   bases[0, 2, 3, 2] = 6  # layer 2: expert 6 twice on device 3
-  want = np.zeros(3, np.int64)
-  for layer in range(3):
+  want = np.zeros((2, 3), np.int64)
+  for m, layer in itertools.product(range(2), range(3)):
     flat = bases[0, layer].ravel()
     for dst in range(4):
       once = [e for e in bases[0, layer, dst] if e >= 0 and (flat == e).sum() == 1]
-      want[layer] = max(want[layer], counts[:, layer][..., once].sum(-1).max())
+      want[m, layer] = max(want[m, layer], counts[m, layer][..., once].sum(-1).max())
   np.testing.assert_array_equal(pairs.fixed_pair_max(counts, bases)[0], want)
 
 
@@ -87,12 +87,31 @@ def test_exact_pairs_stop_sees_lower_bounds_and_can_end_the_work():
   slot_expert, slot_pairs, _ = foremoe.plan_foremoe(counts, cfg)
   args = (slot_expert.reshape(12, 8, 5), counts.reshape(12, 8, 32), slot_pairs, 1)
   seen = []
-  full = split.exact_pairs(*args, stop=lambda busiest, need: seen.append((busiest, need)) or False)
-  pairs_BxGxD, load, need = split.exact_pairs(*args)
+  full = split.exact_pairs(*args, num_layers=3, stop=lambda busiest, need: seen.append((busiest, need)) or False)
+  pairs_BxGxD, load, need = split.exact_pairs(*args, num_layers=3)
   np.testing.assert_array_equal(full[0], pairs_BxGxD)
   np.testing.assert_array_equal(full[1], load)
   assert seen, "no balancing round ran"
   busiest = load.reshape(12, 8, 5).sum(-1).max(-1)
   for busiest_floor, need_floor in seen:
-    assert (busiest_floor <= busiest).all() and need_floor <= need.max()
-  assert split.exact_pairs(*args, stop=lambda busiest, need: True) is None
+    assert (busiest_floor <= busiest).all() and (need_floor <= need).all()
+  assert split.exact_pairs(*args, num_layers=3, stop=lambda busiest, need: True) is None
+
+
+@pytest.mark.parametrize("batch,num_devices,num_slots,num_experts", [(5, 4, 5, 16), (3, 2, 65, 128), (4, 16, 9, 128)])
+def test_overlap_counts_equal_a_matmul_of_holds_indicators(batch, num_devices, num_slots, num_experts):
+  """Shared experts per (placement device, reference device), an expert held twice on a device counted once."""
+  rng = np.random.default_rng(batch)
+  placement = rng.integers(-1, num_experts, (batch, num_devices, num_slots))
+  reference = rng.integers(-1, num_experts, (batch, num_devices, num_slots))
+  placement[0, 0, :3] = placement[0, 0, 3]
+  reference[0, 1, :2] = reference[0, 1, 2]
+
+  def holds(p):
+    out = np.zeros((batch, num_devices, num_experts))
+    for b, d, s in np.ndindex(p.shape):
+      if p[b, d, s] >= 0:
+        out[b, d, p[b, d, s]] = 1
+    return out
+  want = holds(placement) @ holds(reference).transpose(0, 2, 1)
+  np.testing.assert_array_equal(align.overlap_counts(placement, reference, num_experts), want)
