@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from foremoe_jax.planner import PlanConfig, align, bins, foremoe, home_placement, pairs, split
+from foremoe_jax.planner import PlanConfig, align, bins, foremoe, home_placement, pairs, slots, split
 from test_planner import skewed_counts
 from test_planner_split import random_placement
 
@@ -115,3 +115,35 @@ def test_overlap_counts_equal_a_matmul_of_holds_indicators(batch, num_devices, n
     return out
   want = holds(placement) @ holds(reference).transpose(0, 2, 1)
   np.testing.assert_array_equal(align.overlap_counts(placement, reference, num_experts), want)
+
+
+@pytest.mark.parametrize("num_slots", [1, 3, 17, 65])
+def test_align_slots_sorted_equals_the_slot_loop(num_slots):
+  """Both ways of putting the reference's experts in its slots, duplicates and empty slots included."""
+  rng = np.random.default_rng(num_slots)
+  for trial in range(20):
+    num_experts = int(rng.integers(2, 2 * num_slots + 3))
+    moved = rng.integers(-1, num_experts, (12, num_slots))
+    reference = rng.integers(-1, num_experts, (12, num_slots))
+    if trial % 2:  # mostly the same experts, shuffled: most of them find their slot
+      reference = moved[:, rng.permutation(num_slots)]
+      reference[rng.random(reference.shape) < 0.3] = -1
+    want = align._align_slots_loop(moved, reference)
+    np.testing.assert_array_equal(align._align_slots_sorted(moved, reference), want)
+    np.testing.assert_array_equal(np.sort(want, 1), np.sort(moved, 1))  # a permutation of each row
+    for row in range(moved.shape[0]):  # every copy the reference can get sits in its slot
+      held = ((reference[row] >= 0) & (want[row] == reference[row])).sum()
+      assert held == sum(min((moved[row] == v).sum(), (reference[row] == v).sum()) for v in set(reference[row]) - {-1})
+
+
+@pytest.mark.parametrize("num_slots", [3, 16, 17, 65])
+def test_device_first_mask_is_the_first_copy_per_device(num_slots):
+  rng = np.random.default_rng(num_slots)
+  se = rng.integers(-1, num_slots, (5, 3, num_slots))
+  want = np.zeros(se.shape, bool)
+  for b, d in np.ndindex(se.shape[:2]):
+    seen = set()
+    for s in range(num_slots):
+      want[b, d, s] = se[b, d, s] >= 0 and se[b, d, s] not in seen
+      seen.add(se[b, d, s])
+  np.testing.assert_array_equal(slots.device_first_mask(se), want)

@@ -33,6 +33,11 @@ def stable_argsort(keys_BxN: np.ndarray) -> np.ndarray:
   return np.argsort(keys_BxN, axis=1, kind="stable")
 
 
+# device_first_mask: pairwise comparisons up to this many slots per device, a sort beyond (measured
+# on one core: pairwise 0.3 ms at S=3 where the sort takes 13; 5.7 ms at S=65 where it takes 0.08).
+PAIRWISE_MAX_SLOTS = 16
+
+
 def first_copy_mask(slot_expert_BxG: np.ndarray, order_G: np.ndarray | None = None) -> np.ndarray:
   """bool [B, G]: the first slot holding each expert when slots are visited in `order_G` (default g)."""
   order_G = np.arange(slot_expert_BxG.shape[1]) if order_G is None else order_G
@@ -52,9 +57,12 @@ def first_copy_mask(slot_expert_BxG: np.ndarray, order_G: np.ndarray | None = No
 def device_first_mask(slot_expert_BxDxS: np.ndarray) -> np.ndarray:
   """bool [B, D, S]: the first slot of each expert on its device (a same-device duplicate adds nothing)."""
   se = slot_expert_BxDxS
+  num_slots = se.shape[-1]
+  if num_slots > PAIRWISE_MAX_SLOTS:  # S^2 / 2 comparisons would each cost a numpy call
+    return first_copy_mask(se.reshape(-1, num_slots)).reshape(se.shape)
   first = se >= 0
-  # Pairwise over the few slots of a device: cheaper than comparisons reduced over a tiny axis.
-  for j in range(1, se.shape[-1]):
+  # Pairwise over the few slots of a device: cheaper than a sort per device.
+  for j in range(1, num_slots):
     for i in range(j):
       first[..., j] &= se[..., i] != se[..., j]
   return first
