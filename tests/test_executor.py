@@ -139,6 +139,18 @@ def test_each_micro_step_gets_its_own_capacity_and_each_compiles_once(step_input
   assert sorted(traces) == sorted(set(step.capacity_M))
 
 
+def test_accumulators_are_zero_filled_where_they_live(step_inputs):
+  """No device-to-device copy: each shard is filled on its own device (eager zeros_like is not)."""
+  _, _, _, executor = step_inputs
+  with jax.transfer_guard_device_to_device("disallow"):
+    acc = executor.zero_accumulators(executor.params)
+    jax.block_until_ready(acc)
+    with pytest.raises(Exception, match="Disallowed device-to-device transfer"):
+      jax.block_until_ready(accumulators(executor.params))
+  for a, p in zip(jax.tree.leaves(acc), jax.tree.leaves(executor.params)):
+    assert a.sharding == p.sharding and a.dtype == jnp.promote_types(p.dtype, jnp.float32) and not a.any()
+
+
 def test_low_precision_gradients_accumulate_in_float32():
   tree = {"w": jnp.ones((2, 3), jnp.bfloat16), "f": jnp.ones(2), "i": jnp.ones(2, jnp.int32)}
   acc = accumulators(tree)
