@@ -17,13 +17,15 @@
 #   bash benchmarks/gpu_run.sh 10  # ~5 min: the multi-GPU tests, then MoE step EP=2 for live, eplb_history and
 #                                  #   foremoe_prefetch (GPUs 0,1)
 #   bash benchmarks/gpu_run.sh 11  # ~8 min, 2 GPUs: kernel GPU tests (GPU 1) | kernel sweep (GPU 0)
+#   bash benchmarks/gpu_run.sh 12  # ~8 min, 2 GPUs: MoE step EP=2, six policies, traces of foremoe and ideal
+#   bash benchmarks/gpu_run.sh 13  # ~7 min, 2 GPUs: multi-GPU tests, planner speed on this host, RL step gpu_2 cut
 #   bash benchmarks/gpu_run.sh 5   # ~1.5 min: one foremoe step at EP=4 with XLA's optimized HLO of the micro-step
 #                                  #   program dumped (names the fusions in the trace summaries)
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
 # python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
 # BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
 set -u
-PHASE=${1:?phase 1 to 11}
+PHASE=${1:?phase 1 to 13}
 OUT=${OUT:-/tmp/foremoe_bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
@@ -125,6 +127,22 @@ case $PHASE in
   note "kernels exit $?"
   wait $TESTS; note "pytest exit $?"
   tail -n 3 "$OUT/pytest_gpu.txt"; grep -h "TUNED\|tile table\|ours fwd \|example fwd " "$OUT/kernels.log" | cut -c1-200
+  ;;
+12)
+  moe 2 520 400 --policies static ideal foremoe eplb_step live eplb_history --trace-policies foremoe ideal
+  grep -h "^| \|^D=2 [a-z_]* *step" "$OUT/moe_step_D2.log" | cut -c1-200
+  ;;
+13)
+  timeout 170 $PY -m pytest -q -m gpu tests/test_dispatch_gpu.py tests/test_executor_gpu.py -p no:cacheprovider \
+    > "$OUT/pytest_gpu_multi.txt" 2>&1
+  note "pytest (2 GPUs) exit $?"
+  timeout 60 $PY benchmarks/planner.py --speed --repeats 3 > "$OUT/planner_speed.log" 2>&1
+  note "planner speed exit $?"
+  timeout 300 $PY benchmarks/rl_step.py --config gpu_2 --repeats 2 --policies static,eplb_step,foremoe \
+    --set model.num_layers=2 --set rl.prompts_per_step=32 --set rl.group_size=4 --out "$OUT/rl_step.json" \
+    > "$OUT/rl_step.log" 2>&1
+  note "rl_step exit $?"
+  tail -n 3 "$OUT/pytest_gpu_multi.txt"; tail -n 4 "$OUT/planner_speed.log"; tail -n 8 "$OUT/rl_step.log"
   ;;
 3)
   # The full gpu_4 preset (12 layers, 2,048 sequences) printed nothing within 330 s on 4 x H200

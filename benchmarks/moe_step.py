@@ -21,9 +21,9 @@ right before its micro-step, the executor's default), foremoe_prefetch (the same
 the previous micro-step's program: what overlap is worth), and live (no foresight: before each micro-step the host waits for the device, plans that
 micro-step alone with eplb_microstep, builds its tables, moves home -> placement, computes and sends the
 gradients home; all of it timed). Every policy runs as the library runs it: `prepare_step`'s tables and
-its padded capacity, the step's exact need per (source, destination) bucketed (`executor.bucket`), so a
-balanced plan also shrinks the all-to-all; live gets the largest need over its micro-steps (it cannot
-change shapes between micro-steps without recompiling). `--trace-dir` adds a profiler trace of one
+each micro-step's padded capacity, its exact need per (source, destination) bucketed
+(`pairs.micro_capacities`), so a balanced micro-step also ships a smaller all-to-all (live too: it plans
+from that micro-step's routes). `--trace-dir` adds a profiler trace of one
 step per policy, summarised per GPU kernel (`trace_summary.py`).
 
     python benchmarks/moe_step.py --make-data --ep 2 4          # CPU, needs ../shared/traces
@@ -125,7 +125,7 @@ def run(args, num_devices: int) -> dict:
   from jax.sharding import PartitionSpec as P
 
   from foremoe_jax import MoEConfig
-  from foremoe_jax.executor import Executor, bucket, capacity_power_of_two, prepare_step
+  from foremoe_jax.executor import Executor, capacity_power_of_two, prepare_step
   from foremoe_jax.moe_stack import MoEStack
   from foremoe_jax.transfer import home_to_base_moves, moves_needed
 
@@ -176,10 +176,11 @@ def run(args, num_devices: int) -> dict:
   live_plans = [plan_step(counts[m:m + 1], pcfg("eplb_microstep")) for m in range(num_micro)]
   step_counts = {p: ideal_counts.get(p, counts) for p in plans}
 
-  # Live cannot change shapes between its micro-steps: one capacity and table sizes over all of them.
+  # Live sizes each micro-step's exchange to its need, as the others do (it plans from that micro-step's
+  # routes); its move tables get one size over all micro-steps, so new plans never recompile.
   live_loose = [prepare_step(p, counts[m:m + 1], E) for m, p in enumerate(live_plans)]
-  live_caps = dict(capacity=bucket(max(s.capacity for s in live_loose)),
-                   fill_capacity=max(s.fill_moves.send_DxRxK.shape[-1] for s in live_loose),
+  live_capacity_M = [s.capacity for s in live_loose]
+  live_caps = dict(fill_capacity=max(s.fill_moves.send_DxRxK.shape[-1] for s in live_loose),
                    base_capacity=capacity_power_of_two(max(1, *(
                        moves_needed(home_to_base_moves(p.base[l], E), num_devices)
                        for p in live_plans for l in range(num_layers)))))
@@ -243,7 +244,7 @@ def run(args, num_devices: int) -> dict:
 
   result = dict(D=num_devices, S=slots, E=E, k=K, hidden=args.hidden, expert_hidden=args.expert_hidden,
                 layers=num_layers, micro_steps=num_micro, tokens_per_device=tokens, trace_layers=args.trace_layers,
-                live_capacity=live_caps["capacity"], exchange=args.exchange[0],
+                live_capacity_M=live_capacity_M, exchange=args.exchange[0],
                 gmm_backend=args.gmm_backend or "default", dispatch_backend=args.dispatch_backend or "default",
                 plan_rates=dict(zip(("tflops", "link_gbs", "a2a_gbs"), args.plan_rates)),
                 warmup=args.warmup, repeats=args.repeats, policies={})
@@ -271,7 +272,8 @@ def run(args, num_devices: int) -> dict:
                                  / np.sum([p.device_load(counts[m:m + 1]).mean(-1).sum() for m, p in enumerate(lp)])),
                  planner_ms=float(np.median(live_plan_ms)), planner_on_critical_path=True,
                  max_load_sum=float(sum(p.device_load(counts[m:m + 1]).max(-1).sum() for m, p in enumerate(lp))),
-                 base_moves_remote=int(sum(remote_base_moves(p) for p in lp)), capacity=live_caps["capacity"])
+                 base_moves_remote=int(sum(remote_base_moves(p) for p in lp)), capacity=max(live_capacity_M),
+                 capacity_mean=float(np.mean(live_capacity_M)))
     else:
       step, batches_, prefetch = jobs[name]
       for _ in range(args.warmup):
@@ -287,7 +289,7 @@ def run(args, num_devices: int) -> dict:
       row = dict(imbalance=plan.imbalance(c), planner_ms=plan_ms.get(policy, 0.0), planner_on_critical_path=False,
                  max_load_sum=float(load.max(-1).sum()), moved_slots=int(step.moved_slots),
                  refilled_slots=int(step.refilled_slots), base_moves_remote=remote_base_moves(plan),
-                 capacity=step.capacity, prefetch=prefetch,
+                 capacity=step.capacity, capacity_mean=float(np.mean(step.capacity_M)), prefetch=prefetch,
                  dropped=int(np.sum(out["metrics"]["dropped"])), loss=out["loss"],
                  profile=profile(step, batches_, prefetch))
       if args.trace_dir and key in args.trace_policies:
@@ -311,17 +313,18 @@ def summary_rows(result: dict) -> list[dict]:
                      vs_static=st / t if st else np.nan, vs_eplb_step=eq / t if eq else np.nan,
                      to_ideal_pct=100 * (t / idl - 1) if idl else np.nan,
                      excess_removed_pct=100 * (st - t) / (st - idl) if st and idl and st != idl else np.nan,
-                     planner_ms=pol[name]["planner_ms"], capacity=pol[name].get("capacity", 0)))
+                     planner_ms=pol[name]["planner_ms"],
+                     capacity=pol[name].get("capacity_mean", pol[name].get("capacity", 0))))
   return rows
 
 
 def table(result: dict) -> str:
   head = (f"D={result['D']} S={result['S']} L={result['layers']} M={result['micro_steps']} "
           f"tok/dev={result['tokens_per_device']}\n")
-  lines = ["| policy | step ms | imbalance | capacity | x static | x eplb_step | vs ideal % | static excess removed % | "
+  lines = ["| policy | step ms | imbalance | mean capacity | x static | x eplb_step | vs ideal % | static excess removed % | "
            "planner ms |", "|---|---|---|---|---|---|---|---|---|"]
   for r in summary_rows(result):
-    lines.append(f"| {r['policy']} | {r['step_ms']:.2f} | {r['imbalance']:.4f} | {r['capacity']} | {r['vs_static']:.3f} | "
+    lines.append(f"| {r['policy']} | {r['step_ms']:.2f} | {r['imbalance']:.4f} | {r['capacity']:.0f} | {r['vs_static']:.3f} | "
                  f"{r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.2f} | {r['excess_removed_pct']:.1f} | "
                  f"{r['planner_ms']:.2f} |")
   return head + "\n".join(lines)

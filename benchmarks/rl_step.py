@@ -2,8 +2,8 @@
 
 Every policy runs the same step from the same parameters (reset after each run), so the rollout, its
 routes and the math are identical; only placements differ. One warm-up pass over all policies compiles
-every program (and fixes the padded capacity at the largest any policy needs), then `--repeats` measured
-passes; the table reports medians.
+every program (one per padded capacity a micro-step meets: each policy's exchange is sized to its own
+micro-steps' needs), then `--repeats` measured passes; the table reports medians.
 
   python benchmarks/rl_step.py --config gpu_4 --out $OUT/rl_step.json
   python benchmarks/rl_step.py --config cpu_tiny --set rl.prompts_per_step=16   # CPU smoke run
@@ -69,20 +69,21 @@ def main(argv=None):
     med = {k: float(np.median([r["seconds"][k] for r in records])) for k in records[0]["seconds"]}
     rows.append({"policy": policy, "seconds": med, "imbalance": records[0]["imbalance"][policy],
                  "planner_ms": float(np.median([r["planner_ms"] for r in records])),
-                 "micro_steps": records[0]["micro_steps"]})
+                 "micro_steps": records[0]["micro_steps"], "capacity_mean": records[0]["capacity_mean"]})
   result = {"config": args.config, "overrides": args.set, "devices": jax.device_count(),
             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "repeats": args.repeats,
-            "capacity": trainer.capacity, "rows": rows, "date": time.strftime("%Y-%m-%d")}
+            "capacities_compiled": len(trainer.capacities), "rows": rows, "date": time.strftime("%Y-%m-%d")}
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
   print(f"\nRL step, {args.config}, {result['devices']} x {result['device_kind']}, jax {jax.__version__}, "
-        f"median of {args.repeats}, {rows[0]['micro_steps']} micro-steps, capacity {trainer.capacity}")
-  print(f"{'policy':<14}{'imbalance':>10}{'planner ms':>12}{'rollout s':>11}{'plan wait s':>13}{'recompute s':>13}"
+        f"median of {args.repeats}, {rows[0]['micro_steps']} micro-steps, "
+        f"{len(trainer.capacities)} padded capacities compiled")
+  print(f"{'policy':<14}{'imbalance':>10}{'capacity':>10}{'planner ms':>12}{'rollout s':>11}{'plan wait s':>13}{'recompute s':>13}"
         f"{'update s':>10}{'total s':>9}")
   for r in rows:
     s = r["seconds"]
-    print(f"{r['policy']:<14}{r['imbalance']:>10.3f}{r['planner_ms']:>12.1f}{s['rollout']:>11.3f}"
+    print(f"{r['policy']:<14}{r['imbalance']:>10.3f}{r['capacity_mean']:>10.0f}{r['planner_ms']:>12.1f}{s['rollout']:>11.3f}"
           f"{s['plan_wait']:>13.3f}{s['recompute']:>13.3f}{s['update']:>10.3f}{s['total']:>9.3f}")
   return result
 

@@ -5,8 +5,8 @@ Model of one optimizer step (M micro-steps x L MoE layers), per policy:
       + 2 * moved rows * t_expert_move                  home->base + per-micro-step fills, gradients back
       + (live only) M * planner ms on the critical path
 t_pair = forward+backward FLOPs of one (token, expert) pair / the measured grouped-GEMM rate; C = the
-policy's padded capacity (rows per source-destination pair), so D*C rows arrive at every device and the
-all-to-alls, sorts and gathers scale with it; t_expert_move = the measured time to ppermute one 9.4 MB
+policy's padded capacity (rows per source-destination pair; each micro-step has its own, C is their
+mean), so D*C rows arrive at every device and the all-to-alls, sorts and gathers scale with it; t_expert_move = the measured time to ppermute one 9.4 MB
 expert; moved rows = the rows the exchange ships (measured runs: the remote base moves and filled
 slots; projection: the all_to_all exchange's K rows to every peer, see shipped_rows).
 Calibration (per measured EP size): other(D) and beta(D) solve two policies on the same real routes
@@ -38,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from foremoe_jax.executor import bucket  # noqa: E402
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step, traces  # noqa: E402
+from foremoe_jax.planner.pairs import micro_capacities  # noqa: E402
 from foremoe_jax.transfer import home_to_base_moves  # noqa: E402
 from moe_step import E, K, map_routes_64_to_128  # noqa: E402
 
@@ -62,6 +62,11 @@ def a2a_ms(d, capacity, hidden, gbs):
   return 4 * (d - 1) / d * d * capacity * hidden * 2 / (gbs * 1e9) * 1e3
 
 
+def capacity(policy_row: dict) -> float:
+  """A measured row's mean capacity over its micro-steps (runs before per-micro-step capacities had one)."""
+  return policy_row.get("capacity_mean", policy_row["capacity"])
+
+
 def calibrate(moe: dict, transfer: dict):
   """Per measured EP size: other, beta per (m, l); and the validation table."""
   fits, rows = {}, []
@@ -77,12 +82,12 @@ def calibrate(moe: dict, transfer: dict):
 
     # Two equations (static, eplb_step), two unknowns (other, beta):
     # t - GEMMs - transfers = M*L*(other + beta*D*C).
-    a = np.array([[ml, ml * d * pol[p]["capacity"]] for p in CALIBRATE])
+    a = np.array([[ml, ml * d * capacity(pol[p])] for p in CALIBRATE])
     other, beta = np.linalg.solve(a, [pol[p]["step_ms"] - pol[p]["max_load_sum"] * tp - transfer_ms(pol[p])
                                       for p in CALIBRATE])
     fits[d] = dict(other_ms=other, beta_ms_per_row=beta, tp_ms=tp, ml=ml, rates=r)
     for name, p in pol.items():
-      pred = p["max_load_sum"] * tp + ml * (other + beta * d * p["capacity"]) + transfer_ms(p)
+      pred = p["max_load_sum"] * tp + ml * (other + beta * d * capacity(p)) + transfer_ms(p)
       if name == "live":
         pred += p["planner_ms"]
       rows.append(dict(D=d, policy=name, measured_ms=p["step_ms"], predicted_ms=pred,
@@ -105,19 +110,19 @@ def trace_counts(pools, num_devices, tokens, micro_steps, layers, rng):
 
 
 def exchange_rows(plans, c_list, d):
-  """Per plan, from its (source, destination) pair counts [M, L, D, D]: (the padded need: the largest
-  pair; sum over (m, l) of the busiest receiver's rows; sum over (m, l) of the largest rows one device
-  sends or receives across devices), the last two summed over the plans."""
-  need, received, remote = 0, 0, 0
+  """From each plan's (source, destination) pair counts [M, L, D, D], summed over the plans: (the padded
+  capacities: each micro-step's largest pair, bucketed, over its layers; the busiest receiver's rows;
+  the largest rows one device sends or receives across devices), each summed over (m, l)."""
+  padded, received, remote = 0, 0, 0
   eye = np.eye(d, dtype=bool)
   for p, c in zip(plans, c_list):
     sp = p.slot_pairs(c)
     pair = sp.reshape(*sp.shape[:3], d, -1).sum(-1)  # [M, L, src, dst]
-    need = max(need, int(pair.max(initial=0)))
+    padded += int(micro_capacities(pair.max((2, 3))).sum()) * pair.shape[1]
     received += int(pair.sum(2).max(-1).sum())
     off = np.where(eye, 0, pair)
     remote += int(np.maximum(off.sum(3), off.sum(2)).max(-1).sum())
-  return need, received, remote
+  return padded, received, remote
 
 
 def project(args, fits):
@@ -136,7 +141,7 @@ def project(args, fits):
     gbs = args.a2a_gbs if d <= 8 else args.ib_gbs
     move_ms = r["move_ms"] * (1 if d <= 8 else r["link_gbs"] / args.ib_gbs)
     # The planners price moves, compute and the all-to-all at the simulated machine's rates, and
-    # foremoe plans the bytes-exact variant for a ragged exchange (no step-wide capacity).
+    # foremoe plans the bytes-exact variant for a ragged exchange (no padded capacity).
     cost = CostModel(matmul_flops_per_s=r["tflops"] * 1e12, link_bytes_per_s=CostModel().expert_bytes / move_ms * 1e3,
                      a2a_bytes_per_s=gbs * 1e9)
     ragged = dataclasses.replace(cost, padded_a2a=False)
@@ -145,14 +150,14 @@ def project(args, fits):
       """(imbalance, padded ms, bytes-exact ms, capacity, remote base moves, shipped rows) of a step."""
       max_load = sum(p.device_load(c).max(-1).sum() for p, c in zip(plans, c_list))
       mean_load = sum(p.device_load(c).mean(-1).sum() for p, c in zip(plans, c_list))
-      need, received, remote = exchange_rows(plans, c_list, d)
+      padded, received, remote = exchange_rows(plans, c_list, d)
       shipped, exact, moves = shipped_rows(plans, d, args.layers)
       # Fills: the all_to_all exchange sends K = 1 row to every peer, in every layer of a micro-step
       # whose placement differs from the base somewhere (weights in; gradients back: the factor 2 below).
       shipped += int(np.sum(sum(p.moved_mask().any((1, 2, 3)) for p in plans))) * args.layers * (d - 1)
       exact += int((sum(p.moved_mask().sum(-1) for p in plans) > 0).any(-1).sum())
       ml = args.micro_steps * args.layers
-      cap = bucket(need)
+      cap = padded / ml  # the mean capacity
       slower_a2a = a2a_ms(d, cap, 2048, gbs) - a2a_ms(d, cap, 2048, args.a2a_gbs)  # 0 inside a node
       t = max_load * tp + ml * (other + beta * d * cap + slower_a2a) + 2 * shipped * move_ms
       # Bytes-exact exchange: each (m, l) waits for its busiest receiver's rows and busiest cross-device
@@ -281,12 +286,12 @@ def main():
 
 def projection_table(rows) -> str:
   lines = ["| D | policy | imbalance | padded ms | x static | x eplb_step | vs ideal % | bytes-exact ms | x static | "
-           "x eplb_step | vs ideal % | capacity | planner ms (host, step) |", "|" + "---|" * 13]
+           "x eplb_step | vs ideal % | mean capacity | planner ms (host, step) |", "|" + "---|" * 13]
   imbalance = lambda r: f"{r['imbalance']:.4f}" + (  # noqa: E731
       f" / {r['exact_imbalance']:.4f}" if abs(r.get("exact_imbalance", r["imbalance"]) - r["imbalance"]) > 1e-9 else "")
   lines += [f"| {r['D']} | {r['policy']} | {imbalance(r)} | {r['step_ms']:.0f} | {r['vs_static']:.3f} | "
             f"{r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.1f} | {r['exact_ms']:.0f} | {r['exact_vs_static']:.3f} | "
-            f"{r['exact_vs_eplb_step']:.3f} | {r['exact_to_ideal_pct']:+.1f} | {r['capacity']} | {r['planner_ms']:.0f} |"
+            f"{r['exact_vs_eplb_step']:.3f} | {r['exact_to_ideal_pct']:+.1f} | {r['capacity']:.0f} | {r['planner_ms']:.0f} |"
             for r in rows]
   return "\n".join(lines)
 
@@ -311,12 +316,12 @@ def markdown(doc: dict, errs: list[float]) -> str:
             "## Projection (cost model only, NOT measured)", "",
             f"Settings: `{json.dumps({k: doc['args'][k] for k in ('ep', 'tokens', 'micro_steps', 'layers', 'a2a_gbs', 'ib_gbs')})}`;",
             "all-to-all at the measured rate up to 8 GPUs and the assumed `ib_gbs` beyond. Two exchanges:",
-            "**padded** is what JAX runs today (token all-to-all padded to the step's capacity, moved experts",
+            "**padded** is what JAX runs today (token all-to-all padded to each micro-step's capacity, moved experts",
             "sent by the `all_to_all` exchange: K rows to every peer in every layer); **bytes-exact** charges",
             "only the rows that exist (a ragged token exchange at the padded one's bandwidth, experts sent to",
             "their destination only): an assumption, since XLA's `ragged_all_to_all` is 7-16x slower today.",
             "Every planner is given the simulated machine's rates; for the bytes-exact variant foremoe plans",
-            "for a ragged exchange (`CostModel(padded_a2a=False)`: no step-wide capacity), its imbalance then",
+            "for a ragged exchange (`CostModel(padded_a2a=False)`: no padded capacity), its imbalance then",
             "shown after a slash.", "", projection_table(doc["projection"])]
   return "\n".join(lines) + "\n"
 

@@ -6,7 +6,9 @@ Sums each device event's duration by name on the first GPU's tracks and by a coa
 matmul, all-to-all, ppermute, sort, gather/scatter, other), so a benchmark can say where a step's
 time goes without a trace viewer. Overlapping streams are summed, so totals can exceed wall time;
 `busy_ms` (the union of the GPU's event intervals) against `span_ms` (first start to last end) says how
-long that GPU sat idle within the traced step.
+long that GPU sat idle within the traced step. Where the profiler tags events with their XLA program and
+HLO op (`hlo_module`, `hlo_op` args), time is also summed per program (each GPU) and per op (first GPU),
+so a kernel such as a peer memcpy can be traced to the program and op that issued it.
 """
 from __future__ import annotations
 
@@ -51,6 +53,11 @@ def busy_and_span_ms(spans_us: list[tuple[float, float]]) -> tuple[float, float]
   return busy / 1e3, span / 1e3
 
 
+def program_of(event: dict) -> str:
+  """The XLA program an event ran in, without its unique-id suffix ("jit_f(12)" -> "jit_f"); "?" if untagged."""
+  return str(event.get("args", {}).get("hlo_module", "?")).split("(")[0]
+
+
 def summarize(directory, top: int = 25) -> dict:
   events = load_events(pathlib.Path(directory))
   names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
@@ -59,24 +66,34 @@ def summarize(directory, top: int = 25) -> dict:
   if not gpus:
     return {"error": f"no GPU process in the trace; processes: {sorted(set(names.values()))[:10]}"}
   gpu_of = {pid: i for i, (_, pid) in enumerate(gpus)}
-  by_name, count = collections.Counter(), collections.Counter()
+  by_name, count, by_op = collections.Counter(), collections.Counter(), collections.Counter()
+  longest = []  # the first GPU's longest single events, with their args (sizes of copies, ops)
   by_class = [collections.Counter() for _ in gpus]
+  by_program = [collections.Counter() for _ in gpus]
   spans = [[] for _ in gpus]
   for e in events:
     i = gpu_of.get(e.get("pid"))
     if i is not None and e.get("ph") == "X" and "dur" in e:
       by_class[i][classify(e["name"])] += e["dur"] / 1e3
+      by_program[i][program_of(e)] += e["dur"] / 1e3
       spans[i].append((e["ts"], e["ts"] + e["dur"]))
       if i == 0:
         by_name[e["name"]] += e["dur"] / 1e3
         count[e["name"]] += 1
+        longest.append((e["dur"] / 1e3, e["name"][:60], json.dumps(e.get("args", {}))[:300]))
+        op = e.get("args", {}).get("hlo_op")
+        if op:
+          by_op[f"{program_of(e)}/{op} [{e['name'][:40]}]"] += e["dur"] / 1e3
   busy_ms, span_ms = busy_and_span_ms(spans[0])
   # The first GPU in detail; every GPU's busy time and classes, since the busiest one sets the pace.
   return {"device": gpus[0][0], "total_ms": sum(by_class[0].values()), "busy_ms": busy_ms, "span_ms": span_ms,
           "by_class_ms": dict(by_class[0].most_common()),
           "top_ms": [(n, round(t, 3), count[n]) for n, t in by_name.most_common(top)],
-          "by_gpu": [{"device": name, "busy_ms": busy_and_span_ms(sp)[0], "by_class_ms": dict(c.most_common())}
-                     for (name, _), c, sp in zip(gpus, by_class, spans)]}
+          "top_ops_ms": [(n, round(t, 3)) for n, t in by_op.most_common(top)],
+          "longest_events": [(round(ms, 3), name, args) for ms, name, args in sorted(longest, reverse=True)[:8]],
+          "by_gpu": [{"device": name, "busy_ms": busy_and_span_ms(sp)[0], "by_class_ms": dict(c.most_common()),
+                      "by_program_ms": {k: round(v, 3) for k, v in prog.most_common()}}
+                     for (name, _), c, sp, prog in zip(gpus, by_class, spans, by_program)]}
 
 
 def format_summary(summary: dict) -> str:
@@ -86,6 +103,10 @@ def format_summary(summary: dict) -> str:
            f"{summary['span_ms']:.1f} ms"]
   lines += [f"  {cls:16s} {ms:9.2f} ms" for cls, ms in summary["by_class_ms"].items()]
   lines += [f"  {ms:9.3f} ms  x{n:<5d} {name[:110]}" for name, ms, n in summary["top_ms"]]
+  lines += [f"  op {ms:9.3f} ms  {name[:120]}" for name, ms in summary.get("top_ops_ms", [])]
+  lines += [f"  longest {ms:9.3f} ms  {name} {args[:150]}" for ms, name, args in summary.get("longest_events", [])]
+  lines += [f"{g['device']} programs: " + ", ".join(f"{p} {ms:.1f}" for p, ms in g.get("by_program_ms", {}).items())
+            for g in summary.get("by_gpu", [])]
   lines += [f"{g['device']}: busy {g['busy_ms']:.1f} ms; " + ", ".join(f"{c} {ms:.1f}" for c, ms in g["by_class_ms"].items())
             for g in summary.get("by_gpu", [])[1:]]
   return "\n".join(lines)
