@@ -3,6 +3,7 @@ import dataclasses
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -93,3 +94,22 @@ def test_bad_rl_config_is_refused():
     RLConfig(prompts_per_step=3, group_size=1).validate(8)
   with pytest.raises(ValueError, match="rl.steps=0"):
     RLConfig(steps=0).validate(8)
+
+
+def test_first_mini_batch_recomputed_at_home_gives_the_same_step(tmp_path):
+  """rl.home_first_recompute: the first mini-batch's old log-probs come from the home layout while its
+  plan is made; the step (loss, parameters) equals the one that waits for the plan."""
+  trainer = tiny_setup(tmp_path, steps=1)
+  initial = jax.tree.map(jnp.copy, (trainer.executor.params, trainer.executor.opt_state))
+  home, calls, records, params = trainer.home_tables, [], [], []
+  trainer.home_tables = lambda counts: calls.append(1) or home(counts)
+  for home_first in (True, False):
+    trainer.rl = dataclasses.replace(trainer.rl, home_first_recompute=home_first)
+    trainer.executor.params, trainer.executor.opt_state = jax.tree.map(jnp.copy, initial)
+    trainer.history = None
+    records.append(trainer.step(0))
+    params.append(jax.tree.map(np.asarray, trainer.executor.params))
+  assert len(calls) == 1  # only the first run, once
+  np.testing.assert_allclose(records[0]["loss"], records[1]["loss"], rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -21,6 +21,9 @@ class RLConfig:
   kl_coef: float = 0.0  # > 0: KL to the SFT policy (k3 estimator)
   lr: float = 3e-4
   policy: str = "foremoe"  # placement policy of the recompute and update stages
+  # Recompute the first mini-batch in the home layout rather than wait for its plan: planning starts when
+  # the rollout ends, so that plan is never ready in time; any layout gives the same log-probs.
+  home_first_recompute: bool = True
   # The planner's cost model (per device; the expert's shape comes from the model). Defaults: one H100
   # of an NVLink node. A move pays only where it saves ~bytes*flops/(3*link) pairs on the busiest device.
   plan_matmul_tflops: float = 400.0  # grouped GEMM rate

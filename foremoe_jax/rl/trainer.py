@@ -173,16 +173,21 @@ class GRPOTrainer:
     times["postprocess"] = time.perf_counter() - tic
     self.history = planned[-1][0]
 
-    # Recompute: each mini-batch as soon as its plan is ready; time spent waiting for plans is plan_wait.
+    # Recompute: each mini-batch as soon as its plan is ready (the first, by default, in the home layout:
+    # the same log-probs, no wait); time spent waiting for plans is plan_wait.
     tic, waited = time.perf_counter(), 0.0
     per_mb = len(batches) // rl.num_minibatches
     groups = []
     for i, future in enumerate(futures):
+      micro_batches = batches[i * per_mb:(i + 1) * per_mb]
+      if i == 0 and rl.home_first_recompute:
+        self.attach_logprobs(micro_batches, self.home_tables(planned[0][0]))
       wait = time.perf_counter()
       tables, _ = future.result()
       waited += time.perf_counter() - wait
-      groups.append((batches[i * per_mb:(i + 1) * per_mb], tables))
-      self.attach_logprobs(*groups[-1])
+      groups.append((micro_batches, tables))
+      if i > 0 or not rl.home_first_recompute:
+        self.attach_logprobs(*groups[-1])
     times["plan_wait"], times["recompute"] = waited, time.perf_counter() - tic - waited
     planner_s = sum(f.result()[1] for f in futures)
     capacity_M = [c for _, t in groups for c in t.capacity_M]
@@ -202,6 +207,11 @@ class GRPOTrainer:
             "imbalance_sums": imbalance_sums, "imbalance_per_micro_step": per_micro_step,
             "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates)),
             "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.capacities)}
+
+  def home_tables(self, counts_MxLxDxE):
+    """StepTables of the home layout (no plan to wait for; the static policy's tables)."""
+    home = dataclasses.replace(self.plan_cfg, policy="static")
+    return prepare_step(plan_step(counts_MxLxDxE, home), counts_MxLxDxE, home.num_experts)
 
   def attach_logprobs(self, micro_batches: list[dict], tables) -> None:
     """Recompute: old (and reference) log-probs under replayed routes, forward only."""
