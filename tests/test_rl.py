@@ -13,7 +13,7 @@ from foremoe_jax.mesh import make_mesh
 from foremoe_jax.model import Model
 from foremoe_jax.rl.config import RLConfig
 from foremoe_jax.rl.microbatch import build_step_batches, spread_routes, with_advantages
-from foremoe_jax.rl.trainer import GRPOTrainer, plan_minibatch, policy_report
+from foremoe_jax.rl.trainer import GRPOTrainer, format_record, plan_minibatch, policy_report
 from foremoe_jax.sft import make_task
 
 
@@ -110,6 +110,8 @@ def test_first_mini_batch_recomputed_at_home_gives_the_same_step(tmp_path):
     records.append(trainer.step(0))
     params.append(jax.tree.map(np.asarray, trainer.executor.params))
   assert len(calls) == 1  # only the first run, once
+  assert records[0]["new_capacities"] and records[1]["new_capacities"] == []  # compiled once, then reused
+  assert "compiled for new padded capacities" in format_record(0, records[0], "foremoe")
   np.testing.assert_allclose(records[0]["loss"], records[1]["loss"], rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

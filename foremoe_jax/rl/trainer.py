@@ -177,11 +177,13 @@ class GRPOTrainer:
     # the same log-probs, no wait); time spent waiting for plans is plan_wait.
     tic, waited = time.perf_counter(), 0.0
     per_mb = len(batches) // rl.num_minibatches
-    groups = []
+    groups, compiled_M = [], []
     for i, future in enumerate(futures):
       micro_batches = batches[i * per_mb:(i + 1) * per_mb]
       if i == 0 and rl.home_first_recompute:
-        self.attach_logprobs(micro_batches, self.home_tables(planned[0][0]))
+        home = self.home_tables(planned[0][0])
+        compiled_M += home.capacity_M
+        self.attach_logprobs(micro_batches, home)
       wait = time.perf_counter()
       tables, _ = future.result()
       waited += time.perf_counter() - wait
@@ -191,7 +193,9 @@ class GRPOTrainer:
     times["plan_wait"], times["recompute"] = waited, time.perf_counter() - tic - waited
     planner_s = sum(f.result()[1] for f in futures)
     capacity_M = [c for _, t in groups for c in t.capacity_M]
-    self.capacities.update(capacity_M)
+    compiled_M += capacity_M
+    new_capacities = sorted(set(compiled_M) - self.capacities)  # their programs compile in this step
+    self.capacities.update(compiled_M)
 
     tic = time.perf_counter()
     updates = [self.executor.train_step(mb, tables) for _ in range(rl.ppo_epochs) for mb, tables in groups]
@@ -206,7 +210,8 @@ class GRPOTrainer:
             "imbalance": {p: a / b for p, (a, b) in imbalance_sums.items()},
             "imbalance_sums": imbalance_sums, "imbalance_per_micro_step": per_micro_step,
             "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates)),
-            "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.capacities)}
+            "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.capacities),
+            "new_capacities": new_capacities}
 
   def home_tables(self, counts_MxLxDxE):
     """StepTables of the home layout (no plan to wait for; the static policy's tables)."""
@@ -249,8 +254,10 @@ def format_record(step: int, record: dict, policy: str) -> str:
   secs = record["seconds"]
   stages = " ".join(f"{k} {secs[k]:.2f}s" for k in STAGES)
   imb = " ".join(f"{p}{'*' if p == policy else ''} {v:.3f}" for p, v in record["imbalance"].items())
+  compiled = (f" | compiled for new padded capacities {record['new_capacities']}"
+              if record.get("new_capacities") else "")
   return (f"rl step {step}: reward {record['reward']:.3f} kl {record['kl']:.4f} | {stages} "
-          f"(planner {record['planner_ms']:.1f} ms) | imbalance {imb}")
+          f"(planner {record['planner_ms']:.1f} ms) | imbalance {imb}{compiled}")
 
 
 def summarize(records: list[dict], policy: str) -> dict:
