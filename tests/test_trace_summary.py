@@ -33,6 +33,25 @@ def test_summary_per_class_and_per_gpu(tmp_path):
   assert "/device:GPU:1: busy 4.5 ms" in trace_summary.format_summary(s)
 
 
+def test_summary_per_program_and_op(tmp_path):
+  def x(pid, name, dur, module=None, op=None):
+    args = {k: v for k, v in (("hlo_module", module), ("hlo_op", op)) if v}
+    return {"ph": "X", "pid": pid, "name": name, "ts": 0, "dur": dur, "args": args}
+  write_trace(tmp_path, [
+      x(7, "MemcpyP2P", 3000, "jit__micro_fn(4)", "all-to-all.2"), x(7, "MemcpyP2P", 1000, "jit__micro_fn(9)",
+                                                                      "all-to-all.2"),
+      x(7, "loop_add_fusion", 500, "jit__finish_fn(1)", "add.3"), x(7, "untagged", 250),
+      x(9, "ncclDevKernel_SendRecv", 2000, "jit__micro_fn(4)", "all-to-all.2")])
+  s = trace_summary.summarize(tmp_path)
+  assert s["by_gpu"][0]["by_program_ms"] == {"jit__micro_fn": 4.0, "jit__finish_fn": 0.5, "?": 0.25}
+  assert s["by_gpu"][1]["by_program_ms"] == {"jit__micro_fn": 2.0}
+  assert s["top_ops_ms"] == [("jit__micro_fn/all-to-all.2 [MemcpyP2P]", 4.0), ("jit__finish_fn/add.3 [loop_add_fusion]", 0.5)]
+  assert "jit__micro_fn 4.0" in trace_summary.format_summary(s)
+  assert [(ms, name) for ms, name, _ in s["longest_events"]] == [(3.0, "MemcpyP2P"), (1.0, "MemcpyP2P"),
+                                                                  (0.5, "loop_add_fusion"), (0.25, "untagged")]
+  assert '"hlo_op": "all-to-all.2"' in s["longest_events"][0][2]
+
+
 def test_summary_without_gpu_says_so(tmp_path):
   write_trace(tmp_path, [], processes=((1, "/host:CPU"),))
   assert "no GPU process" in trace_summary.summarize(tmp_path)["error"]
