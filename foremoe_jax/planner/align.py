@@ -24,9 +24,8 @@ def overlap_counts(placement_BxDxS: np.ndarray, reference_BxDxS: np.ndarray, num
   ref_holds_BxExD = np.zeros((batch, num_experts + 1, num_devices), np.uint8)
   ref_holds_BxExD[rows, reference_BxDxS, np.arange(num_devices)[None, :, None]] = 1  # -1: the spare row
   ref_holds_BxExD[:, num_experts] = 0
-  # Each expert once per device: sorted slots, repeats sent to the spare row.
-  experts = np.sort(placement_BxDxS, axis=-1)
-  experts[..., 1:][experts[..., 1:] == experts[..., :-1]] = -1
+  # Each expert once per device: repeats (and empty slots) go to the spare row.
+  experts = np.where(slots.device_first_mask(placement_BxDxS), placement_BxDxS, -1)
   return ref_holds_BxExD[rows, experts].sum(2, dtype=np.float64)
 
 
@@ -66,14 +65,9 @@ def align_placement(placement_BxDxS: np.ndarray, reference_BxDxS: np.ndarray, nu
 
 def _occurrence(row_RxS: np.ndarray) -> np.ndarray:
   """int [R, S]: how many earlier slots of its row hold the same value."""
-  order = slots.stable_argsort(row_RxS)
-  sorted_RxS = np.take_along_axis(row_RxS, order, axis=1)
-  position = np.broadcast_to(np.arange(row_RxS.shape[1]), row_RxS.shape)
-  begins = np.ones(row_RxS.shape, bool)
-  begins[:, 1:] = sorted_RxS[:, 1:] != sorted_RxS[:, :-1]
-  rank_sorted = position - np.maximum.accumulate(np.where(begins, position, 0), axis=1)
-  rank = np.empty_like(rank_sorted)
-  np.put_along_axis(rank, order, rank_sorted, axis=1)
+  order, start = slots.expert_segments(row_RxS)
+  rank = np.empty_like(order)
+  np.put_along_axis(rank, order, np.arange(row_RxS.shape[1]) - start, axis=1)
   return rank
 
 
