@@ -180,7 +180,8 @@ class GRPOTrainer:
     groups, compiled_M = [], []
     for i, future in enumerate(futures):
       micro_batches = batches[i * per_mb:(i + 1) * per_mb]
-      if i == 0 and rl.home_first_recompute:
+      at_home = i == 0 and rl.home_first_recompute
+      if at_home:
         home = self.home_tables(planned[0][0])
         compiled_M += home.capacity_M
         self.attach_logprobs(micro_batches, home)
@@ -188,8 +189,8 @@ class GRPOTrainer:
       tables, _ = future.result()
       waited += time.perf_counter() - wait
       groups.append((micro_batches, tables))
-      if i > 0 or not rl.home_first_recompute:
-        self.attach_logprobs(*groups[-1])
+      if not at_home:
+        self.attach_logprobs(micro_batches, tables)
     times["plan_wait"], times["recompute"] = waited, time.perf_counter() - tic - waited
     planner_s = sum(f.result()[1] for f in futures)
     capacity_M = [c for _, t in groups for c in t.capacity_M]
