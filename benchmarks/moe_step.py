@@ -321,11 +321,11 @@ def summary_rows(result: dict) -> list[dict]:
 def table(result: dict) -> str:
   head = (f"D={result['D']} S={result['S']} L={result['layers']} M={result['micro_steps']} "
           f"tok/dev={result['tokens_per_device']}\n")
-  lines = ["| policy | step ms | imbalance | mean capacity | x static | x eplb_step | vs ideal % | static excess removed % | "
-           "planner ms |", "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| policy | step ms | imbalance | mean capacity | x static | x eplb_step | vs ideal % | "
+           "static excess removed % | planner ms |", "|---|---|---|---|---|---|---|---|---|"]
   for r in summary_rows(result):
-    lines.append(f"| {r['policy']} | {r['step_ms']:.2f} | {r['imbalance']:.4f} | {r['capacity']:.0f} | {r['vs_static']:.3f} | "
-                 f"{r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.2f} | {r['excess_removed_pct']:.1f} | "
+    lines.append(f"| {r['policy']} | {r['step_ms']:.2f} | {r['imbalance']:.4f} | {r['capacity']:.0f} | "
+                 f"{r['vs_static']:.3f} | {r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.2f} | {r['excess_removed_pct']:.1f} | "
                  f"{r['planner_ms']:.2f} |")
   return head + "\n".join(lines)
 

@@ -79,12 +79,12 @@ def main(argv=None):
   print(f"\nRL step, {args.config}, {result['devices']} x {result['device_kind']}, jax {jax.__version__}, "
         f"median of {args.repeats}, {rows[0]['micro_steps']} micro-steps, "
         f"{len(trainer.capacities)} padded capacities compiled")
-  print(f"{'policy':<14}{'imbalance':>10}{'capacity':>10}{'planner ms':>12}{'rollout s':>11}{'plan wait s':>13}{'recompute s':>13}"
-        f"{'update s':>10}{'total s':>9}")
+  print(f"{'policy':<14}{'imbalance':>10}{'capacity':>10}{'planner ms':>12}{'rollout s':>11}{'plan wait s':>13}"
+        f"{'recompute s':>13}{'update s':>10}{'total s':>9}")
   for r in rows:
     s = r["seconds"]
-    print(f"{r['policy']:<14}{r['imbalance']:>10.3f}{r['capacity_mean']:>10.0f}{r['planner_ms']:>12.1f}{s['rollout']:>11.3f}"
-          f"{s['plan_wait']:>13.3f}{s['recompute']:>13.3f}{s['update']:>10.3f}{s['total']:>9.3f}")
+    print(f"{r['policy']:<14}{r['imbalance']:>10.3f}{r['capacity_mean']:>10.0f}{r['planner_ms']:>12.1f}"
+          f"{s['rollout']:>11.3f}{s['plan_wait']:>13.3f}{s['recompute']:>13.3f}{s['update']:>10.3f}{s['total']:>9.3f}")
   return result
 
 

@@ -6,8 +6,8 @@ Model of one optimizer step (M micro-steps x L MoE layers), per policy:
       + (live only) M * planner ms on the critical path
 t_pair = forward+backward FLOPs of one (token, expert) pair / the measured grouped-GEMM rate; C = the
 policy's padded capacity (rows per source-destination pair; each micro-step has its own, C is their
-mean), so D*C rows arrive at every device and the all-to-alls, sorts and gathers scale with it; t_expert_move = the measured time to ppermute one 9.4 MB
-expert; moved rows = the rows the exchange ships (measured runs: the remote base moves and filled
+mean), so D*C rows arrive at every device and the all-to-alls, sorts and gathers scale with it;
+t_expert_move = the measured time to ppermute one 9.4 MB expert; moved rows = the rows the exchange ships (measured runs: the remote base moves and filled
 slots; projection: the all_to_all exchange's K rows to every peer, see shipped_rows).
 Calibration (per measured EP size): other(D) and beta(D) solve two policies on the same real routes
 with different capacities (static, eplb_step; eplb_step's base moves are charged by the transfer
