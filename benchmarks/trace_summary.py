@@ -67,6 +67,7 @@ def summarize(directory, top: int = 25) -> dict:
     return {"error": f"no GPU process in the trace; processes: {sorted(set(names.values()))[:10]}"}
   gpu_of = {pid: i for i, (_, pid) in enumerate(gpus)}
   by_name, count, by_op = collections.Counter(), collections.Counter(), collections.Counter()
+  ops_by_program = collections.defaultdict(collections.Counter)  # the first GPU's ops within each program
   longest = []  # the first GPU's longest single events, with their args (sizes of copies, ops)
   by_class = [collections.Counter() for _ in gpus]
   by_program = [collections.Counter() for _ in gpus]
@@ -84,6 +85,7 @@ def summarize(directory, top: int = 25) -> dict:
         op = e.get("args", {}).get("hlo_op")
         if op:
           by_op[f"{program_of(e)}/{op} [{e['name'][:40]}]"] += e["dur"] / 1e3
+          ops_by_program[program_of(e)][f"{op} [{e['name'][:40]}]"] += e["dur"] / 1e3
   busy_ms, span_ms = busy_and_span_ms(spans[0])
   # The first GPU in detail; every GPU's busy time and classes, since the busiest one sets the pace.
   return {"device": gpus[0][0], "total_ms": sum(by_class[0].values()), "busy_ms": busy_ms, "span_ms": span_ms,
@@ -91,6 +93,9 @@ def summarize(directory, top: int = 25) -> dict:
           "top_ms": [(n, round(t, 3), count[n]) for n, t in by_name.most_common(top)],
           "top_ops_ms": [(n, round(t, 3)) for n, t in by_op.most_common(top)],
           "longest_events": [(round(ms, 3), name, args) for ms, name, args in sorted(longest, reverse=True)[:8]],
+          # the small programs (base transfer, update) drown in the micro-steps' list above
+          "program_top_ops_ms": {p: [(n, round(t, 3)) for n, t in ops.most_common(8)]
+                                 for p, ops in ops_by_program.items()},
           "by_gpu": [{"device": name, "busy_ms": busy_and_span_ms(sp)[0], "by_class_ms": dict(c.most_common()),
                       "by_program_ms": {k: round(v, 3) for k, v in prog.most_common()}}
                      for (name, _), c, sp, prog in zip(gpus, by_class, spans, by_program)]}
@@ -104,6 +109,8 @@ def format_summary(summary: dict) -> str:
   lines += [f"  {cls:16s} {ms:9.2f} ms" for cls, ms in summary["by_class_ms"].items()]
   lines += [f"  {ms:9.3f} ms  x{n:<5d} {name[:110]}" for name, ms, n in summary["top_ms"]]
   lines += [f"  op {ms:9.3f} ms  {name[:120]}" for name, ms in summary.get("top_ops_ms", [])]
+  lines += [f"  {program} op {ms:9.3f} ms  {name[:100]}" for program, ops in summary.get("program_top_ops_ms", {}).items()
+            if "micro" not in program for name, ms in ops]
   lines += [f"  longest {ms:9.3f} ms  {name} {args[:150]}" for ms, name, args in summary.get("longest_events", [])]
   lines += [f"{g['device']} programs: " + ", ".join(f"{p} {ms:.1f}" for p, ms in g.get("by_program_ms", {}).items())
             for g in summary.get("by_gpu", [])]

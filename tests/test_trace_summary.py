@@ -46,7 +46,10 @@ def test_summary_per_program_and_op(tmp_path):
   assert s["by_gpu"][0]["by_program_ms"] == {"jit__micro_fn": 4.0, "jit__finish_fn": 0.5, "?": 0.25}
   assert s["by_gpu"][1]["by_program_ms"] == {"jit__micro_fn": 2.0}
   assert s["top_ops_ms"] == [("jit__micro_fn/all-to-all.2 [MemcpyP2P]", 4.0), ("jit__finish_fn/add.3 [loop_add_fusion]", 0.5)]
-  assert "jit__micro_fn 4.0" in trace_summary.format_summary(s)
+  assert s["program_top_ops_ms"] == {"jit__micro_fn": [("all-to-all.2 [MemcpyP2P]", 4.0)],
+                                     "jit__finish_fn": [("add.3 [loop_add_fusion]", 0.5)]}
+  text = trace_summary.format_summary(s)
+  assert "jit__micro_fn 4.0" in text and "jit__finish_fn op     0.500 ms  add.3" in text
   assert [(ms, name) for ms, name, _ in s["longest_events"]] == [(3.0, "MemcpyP2P"), (1.0, "MemcpyP2P"),
                                                                   (0.5, "loop_add_fusion"), (0.25, "untagged")]
   assert '"hlo_op": "all-to-all.2"' in s["longest_events"][0][2]
