@@ -127,7 +127,7 @@ def run(args, num_devices: int) -> dict:
   from foremoe_jax import MoEConfig
   from foremoe_jax.executor import Executor, capacity_power_of_two, prepare_step
   from foremoe_jax.moe_stack import MoEStack
-  from foremoe_jax.transfer import home_to_base_moves, moves_needed
+  from foremoe_jax.transfer import home_to_base_moves, local_copies_needed, moves_needed
 
   data = np.load(data_path(args, num_devices))
   routes, history = data["routes"], data["history_counts"]
@@ -180,10 +180,12 @@ def run(args, num_devices: int) -> dict:
   # routes); its move tables get one size over all micro-steps, so new plans never recompile.
   live_loose = [prepare_step(p, counts[m:m + 1], E) for m, p in enumerate(live_plans)]
   live_capacity_M = [s.capacity for s in live_loose]
+  live_base_moves = [home_to_base_moves(p.base[l], E) for p in live_plans for l in range(num_layers)]
   live_caps = dict(fill_capacity=max(s.fill_moves.send_DxRxK.shape[-1] for s in live_loose),
-                   base_capacity=capacity_power_of_two(max(1, *(
-                       moves_needed(home_to_base_moves(p.base[l], E), num_devices)
-                       for p in live_plans for l in range(num_layers)))))
+                   base_capacity=capacity_power_of_two(max(1, *(moves_needed(m, num_devices)
+                                                                for m in live_base_moves))),
+                   base_local_capacity=capacity_power_of_two(max(1, *(local_copies_needed(m, num_devices)
+                                                                      for m in live_base_moves))))
 
   def remote_base_moves(plan):
     return sum(1 for l in range(num_layers) for s, _, d, _ in home_to_base_moves(plan.base[l], E) if s != d)

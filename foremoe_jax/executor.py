@@ -31,7 +31,8 @@ from jax.sharding import PartitionSpec as P
 from foremoe_jax.placement import Tables, plan_tables
 from foremoe_jax.planner.pairs import micro_capacities
 from foremoe_jax.transfer import (MoveTables, apply_moves, apply_moves_transpose, check_exchange, fill_moves,
-                                  home_to_base_moves, local_copies_needed, move_tables, moves_needed)
+                                  home_to_base, home_to_base_moves, home_to_base_transpose, local_copies_needed,
+                                  move_tables, moves_needed)
 
 # loss_fn(model, batch, *, tables, working, capacity) -> (scalar loss, metrics dict)
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -73,14 +74,16 @@ def _tables_MxL(moves_MxL, num_devices: int, capacity: int, local_capacity: int)
 
 
 def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity: int | None = None,
-                 fill_capacity: int | None = None, base_capacity: int | None = None) -> StepTables:
+                 fill_capacity: int | None = None, base_capacity: int | None = None,
+                 base_local_capacity: int | None = None) -> StepTables:
   """Host: a planner `Plan` plus the step's routed counts -> StepTables.
 
   `capacity` fixes the padded rows per (source, destination) of every micro-step (default: each
   micro-step's exact need, bucketed: `pairs.micro_capacities`); it must cover the need, since dropping
   tokens would change the math. `fill_capacity` / `base_capacity`: rows one device may send another per micro-step fill /
   in the base transfer; by default the plan's need rounded up to a power of two (1 for "foremoe", whose
-  budget is one slot per device). Passing them fixes the tables' shapes across plans.
+  budget is one slot per device); `base_local_capacity`: rows one device copies within itself in the base
+  transfer (default: the plan's need, a power of two). Passing them fixes the tables' shapes across plans.
   """
   num_micro, num_layers, num_devices, slots = plan.slot_expert.shape
   base_list = [home_to_base_moves(plan.base[l], num_experts) for l in range(num_layers)]
@@ -92,8 +95,9 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   every = [f for row in fills + refills for f in row]
   fill_cap = fill_capacity or capacity_power_of_two(max(1, *(moves_needed(f, num_devices) for f in every)))
   local_cap = capacity_power_of_two(max(1, *(local_copies_needed(f, num_devices) for f in every)))
-  # Base local copies: every expert that stays home, at most S per device: a fixed, cheap shape.
-  base_moves = stack_moves([move_tables(m, num_devices, base_cap, slots) for m in base_list])
+  base_local = base_local_capacity or capacity_power_of_two(
+      max(1, *(local_copies_needed(m, num_devices) for m in base_list)))
+  base_moves = stack_moves([move_tables(m, num_devices, base_cap, base_local) for m in base_list])
   slot_pairs = plan.slot_pairs(counts_MxLxDxE)  # [M, L, D_src, G]
   need_MxL = slot_pairs.reshape(*slot_pairs.shape[:3], num_devices, -1).sum(-1).max((2, 3), initial=0)
   need = int(need_MxL.max(initial=0))
@@ -112,6 +116,16 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
 
 def expert_weights(model) -> list[tuple[jax.Array, jax.Array]]:
   return [(layer.w_gate_up[...], layer.w_down[...]) for layer in model.moe_layers()]
+
+
+def expert_weight_filter(model):
+  """nnx filter of the MoE layers' home expert weights. The loss reads working slots instead, so their
+  gradients come only through the base transfer's transpose: accumulating the loss's zeros for them cost
+  a copy of every expert's float32 accumulator per micro-step (13 ms of a 2 x H200 step)."""
+  layers = {id(layer) for layer in model.moe_layers()}
+  paths = {(*path, name) for path, node in nnx.iter_graph(model) if id(node) in layers
+           for name in ("w_gate_up", "w_down")}
+  return lambda path, _: tuple(path) in paths
 
 
 def replicate_unsharded(tree, mesh):
@@ -160,7 +174,8 @@ class Executor:
     self.tx, self.loss_fn, self.mesh, self.prefetch, self.exchange = tx, loss_fn, mesh, prefetch, exchange
     self.opt_state = replicate_unsharded(jax.jit(tx.init)(self.params), mesh)
     layer = model.moe_layers()[0]
-    self.slots = layer.num_devices * layer.slots
+    self.slots_per_device, self.home_rows = layer.slots, layer.cfg.num_experts // layer.num_devices
+    self._is_expert = expert_weight_filter(model)
     self._begin = jax.jit(self._begin_fn)
     self._micro = jax.jit(self._micro_fn, static_argnames=("capacity", "refill", "filled"),
                           donate_argnames=("working", "acc"))
@@ -173,10 +188,12 @@ class Executor:
     return nnx.merge(self.graphdef, self.params, self.rest)
 
   # --- traced pieces -------------------------------------------------------------------------------
+  def _split(self, params):
+    """(dense, experts): the parameters the loss is differentiated by, and the home expert weights."""
+    return params.split(nnx.Not(self._is_expert), ...)
+
   def _to_base(self, home, base_moves):
-    def one(w):
-      return jnp.zeros((self.slots, *w.shape[1:]), w.dtype)
-    return [apply_moves(h, jax.tree.map(one, h), index(base_moves, l), self.mesh, self.exchange)
+    return [home_to_base(h, index(base_moves, l), self.mesh, self.slots_per_device, self.exchange)
             for l, h in enumerate(home)]
 
   def _refill(self, base, working, moves, prefetch=False):
@@ -187,8 +204,8 @@ class Executor:
     base = self._to_base(expert_weights(nnx.merge(self.graphdef, params, self.rest)), base_moves)
     return base, self._refill(base, base, first_refill)
 
-  def _loss(self, params, working, batch, tables, capacity):
-    model = nnx.merge(self.graphdef, params, self.rest)
+  def _loss(self, dense, experts, working, batch, tables, capacity):
+    model = nnx.merge(self.graphdef, dense, experts, self.rest)
     return self.loss_fn(model, batch, tables=tables, working=working, capacity=capacity)
 
   def _around_refill(self, base, working, refill_moves, refill, compute):
@@ -205,31 +222,30 @@ class Executor:
     """One micro-step's gradients added to acc. filled: the placement differs from the base (else the
     working slots' gradients are the base's). Returns (acc, working, loss, metrics)."""
     def compute(working):
-      grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
-      (loss, metrics), (grad_params, grad_working) = grad_fn(params, working, batch, tables, capacity)
+      grad_fn = jax.value_and_grad(self._loss, argnums=(0, 2), has_aux=True)
+      (loss, metrics), (grad_dense, grad_working) = grad_fn(*self._split(params), working, batch, tables, capacity)
       # Working slots hold base rows (copied by `fill`): their gradients go back through its transpose.
       grad_base = grad_working if not filled else [apply_moves_transpose(g, None, index(fill, l), self.mesh,
                                                                          self.exchange)
                                                    for l, g in enumerate(grad_working)]
-      return jax.tree.map(jnp.add, acc, (grad_params, grad_base)), loss, metrics
+      return jax.tree.map(jnp.add, acc, (grad_dense, grad_base)), loss, metrics
 
     (acc, loss, metrics), working = self._around_refill(base, working, refill_moves, refill, compute)
     return acc, working, loss, metrics
 
   def _forward_fn(self, params, base, working, batch, tables, refill_moves, *, capacity, refill):
     return self._around_refill(base, working, refill_moves, refill,
-                               lambda working: self._loss(params, working, batch, tables, capacity))
+                               lambda working: self._loss(*self._split(params), working, batch, tables, capacity))
 
   def _home_grads_fn(self, params, acc, base_moves):
-    """Accumulated (params, base) gradients -> gradients of the home-layout parameters."""
-    grad_params, grad_base = acc
-    home = expert_weights(nnx.merge(self.graphdef, params, self.rest))
-    grad_home = [apply_moves_transpose(g, accumulators(h), index(base_moves, l), self.mesh,
-                                       self.exchange) for l, (g, h) in enumerate(zip(grad_base, home))]
-    grad_model = nnx.merge(self.graphdef, grad_params, self.rest)
+    """Accumulated (dense, base) gradients -> gradients of the home-layout parameters (float32)."""
+    grad_dense, grad_base = acc
+    grad_home = [home_to_base_transpose(g, index(base_moves, l), self.mesh, self.home_rows, self.exchange)
+                 for l, g in enumerate(grad_base)]
+    grad_model = nnx.merge(self.graphdef, grad_dense, self._split(params)[1], self.rest)
     for layer, (g_gate_up, g_down) in zip(grad_model.moe_layers(), grad_home):
-      layer.w_gate_up[...] = layer.w_gate_up[...] + g_gate_up
-      layer.w_down[...] = layer.w_down[...] + g_down
+      layer.w_gate_up.set_value(g_gate_up)
+      layer.w_down.set_value(g_down)
     return nnx.state(grad_model, nnx.Param)
 
   def _finish_fn(self, params, opt_state, acc, base_moves):
@@ -269,7 +285,7 @@ class Executor:
     stage_done = stage_done or (lambda name, value: None)
     base, working = self._start(micro_batches, step)
     stage_done("begin", working)
-    acc = self.zero_accumulators((self.params, base))
+    acc = self.zero_accumulators((self._split(self.params)[0], base))
     losses, metrics = [], []
     for m, batch in enumerate(micro_batches):
       refill, moves = self._schedule(step, m, prefetch)

@@ -173,6 +173,9 @@ def test_static_step_equals_plain_autodiff(step_inputs):
   want = jax.jit(jax.grad(total_loss))(params)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+  # The home expert weights' gradients come from the base accumulators alone: none are kept for them.
+  (dense_acc, base_acc), _, _ = executor.accumulate(batches, prepare_step(plan, counts, E, capacity=64))
+  assert len(jax.tree.leaves(dense_acc)) == len(jax.tree.leaves(params)) - 2 * L == L  # the routers
 
 
 def test_refills_write_only_changed_slots_and_skip_repeated_placements(step_inputs):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from foremoe_jax.placement import make_tables
-from foremoe_jax.transfer import (apply_moves, apply_moves_transpose, fill_moves, home_to_base_moves, materialize,
-                                  move_tables, moves_needed)
+from foremoe_jax.transfer import (apply_moves, apply_moves_transpose, fill_moves, home_to_base, home_to_base_moves,
+                                  home_to_base_transpose, local_copies_needed, materialize, move_tables,
+                                  moves_needed)
 from moe_reference import cpu_mesh, random_placement
 
 E, D, S, X = 16, 8, 3, 5
@@ -46,7 +47,7 @@ def test_home_to_base_then_fill_matches_numpy(seed):
 
   @jax.jit
   def run(home):
-    base_w = apply_moves(home, jnp.zeros((D * S, X, 2)), base_tables, mesh)
+    base_w = home_to_base(home, base_tables, mesh, S)
     return base_w, apply_moves(base_w, base_w, fill_tables, mesh)
 
   base_w, working = run(home)
@@ -92,20 +93,29 @@ def test_overfull_round_is_refused():
     move_tables([(0, 0, 1, 0), (0, 1, 1, 1)], 4, 1)
 
 
-def test_local_copies_do_not_pad_remote_rounds():
-  """A base that keeps most experts home: many local copies, one remote move; remote rounds hold K = 1."""
+def test_a_base_that_keeps_experts_home_moves_only_the_others():
+  """Experts kept in their home rows cost no move (the padded home has them): only the extra slots'
+  replicas move, a few rows, in remote rounds and local copies of their own sizes; an emptied home row
+  keeps its stale expert and passes no gradient."""
   base, _ = random_placement(np.random.default_rng(5), E, D, S, empty_fraction=0.0)
   home_like = np.full((D, S), -1, np.int32)
   home_like[:, :E // D] = np.arange(E).reshape(D, E // D)
   home_like[:, E // D:] = base[:, E // D:]
+  home_like[0, 0] = -1 if (home_like == 0).sum() > 1 else 0  # expert 0 has a replica elsewhere: drop its home row
   moves = home_to_base_moves(home_like, E)
-  tables = move_tables(moves, D, max(1, moves_needed(moves, D)), S)
-  assert tables.send_DxRxK.shape[-1] == moves_needed(moves, D) < E // D
-  assert (tables.local_src_DxL >= 0).sum() == sum(m[0] == m[2] for m in moves) >= E
+  assert sorted((d, j) for _, _, d, j in moves) == [(d, j) for d in range(D) for j in range(E // D, S)]
+  tables = move_tables(moves, D, max(1, moves_needed(moves, D)), max(1, local_copies_needed(moves, D)))
+  assert tables.send_DxRxK.shape[-1] == moves_needed(moves, D) <= S - E // D
+  assert tables.local_src_DxL.shape[-1] <= S - E // D
   mesh = cpu_mesh(1, D)
   home = random_weights(6, E)
-  out = jax.jit(lambda h: apply_moves(h, jnp.zeros((D * S, X, 2)), tables, mesh))(home)
-  np.testing.assert_array_equal(out, np.asarray(home)[home_like.reshape(-1)])
+  out = jax.jit(lambda h: home_to_base(h, tables, mesh, S))(home)
+  np.testing.assert_array_equal(out, np.asarray(home)[np.where(home_like >= 0, home_like, 0).reshape(-1)])
+  cot = random_weights(7, D * S) * (home_like >= 0).reshape(-1, 1, 1)  # an empty slot gets no gradient
+  grad = jax.jit(lambda g: home_to_base_transpose(g, tables, mesh, E // D))(cot)
+  want = np.zeros_like(np.asarray(home))
+  np.add.at(want, np.maximum(home_like.reshape(-1), 0), np.asarray(cot))
+  np.testing.assert_allclose(grad, want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("seed,exchange", [(0, "ppermute"), (2, "all_to_all")])  # ppermute_all = ppermute without the conds
@@ -129,6 +139,11 @@ def test_explicit_transposes_equal_autodiff(seed, exchange):
   np.testing.assert_allclose(
       jax.jit(lambda g: apply_moves_transpose(g, jnp.zeros_like(home), base_tables, mesh, exchange))(cot),
       to_home(cot)[0], rtol=1e-5, atol=1e-6)
+  built, padded_to_home = jax.vjp(lambda h: home_to_base(h, base_tables, mesh, S), home)  # the padded home
+  np.testing.assert_array_equal(jax.jit(lambda h: home_to_base(h, base_tables, mesh, S, exchange))(home), built)
+  np.testing.assert_allclose(
+      jax.jit(lambda g: home_to_base_transpose(g, base_tables, mesh, E // D, exchange))(cot),
+      padded_to_home(cot)[0], rtol=1e-5, atol=1e-6)
   filled, to_base_w = jax.vjp(lambda b: apply_moves(b, b, fill_tables, mesh), base_w)
   np.testing.assert_array_equal(jax.jit(lambda b: apply_moves(b, b, fill_tables, mesh, exchange))(base_w), filled)
   np.testing.assert_allclose(jax.jit(lambda g: apply_moves_transpose(g, None, fill_tables, mesh, exchange))(cot),
