@@ -242,7 +242,8 @@ class Executor:
     grad_dense, grad_base = acc
     grad_home = [home_to_base_transpose(g, index(base_moves, l), self.mesh, self.home_rows, self.exchange)
                  for l, g in enumerate(grad_base)]
-    grad_model = nnx.merge(self.graphdef, grad_dense, self._split(params)[1], self.rest)
+    # merge shares Variables with its states: a copy of the experts' keeps set_value below off `params`
+    grad_model = nnx.merge(self.graphdef, grad_dense, jax.tree.map(lambda w: w, self._split(params)[1]), self.rest)
     for layer, (g_gate_up, g_down) in zip(grad_model.moe_layers(), grad_home):
       layer.w_gate_up.set_value(g_gate_up)
       layer.w_down.set_value(g_down)

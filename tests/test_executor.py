@@ -174,8 +174,16 @@ def test_static_step_equals_plain_autodiff(step_inputs):
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
   # The home expert weights' gradients come from the base accumulators alone: none are kept for them.
-  (dense_acc, base_acc), _, _ = executor.accumulate(batches, prepare_step(plan, counts, E, capacity=64))
+  step = prepare_step(plan, counts, E, capacity=64)
+  (dense_acc, base_acc), _, _ = executor.accumulate(batches, step)
   assert len(jax.tree.leaves(dense_acc)) == len(jax.tree.leaves(params)) - 2 * L == L  # the routers
+  # The update is plain SGD on those gradients (lr 0.5), in the parameters' own dtypes.
+  initial = jax.tree.map(jnp.copy, (executor.params, executor.opt_state))
+  executor.train_step(batches, step)
+  for new, old, g in zip(jax.tree.leaves(executor.params), jax.tree.leaves(initial[0]), jax.tree.leaves(want)):
+    assert new.dtype == old.dtype
+    np.testing.assert_allclose(new, old - 0.5 * g, rtol=1e-4, atol=1e-6)
+  executor.params, executor.opt_state = initial
 
 
 def test_refills_write_only_changed_slots_and_skip_repeated_placements(step_inputs):
