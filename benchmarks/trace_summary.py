@@ -8,7 +8,8 @@ time goes without a trace viewer. Overlapping streams are summed, so totals can 
 `busy_ms` (the union of the GPU's event intervals) against `span_ms` (first start to last end) says how
 long that GPU sat idle within the traced step. Where the profiler tags events with their XLA program and
 HLO op (`hlo_module`, `hlo_op` args), time is also summed per program (each GPU) and per op (first GPU),
-so a kernel such as a peer memcpy can be traced to the program and op that issued it.
+so a kernel such as a peer memcpy can be traced to the program and op that issued it. `idle_gaps` says
+where the first GPU sat idle: each gap between its busy intervals, summed by the programs on either side.
 """
 from __future__ import annotations
 
@@ -53,6 +54,21 @@ def busy_and_span_ms(spans_us: list[tuple[float, float]]) -> tuple[float, float]
   return busy / 1e3, span / 1e3
 
 
+def idle_gaps(events: list[dict], min_us: float = 20.0, top: int = 8) -> list[tuple[str, float, int]]:
+  """Idle time between one GPU's busy intervals, by (program before -> program after): [(pair, ms, count)]
+  for gaps of at least `min_us`, largest total first. Says whether a step waits on the host (gaps
+  between programs) or inside a program (gaps within it)."""
+  reach, last, gaps = None, None, collections.defaultdict(lambda: [0.0, 0])
+  for e in sorted(events, key=lambda e: e["ts"]):
+    if reach is not None and e["ts"] - reach >= min_us:
+      entry = gaps[f"{program_of(last)} -> {program_of(e)}"]
+      entry[0] += (e["ts"] - reach) / 1e3
+      entry[1] += 1
+    if reach is None or e["ts"] + e["dur"] > reach:
+      reach, last = e["ts"] + e["dur"], e
+  return [(pair, round(ms, 3), n) for pair, (ms, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:top]]
+
+
 def program_of(event: dict) -> str:
   """The XLA program an event ran in, without its unique-id suffix ("jit_f(12)" -> "jit_f"); "?" if untagged."""
   return str(event.get("args", {}).get("hlo_module", "?")).split("(")[0]
@@ -72,6 +88,7 @@ def summarize(directory, top: int = 25) -> dict:
   by_class = [collections.Counter() for _ in gpus]
   by_program = [collections.Counter() for _ in gpus]
   spans = [[] for _ in gpus]
+  first_gpu = []
   for e in events:
     i = gpu_of.get(e.get("pid"))
     if i is not None and e.get("ph") == "X" and "dur" in e:
@@ -79,6 +96,7 @@ def summarize(directory, top: int = 25) -> dict:
       by_program[i][program_of(e)] += e["dur"] / 1e3
       spans[i].append((e["ts"], e["ts"] + e["dur"]))
       if i == 0:
+        first_gpu.append(e)
         by_name[e["name"]] += e["dur"] / 1e3
         count[e["name"]] += 1
         longest.append((e["dur"] / 1e3, e["name"][:60], json.dumps(e.get("args", {}))[:300]))
@@ -93,6 +111,7 @@ def summarize(directory, top: int = 25) -> dict:
           "top_ms": [(n, round(t, 3), count[n]) for n, t in by_name.most_common(top)],
           "top_ops_ms": [(n, round(t, 3)) for n, t in by_op.most_common(top)],
           "longest_events": [(round(ms, 3), name, args) for ms, name, args in sorted(longest, reverse=True)[:8]],
+          "idle_gaps": idle_gaps(first_gpu),
           # the small programs (base transfer, update) drown in the micro-steps' list above
           "program_top_ops_ms": {p: [(n, round(t, 3)) for n, t in ops.most_common(8)]
                                  for p, ops in ops_by_program.items()},
@@ -111,6 +130,7 @@ def format_summary(summary: dict) -> str:
   lines += [f"  op {ms:9.3f} ms  {name[:120]}" for name, ms in summary.get("top_ops_ms", [])]
   lines += [f"  {program} op {ms:9.3f} ms  {name[:100]}" for program, ops in summary.get("program_top_ops_ms", {}).items()
             if "micro" not in program for name, ms in ops]
+  lines += [f"  idle {ms:9.3f} ms  x{n:<4d} {pair}" for pair, ms, n in summary.get("idle_gaps", [])]
   lines += [f"  longest {ms:9.3f} ms  {name} {args[:150]}" for ms, name, args in summary.get("longest_events", [])]
   lines += [f"{g['device']} programs: " + ", ".join(f"{p} {ms:.1f}" for p, ms in g.get("by_program_ms", {}).items())
             for g in summary.get("by_gpu", [])]

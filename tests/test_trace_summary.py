@@ -58,3 +58,13 @@ def test_summary_per_program_and_op(tmp_path):
 def test_summary_without_gpu_says_so(tmp_path):
   write_trace(tmp_path, [], processes=((1, "/host:CPU"),))
   assert "no GPU process" in trace_summary.summarize(tmp_path)["error"]
+
+
+def test_idle_gaps_are_named_by_the_programs_around_them():
+  def x(ts, dur, module):
+    return {"ph": "X", "name": "k", "ts": ts, "dur": dur, "args": {"hlo_module": module}}
+  events = [x(0, 100, "jit_begin(1)"), x(50, 30, "jit_begin(1)"),  # overlap: the gap starts at 100
+            x(400, 100, "jit_micro(2)"), x(510, 100, "jit_micro(2)"),  # 10 us: under the threshold
+            x(700, 100, "jit_micro(3)"), x(1000, 50, "jit_finish(4)")]
+  assert trace_summary.idle_gaps(events) == [("jit_begin -> jit_micro", 0.3, 1), ("jit_micro -> jit_finish", 0.2, 1),
+                                             ("jit_micro -> jit_micro", 0.09, 1)]  # largest first
