@@ -19,13 +19,15 @@
 #   bash benchmarks/gpu_run.sh 11  # ~8 min, 2 GPUs: kernel GPU tests (GPU 1) | kernel sweep (GPU 0)
 #   bash benchmarks/gpu_run.sh 12  # ~8 min, 2 GPUs: MoE step EP=2, six policies, traces of foremoe and ideal
 #   bash benchmarks/gpu_run.sh 13  # ~7 min, 2 GPUs: multi-GPU tests, planner speed on this host, RL step gpu_2 cut
+#   bash benchmarks/gpu_run.sh 14  # ~5 min, 2 GPUs: MoE step EP=2, static ideal foremoe eplb_step, traces of
+#                                  #   foremoe and ideal (the seventh session's calls)
 #   bash benchmarks/gpu_run.sh 5   # ~1.5 min: one foremoe step at EP=4 with XLA's optimized HLO of the micro-step
 #                                  #   program dumped (names the fusions in the trace summaries)
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
 # python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
 # BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
 set -u
-PHASE=${1:?phase 1 to 13}
+PHASE=${1:?phase 1 to 14}
 OUT=${OUT:-/tmp/foremoe_bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
@@ -131,6 +133,9 @@ case $PHASE in
 12)
   moe 2 520 400 --policies static ideal foremoe eplb_step live eplb_history --trace-policies foremoe ideal
   grep -h "^| \|^D=2 [a-z_]* *step" "$OUT/moe_step_D2.log" | cut -c1-200
+  ;;
+14)
+  moe 2 420 330 --policies static ideal foremoe eplb_step --trace-policies foremoe ideal
   ;;
 13)
   timeout 170 $PY -m pytest -q -m gpu tests/test_dispatch_gpu.py tests/test_executor_gpu.py -p no:cacheprovider \
