@@ -128,8 +128,8 @@ def format_summary(summary: dict) -> str:
   lines += [f"  {cls:16s} {ms:9.2f} ms" for cls, ms in summary["by_class_ms"].items()]
   lines += [f"  {ms:9.3f} ms  x{n:<5d} {name[:110]}" for name, ms, n in summary["top_ms"]]
   lines += [f"  op {ms:9.3f} ms  {name[:120]}" for name, ms in summary.get("top_ops_ms", [])]
-  lines += [f"  {program} op {ms:9.3f} ms  {name[:100]}" for program, ops in summary.get("program_top_ops_ms", {}).items()
-            if "micro" not in program for name, ms in ops]
+  small_programs = {p: ops for p, ops in summary.get("program_top_ops_ms", {}).items() if "micro" not in p}
+  lines += [f"  {program} op {ms:9.3f} ms  {name[:100]}" for program, ops in small_programs.items() for name, ms in ops]
   lines += [f"  idle {ms:9.3f} ms  x{n:<4d} {pair}" for pair, ms, n in summary.get("idle_gaps", [])]
   lines += [f"  longest {ms:9.3f} ms  {name} {args[:150]}" for ms, name, args in summary.get("longest_events", [])]
   lines += [f"{g['device']} programs: " + ", ".join(f"{p} {ms:.1f}" for p, ms in g.get("by_program_ms", {}).items())
