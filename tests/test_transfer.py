@@ -118,11 +118,20 @@ def test_a_base_that_keeps_experts_home_moves_only_the_others():
   np.testing.assert_allclose(grad, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("seed,exchange", [(0, "ppermute"), (2, "all_to_all")])  # ppermute_all = ppermute without the conds
+def value_and_vjp(f, x, cot):
+  """(f(x), the vjp of f at x applied to cot), autodiff in one jitted program."""
+  def run(x, cot):
+    y, vjp = jax.vjp(f, x)
+    return y, vjp(cot)[0]
+  return jax.jit(run)(x, cot)
+
+
+@pytest.mark.parametrize("seed,exchange", [(0, "ppermute"), (2, "all_to_all")])
 def test_explicit_transposes_equal_autodiff(seed, exchange):
-  """Every exchange moves the same rows as the ppermute rounds, and apply_moves_transpose (touching only
-  moved rows) equals jax.vjp of the ppermute version, for a base transfer (two arrays) and a fill (one
-  array read and written), with local copies and remote rows."""
+  """Every exchange moves the same rows as the plain ppermute rounds ("ppermute_all", no conds), and the
+  explicit transposes (touching only moved rows) equal autodiff of those rounds, for a base transfer (two
+  arrays), the padded-home base transfer and a fill (one array read and written), with local copies and
+  remote rows."""
   mesh = cpu_mesh(1, D)
   rng = np.random.default_rng(seed)
   base, _ = random_placement(rng, E, D, S, empty_fraction=0.0)
@@ -134,17 +143,17 @@ def test_explicit_transposes_equal_autodiff(seed, exchange):
   base_w = random_weights(seed + 1, D * S)
   cot = random_weights(seed + 2, D * S)
   zeros = jnp.zeros((D * S, X, 2))
-  moved, to_home = jax.vjp(lambda h: apply_moves(h, zeros, base_tables, mesh), home)
+  moved, to_home = value_and_vjp(lambda h: apply_moves(h, zeros, base_tables, mesh, "ppermute_all"), home, cot)
   np.testing.assert_array_equal(jax.jit(lambda h: apply_moves(h, zeros, base_tables, mesh, exchange))(home), moved)
   np.testing.assert_allclose(
       jax.jit(lambda g: apply_moves_transpose(g, jnp.zeros_like(home), base_tables, mesh, exchange))(cot),
-      to_home(cot)[0], rtol=1e-5, atol=1e-6)
-  built, padded_to_home = jax.vjp(lambda h: home_to_base(h, base_tables, mesh, S), home)  # the padded home
+      to_home, rtol=1e-5, atol=1e-6)
+  built, padded_to_home = value_and_vjp(lambda h: home_to_base(h, base_tables, mesh, S, "ppermute_all"), home, cot)
   np.testing.assert_array_equal(jax.jit(lambda h: home_to_base(h, base_tables, mesh, S, exchange))(home), built)
   np.testing.assert_allclose(
       jax.jit(lambda g: home_to_base_transpose(g, base_tables, mesh, E // D, exchange))(cot),
-      padded_to_home(cot)[0], rtol=1e-5, atol=1e-6)
-  filled, to_base_w = jax.vjp(lambda b: apply_moves(b, b, fill_tables, mesh), base_w)
+      padded_to_home, rtol=1e-5, atol=1e-6)
+  filled, to_base_w = value_and_vjp(lambda b: apply_moves(b, b, fill_tables, mesh, "ppermute_all"), base_w, cot)
   np.testing.assert_array_equal(jax.jit(lambda b: apply_moves(b, b, fill_tables, mesh, exchange))(base_w), filled)
   np.testing.assert_allclose(jax.jit(lambda g: apply_moves_transpose(g, None, fill_tables, mesh, exchange))(cot),
-                             to_base_w(cot)[0], rtol=1e-5, atol=1e-6)
+                             to_base_w, rtol=1e-5, atol=1e-6)
