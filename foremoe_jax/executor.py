@@ -2,7 +2,8 @@
 
 Two levels, as the plan has them:
 1. `begin`: home expert weights -> the step's base placement (one transfer per step), and the first
-   micro-step's working slots from the base.
+   micro-step's working slots from the base. A step whose micro-steps all keep the base placement
+   computes on the base itself: no copy and no second set of slots in memory.
 2. each micro-step runs forward and backward on its working slots and adds the gradients to
    accumulators kept in the base layout: a working slot's gradient goes back to the base slot it was
    copied from through the transpose of the base -> working fill (the reverse exchange).
@@ -176,7 +177,7 @@ class Executor:
     layer = model.moe_layers()[0]
     self.slots_per_device, self.home_rows = layer.slots, layer.cfg.num_experts // layer.num_devices
     self._is_expert = expert_weight_filter(model)
-    self._begin = jax.jit(self._begin_fn)
+    self._begin = jax.jit(self._begin_fn, static_argnames="filled")
     self._micro = jax.jit(self._micro_fn, static_argnames=("capacity", "refill", "filled"),
                           donate_argnames=("working", "acc"))
     self._forward = jax.jit(self._forward_fn, static_argnames=("capacity", "refill"), donate_argnames="working")
@@ -200,9 +201,10 @@ class Executor:
     exchange = "ppermute_all" if prefetch and self.exchange == "ppermute" else self.exchange
     return [apply_moves(b, w, index(moves, l), self.mesh, exchange) for l, (b, w) in enumerate(zip(base, working))]
 
-  def _begin_fn(self, params, base_moves, first_refill):
+  def _begin_fn(self, params, base_moves, first_refill, *, filled):
+    """(base, first working slots); the working slots are None when no micro-step leaves the base."""
     base = self._to_base(expert_weights(nnx.merge(self.graphdef, params, self.rest)), base_moves)
-    return base, self._refill(base, base, first_refill)
+    return base, (self._refill(base, base, first_refill) if filled else None)
 
   def _loss(self, dense, experts, working, batch, tables, capacity):
     model = nnx.merge(self.graphdef, dense, experts, self.rest)
@@ -275,9 +277,14 @@ class Executor:
     return self._zeros[key](tree)
 
   def _start(self, micro_batches, step: StepTables):
+    """(base, working slots). A step whose micro-steps all keep the base placement computes on the base
+    itself: no copy, no second set of slots in memory; the base is then handed over (donated) to the
+    first micro-step and returned as () here, since nothing reads it again (no refills)."""
     if len(micro_batches) != step.num_micro_steps:
       raise ValueError(f"{len(micro_batches)} micro-batches for a plan of {step.num_micro_steps} micro-steps")
-    return self._begin(self.params, step.base_moves, index(step.refill_moves, 0))
+    filled = bool(step.fill_M.any())
+    base, working = self._begin(self.params, step.base_moves, index(step.refill_moves, 0), filled=filled)
+    return (base, working) if filled else ((), base)
 
   def accumulate(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
                  stage_done: Callable[[str, Any], None] | None = None):
@@ -286,7 +293,7 @@ class Executor:
     stage_done = stage_done or (lambda name, value: None)
     base, working = self._start(micro_batches, step)
     stage_done("begin", working)
-    acc = self.zero_accumulators((self._split(self.params)[0], base))
+    acc = self.zero_accumulators((self._split(self.params)[0], working))  # the base's shapes, still alive
     losses, metrics = [], []
     for m, batch in enumerate(micro_batches):
       refill, moves = self._schedule(step, m, prefetch)

@@ -222,3 +222,23 @@ def test_ppermute_exchange_step_equals_static(step_inputs):
   np.testing.assert_allclose(metrics["loss"], metrics_ref["loss"], rtol=1e-5)
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_a_step_that_keeps_the_base_computes_on_it_without_a_copy(step_inputs):
+  """When no micro-step leaves the base placement, the micro-steps run on the base itself: one set of
+  slots in memory, not a base and a working copy; with per-micro-step moves both exist."""
+  _, batches, counts, executor = step_inputs
+  slot_shape = (D * S, *executor.params["layers"][0]["w_gate_up"][...].shape[1:])
+  seen = []
+
+  def count_slot_arrays(name, _):
+    if name == "begin":
+      seen.append(sum(a.shape == slot_shape for a in jax.live_arrays()))
+
+  for policy, sets in (("static", 1), ("foremoe", 2)):
+    plan = plan_step(counts, PlanConfig(E, D, S, policy=policy, cost=CostModel(link_bytes_per_s=1e18)))
+    step = prepare_step(plan, counts, E, capacity=64)
+    assert step.fill_M.any() == (policy == "foremoe")
+    seen.clear()
+    executor.accumulate(batches, step, stage_done=count_slot_arrays)
+    assert seen == [sets * L]
