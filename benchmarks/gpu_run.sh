@@ -21,13 +21,14 @@
 #   bash benchmarks/gpu_run.sh 13  # ~7 min, 2 GPUs: multi-GPU tests, planner speed on this host, RL step gpu_2 cut
 #   bash benchmarks/gpu_run.sh 14  # ~5 min, 2 GPUs: MoE step EP=2, static ideal foremoe eplb_step, traces of
 #                                  #   foremoe and ideal (the seventh session's calls)
+#   bash benchmarks/gpu_run.sh 15  # ~6 min, 2 GPUs: RL step gpu_2 cut, planning in a thread, then in a process
 #   bash benchmarks/gpu_run.sh 5   # ~1.5 min: one foremoe step at EP=4 with XLA's optimized HLO of the micro-step
 #                                  #   program dumped (names the fusions in the trace summaries)
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
 # python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
 # BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
 set -u
-PHASE=${1:?phase 1 to 14}
+PHASE=${1:?phase 1 to 15}
 OUT=${OUT:-/tmp/foremoe_bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
@@ -133,6 +134,16 @@ case $PHASE in
 12)
   moe 2 520 400 --policies static ideal foremoe eplb_step live eplb_history --trace-policies foremoe ideal
   grep -h "^| \|^D=2 [a-z_]* *step" "$OUT/moe_step_D2.log" | cut -c1-200
+  ;;
+15)
+  for in_process in false true; do
+    timeout 270 $PY benchmarks/rl_step.py --config gpu_2 --repeats 3 --policies static,eplb_step,foremoe \
+      --set model.num_layers=2 --set rl.prompts_per_step=32 --set rl.group_size=4 \
+      --set rl.plan_in_process=$in_process --out "$OUT/rl_step_in_process_$in_process.json" \
+      > "$OUT/rl_step_in_process_$in_process.log" 2>&1
+    note "rl_step plan_in_process=$in_process exit $?"
+    tail -n 5 "$OUT/rl_step_in_process_$in_process.log"
+  done
   ;;
 14)
   moe 2 420 330 --policies static ideal foremoe eplb_step --trace-policies foremoe ideal

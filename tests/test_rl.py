@@ -1,5 +1,6 @@
 """RL with foresight: micro-batches and counts, recompute under any plan equals static, resume."""
 import dataclasses
+import os
 import types
 
 import jax
@@ -9,11 +10,13 @@ import pytest
 from flax import nnx
 
 import configs
+from foremoe_jax.executor import prepare_step
 from foremoe_jax.mesh import make_mesh
 from foremoe_jax.model import Model
 from foremoe_jax.rl.config import RLConfig
 from foremoe_jax.rl.microbatch import build_step_batches, spread_routes, with_advantages
-from foremoe_jax.rl.trainer import GRPOTrainer, format_record, plan_minibatch, policy_report
+from foremoe_jax.rl.planning import Planner, policy_report, timed_plan
+from foremoe_jax.rl.trainer import GRPOTrainer, format_record
 from foremoe_jax.sft import make_task
 
 
@@ -65,7 +68,7 @@ def test_recompute_under_foremoe_equals_static(tmp_path):
   logps = {}
   for policy in ("static", "foremoe", "eplb_microstep"):
     cfg = dataclasses.replace(trainer.plan_cfg, policy=policy)
-    tables, _ = plan_minibatch(step.counts_MxLxDxE, cfg, None)
+    tables = prepare_step(timed_plan(step.counts_MxLxDxE, cfg, None)[0], step.counts_MxLxDxE, cfg.num_experts)
     copy = [dict(b) for b in batches]
     trainer.attach_logprobs(copy, tables)
     logps[policy] = np.stack([np.asarray(b["logp_old"]) for b in copy])
@@ -94,6 +97,27 @@ def test_bad_rl_config_is_refused():
     RLConfig(prompts_per_step=3, group_size=1).validate(8)
   with pytest.raises(ValueError, match="rl.steps=0"):
     RLConfig(steps=0).validate(8)
+
+
+def test_planning_in_a_process_gives_the_same_step(tmp_path):
+  """rl.plan_in_process: the plans come from a spawned process (another pid); the step (loss, imbalance
+  report, updated parameters) equals the one planned in a thread."""
+  trainer = tiny_setup(tmp_path, steps=1)
+  initial = jax.tree.map(jnp.copy, (trainer.executor.params, trainer.executor.opt_state))
+  records, params = [], []
+  for in_process in (False, True):
+    trainer.planner.close()
+    trainer.planner = Planner(in_process)
+    assert (trainer.planner.submit(os.getpid).result() != os.getpid()) == in_process
+    trainer.executor.params, trainer.executor.opt_state = jax.tree.map(jnp.copy, initial)
+    trainer.history = None
+    records.append(trainer.step(0))
+    params.append(jax.tree.map(np.asarray, trainer.executor.params))
+  trainer.planner.close()
+  assert records[0]["imbalance"] == records[1]["imbalance"]
+  np.testing.assert_allclose(records[0]["loss"], records[1]["loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_first_mini_batch_recomputed_at_home_gives_the_same_step(tmp_path):

@@ -24,6 +24,10 @@ class RLConfig:
   # Recompute the first mini-batch in the home layout rather than wait for its plan: planning starts when
   # the rollout ends, so that plan is never ready in time; any layout gives the same log-probs.
   home_first_recompute: bool = True
+  # Plan in a spawned process instead of a thread: the planner's many small numpy calls take the GIL, and
+  # beside the loop that dispatches the recompute a thread ran them ~1.8x slower on the CI box. Off by
+  # default until it is timed on a GPU (BENCHMARKS.md, RL step).
+  plan_in_process: bool = False
   # The planner's cost model (per device; the expert's shape comes from the model). Defaults: one H100
   # of an NVLink node. A move pays only where it saves ~bytes*flops/(3*link) pairs on the busiest device.
   plan_matmul_tflops: float = 400.0  # grouped GEMM rate

@@ -3,18 +3,18 @@
 Per RL step:
 1. rollout: G samples per prompt with the KV cache; every position's routes are captured (R3).
 2. post-processing: sequences are packed into micro-steps (static shapes); the routed counts of every
-   (micro-step, layer) are known now, so the planner runs in a background thread while rewards and
-   advantages are computed.
+   (micro-step, layer) are known now, so the planner runs beside the trainer (a thread, or with
+   `rl.plan_in_process` a process: `planning.py`) while rewards and advantages are computed.
 3. recompute: old log-probs, forward only, routes replayed, each micro-step under its placement.
 4. update: `ppo_epochs` x `num_minibatches` optimizer steps, each over its micro-steps with gradient
    accumulation (the executor). Routes are replayed in both stages whatever the policy: a policy changes
    speed, never the math.
 """
-import concurrent.futures
 import dataclasses
 import functools
 import os
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ from foremoe_jax.mesh import batch_sharding, batch_shards
 from foremoe_jax.planner import POLICIES, CostModel, PlanConfig, plan_step
 from foremoe_jax.rl.grpo import group_advantages, grpo_loss, token_logprobs
 from foremoe_jax.rl.microbatch import build_step_batches, with_advantages
+from foremoe_jax.rl.planning import Planner, minibatches, policy_report, timed_plan
 from foremoe_jax.rl.rollout import rollout
 from foremoe_jax.rl.task import CharTokenizer, encode_prompts, exact_match, load_prompt_file
 
@@ -46,35 +47,6 @@ def grpo_objective(model, batch, *, tables, working, capacity, clip_eps: float, 
                             kl_coef=kl_coef, logp_ref_BxT=batch.get("logp_ref"),
                             num_tokens_total=batch["num_tokens"])
   return loss, {**metrics, "logp": logp_BxT, "dropped": out.dropped}
-
-
-def plan_minibatch(counts_MxLxDxE, plan_cfg: PlanConfig, history):
-  """Plans one mini-batch (one optimizer step) with the running policy -> (StepTables, seconds).
-  Each micro-step's exchange is sized to its own need (bucketed); each new bucket compiles once."""
-  tic = time.perf_counter()
-  plan = plan_step(counts_MxLxDxE, plan_cfg, history=history)
-  tables = prepare_step(plan, counts_MxLxDxE, plan_cfg.num_experts)
-  return tables, time.perf_counter() - tic
-
-
-def minibatches(counts_MxLxDxE, num_minibatches: int, history) -> list[tuple[np.ndarray, np.ndarray | None]]:
-  """(counts, history) of each mini-batch: the history of one is the mini-batch before it, the first's
-  the previous step's last (what `eplb_history` plans from)."""
-  chunks = np.split(counts_MxLxDxE, num_minibatches)
-  return list(zip(chunks, [history] + chunks[:-1]))
-
-
-def policy_report(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history):
-  """Every policy on the same counts, for the per-step report (off the critical path) ->
-  (policy -> (sum of max, sum of mean device load) over (m, l), policy -> [M] per-micro-step imbalance)."""
-  sums, per_micro = {}, {}
-  for policy in POLICIES:
-    cfg = dataclasses.replace(plan_cfg, policy=policy)
-    load_MxLxD = np.concatenate([plan_step(chunk, cfg, history=hist).device_load(chunk)
-                                 for chunk, hist in minibatches(counts_MxLxDxE, num_minibatches, history)])
-    sums[policy] = (float(load_MxLxD.max(-1).sum()), float(load_MxLxD.mean(-1).sum()))
-    per_micro[policy] = (load_MxLxD.max(-1).sum(-1) / np.maximum(load_MxLxD.mean(-1).sum(-1), 1e-9)).tolist()
-  return sums, per_micro
 
 
 class GRPOTrainer:
@@ -92,6 +64,8 @@ class GRPOTrainer:
                      padded_a2a=backends.choose_dispatch(moe.cfg.dispatch) == "padded")
     self.plan_cfg = PlanConfig(num_experts=cfg.model.num_experts, num_devices=moe.num_devices,
                                slots_per_device=moe.slots, policy=self.rl.policy, cost=cost)
+    self.planner = Planner(self.rl.plan_in_process)  # a process starts now: its imports are paid early
+    weakref.finalize(self, self.planner.close)
     self.prompts = load_prompt_file(self.rl.prompt_file, self.tok) if self.rl.prompt_file else None
     objective = functools.partial(grpo_objective, clip_eps=self.rl.clip_eps, kl_coef=self.rl.kl_coef)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(self.rl.lr, b2=0.98, weight_decay=0.0))
@@ -159,12 +133,12 @@ class GRPOTrainer:
                                 rows_per_shard=rl.rows_per_shard, tokens_per_shard=rl.tokens_per_shard,
                                 num_experts=self.plan_cfg.num_experts, num_minibatches=rl.num_minibatches,
                                 seed=step)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner")
     # One plan per mini-batch, in order: mini-batch i recomputes while the later ones are planned.
     planned = minibatches(packed.counts_MxLxDxE, rl.num_minibatches, self.history)
-    futures = [pool.submit(plan_minibatch, c, self.plan_cfg, h) for c, h in planned]
+    futures = [self.planner.submit(timed_plan, c, self.plan_cfg, h) for c, h in planned]
     # Queued behind the plans: runs while recompute and update do, collected at the end of the step.
-    report = pool.submit(policy_report, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg, self.history)
+    report = self.planner.submit(policy_report, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg,
+                                 self.history)
     answers = [a for _, a in pairs for _ in range(rl.group_size)]
     completions = [self.tok.decode(row[start:]) for row, start in zip(roll.tokens, roll.prompt_lengths)]
     rewards_N = np.array([exact_match(c, a) for c, a in zip(completions, answers)], np.float32)
@@ -175,7 +149,7 @@ class GRPOTrainer:
 
     # Recompute: each mini-batch as soon as its plan is ready (the first, by default, in the home layout:
     # the same log-probs, no wait); time spent waiting for plans is plan_wait.
-    tic, waited = time.perf_counter(), 0.0
+    tic, waited, planner_s = time.perf_counter(), 0.0, 0.0
     per_mb = len(batches) // rl.num_minibatches
     groups, compiled_M = [], []
     for i, future in enumerate(futures):
@@ -186,13 +160,15 @@ class GRPOTrainer:
         compiled_M += home.capacity_M
         self.attach_logprobs(micro_batches, home)
       wait = time.perf_counter()
-      tables, _ = future.result()
+      plan, plan_s = future.result()
       waited += time.perf_counter() - wait
+      prepare = time.perf_counter()  # the device tables, on this thread
+      tables = prepare_step(plan, planned[i][0], self.plan_cfg.num_experts)
+      planner_s += plan_s + time.perf_counter() - prepare
       groups.append((micro_batches, tables))
       if not at_home:
         self.attach_logprobs(micro_batches, tables)
     times["plan_wait"], times["recompute"] = waited, time.perf_counter() - tic - waited
-    planner_s = sum(f.result()[1] for f in futures)
     capacity_M = [c for _, t in groups for c in t.capacity_M]
     compiled_M += capacity_M
     new_capacities = sorted(set(compiled_M) - self.capacities)  # their programs compile in this step
@@ -202,7 +178,6 @@ class GRPOTrainer:
     updates = [self.executor.train_step(mb, tables) for _ in range(rl.ppo_epochs) for mb, tables in groups]
     times["update"] = time.perf_counter() - tic
     imbalance_sums, per_micro_step = report.result()
-    pool.shutdown()
     kl = float(np.mean([u["metrics"]["approx_kl"].sum() for u in updates]))
     return {"step": step, "reward": float(rewards_N.mean()), "kl": kl,
             "loss": float(np.mean([u["loss"] for u in updates])),

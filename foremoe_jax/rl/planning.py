@@ -1,0 +1,68 @@
+"""The RL trainer's planning, beside the trainer: in a thread (default) or a spawned process.
+
+Planning is pure numpy, but made of many small calls that each take the GIL. In a thread beside the
+host loop that dispatches the recompute it ran 1.8x slower on the CI box (a plan of the `gpu_2` shape:
+7.5 ms alone, 13.7 ms in a thread beside a dispatch loop, 8.1 ms in a spawned process); on 2 x H200 the
+trainer's four plans took 107 ms against ~40 ms alone. `rl.plan_in_process` plans in a spawned process
+(never forked: JAX runs threads); it stays opt-in until timed on a GPU. Either way the plans come back as
+numpy `Plan`s and their device tables are built on the trainer's thread.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import time
+
+import numpy as np
+
+from foremoe_jax.planner import POLICIES, Plan, PlanConfig, plan_step
+
+
+def timed_plan(counts_MxLxDxE, plan_cfg: PlanConfig, history) -> tuple[Plan, float]:
+  """(plan of one mini-batch under the running policy, seconds it took)."""
+  tic = time.perf_counter()
+  return plan_step(counts_MxLxDxE, plan_cfg, history=history), time.perf_counter() - tic
+
+
+def minibatches(counts_MxLxDxE, num_minibatches: int, history) -> list[tuple[np.ndarray, np.ndarray | None]]:
+  """(counts, history) of each mini-batch: the history of one is the mini-batch before it, the first's
+  the previous step's last (what `eplb_history` plans from)."""
+  chunks = np.split(counts_MxLxDxE, num_minibatches)
+  return list(zip(chunks, [history] + chunks[:-1]))
+
+
+def policy_report(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history):
+  """Every policy on the same counts, for the per-step report (off the critical path) ->
+  (policy -> (sum of max, sum of mean device load) over (m, l), policy -> [M] per-micro-step imbalance)."""
+  sums, per_micro = {}, {}
+  for policy in POLICIES:
+    cfg = dataclasses.replace(plan_cfg, policy=policy)
+    load_MxLxD = np.concatenate([plan_step(chunk, cfg, history=hist).device_load(chunk)
+                                 for chunk, hist in minibatches(counts_MxLxDxE, num_minibatches, history)])
+    sums[policy] = (float(load_MxLxD.max(-1).sum()), float(load_MxLxD.mean(-1).sum()))
+    per_micro[policy] = (load_MxLxD.max(-1).sum(-1) / np.maximum(load_MxLxD.mean(-1).sum(-1), 1e-9)).tolist()
+  return sums, per_micro
+
+
+def _ready() -> bool:
+  return True
+
+
+class Planner:
+  """One worker for the trainer's plans: a thread, or a spawned process (started, and its imports paid,
+  at once, so the first step does not wait for it). `close()` stops it; so does the interpreter's exit."""
+
+  def __init__(self, in_process: bool):
+    if in_process:
+      self._pool = concurrent.futures.ProcessPoolExecutor(max_workers=1,
+                                                          mp_context=multiprocessing.get_context("spawn"))
+      self._pool.submit(_ready)
+    else:
+      self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner")
+
+  def submit(self, fn, *args) -> concurrent.futures.Future:
+    return self._pool.submit(fn, *args)
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=False, cancel_futures=True)
