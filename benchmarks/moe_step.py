@@ -125,7 +125,7 @@ def run(args, num_devices: int) -> dict:
   from jax.sharding import PartitionSpec as P
 
   from foremoe_jax import MoEConfig
-  from foremoe_jax.executor import Executor, capacity_power_of_two, prepare_step
+  from foremoe_jax.executor import Executor, prepare_step, table_rows
   from foremoe_jax.moe_stack import MoEStack
   from foremoe_jax.transfer import home_to_base_moves, local_copies_needed, moves_needed
 
@@ -182,10 +182,8 @@ def run(args, num_devices: int) -> dict:
   live_capacity_M = [s.capacity for s in live_loose]
   live_base_moves = [home_to_base_moves(p.base[l], E) for p in live_plans for l in range(num_layers)]
   live_caps = dict(fill_capacity=max(s.fill_moves.send_DxRxK.shape[-1] for s in live_loose),
-                   base_capacity=capacity_power_of_two(max(1, *(moves_needed(m, num_devices)
-                                                                for m in live_base_moves))),
-                   base_local_capacity=capacity_power_of_two(max(1, *(local_copies_needed(m, num_devices)
-                                                                      for m in live_base_moves))))
+                   base_capacity=table_rows(moves_needed, live_base_moves, num_devices),
+                   base_local_capacity=table_rows(local_copies_needed, live_base_moves, num_devices))
 
   def remote_base_moves(plan):
     return sum(1 for l in range(num_layers) for s, _, d, _ in home_to_base_moves(plan.base[l], E) if s != d)

@@ -42,6 +42,12 @@ def capacity_power_of_two(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
 
+def table_rows(needed, moves_lists, num_devices: int) -> int:
+  """Rows a move table needs to hold every list of moves: the largest `needed(moves, D)`
+  (`moves_needed` or `local_copies_needed`), at least 1, up to a power of two (few compiled shapes)."""
+  return capacity_power_of_two(max(1, max((needed(m, num_devices) for m in moves_lists), default=0)))
+
+
 @dataclasses.dataclass(frozen=True)
 class StepTables:
   """Everything one optimizer step needs about placements, as device arrays (plus static sizes)."""
@@ -88,16 +94,15 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   """
   num_micro, num_layers, num_devices, slots = plan.slot_expert.shape
   base_list = [home_to_base_moves(plan.base[l], num_experts) for l in range(num_layers)]
-  base_cap = base_capacity or capacity_power_of_two(max(1, *(moves_needed(m, num_devices) for m in base_list)))
+  base_cap = base_capacity or table_rows(moves_needed, base_list, num_devices)
   fills = [[fill_moves(plan.slot_expert[m, l], plan.base[l]) for l in range(num_layers)] for m in range(num_micro)]
   previous = [plan.base] + [plan.slot_expert[m] for m in range(num_micro - 1)]
   refills = [[fill_moves(plan.slot_expert[m, l], plan.base[l], previous[m][l]) for l in range(num_layers)]
              for m in range(num_micro)]
   every = [f for row in fills + refills for f in row]
-  fill_cap = fill_capacity or capacity_power_of_two(max(1, *(moves_needed(f, num_devices) for f in every)))
-  local_cap = capacity_power_of_two(max(1, *(local_copies_needed(f, num_devices) for f in every)))
-  base_local = base_local_capacity or capacity_power_of_two(
-      max(1, *(local_copies_needed(m, num_devices) for m in base_list)))
+  fill_cap = fill_capacity or table_rows(moves_needed, every, num_devices)
+  local_cap = table_rows(local_copies_needed, every, num_devices)
+  base_local = base_local_capacity or table_rows(local_copies_needed, base_list, num_devices)
   base_moves = stack_moves([move_tables(m, num_devices, base_cap, base_local) for m in base_list])
   slot_pairs = plan.slot_pairs(counts_MxLxDxE)  # [M, L, D_src, G]
   need_MxL = slot_pairs.reshape(*slot_pairs.shape[:3], num_devices, -1).sum(-1).max((2, 3), initial=0)
