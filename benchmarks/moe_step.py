@@ -181,7 +181,7 @@ def run(args, num_devices: int) -> dict:
   live_loose = [prepare_step(p, counts[m:m + 1], E) for m, p in enumerate(live_plans)]
   live_capacity_M = [s.capacity for s in live_loose]
   live_base_moves = [home_to_base_moves(p.base[l], E) for p in live_plans for l in range(num_layers)]
-  live_caps = dict(fill_capacity=max(s.fill_moves.send_DxRxK.shape[-1] for s in live_loose),
+  live_caps = dict(fill_capacity=max(s.fill_moves_M[0].send_DxRxK.shape[-1] for s in live_loose),
                    base_capacity=table_rows(moves_needed, live_base_moves, num_devices),
                    base_local_capacity=table_rows(local_copies_needed, live_base_moves, num_devices))
 
@@ -202,7 +202,7 @@ def run(args, num_devices: int) -> dict:
       start = time.perf_counter()
       plan = plan_step(counts[m:m + 1], pcfg("eplb_microstep"))
       ms += (time.perf_counter() - start) * 1e3
-      grads = ex.gradients([batch], prepare_step(plan, counts[m:m + 1], E, **live_caps))
+      grads = ex.gradients([batch], prepare_step(plan, counts[m:m + 1], E, mesh=mesh, **live_caps))
       total = grads if total is None else jax.tree.map(jnp.add, total, grads)
     ex.params, ex.opt_state = update(ex.params, ex.opt_state, total)
     jax.block_until_ready(ex.params)
@@ -233,7 +233,7 @@ def run(args, num_devices: int) -> dict:
     print(f"D={num_devices} {name} trace:\n{trace_summary.format_summary(summary)}", flush=True)
     return summary
 
-  jobs = {p: (prepare_step(plans[p], step_counts[p], E), ideal_batches.get(p, batches), False)
+  jobs = {p: (prepare_step(plans[p], step_counts[p], E, mesh=mesh), ideal_batches.get(p, batches), False)
           for p in plans}
   jobs["foremoe_prefetch"] = (jobs["foremoe"][0], batches, True)
   order = [p for p in args.policies if p in jobs or p == "live"]

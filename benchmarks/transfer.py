@@ -215,11 +215,11 @@ def overlap(args, mesh, num_devices):
     plan = Plan(np.broadcast_to(placements[:, None], (args.micro_steps, args.layers, *home.shape)).astype(np.int32),
                 np.broadcast_to(share, (args.micro_steps, args.layers, *share.shape)).astype(np.float32),
                 np.broadcast_to(home, (args.layers, *home.shape)).astype(np.int32), "fill", pcfg)
-    step = prepare_step(plan, counts, E)
-    fill_k = int(step.fill_moves.send_DxRxK.shape[-1])
-    rounds = int(np.asarray(step.fill_moves.active_R[0, 0]).sum())
-    isolated = bench(jax.jit(transfers_alone), weights, index(step.refill_moves, 1),
-                     index(step.fill_moves, 1), repeats=args.repeats) * 1e3 if moves else 0.0
+    step = prepare_step(plan, counts, E, mesh=mesh)
+    fill_k = int(step.fill_moves_M[0].send_DxRxK.shape[-1])
+    rounds = int(np.asarray(step.fill_moves_M[0].active_R[0]).sum())
+    isolated = bench(jax.jit(transfers_alone), weights, step.refill_moves_M[1],
+                     step.fill_moves_M[1], repeats=args.repeats) * 1e3 if moves else 0.0
     for prefetch in (True, False) if moves else (True,):
       def one_step():
         ex.train_step(batches, step, prefetch=prefetch)

@@ -50,11 +50,12 @@ def table_rows(needed, moves_lists, num_devices: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class StepTables:
-  """Everything one optimizer step needs about placements, as device arrays (plus static sizes)."""
-  tables: Tables  # [M, L, ...] dispatch tables
+  """Everything one optimizer step needs about placements, plus static sizes. The table trees come
+  one per micro-step, so the host loop never slices a device array between micro-steps."""
+  tables_M: list[Tables]  # per micro-step: [L, ...] dispatch tables
   base_moves: MoveTables  # [L, ...] home -> base
-  fill_moves: MoveTables  # [M, L, ...] base -> micro-step m's working slots (gradients go back through it)
-  refill_moves: MoveTables  # [M, L, ...] micro-step m-1's working slots -> m's (m = 0: from the base)
+  fill_moves_M: list[MoveTables]  # per micro-step: [L, ...] base -> its working slots (gradients go back)
+  refill_moves_M: list[MoveTables]  # per micro-step m: [L, ...] m-1's working slots -> m's (m = 0: the base)
   refill_M: np.ndarray  # bool [M] (host): micro-step m's refill writes a slot in some layer
   fill_M: np.ndarray  # bool [M] (host): micro-step m's placement differs from the base in some layer
   capacity_M: tuple[int, ...]  # padded rows per (source, destination) of each micro-step: its need, bucketed
@@ -63,26 +64,34 @@ class StepTables:
 
   @property
   def num_micro_steps(self) -> int:
-    return self.tables.slot_expert_G.shape[0]
+    return len(self.tables_M)
 
   @property
   def capacity(self) -> int:
     """The largest micro-step capacity: what one step-wide capacity would have to be."""
     return max(self.capacity_M)
 
+  def place(self, mesh) -> "StepTables":
+    """The table trees replicated over `mesh` (arrays already there stay as they are). Tables left on
+    one device would be resliced onto the mesh by every micro-step's call: on 2 x H200 those copies,
+    and the host slicing before them, left each GPU idle ~15 ms per step."""
+    trees = (self.tables_M, self.base_moves, self.fill_moves_M, self.refill_moves_M)
+    tables_M, base_moves, fill_moves_M, refill_moves_M = jax.device_put(trees, NamedSharding(mesh, P()))
+    return dataclasses.replace(self, tables_M=tables_M, base_moves=base_moves, fill_moves_M=fill_moves_M,
+                               refill_moves_M=refill_moves_M)
+
 
 def stack_moves(tables: list[MoveTables]) -> MoveTables:
   return MoveTables(*(np.stack(leaves) for leaves in zip(*tables)))
 
 
-def _tables_MxL(moves_MxL, num_devices: int, capacity: int, local_capacity: int) -> MoveTables:
-  return stack_moves([stack_moves([move_tables(mv, num_devices, capacity, local_capacity) for mv in row])
-                      for row in moves_MxL])
+def _tables_M(moves_MxL, num_devices: int, capacity: int, local_capacity: int) -> list[MoveTables]:
+  return [stack_moves([move_tables(mv, num_devices, capacity, local_capacity) for mv in row]) for row in moves_MxL]
 
 
 def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity: int | None = None,
                  fill_capacity: int | None = None, base_capacity: int | None = None,
-                 base_local_capacity: int | None = None) -> StepTables:
+                 base_local_capacity: int | None = None, mesh=None) -> StepTables:
   """Host: a planner `Plan` plus the step's routed counts -> StepTables.
 
   `capacity` fixes the padded rows per (source, destination) of every micro-step (default: each
@@ -91,6 +100,8 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   in the base transfer; by default the plan's need rounded up to a power of two (1 for "foremoe", whose
   budget is one slot per device); `base_local_capacity`: rows one device copies within itself in the base
   transfer (default: the plan's need, a power of two). Passing them fixes the tables' shapes across plans.
+  `mesh`: place the tables on it now, ahead of the step (else they stay on the host until the executor
+  places them when the step starts).
   """
   num_micro, num_layers, num_devices, slots = plan.slot_expert.shape
   base_list = [home_to_base_moves(plan.base[l], num_experts) for l in range(num_layers)]
@@ -110,14 +121,14 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   if capacity is not None and capacity < need:
     raise ValueError(f"capacity={capacity} rows per (source, destination) is below this step's need of {need}")
   capacity_M = (capacity,) * num_micro if capacity else tuple(int(c) for c in micro_capacities(need_MxL))
-  return StepTables(plan_tables(plan.slot_expert, plan.slot_share, num_experts),
-                    jax.tree.map(jnp.asarray, base_moves),
-                    jax.tree.map(jnp.asarray, _tables_MxL(fills, num_devices, fill_cap, local_cap)),
-                    jax.tree.map(jnp.asarray, _tables_MxL(refills, num_devices, fill_cap, local_cap)),
+  tables = plan_tables(plan.slot_expert, plan.slot_share, num_experts)
+  step = StepTables([Tables(*(a[m] for a in tables)) for m in range(num_micro)], base_moves,
+                    _tables_M(fills, num_devices, fill_cap, local_cap), _tables_M(refills, num_devices, fill_cap, local_cap),
                     np.array([any(len(f) for f in row) for row in refills]),
                     np.array([any(len(f) for f in row) for row in fills]),
                     capacity_M, sum(len(f) for row in fills for f in row),
                     sum(len(f) for row in refills for f in row))
+  return step if mesh is None else step.place(mesh)
 
 
 def expert_weights(model) -> list[tuple[jax.Array, jax.Array]]:
@@ -268,8 +279,8 @@ class Executor:
     prefetch = self.prefetch if prefetch is None else prefetch
     target = m + 1 if prefetch else m
     if not 0 < target < step.num_micro_steps or not step.refill_M[target]:
-      return None, index(step.refill_moves, 0)  # right shapes, never read
-    return ("after" if prefetch else "before"), index(step.refill_moves, target)
+      return None, step.refill_moves_M[0]  # right shapes, never read
+    return ("after" if prefetch else "before"), step.refill_moves_M[target]
 
   def zero_accumulators(self, tree):
     """accumulators(tree), each array zero-filled on its own devices. Eagerly, jnp.zeros_like of a
@@ -288,13 +299,16 @@ class Executor:
     if len(micro_batches) != step.num_micro_steps:
       raise ValueError(f"{len(micro_batches)} micro-batches for a plan of {step.num_micro_steps} micro-steps")
     filled = bool(step.fill_M.any())
-    base, working = self._begin(self.params, step.base_moves, index(step.refill_moves, 0), filled=filled)
+    base, working = self._begin(self.params, step.base_moves, step.refill_moves_M[0], filled=filled)
     return (base, working) if filled else ((), base)
 
   def accumulate(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
                  stage_done: Callable[[str, Any], None] | None = None):
     """Forward and backward of every micro-step; returns (base-layout accumulators, losses, metrics).
     `stage_done(name, value)`, if given, sees each stage's output ("begin", "micro") as it is issued."""
+    return self._accumulate(micro_batches, step.place(self.mesh), prefetch, stage_done)
+
+  def _accumulate(self, micro_batches, step, prefetch, stage_done):
     stage_done = stage_done or (lambda name, value: None)
     base, working = self._start(micro_batches, step)
     stage_done("begin", working)
@@ -302,8 +316,8 @@ class Executor:
     losses, metrics = [], []
     for m, batch in enumerate(micro_batches):
       refill, moves = self._schedule(step, m, prefetch)
-      acc, working, loss, met = self._micro(self.params, base, working, batch, index(step.tables, m),
-                                            index(step.fill_moves, m), moves, acc, capacity=step.capacity_M[m],
+      acc, working, loss, met = self._micro(self.params, base, working, batch, step.tables_M[m],
+                                            step.fill_moves_M[m], moves, acc, capacity=step.capacity_M[m],
                                             refill=refill, filled=bool(step.fill_M[m]))
       stage_done("micro", acc)
       losses.append(loss)
@@ -313,7 +327,8 @@ class Executor:
   def train_step(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
                  stage_done: Callable[[str, Any], None] | None = None) -> dict:
     """One optimizer step: M micro-steps (micro-step m under placement m), one update."""
-    acc, losses, metrics = self.accumulate(micro_batches, step, prefetch=prefetch, stage_done=stage_done)
+    step = step.place(self.mesh)
+    acc, losses, metrics = self._accumulate(micro_batches, step, prefetch, stage_done)
     self.params, self.opt_state, grad_norm = self._finish(self.params, self.opt_state, acc, step.base_moves)
     if stage_done:
       stage_done("finish", self.params)
@@ -323,16 +338,18 @@ class Executor:
   def forward(self, micro_batches: list[Any], step: StepTables, *,
               prefetch: bool | None = None) -> list[tuple[jax.Array, dict]]:
     """Forward only (the recompute stage): (loss, metrics) of every micro-step under its placement."""
+    step = step.place(self.mesh)
     base, working = self._start(micro_batches, step)
     outs = []
     for m, batch in enumerate(micro_batches):
       refill, moves = self._schedule(step, m, prefetch)
-      out, working = self._forward(self.params, base, working, batch, index(step.tables, m), moves,
+      out, working = self._forward(self.params, base, working, batch, step.tables_M[m], moves,
                                    capacity=step.capacity_M[m], refill=refill)
       outs.append(out)
     return outs
 
   def gradients(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None):
     """The step's accumulated gradients of the home-layout parameters, without an update."""
-    acc, _, _ = self.accumulate(micro_batches, step, prefetch=prefetch)
+    step = step.place(self.mesh)
+    acc, _, _ = self._accumulate(micro_batches, step, prefetch, None)
     return self._home_grads(self.params, acc, step.base_moves)

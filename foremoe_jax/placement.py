@@ -94,7 +94,7 @@ def stack_tables(tables: list[Tables]) -> Tables:
 
 
 def plan_tables(slot_expert_MxLxDxS, slot_share_MxLxDxG, num_experts: int) -> Tables:
-  """All tables of a step as one pytree [M, L, ...]; validated on the host slice by slice."""
+  """All tables of a step as one pytree [M, L, ...] of host arrays, validated slice by slice."""
   slot_expert = np.asarray(slot_expert_MxLxDxS)
   slot_share = np.asarray(slot_share_MxLxDxG)
   for m in range(slot_expert.shape[0]):
@@ -104,8 +104,7 @@ def plan_tables(slot_expert_MxLxDxS, slot_share_MxLxDxG, num_experts: int) -> Ta
       except ValueError as err:
         raise ValueError(f"micro-step {m}, layer {l}: {err}") from None
   m, l, d, s = slot_expert.shape
-  return Tables(jnp.asarray(slot_expert.reshape(m, l, d * s), jnp.int32),
-                jnp.asarray(slot_share, jnp.float32))
+  return Tables(slot_expert.reshape(m, l, d * s).astype(np.int32), slot_share.astype(np.float32))
 
 
 def slot_pair_counts(slot_expert_G: jax.Array, share_G: jax.Array, pairs_per_expert_E: jax.Array):

@@ -163,7 +163,7 @@ class GRPOTrainer:
       plan, plan_s = future.result()
       waited += time.perf_counter() - wait
       prepare = time.perf_counter()  # the device tables, on this thread
-      tables = prepare_step(plan, planned[i][0], self.plan_cfg.num_experts)
+      tables = prepare_step(plan, planned[i][0], self.plan_cfg.num_experts, mesh=self.mesh)
       planner_s += plan_s + time.perf_counter() - prepare
       groups.append((micro_batches, tables))
       if not at_home:
@@ -192,7 +192,7 @@ class GRPOTrainer:
   def home_tables(self, counts_MxLxDxE):
     """StepTables of the home layout (no plan to wait for; the static policy's tables)."""
     home = dataclasses.replace(self.plan_cfg, policy="static")
-    return prepare_step(plan_step(counts_MxLxDxE, home), counts_MxLxDxE, home.num_experts)
+    return prepare_step(plan_step(counts_MxLxDxE, home), counts_MxLxDxE, home.num_experts, mesh=self.mesh)
 
   def attach_logprobs(self, micro_batches: list[dict], tables) -> None:
     """Recompute: old (and reference) log-probs under replayed routes, forward only."""
