@@ -95,7 +95,7 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   """Host: a planner `Plan` plus the step's routed counts -> StepTables.
 
   `capacity` fixes the padded rows per (source, destination) of every micro-step (default: each
-  micro-step's exact need, bucketed: `pairs.micro_capacities`); it must cover the need, since dropping
+  micro-step's exact need, bucketed by the plan's `capacity_buckets`: `pairs.micro_capacities`); it must cover the need, since dropping
   tokens would change the math. `fill_capacity` / `base_capacity`: rows one device may send another per micro-step fill /
   in the base transfer; by default the plan's need rounded up to a power of two (1 for "foremoe", whose
   budget is one slot per device); `base_local_capacity`: rows one device copies within itself in the base
@@ -120,7 +120,8 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   need = int(need_MxL.max(initial=0))
   if capacity is not None and capacity < need:
     raise ValueError(f"capacity={capacity} rows per (source, destination) is below this step's need of {need}")
-  capacity_M = (capacity,) * num_micro if capacity else tuple(int(c) for c in micro_capacities(need_MxL))
+  capacity_M = (capacity,) * num_micro if capacity else tuple(
+      int(c) for c in micro_capacities(need_MxL, plan.config.capacity_buckets))
   tables = plan_tables(plan.slot_expert, plan.slot_share, num_experts)
   step = StepTables([Tables(*(a[m] for a in tables)) for m in range(num_micro)], base_moves,
                     _tables_M(fills, num_devices, fill_cap, local_cap), _tables_M(refills, num_devices, fill_cap, local_cap),

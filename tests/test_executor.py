@@ -114,6 +114,20 @@ def test_capacity_buckets_are_coarse():
   assert [bucket(n) for n in (1, 8, 9, 33, 100, 1000)] == [8, 8, 16, 40, 104, 1024]
   assert all(bucket(n) >= n and bucket(n) <= 1.0625 * n + 8 for n in range(1, 5000, 37))
   assert len({bucket(n) for n in range(4097, 8193)}) == 16
+  assert [bucket(n, 1) for n in (1, 9, 100, 1000, 1025)] == [8, 16, 128, 1024, 2048]
+  assert len({bucket(n, 4) for n in range(4097, 8193)}) == 4
+
+
+def test_a_plan_with_fewer_capacity_buckets_compiles_fewer_capacities():
+  """PlanConfig.capacity_buckets reaches the step's capacities (and the planner's prices of them)."""
+  counts = np.random.default_rng(0).integers(0, 400, (M, L, D, E)) * np.arange(1, M + 1)[:, None, None, None]
+  steps = {b: prepare_step(plan_step(counts, PlanConfig(E, D, S, policy="static", capacity_buckets=b)), counts, E)
+           for b in (16, 1)}
+  assert all(c & (c - 1) == 0 for c in steps[1].capacity_M)
+  assert len(set(steps[1].capacity_M)) < len(set(steps[16].capacity_M))
+  assert all(c1 >= c16 for c1, c16 in zip(steps[1].capacity_M, steps[16].capacity_M))
+  with pytest.raises(ValueError, match="capacity_buckets"):
+    PlanConfig(E, D, S, capacity_buckets=3)
 
 
 def test_each_micro_step_gets_its_own_capacity_and_each_compiles_once(step_inputs):

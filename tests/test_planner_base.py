@@ -82,6 +82,8 @@ def test_exchange_s_prices_each_micro_step_at_its_own_capacity():
   assert np.isclose(foremoe.exchange_s(load, need, cfg), want, rtol=1e-12)
   assert not np.isclose(want, 2 * 2 * 4 * 1024 * row_s)  # a step-wide capacity would charge more
   np.testing.assert_array_equal(pairs.micro_capacities(need), [1024, 304])
+  coarse = PlanConfig(32, 4, 9, capacity_buckets=1)  # powers of two: 1024 and 512 rows
+  assert np.isclose(foremoe.exchange_s(load, need, coarse), 2 * 4 * (1024 + 512) * row_s, rtol=1e-12)
 
 
 def estimate(plan, cfg):

@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from foremoe_jax.planner.pairs import BUCKETS_PER_OCTAVE
+
 POLICIES = ("static", "eplb_step", "eplb_history", "eplb_microstep", "foremoe")
 
 
@@ -88,6 +90,9 @@ class PlanConfig:
   # EPLB policies (and foremoe's EPLB base): hierarchical mode with these expert groups and nodes.
   eplb_groups: int = 1
   eplb_nodes: int = 1
+  # Padded capacities per power of two (a power of two): more pad less, fewer compile fewer programs
+  # (each capacity a micro-step meets compiles its forward and gradient programs once).
+  capacity_buckets: int = BUCKETS_PER_OCTAVE
   cost: CostModel = dataclasses.field(default_factory=CostModel)
 
   def __post_init__(self):
@@ -108,6 +113,9 @@ class PlanConfig:
       raise ValueError("max_moves_per_device, split_sweeps and pair_sweeps must be >= 0")
     if self.eplb_groups < 1 or self.eplb_nodes < 1:
       raise ValueError("eplb_groups and eplb_nodes must be >= 1")
+    buckets = self.capacity_buckets
+    if not isinstance(buckets, int) or isinstance(buckets, bool) or buckets < 1 or buckets & (buckets - 1):
+      raise ValueError(f"PlanConfig.capacity_buckets must be a power of two >= 1, got {buckets!r}")
 
   @property
   def experts_per_device(self) -> int:

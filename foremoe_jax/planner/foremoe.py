@@ -251,7 +251,7 @@ def exchange_s(max_load_MxL: np.ndarray, need_MxL: np.ndarray, cfg: PlanConfig) 
   each (m, l) its busiest receiver's rows."""
   if not cfg.cost.padded_a2a:
     return float(cfg.cost.a2a_s(max_load_MxL).sum())
-  capacity_M = pairs.micro_capacities(need_MxL)
+  capacity_M = pairs.micro_capacities(need_MxL, cfg.capacity_buckets)
   return float(max_load_MxL.shape[1] * cfg.cost.a2a_s(cfg.num_devices * capacity_M).sum())
 
 
@@ -273,7 +273,7 @@ def choose_bases(step_s_NxL: np.ndarray, need_NxMxL: np.ndarray, cfg: PlanConfig
   within_CxNxL = np.where(worst_NxL <= bound_C[:, None, None], step_s_NxL, np.inf)
   choice_CxL = within_CxNxL.argmin(1)
   need_CxLxM = need_NxMxL[choice_CxL, :, np.arange(num_layers)]
-  capacity_CxM = pairs.bucket(need_CxLxM.max(1))
+  capacity_CxM = pairs.bucket(need_CxLxM.max(1), cfg.capacity_buckets)
   total_C = within_CxNxL.min(1).sum(1) + num_layers * cfg.cost.a2a_s(cfg.num_devices * capacity_CxM).sum(1)
   return choice_CxL[total_C.argmin()]
 

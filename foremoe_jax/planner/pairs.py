@@ -21,27 +21,27 @@ BISECTIONS = 10
 # First rounds of balance_pairs: the problems whose max pair count is within this fraction of their
 # micro-step's max.
 NEAR_MAX = 0.7
-# Padded capacity buckets per power of two: at most 1/BUCKETS_PER_OCTAVE padding; each bucket a
-# micro-step meets compiles its program once.
+# Padded capacity buckets per power of two (default): at most 1/BUCKETS_PER_OCTAVE padding; each
+# bucket a micro-step meets compiles its programs once (`PlanConfig.capacity_buckets` sets it per plan).
 BUCKETS_PER_OCTAVE = 16
 
 
-def bucket(n):
+def bucket(n, per_octave: int = BUCKETS_PER_OCTAVE):
   """The padded capacity compiled for a need of n rows per (source, destination): rounded up to 8,
-  then to one of BUCKETS_PER_OCTAVE steps per power of two (the executor's rule; the planner prices it).
+  then to one of `per_octave` steps per power of two (the executor's rule; the planner prices it).
   An int for a scalar n; elementwise (int64) on arrays."""
   n = np.maximum(8, np.ceil(np.asarray(n) / 8).astype(np.int64) * 8)
   # frexp's exponent is n's bit length (exact: needs stay far below 2^53).
-  step = np.maximum(8, np.left_shift(1, np.frexp(n)[1].astype(np.int64) - 1) // BUCKETS_PER_OCTAVE)
+  step = np.maximum(8, np.left_shift(1, np.frexp(n)[1].astype(np.int64) - 1) // per_octave)
   capacity = -(-n // step) * step
   return int(capacity) if capacity.ndim == 0 else capacity
 
 
-def micro_capacities(need_MxL: np.ndarray) -> np.ndarray:
+def micro_capacities(need_MxL: np.ndarray, per_octave: int = BUCKETS_PER_OCTAVE) -> np.ndarray:
   """int64 [M]: each micro-step's padded capacity: its layers' largest pair need, bucketed. One program
   runs all layers of a micro-step, so they share one capacity; micro-steps each get their own."""
   need_MxL = np.asarray(need_MxL)
-  return bucket(need_MxL.reshape(len(need_MxL), -1).max(1, initial=0))
+  return bucket(need_MxL.reshape(len(need_MxL), -1).max(1, initial=0), per_octave)
 
 
 def fixed_pair_max(counts_MxLxDxE: np.ndarray, bases_NxLxDxS: np.ndarray) -> np.ndarray:

@@ -33,6 +33,9 @@ class RLConfig:
   plan_matmul_tflops: float = 400.0  # grouped GEMM rate
   plan_link_gbs: float = 290.0  # ppermute bandwidth
   plan_a2a_gbs: float = 500.0  # all_to_all bandwidth
+  # Padded all_to_all capacities per power of two (PlanConfig.capacity_buckets): each capacity a
+  # micro-step meets compiles its recompute and update programs; fewer buckets, fewer compiles, more rows.
+  capacity_buckets: int = 16
   prompt_file: str = ""  # "prompt<TAB>answer" lines; empty: arithmetic problems drawn on the fly
   ckpt_every: int = 1
 

@@ -63,7 +63,8 @@ class GRPOTrainer:
                      a2a_bytes_per_s=self.rl.plan_a2a_gbs * 1e9,
                      padded_a2a=backends.choose_dispatch(moe.cfg.dispatch) == "padded")
     self.plan_cfg = PlanConfig(num_experts=cfg.model.num_experts, num_devices=moe.num_devices,
-                               slots_per_device=moe.slots, policy=self.rl.policy, cost=cost)
+                               slots_per_device=moe.slots, policy=self.rl.policy, cost=cost,
+                               capacity_buckets=self.rl.capacity_buckets)
     self.planner = Planner(self.rl.plan_in_process)  # a process starts now: its imports are paid early
     weakref.finalize(self, self.planner.close)
     self.prompts = load_prompt_file(self.rl.prompt_file, self.tok) if self.rl.prompt_file else None
