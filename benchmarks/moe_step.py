@@ -37,6 +37,7 @@ import argparse
 import datetime
 import json
 import pathlib
+import shlex
 import sys
 import time
 
@@ -341,7 +342,7 @@ def save(args, result: dict) -> None:
   doc["runs"][f"D{result['D']}{suffix}"] = result
   doc["meta"] = dict(card=jax.devices()[0].device_kind, gpus_visible=jax.device_count(), jax=jax.__version__,
                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     command="bash benchmarks/gpu_run.sh")
+                     command=shlex.join(["python", *sys.argv]))
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(doc, indent=1))
 
