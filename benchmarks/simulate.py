@@ -23,7 +23,7 @@ cross-device volume by the busiest sender's or receiver's own rows, and charges 
 the experts it moves (a ragged exchange at the padded one's bandwidth: an assumption); foremoe then
 plans with CostModel(padded_a2a=False).
 
-    python benchmarks/simulate.py            # reads benchmarks/results/{moe_step,transfer}.json
+    python benchmarks/simulate.py   # reads benchmarks/results/{moe_step_sim_inputs,transfer}.json
 """
 from __future__ import annotations
 
@@ -246,7 +246,7 @@ def plot(rows, measured, path):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--moe", default=str(RESULTS / "moe_step.json"))
+  ap.add_argument("--moe", default=str(RESULTS / "moe_step_sim_inputs.json"))
   ap.add_argument("--transfer", default=str(RESULTS / "transfer.json"))
   ap.add_argument("--traces", default=str(traces.traces_root()))
   ap.add_argument("--ep", type=int, nargs="+", default=[8, 16, 32, 64])
@@ -275,7 +275,7 @@ def main():
         f"{args.tokens} tok/GPU/micro-step, a2a {args.a2a_gbs:.0f} GB/s (<=8 GPUs), {args.ib_gbs:.0f} GB/s beyond")
   print(projection_table(rows))
   doc = dict(note="validation rows: measured on GPUs vs model; projection rows: cost model only (not measured)",
-             measured_meta=moe.get("meta"), fits={str(k): {kk: vv for kk, vv in v.items()} for k, v in fits.items()},
+             measured_meta=moe.get("meta"), measured_file=pathlib.Path(args.moe).name, fits={str(k): {kk: vv for kk, vv in v.items()} for k, v in fits.items()},
              validation=validation, projection=rows, args=vars(args))
   out = pathlib.Path(args.out)
   out.write_text(json.dumps(doc, indent=1, default=float))
@@ -299,9 +299,10 @@ def projection_table(rows) -> str:
 def markdown(doc: dict, errs: list[float]) -> str:
   """The fits, the validation (measured vs model) and the projection (model only) as markdown."""
   meta = doc["measured_meta"] or {}
+  sources = "; ".join(f"{k}: {v}" for k, v in meta.get("sources", {}).items()) or f"`{meta.get('command', '')}`"
   lines = ["# Simulator: validation (measured vs model) and projection (model only)", "",
-           f"Measured inputs: `moe_step.json` ({meta.get('card', '?')}, {meta.get('gpus', '')}, JAX {meta.get('jax', '?')},",
-           f"{meta.get('date', '?')}; `{meta.get('command', '')}`) and `transfer.json` (links and GEMM rate).",
+           f"Measured inputs: `{doc['measured_file']}` ({meta.get('card', '?')}, JAX {meta.get('jax', '?')}, "
+           f"{meta.get('date', '?')}; {sources}) and `transfer.json` (links and GEMM rate).",
            "Command: `python benchmarks/simulate.py`. Model: this script's docstring.", "", "## Fits", "",
            "| D | other ms per (m, l) | beta ms per received row per (m, l) | GEMM TFLOP/s |", "|---|---|---|---|"]
   lines += [f"| {d} | {f['other_ms']:.2f} | {f['beta_ms_per_row']:.2e} | {f['rates']['tflops']:.0f} |"
