@@ -130,3 +130,17 @@ def test_a_ragged_exchange_prices_each_micro_steps_own_rows():
     assert estimate(ours, cfg) <= estimate(eplb, cfg) * (1 + 1e-9)
     kept += not np.array_equal(ours.slot_expert, eplb.slot_expert)
   assert kept > 0  # with exact rows the balance pays for itself here
+
+
+def test_a_base_move_pays_its_float32_gradient_on_the_way_back():
+  """The base's gradients go home as float32 sums: a bf16 expert fetched into the base costs 1 + 2
+  expert-sized transfers (a per-micro-step fill 1 + 1); float32 weights cost a fill's two."""
+  bf16, f32 = CostModel(bytes_per_param=2), CostModel(bytes_per_param=4)
+  assert math.isclose(bf16.base_move_s, 1.5 * bf16.move_s) and math.isclose(f32.base_move_s, f32.move_s)
+  cfg = PlanConfig(32, 4, 9, cost=bf16)
+  home = np.stack([home_placement(32, 4, 9)] * 2)
+  base = home.copy()
+  base[0, 0, 8], base[1, 1, 8], base[1, 2, 8] = 9, 0, 31  # fetched: 1 slot on device 0, 1 each on 1 and 2
+  zeros = np.zeros((3, 2))
+  extra = foremoe.step_s(zeros, zeros, zeros, base, cfg) - foremoe.step_s(zeros, zeros, zeros, home, cfg)
+  assert math.isclose(extra, 2 * bf16.base_move_s)  # the busiest device's fetches, per layer

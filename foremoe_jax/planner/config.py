@@ -51,6 +51,13 @@ class CostModel:
     return 2.0 * self.expert_bytes / self.link_bytes_per_s
 
   @property
+  def base_move_s(self) -> float:
+    """One base slot fetched from another device: its weights in when the step begins, and at its end
+    its gradient, summed over the micro-steps in (at least) float32, back home."""
+    grad_bytes = max(self.bytes_per_param, 4) / self.bytes_per_param * self.expert_bytes
+    return (self.expert_bytes + grad_bytes) / self.link_bytes_per_s
+
+  @property
   def a2a_s_per_token(self) -> float:
     """A pair leaving its source device: dispatch and combine, forward and backward (4 hidden vectors)."""
     return 4.0 * self.hidden * self.bytes_per_param / self.a2a_bytes_per_s

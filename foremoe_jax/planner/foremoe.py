@@ -182,7 +182,7 @@ def _swapped_home(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
     away = device_LxE != home_device_E
     fetched_LxD = np.bincount((rows[:, None] * cfg.num_devices + device_LxE)[away],
                               minlength=num_layers * cfg.num_devices).reshape(num_layers, -1)
-    step_s = load_LxD.max(1) * pair_s + fetched_LxD.max(1) * cfg.cost.move_s
+    step_s = load_LxD.max(1) * pair_s + fetched_LxD.max(1) * cfg.cost.base_move_s
     better = step_s < best_s
     best_base[better], best_s[better] = base[better], step_s[better]
   return best_base
@@ -241,7 +241,7 @@ def step_s(max_load_MxL: np.ndarray, need_MxL: np.ndarray, moves_MxL: np.ndarray
   """estimated_step_s from each (m, l)'s busiest-device load and pair need; nondecreasing in each of
   them while the cost model's overlap_fraction is at most 1."""
   return float(cfg.cost.layer_s(max_load_MxL, moves_MxL).sum()
-               + remote_base_slots(base_LxDxS, cfg).sum() * cfg.cost.move_s
+               + remote_base_slots(base_LxDxS, cfg).sum() * cfg.cost.base_move_s
                + exchange_s(max_load_MxL, need_MxL, cfg))
 
 
@@ -339,7 +339,7 @@ def plan_foremoe(counts_MxLxDxE: np.ndarray, cfg: PlanConfig, eplb_base_LxDxS: n
     busiest_MxL = max_load_CxB[choice_NxB[-1], rows].reshape(num_micro, num_layers)
     need_NxMxL.append(np.maximum(np.ceil(busiest_MxL / num_devices), fixed_NxMxL[b]))
     step_s_NxL.append(time_cxB.min(0).reshape(num_micro, num_layers).sum(0)
-                      + remote_base_slots(bases[b], cfg) * cfg.cost.move_s)
+                      + remote_base_slots(bases[b], cfg) * cfg.cost.base_move_s)
   choice_L = choose_bases(np.stack(step_s_NxL), np.stack(need_NxMxL), cfg)
   choice_B = np.stack(choice_NxB).reshape(len(bases), num_micro, num_layers)[choice_L, :, np.arange(num_layers)].T.ravel()
   slot_expert = se_CxBxDxS[choice_B, rows]

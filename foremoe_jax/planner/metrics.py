@@ -46,7 +46,7 @@ def estimated_step_s(plan: Plan, counts_MxLxDxE) -> float:
   cfg = plan.config
   home = home_placement(cfg.num_experts, cfg.num_devices, cfg.slots_per_device)
   base_moves = (plan.base != home[None]).sum(-1).max(-1)
-  return float(per_layer.sum() + base_moves.sum() * cost.move_s)
+  return float(per_layer.sum() + base_moves.sum() * cost.base_move_s)
 
 
 def summary(plan: Plan, counts_MxLxDxE) -> dict:
