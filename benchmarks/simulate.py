@@ -275,7 +275,8 @@ def main():
         f"{args.tokens} tok/GPU/micro-step, a2a {args.a2a_gbs:.0f} GB/s (<=8 GPUs), {args.ib_gbs:.0f} GB/s beyond")
   print(projection_table(rows))
   doc = dict(note="validation rows: measured on GPUs vs model; projection rows: cost model only (not measured)",
-             measured_meta=moe.get("meta"), measured_file=pathlib.Path(args.moe).name, fits={str(k): {kk: vv for kk, vv in v.items()} for k, v in fits.items()},
+             measured_meta=moe.get("meta"), measured_file=pathlib.Path(args.moe).name,
+             fits={str(k): {kk: vv for kk, vv in v.items()} for k, v in fits.items()},
              validation=validation, projection=rows, args=vars(args))
   out = pathlib.Path(args.out)
   out.write_text(json.dumps(doc, indent=1, default=float))

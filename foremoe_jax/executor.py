@@ -95,11 +95,12 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   """Host: a planner `Plan` plus the step's routed counts -> StepTables.
 
   `capacity` fixes the padded rows per (source, destination) of every micro-step (default: each
-  micro-step's exact need, bucketed by the plan's `capacity_buckets`: `pairs.micro_capacities`); it must cover the need, since dropping
-  tokens would change the math. `fill_capacity` / `base_capacity`: rows one device may send another per micro-step fill /
-  in the base transfer; by default the plan's need rounded up to a power of two (1 for "foremoe", whose
-  budget is one slot per device); `base_local_capacity`: rows one device copies within itself in the base
-  transfer (default: the plan's need, a power of two). Passing them fixes the tables' shapes across plans.
+  micro-step's exact need, bucketed by the plan's `capacity_buckets`: `pairs.micro_capacities`); it must
+  cover the need, since dropping tokens would change the math. `fill_capacity` / `base_capacity`: rows
+  one device may send another per micro-step fill / in the base transfer; by default the plan's need
+  rounded up to a power of two (1 for "foremoe", whose budget is one slot per device);
+  `base_local_capacity`: rows one device copies within itself in the base transfer (default: the plan's
+  need, a power of two). Passing them fixes the tables' shapes across plans.
   `mesh`: place the tables on it now, ahead of the step (else they stay on the host until the executor
   places them when the step starts).
   """
@@ -124,7 +125,8 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
       int(c) for c in micro_capacities(need_MxL, plan.config.capacity_buckets))
   tables = plan_tables(plan.slot_expert, plan.slot_share, num_experts)
   step = StepTables([Tables(*(a[m] for a in tables)) for m in range(num_micro)], base_moves,
-                    _tables_M(fills, num_devices, fill_cap, local_cap), _tables_M(refills, num_devices, fill_cap, local_cap),
+                    _tables_M(fills, num_devices, fill_cap, local_cap),
+                    _tables_M(refills, num_devices, fill_cap, local_cap),
                     np.array([any(len(f) for f in row) for row in refills]),
                     np.array([any(len(f) for f in row) for row in fills]),
                     capacity_M, sum(len(f) for row in fills for f in row),
