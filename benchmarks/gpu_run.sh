@@ -22,13 +22,15 @@
 #   bash benchmarks/gpu_run.sh 14  # ~5 min, 2 GPUs: MoE step EP=2, static ideal foremoe eplb_step, traces of
 #                                  #   foremoe and ideal (the seventh session's calls)
 #   bash benchmarks/gpu_run.sh 15  # ~6 min, 2 GPUs: RL step gpu_2 cut, planning in a thread, then in a process
+#   bash benchmarks/gpu_run.sh 16  # ~9 min, 4 GPUs: MoE step EP=4, ideal foremoe eplb_step static (compiles take
+#                                  #   50-160 s each), trace of foremoe: the eighth session's fixes at EP 4
 #   bash benchmarks/gpu_run.sh 5   # ~1.5 min: one foremoe step at EP=4 with XLA's optimized HLO of the micro-step
 #                                  #   program dumped (names the fusions in the trace summaries)
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
 # python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
 # BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
 set -u
-PHASE=${1:?phase 1 to 15}
+PHASE=${1:?phase 1 to 16}
 OUT=${OUT:-/tmp/foremoe_bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
@@ -149,6 +151,9 @@ case $PHASE in
   ;;
 14)
   moe 2 420 330 --policies static ideal foremoe eplb_step --trace-policies foremoe ideal
+  ;;
+16)
+  moe 4 570 400 --policies ideal foremoe eplb_step static --trace-policies foremoe
   ;;
 13)
   timeout 170 $PY -m pytest -q -m gpu tests/test_dispatch_gpu.py tests/test_executor_gpu.py -p no:cacheprovider \
