@@ -97,6 +97,8 @@ def test_bad_rl_config_is_refused():
     RLConfig(prompts_per_step=3, group_size=1).validate(8)
   with pytest.raises(ValueError, match="rl.steps=0"):
     RLConfig(steps=0).validate(8)
+  with pytest.raises(ValueError, match="rl.capacity_buckets=3"):
+    RLConfig(capacity_buckets=3).validate(8)
 
 
 def test_planning_in_a_process_gives_the_same_step(tmp_path):

@@ -50,6 +50,8 @@ class RLConfig:
     if (self.prompts_per_step * self.group_size) % num_shards:
       raise ValueError(f"rl.prompts_per_step * rl.group_size = {self.prompts_per_step * self.group_size} is "
                        f"not divisible by the {num_shards} devices of the batch axes")
+    if self.capacity_buckets < 1 or self.capacity_buckets & (self.capacity_buckets - 1):
+      raise ValueError(f"rl.capacity_buckets={self.capacity_buckets} must be a power of two >= 1")
     if min(self.plan_matmul_tflops, self.plan_link_gbs, self.plan_a2a_gbs) <= 0:
       raise ValueError("rl.plan_matmul_tflops, rl.plan_link_gbs and rl.plan_a2a_gbs must be > 0")
     if not 0 < self.top_p <= 1 or self.temperature < 0 or self.clip_eps <= 0 or self.kl_coef < 0 or self.lr <= 0:
