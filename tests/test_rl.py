@@ -141,3 +141,13 @@ def test_first_mini_batch_recomputed_at_home_gives_the_same_step(tmp_path):
   np.testing.assert_allclose(records[0]["loss"], records[1]["loss"], rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainer_names_new_capacities_before_compiling_them(caplog):
+  """Only capacities met neither in earlier steps nor earlier in this step are announced."""
+  seen = types.SimpleNamespace(capacities={16})
+  with caplog.at_level("INFO", logger="foremoe_jax.rl.trainer"):
+    GRPOTrainer.announce_compiles(seen, 3, (16, 32, 48, 32), [48])
+    GRPOTrainer.announce_compiles(seen, 3, (16,), [])
+  assert [r.getMessage() for r in caplog.records] == [
+      "step 3: compiling programs for new padded capacities [32] (once each)"]

@@ -12,6 +12,7 @@ Per RL step:
 """
 import dataclasses
 import functools
+import logging
 import os
 import time
 import weakref
@@ -35,6 +36,8 @@ from foremoe_jax.rl.microbatch import build_step_batches, with_advantages
 from foremoe_jax.rl.planning import Planner, minibatches, policy_report, timed_plan
 from foremoe_jax.rl.rollout import rollout
 from foremoe_jax.rl.task import CharTokenizer, encode_prompts, exact_match, load_prompt_file
+
+log = logging.getLogger(__name__)
 
 STAGES = ("rollout", "plan_wait", "recompute", "update")
 
@@ -158,6 +161,7 @@ class GRPOTrainer:
       at_home = i == 0 and rl.home_first_recompute
       if at_home:
         home = self.home_tables(planned[0][0])
+        self.announce_compiles(step, home.capacity_M, compiled_M)
         compiled_M += home.capacity_M
         self.attach_logprobs(micro_batches, home)
       wait = time.perf_counter()
@@ -167,11 +171,12 @@ class GRPOTrainer:
       tables = prepare_step(plan, planned[i][0], self.plan_cfg.num_experts, mesh=self.mesh)
       planner_s += plan_s + time.perf_counter() - prepare
       groups.append((micro_batches, tables))
+      self.announce_compiles(step, tables.capacity_M, compiled_M)
+      compiled_M += tables.capacity_M
       if not at_home:
         self.attach_logprobs(micro_batches, tables)
     times["plan_wait"], times["recompute"] = waited, time.perf_counter() - tic - waited
     capacity_M = [c for _, t in groups for c in t.capacity_M]
-    compiled_M += capacity_M
     new_capacities = sorted(set(compiled_M) - self.capacities)  # their programs compile in this step
     self.capacities.update(compiled_M)
 
@@ -189,6 +194,13 @@ class GRPOTrainer:
             "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates)),
             "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.capacities),
             "new_capacities": new_capacities}
+
+  def announce_compiles(self, step: int, capacity_M, met_this_step) -> None:
+    """Says, before the long wait, which padded capacities are new: each compiles a recompute and a
+    gradient program the first time a micro-step meets it (minutes for a large model on a GPU)."""
+    new = sorted(set(capacity_M) - self.capacities - set(met_this_step))
+    if new:
+      log.info("step %d: compiling programs for new padded capacities %s (once each)", step, new)
 
   def home_tables(self, counts_MxLxDxE):
     """StepTables of the home layout (no plan to wait for; the static policy's tables)."""
