@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from foremoe_jax import backends
 from foremoe_jax.checkpoint import Checkpointer
@@ -220,15 +221,16 @@ class GRPOTrainer:
   def run(self, logger=None, resume: bool = False) -> list[dict]:
     start = self.restore() if resume else 0
     records = []
-    for step in tqdm(range(start, self.rl.steps), desc=f"rl ({self.rl.policy})", initial=start,
-                     total=self.rl.steps):
-      record = self.step(step)
-      records.append(record)
-      tqdm.write(format_record(step, record, self.rl.policy))
-      if logger is not None:
-        logger.log(step, {"rl": {k: v for k, v in record.items() if k != "imbalance_sums"}})
-      if (step + 1) % self.rl.ckpt_every == 0 or step + 1 == self.rl.steps:
-        self.save(step + 1, {"reward": record["reward"]})
+    with logging_redirect_tqdm():  # log lines (e.g. the compiles a step waits for) above the bar
+      for step in tqdm(range(start, self.rl.steps), desc=f"rl ({self.rl.policy})", initial=start,
+                       total=self.rl.steps):
+        record = self.step(step)
+        records.append(record)
+        tqdm.write(format_record(step, record, self.rl.policy))
+        if logger is not None:
+          logger.log(step, {"rl": {k: v for k, v in record.items() if k != "imbalance_sums"}})
+        if (step + 1) % self.rl.ckpt_every == 0 or step + 1 == self.rl.steps:
+          self.save(step + 1, {"reward": record["reward"]})
     return records
 
 
