@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from foremoe_jax.planner.pairs import BUCKETS_PER_OCTAVE
+from foremoe_jax.planner.pairs import BUCKETS_PER_OCTAVE, check_buckets
 
 POLICIES = ("static", "eplb_step", "eplb_history", "eplb_microstep", "foremoe")
 
@@ -120,9 +120,7 @@ class PlanConfig:
       raise ValueError("max_moves_per_device, split_sweeps and pair_sweeps must be >= 0")
     if self.eplb_groups < 1 or self.eplb_nodes < 1:
       raise ValueError("eplb_groups and eplb_nodes must be >= 1")
-    buckets = self.capacity_buckets
-    if not isinstance(buckets, int) or isinstance(buckets, bool) or buckets < 1 or buckets & (buckets - 1):
-      raise ValueError(f"PlanConfig.capacity_buckets must be a power of two >= 1, got {buckets!r}")
+    check_buckets(self.capacity_buckets, "PlanConfig.capacity_buckets")
 
   @property
   def experts_per_device(self) -> int:

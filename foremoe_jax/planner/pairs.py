@@ -26,6 +26,12 @@ NEAR_MAX = 0.7
 BUCKETS_PER_OCTAVE = 16
 
 
+def check_buckets(per_octave, name: str) -> None:
+  """ValueError unless `per_octave` (capacity buckets per power of two) is a power of two >= 1."""
+  if not isinstance(per_octave, int) or isinstance(per_octave, bool) or per_octave < 1 or per_octave & (per_octave - 1):
+    raise ValueError(f"{name}={per_octave!r} must be a power of two >= 1")
+
+
 def bucket(n, per_octave: int = BUCKETS_PER_OCTAVE):
   """The padded capacity compiled for a need of n rows per (source, destination): rounded up to 8,
   then to one of `per_octave` steps per power of two (the executor's rule; the planner prices it).

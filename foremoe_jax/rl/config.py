@@ -3,6 +3,7 @@ import dataclasses
 import os
 
 from foremoe_jax.planner import POLICIES
+from foremoe_jax.planner.pairs import BUCKETS_PER_OCTAVE, check_buckets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,7 @@ class RLConfig:
   plan_a2a_gbs: float = 500.0  # all_to_all bandwidth
   # Padded all_to_all capacities per power of two (PlanConfig.capacity_buckets): each capacity a
   # micro-step meets compiles its recompute and update programs; fewer buckets, fewer compiles, more rows.
-  capacity_buckets: int = 16
+  capacity_buckets: int = BUCKETS_PER_OCTAVE
   prompt_file: str = ""  # "prompt<TAB>answer" lines; empty: arithmetic problems drawn on the fly
   ckpt_every: int = 1
 
@@ -50,8 +51,7 @@ class RLConfig:
     if (self.prompts_per_step * self.group_size) % num_shards:
       raise ValueError(f"rl.prompts_per_step * rl.group_size = {self.prompts_per_step * self.group_size} is "
                        f"not divisible by the {num_shards} devices of the batch axes")
-    if self.capacity_buckets < 1 or self.capacity_buckets & (self.capacity_buckets - 1):
-      raise ValueError(f"rl.capacity_buckets={self.capacity_buckets} must be a power of two >= 1")
+    check_buckets(self.capacity_buckets, "rl.capacity_buckets")
     if min(self.plan_matmul_tflops, self.plan_link_gbs, self.plan_a2a_gbs) <= 0:
       raise ValueError("rl.plan_matmul_tflops, rl.plan_link_gbs and rl.plan_a2a_gbs must be > 0")
     if not 0 < self.top_p <= 1 or self.temperature < 0 or self.clip_eps <= 0 or self.kl_coef < 0 or self.lr <= 0:
