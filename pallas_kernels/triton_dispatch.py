@@ -109,6 +109,8 @@ def _call(kernel, out_shape, num_rows, d, config, interpret, name):
                                                num_stages=config.num_stages))
 
 
+# jitted so that a model's repeated calls with one shape lower once per program (see gmm.py)
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
 def gather_rows(x_TxD: jax.Array, idx_R: jax.Array, scale_R: jax.Array | None = None, *,
                 out_dtype=None, config: GatherConfig = PERMUTE_DEFAULT,
                 interpret: bool = False) -> jax.Array:
@@ -124,6 +126,7 @@ def gather_rows(x_TxD: jax.Array, idx_R: jax.Array, scale_R: jax.Array | None = 
   return call(*args, x_TxD)
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
 def combine(y_RxD: jax.Array, idx_TxK: jax.Array, weights_TxK: jax.Array, *, out_dtype=None,
             config: GatherConfig = COMBINE_DEFAULT, interpret: bool = False) -> jax.Array:
   """out[t] = sum_k weights[t, k] * y[idx[t, k]] -> [T, D] in out_dtype (y's by default), f32
