@@ -234,3 +234,15 @@ def test_base_keeps_experts_home_when_loads_are_even_and_moves_them_when_skewed(
   plan.validate()
   assert (foremoe.remote_base_slots(plan.base, cfg) > 0).all()
   assert plan.imbalance(skewed) < 1.02
+
+
+@pytest.mark.parametrize("num_devices", [1, 2, 4])
+def test_planners_never_write_into_the_callers_counts(num_devices):
+  """The trainer plans its step's counts while it still uses them (the report, the tables): one device
+  once let foremoe's pair split zero them in place (a transpose of a size-1 axis is no copy)."""
+  counts = np.random.default_rng(num_devices).integers(1, 50, size=(2, 2, num_devices, 16))
+  counts.setflags(write=False)
+  for policy in POLICIES:
+    plan = plan_step(counts, PlanConfig(16, num_devices, 16 // num_devices + 1, policy=policy), history=counts)
+    plan.device_load(counts)
+    plan.slot_pairs(counts)

@@ -179,7 +179,7 @@ def _fill_by_source(slot_expert_BxDxS, counts_BxDxE, local_BxG, room_start_BxG, 
   slot_G = np.arange(se_BxG.shape[1])
   device_G = slot_G // num_slots
   rows = np.arange(batch)[:, None]
-  counts_BxExD = np.ascontiguousarray(np.swapaxes(counts_BxDxE, 1, 2))
+  counts_BxExD = np.swapaxes(counts_BxDxE, 1, 2).copy()  # written below; with D = 1 the swap is a view
   local = local_BxG > 0  # only first copies take local pairs
   rows_BxG = np.broadcast_to(rows, se_BxG.shape)
   counts_BxExD[rows_BxG[local], experts[local], np.broadcast_to(device_G, se_BxG.shape)[local]] -= local_BxG[local]
