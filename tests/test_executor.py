@@ -271,3 +271,35 @@ def test_the_host_loop_hands_programs_arrays_already_on_the_mesh(step_inputs):
     jax.block_until_ready(executor.accumulate(on_mesh, step))  # compiles
     with jax.transfer_guard("disallow"):
       jax.block_until_ready(executor.accumulate(on_mesh, step))
+
+
+def _backend_compiles(run_step) -> int:
+  """How many XLA compilations `run_step()` triggers."""
+  compiles = []
+
+  def listener(event, duration_s, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration_s)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    jax.block_until_ready(run_step())
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return len(compiles)
+
+
+def test_precompile_leaves_the_step_nothing_to_compile(step_inputs):
+  """A step's capacities are known ahead: precompile compiles all its programs (in threads), so the
+  step itself compiles nothing, forward or train; without it the step compiles them one by one."""
+  mesh, batches, counts, _ = step_inputs
+  on_mesh = jax.device_put(batches, NamedSharding(mesh, P(("data", "expert"))))
+  plan = plan_step(counts, PlanConfig(E, D, S, policy="foremoe", cost=CostModel(link_bytes_per_s=1e18)))
+  step = prepare_step(plan, counts, E, mesh=mesh)
+  step = dataclasses.replace(step, capacity_M=(step.capacity, 2 * step.capacity) * (M // 2))  # two programs
+  plain = Executor(make_model(mesh), optax.sgd(0.5), loss_fn, mesh)
+  assert _backend_compiles(lambda: plain.train_step(on_mesh, step)) > 0
+  ahead = Executor(make_model(mesh), optax.sgd(0.5), loss_fn, mesh)
+  report = ahead.precompile(on_mesh, step, programs=("forward", "train"))
+  assert report["programs"] == 3 + 5  # forward: 3 (capacity, refill) variants; train: 3 more, zero-fill, update
+  assert _backend_compiles(lambda: ahead.forward(on_mesh, step)) == 0
+  assert _backend_compiles(lambda: ahead.train_step(on_mesh, step)) == 0
