@@ -1,5 +1,6 @@
 """RL with foresight: micro-batches and counts, recompute under any plan equals static, resume."""
 import dataclasses
+import functools
 import os
 import types
 
@@ -43,11 +44,11 @@ def test_micro_batches_count_every_position_and_spread_padding():
   assert np.bincount(spread_routes((2, 4, 1, 2), 4).reshape(-1)).tolist() == [4, 4, 4, 4]
 
 
-def tiny_setup(tmp_path, policy="foremoe", steps=2):
+def tiny_setup(tmp_path, policy="foremoe", steps=2, **rl_settings):
   cfg = configs.get_config("cpu_tiny")
   rl = RLConfig(steps=steps, prompts_per_step=8, group_size=4, rows_per_shard=2, tokens_per_shard=32,
                 policy=policy, plan_matmul_tflops=cfg.rl.plan_matmul_tflops, plan_link_gbs=cfg.rl.plan_link_gbs,
-                plan_a2a_gbs=cfg.rl.plan_a2a_gbs)
+                plan_a2a_gbs=cfg.rl.plan_a2a_gbs, **rl_settings)
   cfg = types.SimpleNamespace(model=cfg.model, seed=0, rl=rl, task=cfg.task)
   mesh = make_mesh(1, 8)
   model = Model(cfg.model, mesh=mesh, rngs=nnx.Rngs(0))
@@ -143,11 +144,56 @@ def test_first_mini_batch_recomputed_at_home_gives_the_same_step(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_the_trainer_names_new_capacities_before_compiling_them(caplog):
-  """Only capacities met neither in earlier steps nor earlier in this step are announced."""
-  seen = types.SimpleNamespace(capacities={16})
-  with caplog.at_level("INFO", logger="foremoe_jax.rl.trainer"):
-    GRPOTrainer.announce_compiles(seen, 3, (16, 32, 48, 32), [48])
-    GRPOTrainer.announce_compiles(seen, 3, (16,), [])
+def test_the_trainer_compiles_only_new_capacities_ahead_and_says_so(caplog):
+  """Every group's programs are checked ahead, in the executor's threads (rl.compile_workers); capacities
+  met neither in earlier steps nor earlier in this step are named; with 0 workers they are only named."""
+  calls = []
+
+  def precompile(batches, tables, *, programs, workers):
+    calls.append((programs, workers))
+    return {"programs": 2, "lower_s": 1.0, "compile_s": 2.0}
+
+  mask = jnp.zeros((2, 3))
+  for workers in (4, 0):
+    trainer = types.SimpleNamespace(capacities={16}, executor=types.SimpleNamespace(precompile=precompile),
+                                    reference=None, rl=types.SimpleNamespace(compile_workers=workers))
+    trainer.with_logprob_slots = functools.partial(GRPOTrainer.with_logprob_slots, trainer)
+    met = [48]
+    with caplog.at_level("INFO", logger="foremoe_jax.rl.trainer"):
+      for capacity_M, programs in (((16, 32, 48, 32), ("forward", "train")), ((16, 32), ("train",))):
+        GRPOTrainer.compile_ahead(trainer, 3, [{"mask": mask}], types.SimpleNamespace(capacity_M=capacity_M),
+                                  programs, met)
+  assert calls == [(("forward", "train"), 4), (("train",), 4)]  # known programs cost a cache lookup
   assert [r.getMessage() for r in caplog.records] == [
-      "step 3: compiling programs for new padded capacities [32] (once each)"]
+      "step 3: compiling forward/train programs for new padded capacities [32]",
+      "step 3: 2 programs ready: lowering 1.0 s, then XLA in 4 threads 2.0 s",
+      "step 3: compiling forward/train programs for new padded capacities [32]"]
+
+
+def test_compiled_ahead_the_recompute_and_update_compile_nothing(tmp_path):
+  """rl.compile_workers: a new capacity's programs compile before their stage, for exactly the batches
+  the stages then pass (placeholders, old and reference log-probs): no program compiles twice."""
+  trainer = tiny_setup(tmp_path, steps=1, kl_coef=0.1)
+  compiles, inside = [], []
+
+  def listener(event, duration_s, **_):
+    if event == "/jax/core/compile/backend_compile_duration" and inside:
+      compiles.append(inside[-1])
+
+  def counted(run, name):
+    def wrapped(*args, **kwargs):
+      inside.append(name)
+      try:
+        return run(*args, **kwargs)
+      finally:
+        inside.pop()
+    return wrapped
+
+  for executor in (trainer.executor, trainer.reference):
+    executor.forward, executor.train_step = counted(executor.forward, "forward"), counted(executor.train_step, "update")
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    record = trainer.step(0)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert record["new_capacities"] and compiles == []

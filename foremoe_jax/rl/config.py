@@ -37,12 +37,18 @@ class RLConfig:
   # Padded all_to_all capacities per power of two (PlanConfig.capacity_buckets): each capacity a
   # micro-step meets compiles its recompute and update programs; fewer buckets, fewer compiles, more rows.
   capacity_buckets: int = BUCKETS_PER_OCTAVE
+  # A new capacity's programs compile before the stage that runs them, this many at a time (XLA compiles
+  # in threads; 0: each compiles when first called, one after another). On one H200 the first step of two
+  # new capacities (4 MoE layers) waited 25.5 s this way against 32.1 s (BENCHMARKS.md, compile time).
+  compile_workers: int = 8
   prompt_file: str = ""  # "prompt<TAB>answer" lines; empty: arithmetic problems drawn on the fly
   ckpt_every: int = 1
 
   def validate(self, num_shards: int) -> "RLConfig":
     if self.policy not in POLICIES:
       raise ValueError(f"rl.policy={self.policy!r} is not one of {POLICIES}")
+    if self.compile_workers < 0:
+      raise ValueError(f"rl.compile_workers={self.compile_workers} must be >= 0 (0: compile when first called)")
     positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "rows_per_shard",
                 "tokens_per_shard", "num_minibatches", "ppo_epochs")
     bad = [f"rl.{name}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]

@@ -162,8 +162,7 @@ class GRPOTrainer:
       at_home = i == 0 and rl.home_first_recompute
       if at_home:
         home = self.home_tables(planned[0][0])
-        self.announce_compiles(step, home.capacity_M, compiled_M)
-        compiled_M += home.capacity_M
+        self.compile_ahead(step, micro_batches, home, ("forward",), compiled_M)
         self.attach_logprobs(micro_batches, home)
       wait = time.perf_counter()
       plan, plan_s = future.result()
@@ -172,8 +171,7 @@ class GRPOTrainer:
       tables = prepare_step(plan, planned[i][0], self.plan_cfg.num_experts, mesh=self.mesh)
       planner_s += plan_s + time.perf_counter() - prepare
       groups.append((micro_batches, tables))
-      self.announce_compiles(step, tables.capacity_M, compiled_M)
-      compiled_M += tables.capacity_M
+      self.compile_ahead(step, micro_batches, tables, ("train",) if at_home else ("forward", "train"), compiled_M)
       if not at_home:
         self.attach_logprobs(micro_batches, tables)
     times["plan_wait"], times["recompute"] = waited, time.perf_counter() - tic - waited
@@ -196,27 +194,50 @@ class GRPOTrainer:
             "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.capacities),
             "new_capacities": new_capacities}
 
-  def announce_compiles(self, step: int, capacity_M, met_this_step) -> None:
-    """Says, before the long wait, which padded capacities are new: each compiles a recompute and a
-    gradient program the first time a micro-step meets it (minutes for a large model on a GPU)."""
-    new = sorted(set(capacity_M) - self.capacities - set(met_this_step))
+  def compile_ahead(self, step: int, micro_batches: list[dict], tables, programs, met_this_step: list) -> None:
+    """The programs a stage will run for `tables` compile before it, `rl.compile_workers` at a time
+    (`Executor.precompile`), instead of one by one inside the stage: each recompute or update program of
+    a new padded capacity takes tens of seconds for a large model on a GPU. Programs compiled before cost
+    a cache lookup (a few ms per call on the CI box), so every group is checked: a known capacity can
+    still meet a new variant (refill, fill). New capacities are named before the wait."""
+    new = sorted(set(tables.capacity_M) - self.capacities - set(met_this_step))
+    met_this_step += tables.capacity_M
     if new:
-      log.info("step %d: compiling programs for new padded capacities %s (once each)", step, new)
+      log.info("step %d: compiling %s programs for new padded capacities %s", step, "/".join(programs), new)
+    if not self.rl.compile_workers:
+      return  # each compiles when first called
+    abstract = self.with_logprob_slots(
+        micro_batches, lambda mask: jax.ShapeDtypeStruct(mask.shape, jnp.float32, sharding=mask.sharding))
+    reports = [self.executor.precompile(abstract, tables, programs=programs, workers=self.rl.compile_workers)]
+    if self.reference is not None and "forward" in programs:
+      reports.append(self.reference.precompile(abstract, tables, programs=("forward",),
+                                               workers=self.rl.compile_workers))
+    if new:
+      log.info("step %d: %d programs ready: lowering %.1f s, then XLA in %d threads %.1f s", step,
+               sum(r["programs"] for r in reports), sum(r["lower_s"] for r in reports), self.rl.compile_workers,
+               sum(r["compile_s"] for r in reports))
 
   def home_tables(self, counts_MxLxDxE):
     """StepTables of the home layout (no plan to wait for; the static policy's tables)."""
     home = dataclasses.replace(self.plan_cfg, policy="static")
     return prepare_step(plan_step(counts_MxLxDxE, home), counts_MxLxDxE, home.num_experts, mesh=self.mesh)
 
+  def with_logprob_slots(self, micro_batches: list[dict], make) -> list[dict]:
+    """Each micro-batch with its log-prob entries (old, and the reference's if any) made by make(mask):
+    the recompute's placeholders and the update's batches then share one structure and sharding, which
+    `compile_ahead` compiles for."""
+    keys = ("logp_old",) if self.reference is None else ("logp_old", "logp_ref")
+    return [{**b, **{k: make(b["mask"]) for k in keys}} for b in micro_batches]
+
   def attach_logprobs(self, micro_batches: list[dict], tables) -> None:
     """Recompute: old (and reference) log-probs under replayed routes, forward only."""
-    zeros = {"logp_old": jnp.zeros_like(micro_batches[0]["mask"], jnp.float32)}
-    placeholders = [{**b, **zeros} for b in micro_batches]
-    for batch, (_, metrics) in zip(micro_batches, self.executor.forward(placeholders, tables)):
-      batch["logp_old"] = metrics["logp"]
-    if self.reference is not None:
-      for batch, (_, metrics) in zip(micro_batches, self.reference.forward(placeholders, tables)):
-        batch["logp_ref"] = metrics["logp"]
+    placeholders = self.with_logprob_slots(micro_batches,
+                                           lambda mask: jnp.zeros(mask.shape, jnp.float32, device=mask.sharding))
+    for key, executor in (("logp_old", self.executor), ("logp_ref", self.reference)):
+      if executor is None:
+        continue
+      for batch, (_, metrics) in zip(micro_batches, executor.forward(placeholders, tables)):
+        batch[key] = jax.device_put(metrics["logp"], batch["mask"].sharding)  # as compile_ahead assumed
 
   def run(self, logger=None, resume: bool = False) -> list[dict]:
     start = self.restore() if resume else 0
