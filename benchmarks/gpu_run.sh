@@ -24,13 +24,17 @@
 #   bash benchmarks/gpu_run.sh 15  # ~6 min, 2 GPUs: RL step gpu_2 cut, planning in a thread, then in a process
 #   bash benchmarks/gpu_run.sh 16  # ~9 min, 4 GPUs: MoE step EP=4, ideal foremoe eplb_step static (compiles take
 #                                  #   50-160 s each), trace of foremoe: the eighth session's fixes at EP 4
+#   bash benchmarks/gpu_run.sh 17  # ~6 min, 1 GPU: where the compile time goes: the EP=1 MoE step (ideal routes) by
+#                                  #   grouped-matmul and dispatch backend and layer count, with JAX_LOG_COMPILES
+#   bash benchmarks/gpu_run.sh 18  # ~6 min, 1 GPU: the first step of two new capacities (EP=1, 4 layers): compiled
+#                                  #   inline, precompiled in 8 threads and in 1, and inline without XLA autotuning
 #   bash benchmarks/gpu_run.sh 5   # ~1.5 min: one foremoe step at EP=4 with XLA's optimized HLO of the micro-step
 #                                  #   program dumped (names the fusions in the trace summaries)
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
 # python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
 # BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
 set -u
-PHASE=${1:?phase 1 to 16}
+PHASE=${1:?phase 1 to 18}
 OUT=${OUT:-/tmp/foremoe_bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
@@ -154,6 +158,29 @@ case $PHASE in
   ;;
 16)
   moe 4 570 400 --policies ideal foremoe eplb_step static --trace-policies foremoe
+  ;;
+17)
+  for cfg in "mosaic_gpu triton 4" "xla triton 4" "mosaic_gpu xla 4" "xla xla 4" "mosaic_gpu triton 1" "mosaic_gpu triton 2"; do
+    set -- $cfg
+    JAX_LOG_COMPILES=1 TAG="_compile_$1_$2_L$3" moe 1 85 60 --policies ideal --layers "$3" --gmm-backend "$1" \
+      --dispatch-backend "$2" --warmup 1 --repeats 2 --trace-policies none
+  done
+  grep -h "Finished XLA compilation of jit(_\|Finished jaxpr to MLIR module conversion jit(_" "$OUT"/moe_step_D1*.log \
+    | sed 's/.*Finished/Finished/' | cut -c1-120
+  grep -H "^| " "$OUT"/moe_step_D1*.log | sed 's/.*moe_step_D1_compile_//' | cut -c1-200
+  for f in "$OUT"/moe_step_D1*.json; do
+    $PY -c "import json,sys; r=json.load(open(sys.argv[1]))['runs']['D1']['policies']['ideal']; print(sys.argv[1].split('/')[-1], 'wall_incl_compile_s', round(r['wall_incl_compile_s'], 1), 'step_ms', round(r['step_ms'], 1))" "$f"
+  done
+  ( cd "$OUT" && tar czf compile_logs.tgz moe_step_D1* && rm moe_step_D1* )
+  ;;
+18)
+  ct() { timeout 140 $PY benchmarks/compile_time.py --capacities 32768 34816 --out "$OUT/compile_time.json" "$@" \
+    >> "$OUT/compile_time.log" 2>&1; note "compile_time $* exit $?"; }
+  ct --mode inline
+  ct --mode precompile --workers 8
+  ct --mode precompile --workers 1
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" ct --mode inline
+  grep -h "^| [a-z]" "$OUT/compile_time.log"
   ;;
 13)
   timeout 170 $PY -m pytest -q -m gpu tests/test_dispatch_gpu.py tests/test_executor_gpu.py -p no:cacheprovider \
