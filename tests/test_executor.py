@@ -17,6 +17,7 @@ from foremoe_jax.moe_stack import MoEStack
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
 from foremoe_jax.planner.pairs import bucket
 from foremoe_jax.planner.split import plan_shares
+from compile_count import count_compiles
 from moe_reference import cpu_mesh
 
 E, D, S, L, H, M = 16, 8, 3, 2, 16, 4
@@ -275,16 +276,8 @@ def test_the_host_loop_hands_programs_arrays_already_on_the_mesh(step_inputs):
 
 def _backend_compiles(run_step) -> int:
   """How many XLA compilations `run_step()` triggers."""
-  compiles = []
-
-  def listener(event, duration_s, **_):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(duration_s)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with count_compiles() as compiles:
     jax.block_until_ready(run_step())
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   return len(compiles)
 
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import configs
+from compile_count import count_compiles
 from foremoe_jax.executor import prepare_step
 from foremoe_jax.mesh import make_mesh
 from foremoe_jax.model import Model
@@ -144,7 +145,7 @@ def test_first_mini_batch_recomputed_at_home_gives_the_same_step(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_the_trainer_compiles_only_new_capacities_ahead_and_says_so(caplog):
+def test_the_trainer_compiles_each_group_ahead_and_names_new_capacities(caplog):
   """Every group's programs are checked ahead, in the executor's threads (rl.compile_workers); capacities
   met neither in earlier steps nor earlier in this step are named; with 0 workers they are only named."""
   calls = []
@@ -174,26 +175,17 @@ def test_compiled_ahead_the_recompute_and_update_compile_nothing(tmp_path):
   """rl.compile_workers: a new capacity's programs compile before their stage, for exactly the batches
   the stages then pass (placeholders, old and reference log-probs): no program compiles twice."""
   trainer = tiny_setup(tmp_path, steps=1, kl_coef=0.1)
-  compiles, inside = [], []
-
-  def listener(event, duration_s, **_):
-    if event == "/jax/core/compile/backend_compile_duration" and inside:
-      compiles.append(inside[-1])
+  compiles = []
 
   def counted(run, name):
     def wrapped(*args, **kwargs):
-      inside.append(name)
-      try:
-        return run(*args, **kwargs)
-      finally:
-        inside.pop()
+      with count_compiles() as inside:
+        out = run(*args, **kwargs)
+      compiles.extend([name] * len(inside))
+      return out
     return wrapped
 
   for executor in (trainer.executor, trainer.reference):
     executor.forward, executor.train_step = counted(executor.forward, "forward"), counted(executor.train_step, "update")
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    record = trainer.step(0)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
+  record = trainer.step(0)
   assert record["new_capacities"] and compiles == []
