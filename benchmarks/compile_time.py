@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from moe_step import E, F, H, K, counts_of, ideal_routes  # noqa: E402
+from moe_step import E, F, H, K, counts_of, ideal_routes, stack_setup  # noqa: E402
 
 SMOKE = dict(hidden=64, expert_hidden=64, tokens=32, layers=2, micro_steps=4)
 
@@ -39,25 +39,16 @@ def build(args):
   import jax.numpy as jnp
   import optax
   from flax import nnx
-  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from foremoe_jax import MoEConfig
   from foremoe_jax.executor import Executor, prepare_step
   from foremoe_jax.moe_stack import MoEStack
   from foremoe_jax.planner import PlanConfig, plan_step
 
   d, m, l = args.ep, args.micro_steps, args.layers
-  mesh = jax.make_mesh((1, d), ("data", "expert"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:d])
-  cfg = MoEConfig(d_model=args.hidden, d_ff=args.expert_hidden, num_experts=E, top_k=K, slots_per_device=E // d + 1,
-                  dispatch="padded", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, gmm_backend=args.gmm_backend,
-                  dispatch_backend=args.dispatch_backend)
+  mesh, cfg, loss_fn = stack_setup(args, d)
   model = MoEStack(cfg, l, mesh=mesh, rngs=nnx.Rngs(0))
-
-  def loss_fn(model, batch, *, tables, working, capacity):
-    out = model(batch["x"], tables, batch["replay"], capacity=capacity, working=working)
-    return jnp.mean(jnp.square(out.y.astype(jnp.float32))), {"dropped": out.dropped}
-
   executor = Executor(model, optax.sgd(1e-3), loss_fn, mesh)
   routes = ideal_routes(m, d * args.tokens, l)
   counts = counts_of(routes, d)
@@ -67,8 +58,10 @@ def build(args):
     raise SystemExit(f"--capacities must cover the step's need of {step.capacity} rows per pair")
   step = dataclasses.replace(step, capacity_M=tuple(capacities[i % len(capacities)] for i in range(m)))
   shard = NamedSharding(mesh, P(("data", "expert")))
-  keys = jax.random.split(jax.random.key(1), m)
-  batches = [{"x": jax.device_put(jax.random.normal(keys[i], (d, args.tokens, args.hidden), jnp.bfloat16), shard),
+  keys = jax.random.split(jax.random.key(1), (m, 2))
+  batches = [{"x": jax.device_put(jax.random.normal(keys[i, 0], (d, args.tokens, args.hidden), jnp.bfloat16), shard),
+              "target": jax.device_put(jax.random.normal(keys[i, 1], (d, args.tokens, args.hidden), jnp.bfloat16),
+                                       shard),
               "replay": jax.device_put(routes[i].reshape(d, args.tokens, l, K).astype(np.int32), shard)}
              for i in range(m)]
   return executor, batches, step

@@ -117,15 +117,36 @@ def median_ms(samples):
   return float(np.median(samples) * 1e3)
 
 
+def stack_setup(args, num_devices: int):
+  """(mesh, MoEConfig, loss_fn) of the benchmark's layer stack on a (data=1, expert=D) mesh: E experts,
+  top-K, S = E/D + 1 slots per device, bf16; the loss is the mean squared error to batch["target"]."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import AxisType
+
+  from foremoe_jax import MoEConfig
+
+  mesh = jax.make_mesh((1, num_devices), ("data", "expert"), axis_types=(AxisType.Auto,) * 2,
+                       devices=jax.devices()[:num_devices])
+  cfg = MoEConfig(d_model=args.hidden, d_ff=args.expert_hidden, num_experts=E, top_k=K,
+                  slots_per_device=E // num_devices + 1, dispatch="padded", dtype=jnp.bfloat16,
+                  param_dtype=jnp.bfloat16, gmm_backend=args.gmm_backend, dispatch_backend=args.dispatch_backend)
+
+  def loss_fn(model, batch, *, tables, working, capacity):
+    out = model(batch["x"], tables, batch["replay"], capacity=capacity, working=working)
+    err = out.y.astype(jnp.float32) - batch["target"].astype(jnp.float32)
+    return jnp.mean(err * err), {"dropped": out.dropped}
+  return mesh, cfg, loss_fn
+
+
 def run(args, num_devices: int) -> dict:
   import jax
   import jax.numpy as jnp
   import optax
   from flax import nnx
-  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from foremoe_jax import MoEConfig
   from foremoe_jax.executor import Executor, prepare_step, table_rows
   from foremoe_jax.moe_stack import MoEStack
   from foremoe_jax.transfer import home_to_base_moves, local_copies_needed, moves_needed
@@ -135,17 +156,7 @@ def run(args, num_devices: int) -> dict:
   num_micro, num_tokens, num_layers, _ = routes.shape
   tokens = num_tokens // num_devices
   slots = E // num_devices + 1
-  devices = jax.devices()[:num_devices]
-  mesh = jax.make_mesh((1, num_devices), ("data", "expert"), axis_types=(AxisType.Auto,) * 2, devices=devices)
-  cfg = MoEConfig(d_model=args.hidden, d_ff=args.expert_hidden, num_experts=E, top_k=K, slots_per_device=slots,
-                  dispatch="padded", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, gmm_backend=args.gmm_backend,
-                  dispatch_backend=args.dispatch_backend)
-
-  def loss_fn(model, batch, *, tables, working, capacity):
-    out = model(batch["x"], tables, batch["replay"], capacity=capacity, working=working)
-    err = out.y.astype(jnp.float32) - batch["target"].astype(jnp.float32)
-    return jnp.mean(err * err), {"dropped": out.dropped}
-
+  mesh, cfg, loss_fn = stack_setup(args, num_devices)
   executors = {}  # one per exchange, made when first needed, each with its own (donated) parameters
   shard = NamedSharding(mesh, P(("data", "expert")))
   keys = jax.random.split(jax.random.key(1), 2 * num_micro)
