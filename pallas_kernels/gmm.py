@@ -69,8 +69,8 @@ def _gmm_impl(name, lhs, rhs, group_sizes, transpose_rhs, out_dtype):
     return reference.gmm_xla(lhs, rhs, group_sizes, transpose_rhs, out_dtype)
   (m, k), n = lhs.shape, rhs.shape[1 if transpose_rhs else 2]
   return _mosaic_gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
-                        config=_gmm_config(name, m, k, n, lhs.dtype, out_dtype),
-                        interpret=_interpret_params() if name == "interpret" else None)
+                     config=_gmm_config(name, m, k, n, lhs.dtype, out_dtype),
+                     interpret=_interpret_params() if name == "interpret" else None)
 
 
 def _tgmm_impl(name, lhs, rhs, group_sizes, out_dtype):
@@ -78,8 +78,8 @@ def _tgmm_impl(name, lhs, rhs, group_sizes, out_dtype):
     return reference.tgmm_xla(lhs, rhs, group_sizes, out_dtype)
   (m, k), n = lhs.shape, rhs.shape[1]
   return _mosaic_tgmm(lhs, rhs, group_sizes, out_dtype=out_dtype,
-                          config=_tgmm_config(name, m, k, n, lhs.dtype, out_dtype),
-                          interpret=_interpret_params() if name == "interpret" else None)
+                      config=_tgmm_config(name, m, k, n, lhs.dtype, out_dtype),
+                      interpret=_interpret_params() if name == "interpret" else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
