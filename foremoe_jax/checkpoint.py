@@ -9,15 +9,21 @@ Typical use with Flax NNX:
 Saves are atomic (Orbax writes a temporary directory and renames it), so a run killed mid-save keeps its
 previous checkpoint. `save` blocks until the write is done: the caller may donate or overwrite the
 buffers right after. Leaves of `abstract_state` that carry a `sharding` are restored with it.
+`restore_latest` skips a newest checkpoint that cannot be read (a truncated or missing file) and falls back
+to the one before it, with a warning naming both; a checkpoint of another model shape is an error, never
+skipped.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
 
 
 def _key_str(entry) -> str:
@@ -84,6 +90,33 @@ class Checkpointer:
     out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                            extra=ocp.args.JsonRestore()))
     return out["state"], dict(out["extra"] or {})
+
+  def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
+    """(step, state, extra) of the newest checkpoint that reads back whole; None when there is none.
+    An unreadable one is skipped with a warning; ValueError where a readable one has other shapes;
+    RuntimeError naming each failure where none is readable."""
+    failures = []
+    for step in sorted(self._mngr.all_steps(), reverse=True):
+      try:
+        saved = self._mngr.item_metadata(step)["state"]
+        if not _flat_shapes(saved):  # its metadata file is gone: Orbax reads back no leaves
+          raise FileNotFoundError("the saved state's metadata lists no arrays")
+      except Exception as e:  # noqa: BLE001  (Orbax and tensorstore raise many kinds on torn files)
+        failures.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
+        continue
+      check_compatible(saved, abstract_state, where=f"checkpoint {self.directory}/{step}")
+      try:
+        state, extra = self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001
+        failures.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
+        continue
+      if failures:
+        log.warning("checkpoint %s: skipped unreadable newer checkpoints (%s); restored step %d instead",
+                    self.directory, "; ".join(failures), step)
+      return step, state, extra
+    if failures:
+      raise RuntimeError(f"no readable checkpoint in {self.directory!r}: " + "; ".join(failures))
+    return None
 
   def close(self) -> None:
     self._mngr.close()

@@ -105,11 +105,11 @@ def _ckpt_state(model, optimizer) -> dict:
 
 
 def restore(ckpt: Checkpointer, model, optimizer) -> int:
-  """Loads the newest checkpoint into model and optimizer; returns its step (0 when there is none)."""
-  step = ckpt.latest_step()
-  if step is None:
+  """Loads the newest readable checkpoint into model and optimizer; returns its step (0 when there is none)."""
+  restored = ckpt.restore_latest(_ckpt_state(model, optimizer))
+  if restored is None:
     return 0
-  saved, _ = ckpt.restore(step, _ckpt_state(model, optimizer))
+  step, saved, _ = restored
   for obj, key in ((model, "model"), (optimizer, "opt")):
     state = nnx.state(obj)
     nnx.replace_by_pure_dict(state, saved[key])

@@ -122,3 +122,42 @@ def test_checkpoint_keeps_target_sharding(tmp_path):
     state, _ = ckpt.restore(0, {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharded)})
   assert state["w"].sharding == sharded
   np.testing.assert_array_equal(state["w"], x)
+
+
+def _largest_file(directory):
+  files = [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+@pytest.mark.parametrize("part", ["", "d"])  # the largest file of the state, or of its array data
+def test_restore_latest_falls_back_past_a_damaged_newest_checkpoint(tmp_path, damage, part, caplog):
+  model, opt = _model_and_opt(0)
+  abstract = {"model": nnx.state(model), "opt": nnx.state(opt)}
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, abstract, {"step": 1})
+    first = jax.tree.map(np.asarray, nnx.state(model))
+    _train_step(model, opt)
+    ckpt.save(2, abstract, {"step": 2})
+  victim = _largest_file(tmp_path / "2" / "state" / part)
+  if damage == "truncate":
+    with open(victim, "r+b") as f:
+      f.truncate(os.path.getsize(victim) // 3)
+  else:
+    os.remove(victim)
+  with caplog.at_level("WARNING", logger="foremoe_jax.checkpoint"):
+    step, state, extra = checkpoint.Checkpointer(tmp_path).restore_latest(abstract)
+  assert step == 1 and extra == {"step": 1}
+  assert "step 2" in caplog.text and "restored step 1" in caplog.text
+  jax.tree.map(np.testing.assert_array_equal, state["model"], first)
+
+
+def test_restore_latest_with_nothing_readable_names_every_failure(tmp_path):
+  model, opt = _model_and_opt(0)
+  abstract = {"model": nnx.state(model), "opt": nnx.state(opt)}
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.restore_latest(abstract) is None
+    ckpt.save(1, abstract)
+  os.remove(_largest_file(tmp_path / "1" / "state"))
+  with pytest.raises(RuntimeError, match=r"no readable checkpoint in .*step 1: "):
+    checkpoint.Checkpointer(tmp_path).restore_latest(abstract)

@@ -91,11 +91,14 @@ class GRPOTrainer:
 
   def restore(self, step: int | None = None) -> int:
     """Loads checkpoint `step` (default: the last); returns the next step to run (0 without one)."""
-    last = self.ckpt.latest_step() if step is None else step
-    if last is None:
-      return 0
     target = {"params": self.executor.params, "opt": self.executor.opt_state}
-    state, extra = self.ckpt.restore(last, target)
+    if step is None:
+      restored = self.ckpt.restore_latest(target)
+      if restored is None:
+        return 0
+      last, state, extra = restored
+    else:
+      last, (state, extra) = step, self.ckpt.restore(step, target)
     state = replicate_unsharded(state, self.mesh)
     self.executor.params, self.executor.opt_state = state["params"], state["opt"]
     self.history = None if extra.get("history") is None else np.asarray(extra["history"], np.int64)
