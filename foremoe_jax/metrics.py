@@ -17,6 +17,8 @@ import warnings
 import numpy as np
 from matplotlib.figure import Figure
 
+from foremoe_jax.atomic import atomic_path, write_json
+
 
 def _jsonable(x):
   """numpy / jax scalars and arrays -> plain Python; non-finite floats -> None (valid JSON)."""
@@ -112,12 +114,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 def write_summary(run_dir: str | os.PathLike, summary: dict) -> str:
   """Writes `run_dir/summary.json` atomically (temp file + rename); returns its path."""
-  os.makedirs(run_dir, exist_ok=True)
-  path = os.path.join(run_dir, "summary.json")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(_jsonable(summary), f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
-  return path
+  return write_json(os.path.join(run_dir, "summary.json"), _jsonable(summary), indent=2, sort_keys=True)
 
 
 def plot_run(run_dir_or_records, path_png: str | os.PathLike) -> str:
@@ -150,6 +147,6 @@ def plot_run(run_dir_or_records, path_png: str | os.PathLike) -> str:
            ylabel="imbalance")
   if series:
     ax_i.legend(fontsize=8)
-  os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
-  fig.savefig(path_png, dpi=110)
+  with atomic_path(path_png) as tmp:
+    fig.savefig(tmp, dpi=110, format="png")
   return os.fspath(path_png)

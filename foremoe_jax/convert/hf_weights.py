@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from foremoe_jax.atomic import atomic_path, write_json
 from foremoe_jax.convert.hf_config import hf_config
 from foremoe_jax.dispatch import AXIS
 from foremoe_jax.model import Model, ModelConfig
@@ -221,18 +222,15 @@ def export_model(model: Model, out_dir: str, *, base_config: dict | None = None,
         tensors.update(zip(spec.hf_names(e), to_hf(spec, value[e] if spec.experts else value)))
     weight_map.update(dict.fromkeys(tensors, file))
     if writer:
-      save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
+      with atomic_path(os.path.join(out_dir, file)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     files.append(file)
   if writer:
     if len(shards) > 1:
       total = sum(math.prod(s.shape) * max(s.experts, 1) for s in specs) * dtype.itemsize
-      _write_json(os.path.join(out_dir, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+      write_json(os.path.join(out_dir, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map},
+                 indent=2)
       files.append(INDEX)
-    _write_json(os.path.join(out_dir, "config.json"), config)
+    write_json(os.path.join(out_dir, "config.json"), config, indent=2)
   return files + ["config.json"]
 
-
-def _write_json(path: str, obj) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
