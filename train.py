@@ -31,7 +31,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "its config replaces the preset's architecture")
   p.add_argument("--export-to", default=None, metavar="DIR",
                  help="write the final policy as Hugging Face safetensors + config.json")
+  p.add_argument("--overwrite", action="store_true", help="let --export-to write into a non-empty directory")
   return p.parse_args(argv)
+
+
+def check_paths(args, run_dir: str) -> None:
+  """The run's paths, before any device work: --resume needs a run to continue, --export-to an empty (or
+  new) directory unless --overwrite, --init-from an existing one."""
+  if args.resume and not os.path.isdir(run_dir):
+    raise FileNotFoundError(f"--resume: run directory {run_dir!r} does not exist (nothing to resume; "
+                            "drop --resume to start a new run)")
+  if args.init_from and not os.path.isdir(args.init_from):
+    raise FileNotFoundError(f"--init-from: {args.init_from!r} is not a directory")
+  if args.export_to and os.path.isdir(args.export_to) and os.listdir(args.export_to) and not args.overwrite:
+    raise FileExistsError(f"--export-to: {args.export_to!r} is not empty; pass --overwrite to write into it")
 
 
 def setup_devices() -> None:
@@ -79,6 +92,7 @@ def main(argv=None):
   overrides += [f"rl.steps={args.rl_steps}"] if args.rl_steps else []
   overrides += [f"rl.policy={args.policy}"] if args.policy is not None else []
   cfg = configs.apply_overrides(configs.get_config(args.config), overrides)
+  check_paths(args, args.run_dir or os.path.join("runs", cfg.name))
   source_config, init_model = None, None
   if args.init_from:  # the checkpoint decides the architecture; explicit model.* overrides must agree
     source_config = convert.read_config(args.init_from)
@@ -95,6 +109,7 @@ def main(argv=None):
     state = run_sft(cfg, run_dir, resume=args.resume, logger=logger, model=init_model)
     policy = state.model
     accuracy = evaluate(state.model, state.task, cfg.sft.eval_prompts, cfg.seed)
+    logger.rewind("sft/accuracy", state.step)  # a resumed run evaluates again: one record per step
     logger.log(state.step, {"sft/accuracy": accuracy})
     print(f"sft: {state.step} steps, loss {state.last_metrics.get('loss')}, greedy exact-match accuracy "
           f"{accuracy:.3f}, {time.perf_counter() - tic:.0f} s")

@@ -4,6 +4,7 @@ One module per preset, each with `get_config()`. Overrides use dotted field path
 dataclass field (int, float, bool, str, `X | None` takes "none").
 """
 import dataclasses
+import difflib
 import importlib
 import types
 import typing
@@ -48,6 +49,12 @@ class TrainConfig:
     if self.mesh_data < 1 or self.mesh_expert < 1:
       raise ValueError(f"mesh_data and mesh_expert must be >= 1, got {self.mesh_data}, {self.mesh_expert}")
     self.model.validate(self.mesh_expert)
+    s = self.sft
+    bad = [f"sft.{n}={getattr(s, n)}" for n in ("batch_size", "log_every", "ckpt_every", "eval_prompts")
+           if getattr(s, n) < 1] + ([f"sft.steps={s.steps}"] if s.steps < 0 else [])
+    if bad or s.lr <= 0 or s.warmup_steps < 0:
+      raise ValueError("need sft.steps >= 0, sft.lr > 0, sft.warmup_steps >= 0 and the rest >= 1, got "
+                       + ", ".join(bad + [f"sft.lr={s.lr}", f"sft.warmup_steps={s.warmup_steps}"]))
     shards = self.mesh_data * self.mesh_expert
     if self.sft.batch_size % shards:
       raise ValueError(f"sft.batch_size={self.sft.batch_size} is not divisible by the {shards} devices")
@@ -59,7 +66,9 @@ class TrainConfig:
 
 def get_config(name: str) -> TrainConfig:
   if name not in PRESETS:
-    raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    near = difflib.get_close_matches(name, PRESETS, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise ValueError(f"unknown preset {name!r}{hint}; known presets: {', '.join(PRESETS)}")
   return importlib.import_module(f"configs.{name}").get_config()
 
 
@@ -83,7 +92,9 @@ def _override(obj, path: list[str], value: str, key: str):
   names = {f.name: f for f in dataclasses.fields(obj)}
   field = names.get(path[0])
   if field is None:
-    raise ValueError(f"--set {key}: unknown key {path[0]!r} in {type(obj).__name__}; valid keys: "
+    near = difflib.get_close_matches(path[0], names, n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    raise ValueError(f"--set {key}: unknown key {path[0]!r} in {type(obj).__name__}; {hint}valid keys: "
                      f"{', '.join(sorted(names))}")
   current = getattr(obj, path[0])
   if dataclasses.is_dataclass(current):

@@ -83,6 +83,22 @@ class MetricsLogger:
         if tag != "step":
           self._tb.add_scalar(tag, value, int(step))
 
+  def rewind(self, prefix: str, step: int) -> int:
+    """Drops the records of a stage that resumes at `step`: those with a key starting with `prefix` and
+    a step >= `step` (a run killed after logging them, before its checkpoint, runs them again: each step
+    stays in metrics.jsonl once); a torn last line goes too. Rewritten atomically; returns how many
+    records were dropped."""
+    self._file.close()
+    records = read_metrics(os.path.dirname(self.path))
+    keep = [r for r in records if not (r.get("step", -1) >= step and any(k.startswith(prefix) for k in r))]
+    with open(self.path, encoding="utf-8") as f:
+      torn = len(f.read().splitlines()) > len(records)  # a line cut by a kill: appending would join it
+    if torn or len(keep) < len(records):
+      with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    self._file = open(self.path, "a", encoding="utf-8")
+    return len(records) - len(keep)
+
   def close(self) -> None:
     self._file.close()
     if self._tb is not None:

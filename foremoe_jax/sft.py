@@ -124,6 +124,8 @@ def run_sft(cfg, run_dir: str, *, resume: bool = False, logger=None, model: Mode
   task = make_task(cfg)
   ckpt = Checkpointer(os.path.join(run_dir, "ckpt"))
   start = restore(ckpt, model, optimizer) if resume else 0
+  if resume and logger is not None:
+    logger.rewind("sft/", start + 1)  # steps logged after the checkpoint run again
   s, sharding = cfg.sft, batch_sharding(mesh)
   graphdef, state = nnx.split((model, optimizer))
   metrics, host = {}, {}

@@ -161,3 +161,19 @@ def test_restore_latest_with_nothing_readable_names_every_failure(tmp_path):
   os.remove(_largest_file(tmp_path / "1" / "state"))
   with pytest.raises(RuntimeError, match=r"no readable checkpoint in .*step 1: "):
     checkpoint.Checkpointer(tmp_path).restore_latest(abstract)
+
+
+def test_rewind_drops_a_resumed_stage_s_later_records_and_a_torn_line(tmp_path):
+  with metrics.MetricsLogger(tmp_path, tensorboard=False) as logger:
+    for step in (10, 20, 30):
+      logger.log(step, {"sft/loss": step})
+    for step in range(3):
+      logger.log(step, {"rl": {"reward": step}})
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 3, "rl": {"rew')  # killed mid-write
+  with metrics.MetricsLogger(tmp_path, tensorboard=False) as logger:
+    assert logger.rewind("rl", 1) == 2  # RL resumes at step 1: steps 1 and 2 run again
+    assert logger.rewind("sft/", 31) == 0
+    logger.log(1, {"rl": {"reward": 9}})
+  steps = [(r["step"], "rl" in r) for r in metrics.read_metrics(tmp_path)]
+  assert steps == [(10, False), (20, False), (30, False), (0, True), (1, True)]

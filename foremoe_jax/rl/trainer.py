@@ -244,6 +244,8 @@ class GRPOTrainer:
 
   def run(self, logger=None, resume: bool = False) -> list[dict]:
     start = self.restore() if resume else 0
+    if resume and logger is not None:
+      logger.rewind("rl", start)  # steps logged after the checkpoint run again
     records = []
     with logging_redirect_tqdm():  # log lines (e.g. the compiles a step waits for) above the bar
       for step in tqdm(range(start, self.rl.steps), desc=f"rl ({self.rl.policy})", initial=start,
