@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from foremoe_jax.planner import POLICIES, PlanConfig, plan_step
 from foremoe_jax.rl.planning import minibatches
@@ -68,20 +69,28 @@ def plot_load(records: list[dict], path_png: str | os.PathLike) -> str:
     raise ValueError("plot_load: no record has a 'load' entry")
   expert_LxE = np.sum([np.asarray(x["expert_tokens_LxE"], np.float64) for x in loads], axis=0)
   policies = list(loads[0]["device_tokens_MxD"])
+  rel = {}
+  for policy in policies:  # device load / mean load of its micro-step, [D, all micro-steps]
+    load_MxD = np.concatenate([np.asarray(x["device_tokens_MxD"][policy], np.float64) for x in loads])
+    rel[policy] = (load_MxD / np.maximum(load_MxD.mean(axis=1, keepdims=True), 1e-9)).T
+  vmax = max(r.max() for r in rel.values())  # one color scale: the policies compare at a glance
   cols = 3
   rows = -(-(1 + len(policies)) // cols)
   fig = Figure(figsize=(5 * cols, 3.4 * rows), layout="constrained")  # no pyplot: no display needed
   axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
   im = axes[0].imshow(expert_LxE, aspect="auto", cmap="viridis", interpolation="nearest")
   axes[0].set(title=f"tokens per expert ({len(loads)} steps)", xlabel="expert", ylabel="MoE layer")
+  axes[0].set_yticks(range(expert_LxE.shape[0]))
   fig.colorbar(im, ax=axes[0])
   for ax, policy in zip(axes[1:], policies):
-    load_MxD = np.concatenate([np.asarray(x["device_tokens_MxD"][policy], np.float64) for x in loads])
-    rel_DxM = (load_MxD / np.maximum(load_MxD.mean(axis=1, keepdims=True), 1e-9)).T
-    im = ax.imshow(rel_DxM, aspect="auto", cmap="magma", interpolation="nearest", vmin=0.0)
-    ax.set(title=f"{policy}: device load / mean (max {rel_DxM.max():.2f})", xlabel="micro-step (all steps)",
+    im = ax.imshow(rel[policy], aspect="auto", cmap="magma", interpolation="nearest", vmin=0.0, vmax=vmax)
+    ax.set(title=f"{policy}: device load / mean (max {rel[policy].max():.2f})", xlabel="micro-step (all steps)",
            ylabel="device")
     fig.colorbar(im, ax=ax)
+  for ax in axes[:1 + len(policies)]:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax is not axes[0]:
+      ax.yaxis.set_major_locator(MaxNLocator(integer=True))
   for ax in axes[1 + len(policies):]:
     ax.set_axis_off()
   os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
