@@ -19,7 +19,7 @@ def get_config() -> TrainConfig:
   task = TaskConfig(kind="text", tokenizer="qwen3", data="gsm_symbolic", num_problems=192, max_prompt_tokens=72,
                     max_answer_tokens=12, format_weight=0.1)
   return TrainConfig(name="cpu_text", model=model, mesh_data=1, mesh_expert=8, task=task,
-                     sft=SFTConfig(steps=40, batch_size=16, lr=3e-3, warmup_steps=5, log_every=5, ckpt_every=40,
+                     sft=SFTConfig(steps=60, batch_size=16, lr=1e-2, warmup_steps=5, log_every=5, ckpt_every=60,
                                    eval_prompts=16),
                      rl=RLConfig(steps=4, prompts_per_step=8, group_size=4, max_new_tokens=12, lr=3e-4,
                                  rows_per_shard=2, tokens_per_shard=160, num_minibatches=2,
