@@ -68,6 +68,15 @@ def init_distributed(jax) -> None:
     jax.distributed.initialize()
 
 
+def write_samples(run_dir: str, records: list[dict]) -> str:
+  """`samples.jsonl`: the decoded sample responses of every RL step (one line per step)."""
+  path = os.path.join(run_dir, "samples.jsonl")
+  with open(path, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps({"step": r["step"], "samples": r["samples"]}, ensure_ascii=False) + "\n")
+  return path
+
+
 def main(argv=None):
   args = parse_args(argv)
   setup_devices()
@@ -76,10 +85,11 @@ def main(argv=None):
   import configs
   from foremoe_jax import convert
   from foremoe_jax.backends import choose_dispatch
+  from foremoe_jax.load_monitor import plot_load
   from foremoe_jax.mesh import make_mesh
   from foremoe_jax.metrics import MetricsLogger, plot_run, write_summary
   from foremoe_jax.rl.trainer import GRPOTrainer, summarize
-  from foremoe_jax.sft import evaluate, run_sft
+  from foremoe_jax.sft import evaluate, make_task, run_sft
   from pallas_kernels.backend import default_backend
 
   init_distributed(jax)
@@ -93,6 +103,8 @@ def main(argv=None):
   overrides += [f"rl.policy={args.policy}"] if args.policy is not None else []
   cfg = configs.apply_overrides(configs.get_config(args.config), overrides)
   check_paths(args, args.run_dir or os.path.join("runs", cfg.name))
+  if args.init_from and cfg.task.kind == "text" and not any(o.strip().startswith("task.tokenizer=") for o in args.set):
+    cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, tokenizer=args.init_from))  # its own
   source_config, init_model = None, None
   if args.init_from:  # the checkpoint decides the architecture; explicit model.* overrides must agree
     source_config = convert.read_config(args.init_from)
@@ -101,12 +113,16 @@ def main(argv=None):
     cfg = dataclasses.replace(cfg, model=convert.merge_with_overrides(source_config, cfg.model, explicit,
                                                                       cfg.mesh_expert))
   cfg = cfg.validate()
+  task = make_task(cfg)  # tokenizer and prompt files are checked before any device work
+  if task.tokenizer.vocab_size > cfg.model.vocab_size:
+    raise ValueError(f"tokenizer {task.tokenizer.name!r} has {task.tokenizer.vocab_size} ids > model.vocab_size="
+                     f"{cfg.model.vocab_size}")
   if args.init_from:
     init_model = convert.load_model(args.init_from, cfg.model, make_mesh(cfg.mesh_data, cfg.mesh_expert))
   run_dir = args.run_dir or os.path.join("runs", cfg.name)
   tic = time.perf_counter()
   with MetricsLogger(run_dir) as logger:
-    state = run_sft(cfg, run_dir, resume=args.resume, logger=logger, model=init_model)
+    state = run_sft(cfg, run_dir, resume=args.resume, logger=logger, model=init_model, task=task)
     policy = state.model
     accuracy = evaluate(state.model, state.task, cfg.sft.eval_prompts, cfg.seed)
     logger.rewind("sft/accuracy", state.step)  # a resumed run evaluates again: one record per step
@@ -115,7 +131,8 @@ def main(argv=None):
           f"{accuracy:.3f}, {time.perf_counter() - tic:.0f} s")
     summary = {"config": cfg.name, "sft_steps": state.step, "sft_final_loss": state.last_metrics.get("loss"),
                "sft_accuracy": accuracy, "devices": jax.device_count(), "backend": jax.default_backend(),
-               "dispatch": choose_dispatch(cfg.model.dispatch), "gmm_backend": default_backend("gmm")}
+               "dispatch": choose_dispatch(cfg.model.dispatch), "gmm_backend": default_backend("gmm"),
+               **task.describe()}
     if args.rl_steps != 0:
       trainer = GRPOTrainer(cfg, state.model, state.mesh, state.task, run_dir)
       records = trainer.run(logger, resume=args.resume)
@@ -123,6 +140,9 @@ def main(argv=None):
       if records:
         summary.update(summarize(records, cfg.rl.policy))
         summary["plot"] = plot_run(records, os.path.join(run_dir, "imbalance_reward.png"))
+        summary["load_plot"] = plot_load(records, os.path.join(run_dir, "expert_load.png"))
+        summary["response_length"] = records[-1]["response_length"]
+        summary["samples"], summary["samples_file"] = records[-1]["samples"], write_samples(run_dir, records)
   if args.export_to:
     files = convert.export_model(policy, args.export_to, base_config=source_config)
     if args.init_from:

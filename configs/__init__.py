@@ -12,13 +12,22 @@ import typing
 from foremoe_jax.model import ModelConfig
 from foremoe_jax.rl.config import RLConfig
 
-PRESETS = ("cpu_tiny", "gpu_1", "gpu_2", "gpu_4", "gpu_8", "qwen3_30b_a3b")
+PRESETS = ("cpu_tiny", "cpu_text", "gpu_1", "gpu_2", "gpu_4", "gpu_8", "qwen3_30b_a3b")
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
+  kind: str = "arithmetic"  # "arithmetic" (character tokenizer) | "text" (foremoe_jax/text: real tokenizer)
   num_digits: int = 2
   ops: str = "+"
+  # kind="text": "qwen3" (bundled vocabulary) or a checkpoint directory (train.py --init-from sets it).
+  tokenizer: str = "qwen3"
+  data: str = "gsm_symbolic"  # a generator (foremoe_jax/text/gsm.py) or a .jsonl / .parquet / .tsv file
+  num_problems: int = 256  # problems a generator makes
+  max_prompt_tokens: int = 96  # chat-formatted; longer problems are dropped (logged)
+  max_answer_tokens: int = 12  # SFT target `\boxed{answer}`, EOS excluded
+  format_weight: float = 0.1  # reward + this when the response holds exactly one \boxed{}
+  system: str = ""  # system prompt of the chat template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +64,8 @@ class TrainConfig:
     if bad or s.lr <= 0 or s.warmup_steps < 0:
       raise ValueError("need sft.steps >= 0, sft.lr > 0, sft.warmup_steps >= 0 and the rest >= 1, got "
                        + ", ".join(bad + [f"sft.lr={s.lr}", f"sft.warmup_steps={s.warmup_steps}"]))
+    if self.task.kind not in ("arithmetic", "text"):
+      raise ValueError(f"task.kind={self.task.kind!r}: expected 'arithmetic' or 'text'")
     shards = self.mesh_data * self.mesh_expert
     if self.sft.batch_size % shards:
       raise ValueError(f"sft.batch_size={self.sft.batch_size} is not divisible by the {shards} devices")

@@ -23,7 +23,7 @@ from foremoe_jax.mesh import batch_sharding, make_mesh
 from foremoe_jax.model import Model
 from foremoe_jax.rl.grpo import token_logprobs
 from foremoe_jax.rl.rollout import rollout
-from foremoe_jax.rl.task import ArithmeticTask, encode_prompts
+from foremoe_jax.rl.task import ArithmeticTask
 
 EVAL_STREAM = 10**9  # rng stream of the fixed eval prompts, apart from the training batches
 
@@ -39,7 +39,11 @@ class TrainState:
   last_metrics: dict
 
 
-def make_task(cfg) -> ArithmeticTask:
+def make_task(cfg):
+  """`ArithmeticTask`, or with `task.kind="text"` a `text.task.TextTask` (its files are checked here)."""
+  if cfg.task.kind == "text":
+    from foremoe_jax.text.task import make_text_task  # noqa: PLC0415  (the `text` extra)
+    return make_text_task(cfg.task, cfg.seed)
   return ArithmeticTask(num_digits=cfg.task.num_digits, ops=cfg.task.ops, seed=cfg.seed)
 
 
@@ -89,14 +93,14 @@ def train_step(graphdef, state, tokens_BxT, loss_mask_BxT, *, aux_weight: float)
 
 
 def evaluate(model: Model, task: ArithmeticTask, num_prompts: int, seed: int) -> float:
-  """Exact-match accuracy of greedy completions on fixed prompts."""
+  """Accuracy (`task.correct`: exact match, or verified for text) of greedy completions on fixed prompts."""
   pairs = task.sample(np.random.default_rng([seed, EVAL_STREAM]), num_prompts)
-  prompts_NxP, lens_N = encode_prompts(task.tokenizer, [p for p, _ in pairs], task.max_prompt_len + 1)
+  prompts_NxP, lens_N = task.prompt_batch([p for p, _ in pairs])
+  tok = task.tokenizer
   out = rollout(model, prompts_NxP, lens_N, jax.random.key(seed), max_new_tokens=task.max_answer_len + 1,
-                temperature=0.0)
+                temperature=0.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
   tokens_BxT, lens_B = np.asarray(out.tokens), np.asarray(out.lengths)
-  rewards = [task.reward(p, task.tokenizer.decode(tokens_BxT[b, lens_N[b]:lens_B[b]]))
-             for b, (p, _) in enumerate(pairs)]
+  rewards = [task.correct(tok.decode(tokens_BxT[b, lens_N[b]:lens_B[b]]), a) for b, (_, a) in enumerate(pairs)]
   return float(np.mean(rewards))
 
 
@@ -117,11 +121,12 @@ def restore(ckpt: Checkpointer, model, optimizer) -> int:
   return step
 
 
-def run_sft(cfg, run_dir: str, *, resume: bool = False, logger=None, model: Model | None = None) -> TrainState:
+def run_sft(cfg, run_dir: str, *, resume: bool = False, logger=None, model: Model | None = None,
+            task=None) -> TrainState:
   """Trains `cfg.sft.steps` steps (continuing from the last checkpoint with `resume`), from `model`'s
-  weights when given."""
+  weights when given, on `task` (default: `make_task(cfg)`, built before any device work)."""
+  task = make_task(cfg) if task is None else task
   mesh, model, optimizer = build(cfg, model)
-  task = make_task(cfg)
   ckpt = Checkpointer(os.path.join(run_dir, "ckpt"))
   start = restore(ckpt, model, optimizer) if resume else 0
   if resume and logger is not None:

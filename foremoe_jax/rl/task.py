@@ -25,6 +25,8 @@ _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 class CharTokenizer:
   """Fixed vocabulary: PAD=0, BOS=1, EOS=2, then digits, `+ - * =` and space."""
 
+  name, pad_id, bos_id, eos_id = "char", PAD, BOS, EOS
+
   def __init__(self):
     self._id = {c: i + 3 for i, c in enumerate(_CHARS)}
     self._char = {i: c for c, i in self._id.items()}
@@ -113,6 +115,24 @@ class ArithmeticTask:
   def sft_batch(self, rng: np.random.Generator | None, batch: int, seq_len: int) -> dict[str, np.ndarray]:
     """Teacher-forcing batch: int32 `tokens [B, T]` and `loss_mask [B, T]` (see the module docstring)."""
     return encode_sft(self.tokenizer, self.sample(rng, batch), seq_len)
+
+  # The task interface the trainer and `sft.evaluate` use (shared with `foremoe_jax.text.task.TextTask`).
+  def prompt_batch(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`BOS prompt` right-padded to the longest prompt + 1 (see `encode_prompts`)."""
+    return encode_prompts(self.tokenizer, prompts, max(len(p) for p in prompts) + 1)
+
+  def score(self, completion_text: str, answer: str) -> float:
+    return exact_match(completion_text, answer)
+
+  def correct(self, completion_text: str, answer: str) -> bool:
+    return bool(exact_match(completion_text, answer))
+
+  def load_prompts(self, path: str | os.PathLike) -> list[tuple[str, str]]:
+    return load_prompt_file(path, self.tokenizer)
+
+  def describe(self) -> dict:
+    return {"task": f"arithmetic ({self.num_digits} digits, ops {self.ops!r})", "tokenizer": self.tokenizer.name,
+            "reward_rule": "1 if the completion, spaces stripped, equals the answer else 0"}
 
 
 def encode_sft(tokenizer: CharTokenizer, pairs: list[tuple[str, str]], seq_len: int) -> dict[str, np.ndarray]:

@@ -35,8 +35,8 @@ from foremoe_jax.planner import POLICIES, CostModel, PlanConfig, plan_step
 from foremoe_jax.rl.grpo import group_advantages, grpo_loss, token_logprobs
 from foremoe_jax.rl.microbatch import build_step_batches, with_advantages
 from foremoe_jax.rl.planning import Planner, minibatches, policy_report, timed_plan
-from foremoe_jax.rl.rollout import rollout
-from foremoe_jax.rl.task import CharTokenizer, encode_prompts, exact_match, load_prompt_file
+from foremoe_jax.load_monitor import load_record, step_loads
+from foremoe_jax.rl.rollout import length_stats, rollout
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class GRPOTrainer:
 
   def __init__(self, cfg, model, mesh, task, run_dir: str):
     self.cfg, self.rl, self.mesh, self.task = cfg, cfg.rl.validate(batch_shards(mesh)), mesh, task
-    self.tok = CharTokenizer()
+    self.tok = task.tokenizer
     moe = model.moe_layers()[0]
     self.expert_devices = moe.num_devices
     cost = CostModel(hidden=cfg.model.d_model, expert_intermediate=cfg.model.d_ff_expert,
@@ -71,7 +71,7 @@ class GRPOTrainer:
                                capacity_buckets=self.rl.capacity_buckets)
     self.planner = Planner(self.rl.plan_in_process)  # a process starts now: its imports are paid early
     weakref.finalize(self, self.planner.close)
-    self.prompts = load_prompt_file(self.rl.prompt_file, self.tok) if self.rl.prompt_file else None
+    self.prompts = task.load_prompts(self.rl.prompt_file) if self.rl.prompt_file else None
     objective = functools.partial(grpo_objective, clip_eps=self.rl.clip_eps, kl_coef=self.rl.kl_coef)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(self.rl.lr, b2=0.98, weight_decay=0.0))
     self.executor = Executor(model, tx, objective, mesh)
@@ -125,13 +125,12 @@ class GRPOTrainer:
     rl, times = self.rl, {}
     rng = np.random.default_rng([self.cfg.seed, step])
     pairs = self.sample_prompts(rng)
-    prompt_len = max(len(p) for p, _ in pairs) + 1
-    prompts_NxP, lens_N = encode_prompts(self.tok, [p for p, _ in pairs], prompt_len)
+    prompts_NxP, lens_N = self.task.prompt_batch([p for p, _ in pairs])
 
     tic = time.perf_counter()
     roll = rollout(self.executor.model(), prompts_NxP, lens_N, jax.random.key(step + 7919 * self.cfg.seed),
                    max_new_tokens=rl.max_new_tokens, group_size=rl.group_size, temperature=rl.temperature,
-                   top_p=rl.top_p)
+                   top_p=rl.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
     roll = jax.tree.map(to_host, roll)
     times["rollout"] = time.perf_counter() - tic
 
@@ -147,9 +146,11 @@ class GRPOTrainer:
     # Queued behind the plans: runs while recompute and update do, collected at the end of the step.
     report = self.planner.submit(policy_report, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg,
                                  self.history)
+    loads = self.planner.submit(step_loads, roll.routes, roll.lengths, packed.counts_MxLxDxE, rl.num_minibatches,
+                                self.plan_cfg, self.history)  # expert-load monitoring, off this thread
     answers = [a for _, a in pairs for _ in range(rl.group_size)]
     completions = [self.tok.decode(row[start:]) for row, start in zip(roll.tokens, roll.prompt_lengths)]
-    rewards_N = np.array([exact_match(c, a) for c, a in zip(completions, answers)], np.float32)
+    rewards_N = np.array([self.task.score(c, a) for c, a in zip(completions, answers)], np.float32)
     advantages_N = np.asarray(group_advantages(jnp.asarray(rewards_N), rl.group_size))
     batches = [self.device_batch(b) for b in with_advantages(packed, advantages_N)]
     times["postprocess"] = time.perf_counter() - tic
@@ -195,7 +196,11 @@ class GRPOTrainer:
             "imbalance_sums": imbalance_sums, "imbalance_per_micro_step": per_micro_step,
             "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates)),
             "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.capacities),
-            "new_capacities": new_capacities}
+            "new_capacities": new_capacities, "load": load_record(*loads.result()),
+            "response_length": length_stats(roll.tokens, roll.lengths, roll.prompt_lengths, eos_id=self.tok.eos_id,
+                                            max_new_tokens=rl.max_new_tokens),
+            "samples": [{"prompt": pairs[b // rl.group_size][0], "answer": answers[b], "response": completions[b],
+                         "reward": float(rewards_N[b])} for b in range(0, len(completions), rl.group_size)][:4]}
 
   def compile_ahead(self, step: int, micro_batches: list[dict], tables, programs, met_this_step: list) -> None:
     """The programs a stage will run for `tables` compile before it, `rl.compile_workers` at a time
