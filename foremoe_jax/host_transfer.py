@@ -152,7 +152,7 @@ def _zero_written(d_dst, tables: HostTables, mesh):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def host_fetch(host, home, dst, tables: HostTables, mesh: jax.sharding.Mesh, mechanism: str = "slice"):
-  """Global: working `[D*S, ...]` arrays `dst` (sharded over "expert") with the tables' slots filled from
+  """Global, inside jit: working `[D*S, ...]` arrays `dst` (sharded over "expert") with the tables' slots filled from
   the host copy `host` (`HostCopy.weights`). `home` is the device home `[E, ...]` pytree the host copy
   mirrors: the fetched rows' gradients go to it (the host copy gets none; `dst`'s overwritten rows none)."""
   del home
