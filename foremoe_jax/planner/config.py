@@ -70,8 +70,9 @@ class CostModel:
     model = cls(**fields)
     shape = cal["shapes"]
     scale = model.expert_bytes / (3.0 * shape["hidden"] * shape["expert"] * 2)  # calibrated in bf16
+    host_ms = cal.get("host_exposed_ms")  # None: no host path measured on this card
     return dataclasses.replace(model, link_exposed_s=cal["link_exposed_ms"] * 1e-3 * scale,
-                               host_exposed_s=cal["host_exposed_ms"] * 1e-3 * scale,
+                               host_exposed_s=None if host_ms is None else host_ms * 1e-3 * scale,
                                calibration=f"{cal['card']} ({cal['device']}, JAX {cal['jax']}): {path.name}")
 
   @property
