@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 TOP_K = 8
-SMOKE = dict(hidden=32, expert=16, tokens=16, layers=2, local_experts=2, home_experts=8, moves=[1, 2], repeats=2)
+SMOKE = dict(hidden=32, expert=16, tokens=16, layers=1, local_experts=2, home_experts=8, moves=[1], repeats=1)
 # The NVLink path's exposed cost per moved expert-layer, weights in and gradient back: BENCHMARKS.md,
 # "Measured: transfers", 4 x H200, JAX 0.11.2, 1 move per device and layer, prefetched: +2.07 ms per
 # micro-step of 2 layers.

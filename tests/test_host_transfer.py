@@ -61,3 +61,25 @@ def test_host_tables_rejects_bad_fetches():
     host_tables([(0, 0, 1), (0, 1, 2)], D, E, capacity=1)
   with pytest.raises(ValueError, match="expert outside"):
     host_tables([(0, 0, E)], D, E)
+
+
+def test_overlap_benchmark_smoke_writes_rows_and_calibration(tmp_path):
+  """benchmarks/overlap.py --smoke on one CPU device: every path and move count has a row with the
+  table's fields, and --calibrate writes the planner's calibration from the host rows."""
+  import json
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out, cal = tmp_path / "overlap.json", tmp_path / "cal.json"
+  subprocess.run([sys.executable, str(root / "benchmarks" / "overlap.py"), "--smoke", "--out", str(out), "--calibrate",
+                  "--calibrate-out", str(cal)], check=True, env=env, cwd=root, capture_output=True, timeout=300)
+  result = json.loads(out.read_text())
+  assert {(r["path"], r["moves_per_layer"]) for r in result["rows"]} == {("host", 1), ("hbm", 1)}
+  for r in result["rows"]:
+    assert {"isolated_ms", "exposed_ms_per_expert_layer", "hidden_fraction", "card", "tokens"} <= r.keys()
+  assert result["meta"]["host_fetch_check"] == {"slice": "ok", "gather": "ok"}
+  calibration = json.loads(cal.read_text())
+  assert calibration["card"] == "cpu" and calibration["host_exposed_ms"] >= 0 and calibration["link_exposed_ms"] > 0
