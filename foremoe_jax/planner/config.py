@@ -13,8 +13,9 @@ from foremoe_jax.planner.pairs import BUCKETS_PER_OCTAVE, check_buckets
 POLICIES = ("static", "eplb_step", "eplb_history", "eplb_microstep", "foremoe")
 # Measured exposed transfer costs per card (`benchmarks/overlap.py --calibrate` writes them).
 CALIBRATION_DIR = pathlib.Path(__file__).parent / "calibration"
-# The card whose calibration the planner's default cost model loads.
-DEFAULT_CARD = "h100"
+# The card whose calibration the planner's default cost model loads: the NVLink cost measured on
+# 4 x H200 (BENCHMARKS.md); no host-path measurement is committed yet.
+DEFAULT_CARD = "h200x4"
 
 
 @dataclasses.dataclass(frozen=True)
