@@ -11,8 +11,8 @@ from foremoe_jax.planner import CostModel, PlanConfig, plan_step
 from foremoe_jax.planner.config import CALIBRATION_DIR, DEFAULT_CARD
 
 
-def test_default_plan_config_uses_the_committed_calibration():
-  cost = PlanConfig(32, 8, 5).cost
+def test_calibrated_loads_the_committed_calibration():
+  cost = CostModel.calibrated()
   cal = json.loads((CALIBRATION_DIR / f"{DEFAULT_CARD}.json").read_text())
   assert math.isclose(cost.link_exposed_s, cal["link_exposed_ms"] * 1e-3) and cal["card"] in cost.calibration
   assert cal["host_exposed_ms"] is None or math.isclose(cost.host_exposed_s, cal["host_exposed_ms"] * 1e-3)

@@ -167,7 +167,7 @@ class PlanConfig:
   # Padded capacities per power of two (a power of two): more pad less, fewer compile fewer programs
   # (each capacity a micro-step meets compiles its forward and gradient programs once).
   capacity_buckets: int = BUCKETS_PER_OCTAVE
-  cost: CostModel = dataclasses.field(default_factory=CostModel.calibrated)
+  cost: CostModel = dataclasses.field(default_factory=CostModel)
 
   def __post_init__(self):
     for name in ("num_experts", "num_devices", "slots_per_device"):
