@@ -30,7 +30,8 @@ from foremoe_jax.planner import metrics  # noqa: E402
 
 COLUMNS = (("task", "{}"), ("D", "{}"), ("S", "{}"), ("tok/dev", "{}"), ("policy", "{}"), ("imbalance", "{:.4f}"),
            ("base off home", "{:.1f}"), ("off base /(m,l)", "{:.2f}"), ("max off base /dev", "{}"),
-           ("changed /(m,l)", "{:.2f}"), ("remote %", "{:.1f}"), ("a2a MB /(m,l)", "{:.1f}"),
+           ("changed /(m,l)", "{:.2f}"), ("changed /dev", "{:.3f}"), ("host /(m,l)", "{:.2f}"),
+           ("remote %", "{:.1f}"), ("a2a MB /(m,l)", "{:.1f}"),
            ("pair need", "{}"), ("est ms /step", "{:.2f}"), ("plan ms /(m,l)", "{:.3f}"))
 
 
@@ -78,6 +79,7 @@ def run_quality(args, cost):
           row["tok/dev"] = tokens
           row.update({"base off home": row["base_off_home"], "off base /(m,l)": row["off_base"],
                       "max off base /dev": row["off_base_max_per_device"], "changed /(m,l)": row["changed"],
+                      "changed /dev": row["changed_per_device"], "host /(m,l)": row["host_path"],
                       "remote %": 100 * row["remote_fraction"], "a2a MB /(m,l)": row["a2a_mb_per_ml"],
                       "est ms /step": row["est_ms_per_step"], "plan ms /(m,l)": ms,
                       "pair need": pair_need(plan, counts)})
@@ -164,9 +166,14 @@ def main():
   parser.add_argument("--link", type=float, default=CostModel.link_bytes_per_s, help="ppermute bytes/s per device")
   parser.add_argument("--a2a", type=float, default=CostModel.a2a_bytes_per_s, help="all_to_all bytes/s per device")
   parser.add_argument("--overlap", type=float, default=CostModel.overlap_fraction)
+  parser.add_argument("--calibrated", default="", metavar="CARD",
+                      help="measured exposed move costs of this card (foremoe_jax/planner/calibration/CARD.json)")
   args = parser.parse_args()
-  cost = CostModel(hidden=args.hidden, expert_intermediate=args.expert_intermediate, matmul_flops_per_s=args.flops,
-                   link_bytes_per_s=args.link, a2a_bytes_per_s=args.a2a, overlap_fraction=args.overlap)
+  fields = dict(hidden=args.hidden, expert_intermediate=args.expert_intermediate, matmul_flops_per_s=args.flops,
+                link_bytes_per_s=args.link, a2a_bytes_per_s=args.a2a, overlap_fraction=args.overlap)
+  cost = CostModel.calibrated(args.calibrated, **fields) if args.calibrated else CostModel(**fields)
+  print(f"cost model: {cost.calibration or 'bandwidth estimates'}; link {cost.link_exposed_s}, host "
+        f"{cost.host_exposed_s} s per moved expert-layer")
   if args.speed:
     run_speed(args, cost)
     return

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 
 import numpy as np
 
 from foremoe_jax.planner.pairs import BUCKETS_PER_OCTAVE, check_buckets
 
 POLICIES = ("static", "eplb_step", "eplb_history", "eplb_microstep", "foremoe")
+# Measured exposed transfer costs per card (`benchmarks/overlap.py --calibrate` writes them).
+CALIBRATION_DIR = pathlib.Path(__file__).parent / "calibration"
+# The card whose calibration the planner's default cost model loads: the NVLink cost measured on
+# 4 x H200 (BENCHMARKS.md); no host-path measurement is committed yet.
+DEFAULT_CARD = "h200x4"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +25,14 @@ class CostModel:
   Defaults: one H100 of an NVLink node (numbers measured in ../shared/DESIGN.md §5) running a
   Qwen3-30B-A3B-shaped expert (hidden 2048, SwiGLU intermediate 768, bf16: 9.4 MB per expert).
   A benchmark calibrates it by passing measured rates (`benchmarks/planner.py --flops ... --link ...`).
+
+  A slot refill takes one of two paths: "link" (from another device's base slot over NVLink; weights in,
+  gradient back) or "host" (from the pinned-host copy over the device's own host link,
+  `foremoe_jax.host_transfer`; its gradient goes home over the link). The two links run concurrently,
+  so a device's refills split between them (`host_moves`). `link_exposed_s` / `host_exposed_s` are the
+  measured exposed seconds per moved expert-layer (what a refill adds to a micro-step after overlapping
+  its compute, not its isolated time); `CostModel.calibrated()` (PlanConfig's default) loads them.
+  None: the link is estimated from `link_bytes_per_s` and `overlap_fraction`, and there is no host path.
   """
 
   hidden: int = 2048
@@ -35,6 +50,31 @@ class CostModel:
   # count, bucketed. False: it moves only the rows that exist (a ragged exchange): each (m, l) pays its
   # busiest receiver.
   padded_a2a: bool = True
+  link_exposed_s: float | None = None
+  host_exposed_s: float | None = None
+  calibration: str = ""  # where the measured costs come from (card, file)
+
+  def __post_init__(self):
+    for name in ("link_exposed_s", "host_exposed_s"):
+      value = getattr(self, name)
+      if value is not None and not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"CostModel.{name} must be None or a finite number >= 0, got {value!r}")
+
+  @classmethod
+  def calibrated(cls, card: str = DEFAULT_CARD, path: str | pathlib.Path | None = None, **fields) -> CostModel:
+    """The cost model with the measured exposed costs of `card` (a file in CALIBRATION_DIR, or `path`),
+    scaled by expert size where `fields` change the expert's shape or dtype (costs ~ bytes moved)."""
+    path = pathlib.Path(path) if path is not None else CALIBRATION_DIR / f"{card}.json"
+    if not path.exists():
+      raise ValueError(f"no calibration for card {card!r} at {path}: run benchmarks/overlap.py --calibrate there")
+    cal = json.loads(path.read_text())
+    model = cls(**fields)
+    shape = cal["shapes"]
+    scale = model.expert_bytes / (3.0 * shape["hidden"] * shape["expert"] * 2)  # calibrated in bf16
+    host_ms = cal.get("host_exposed_ms")  # None: no host path measured on this card
+    return dataclasses.replace(model, link_exposed_s=cal["link_exposed_ms"] * 1e-3 * scale,
+                               host_exposed_s=None if host_ms is None else host_ms * 1e-3 * scale,
+                               calibration=f"{cal['card']} ({cal['device']}, JAX {cal['jax']}): {path.name}")
 
   @property
   def expert_bytes(self) -> float:
@@ -67,14 +107,41 @@ class CostModel:
     times its capacity, a ragged one about the busiest receiver's load. Elementwise on arrays."""
     return rows * self.a2a_s_per_token
 
+  @property
+  def grad_return_s(self) -> float:
+    """A host-path refill's gradient going home over the link (float32 at least), by bandwidth."""
+    return max(self.bytes_per_param, 4) / self.bytes_per_param * self.expert_bytes / self.link_bytes_per_s
+
+  def _split_s(self, moves, compute_s):
+    """[H+1, ...]: exposed seconds of `moves` refills on one device with h = 0..H of them on the host path
+    (inf where h > moves); the paths run concurrently, the host refills' gradients use the link."""
+    moves = np.asarray(moves, np.float64)
+    most = int(moves.max(initial=0)) if self.host_exposed_s is not None else 0
+    h = np.arange(most + 1, dtype=np.float64).reshape(-1, *[1] * moves.ndim)
+    link = moves - h
+    if self.link_exposed_s is None:
+      link_s = np.maximum(link * self.move_s - self.overlap_fraction * np.asarray(compute_s), 0.0)
+    else:
+      link_s = link * self.link_exposed_s
+    host_s = h * (self.host_exposed_s or 0.0)
+    return np.where(h <= moves, np.maximum(host_s, link_s + h * self.grad_return_s), np.inf)
+
+  def moves_s(self, moves, compute_s=0.0):
+    """Exposed seconds of `moves` slot refills on one device, at the best split between the paths.
+    Elementwise on arrays; compute_s (the (m, l)'s compute) matters only to the estimated link."""
+    return self._split_s(moves, compute_s).min(0)
+
+  def host_moves(self, moves, compute_s=0.0):
+    """int64, elementwise: how many of `moves` refills the best split sends over the host path."""
+    return self._split_s(moves, compute_s).argmin(0).astype(np.int64)
+
   def layer_s(self, max_load, max_moves_per_device, max_remote_tokens=0.0):
     """Estimated time of one (m, l): slowest device's compute, plus exposed transfer and dispatch time.
 
     Works elementwise on arrays: max_load and max_remote_tokens in tokens, moves in slots.
     """
     compute = max_load * self.token_compute_s
-    transfer = max_moves_per_device * self.move_s
-    exposed = np.maximum(transfer - self.overlap_fraction * compute, 0.0)
+    exposed = self.moves_s(max_moves_per_device, compute)
     return compute + exposed + max_remote_tokens * self.a2a_s_per_token
 
 

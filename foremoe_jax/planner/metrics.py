@@ -61,6 +61,8 @@ def summary(plan: Plan, counts_MxLxDxE) -> dict:
       "off_base": float(moved.sum((2, 3)).mean()),
       "off_base_max_per_device": int(moved.sum(-1).max()),
       "changed": float(changed.mean()) if changed.size else 0.0,
+      "changed_per_device": float(changed.mean()) / plan.config.num_devices if changed.size else 0.0,
+      "host_path": float(plan.host_path.sum((2, 3)).mean()) if plan.host_path is not None else 0.0,
       "remote_fraction": float(remote.sum() / max(counts.sum(), 1)),
       "a2a_mb_per_ml": float(remote.sum(-1).mean() * plan.config.cost.a2a_s_per_token
                              * plan.config.cost.a2a_bytes_per_s / 1e6),

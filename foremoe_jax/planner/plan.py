@@ -31,6 +31,9 @@ class Plan:
   # padded all_to_all must hold.
   slot_load: np.ndarray | None = None
   pair_need: np.ndarray | None = None
+  # bool [M, L, D, S]: the moved slots refilled over the host path (from the pinned-host copy,
+  # `foremoe_jax.host_transfer`); the other moved slots over the link. None: all over the link.
+  host_path: np.ndarray | None = None
 
   @property
   def num_micro_steps(self) -> int:
@@ -90,6 +93,13 @@ class Plan:
         raise ValueError(f"Plan.{name} has shape {array.shape}, expected {shape}")
     for name, placement in (("slot_expert", self.slot_expert), ("base", self.base)):
       _check_placement(name, placement.reshape(-1, cfg.num_slots), cfg.num_experts)
+    if self.host_path is not None:
+      if not isinstance(self.host_path, np.ndarray) or self.host_path.dtype != bool or \
+          self.host_path.shape != shape_se:
+        raise ValueError(f"Plan.host_path must be a numpy bool array of shape {shape_se}, got "
+                         f"{getattr(self.host_path, 'dtype', type(self.host_path))} {np.shape(self.host_path)}")
+      if (self.host_path & ~(self.moved_mask() & (self.slot_expert >= 0))).any():
+        raise ValueError("Plan.host_path marks a slot that is not refilled with an expert in its micro-step")
     _check_shares(self.slot_expert.reshape(-1, cfg.num_slots),
                   self.slot_share.reshape(-1, cfg.num_devices, cfg.num_slots), cfg.num_experts)
 

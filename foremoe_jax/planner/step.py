@@ -37,12 +37,24 @@ def _plan(counts, placement_MxLxDxS, base_LxDxS, cfg: PlanConfig, slot_pairs_BxG
   return _make_plan(placement_MxLxDxS, share, base_LxDxS, cfg, load, need)
 
 
+def host_path_mask(placement_MxLxDxS: np.ndarray, base_LxDxS: np.ndarray, load_MxLxG: np.ndarray,
+                   cfg: PlanConfig) -> np.ndarray:
+  """bool [M, L, D, S]: per (m, l) and device, the first `CostModel.host_moves` of its refilled slots
+  (the cost model's best split of that device's refills between the host path and the link)."""
+  num_micro, num_layers, num_devices, num_slots = placement_MxLxDxS.shape
+  moved = (placement_MxLxDxS != base_LxDxS[None]) & (placement_MxLxDxS >= 0)
+  busiest = load_MxLxG.reshape(num_micro, num_layers, num_devices, num_slots).sum(-1).max(-1)
+  host = cfg.cost.host_moves(moved.sum(-1), busiest[..., None] * cfg.cost.token_compute_s)
+  return moved & (np.cumsum(moved, -1) <= host[..., None])
+
+
 def _make_plan(placement_MxLxDxS, share_BxDxG, base_LxDxS, cfg: PlanConfig, load_BxG, need_B) -> Plan:
   """The Plan of a split already made (per-(m, l) arrays flattened over B = M*L)."""
   num_micro, num_layers, num_devices = placement_MxLxDxS.shape[:3]
+  load = load_BxG.reshape(num_micro, num_layers, -1)
   return Plan(placement_MxLxDxS.astype(np.int32), share_BxDxG.reshape(num_micro, num_layers, num_devices, -1),
-              base_LxDxS.astype(np.int32), cfg.policy, cfg, load_BxG.reshape(num_micro, num_layers, -1),
-              need_B.reshape(num_micro, num_layers))
+              base_LxDxS.astype(np.int32), cfg.policy, cfg, load, need_B.reshape(num_micro, num_layers),
+              host_path_mask(placement_MxLxDxS, base_LxDxS, load, cfg))
 
 
 def _step_placement(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:

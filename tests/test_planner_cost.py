@@ -1,0 +1,67 @@
+"""The cost model's measured exposed costs per path, the link / host split of a device's refills, and
+the Plan's record of host-path refills."""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from foremoe_jax.planner import CostModel, PlanConfig, plan_step
+from foremoe_jax.planner.config import CALIBRATION_DIR, DEFAULT_CARD
+
+
+def test_calibrated_loads_the_committed_calibration():
+  cost = CostModel.calibrated()
+  cal = json.loads((CALIBRATION_DIR / f"{DEFAULT_CARD}.json").read_text())
+  assert math.isclose(cost.link_exposed_s, cal["link_exposed_ms"] * 1e-3) and cal["card"] in cost.calibration
+  assert cal["host_exposed_ms"] is None or math.isclose(cost.host_exposed_s, cal["host_exposed_ms"] * 1e-3)
+
+
+def test_calibration_scales_with_expert_bytes_and_names_missing_cards(tmp_path):
+  path = tmp_path / "card.json"
+  path.write_text(json.dumps(dict(card="x", device="X", jax="0", shapes=dict(hidden=2048, expert=768),
+                                  link_exposed_ms=1.0, host_exposed_ms=0.2)))
+  same, half = CostModel.calibrated(path=path), CostModel.calibrated(path=path, expert_intermediate=384)
+  assert math.isclose(same.host_exposed_s, 2e-4) and math.isclose(half.link_exposed_s, 5e-4)
+  with pytest.raises(ValueError, match="no calibration for card 'nope'"):
+    CostModel.calibrated(card="nope")
+  with pytest.raises(ValueError, match="host_exposed_s"):
+    CostModel(host_exposed_s=-1.0)
+
+
+def test_refills_split_between_concurrent_paths():
+  cost = CostModel(link_exposed_s=1.0, host_exposed_s=0.5, link_bytes_per_s=1e30)  # no gradient return cost
+  moves = np.array([0, 1, 2, 3, 4])
+  # h on the host, the rest on the link, concurrently: max(0.5 h, k - h) at its best h.
+  np.testing.assert_array_equal(cost.host_moves(moves), [0, 1, 1, 2, 3])
+  np.testing.assert_allclose(cost.moves_s(moves), [0.0, 0.5, 1.0, 1.0, 1.5])
+  link_only = dataclasses.replace(cost, host_exposed_s=None)
+  np.testing.assert_allclose(link_only.moves_s(moves), moves * 1.0)
+  assert (link_only.host_moves(moves) == 0).all()
+  # The host refills' gradients go home over the link: priced there.
+  slow_grads = dataclasses.replace(cost, link_bytes_per_s=cost.expert_bytes * 2 / 10.0)
+  assert (slow_grads.host_moves(moves) == 0).all()
+
+
+def skewed_counts(seed, micro=4, layers=2, devices=8, experts=32):
+  rng = np.random.default_rng(seed)
+  weights = rng.dirichlet(np.full(experts, 0.3), size=(micro, layers))
+  return np.stack([[[rng.multinomial(512, weights[m, l]) for _ in range(devices)] for l in range(layers)]
+                   for m in range(micro)])
+
+
+def test_plan_records_host_path_refills_where_the_host_is_cheaper():
+  counts = skewed_counts(0)
+  free_host = CostModel(link_exposed_s=1.0, host_exposed_s=0.0, link_bytes_per_s=1e30)
+  plan = plan_step(counts, PlanConfig(32, 8, 5, max_moves_per_device=2, cost=free_host))
+  plan.validate()
+  moved = plan.moved_mask() & (plan.slot_expert >= 0)
+  assert moved.any() and plan.host_path.any() and not (plan.host_path & ~moved).any()
+  link = plan_step(counts, PlanConfig(32, 8, 5, cost=CostModel(link_bytes_per_s=1e30)))
+  assert link.moved_mask().any() and not link.host_path.any()  # no host path priced: all on the link
+  bad = dataclasses.replace(plan, host_path=~moved)
+  with pytest.raises(ValueError, match="host_path marks a slot"):
+    bad.validate()
+  with pytest.raises(ValueError, match="host_path must be a numpy bool"):
+    dataclasses.replace(plan, host_path=moved.astype(np.int8)).validate()
