@@ -180,3 +180,9 @@ def test_lowered_program_does_not_grow_with_depth(mesh):
 def test_bad_config_is_refused(change, match):
   with pytest.raises(ValueError, match=match):
     dataclasses.replace(CFG, **change).validate()
+
+
+def test_hf_conversion_refuses_a_scanned_model(mesh):
+  from foremoe_jax.convert.hf_weights import load_model
+  with pytest.raises(ValueError, match="scan_layers"):
+    load_model("/nonexistent", dataclasses.replace(CFG, scan_layers=True), mesh)
