@@ -9,24 +9,25 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.executor import Executor, prepare_step
-from foremoe_jax.mesh import make_mesh
 from foremoe_jax.model import Model, ModelConfig
 from foremoe_jax.placement import make_tables, stack_tables
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
 from foremoe_jax.transfer import materialize
 
-E, D, S, L = 16, 8, 3, 2
+E, D, S, L = 8, 2, 5, 2
 CFG = ModelConfig(vocab_size=18, d_model=32, num_layers=L, num_heads=4, num_kv_heads=2, head_dim=8, d_ff_dense=48,
                   num_experts=E, top_k=2, d_ff_expert=16, slots_per_device=S, max_seq_len=16)
-B, T = 8, 8
+B, T = 4, 8
 
 
 @pytest.fixture(scope="module")
 def mesh():
-  return make_mesh(1, D)
+  """Two of the CPU devices: small shard_map programs compile faster."""
+  return jax.make_mesh((1, D), ("data", "expert"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:D])
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,10 @@ def assert_trees_close(a, b, tol):
 
 
 def moved_tables():
-  """A non-home placement: device d also holds a replica of expert 2d + 2 in its spare slot, shared 50/50."""
-  slot_expert_DxS = np.array([[2 * d, 2 * d + 1, (2 * d + 2) % E] for d in range(D)], np.int32)
-  share_G = np.where(slot_expert_DxS.reshape(-1) % 2 == 0, 0.5, 1.0).astype(np.float32)
+  """A non-home placement: device d also holds the next device's first expert in its spare slot, shared 50/50."""
+  per = E // D
+  slot_expert_DxS = np.array([[*range(per * d, per * (d + 1)), per * (d + 1) % E] for d in range(D)], np.int32)
+  share_G = np.where(slot_expert_DxS.reshape(-1) % per == 0, 0.5, 1.0).astype(np.float32)
   return make_tables(slot_expert_DxS, np.broadcast_to(share_G, (D, D * S)), E)
 
 
@@ -75,10 +77,15 @@ def loss_and_grads(graphdef, params, working, x, tables, replay):
   return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, working)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def capture(graphdef, state, x):
+  return nnx.merge(graphdef, state)(x).routes
+
+
 def inputs(model, mesh, seed=1):
   """(tokens, tables [L, ...], replay [B, T, L, k], working slots per layer) for the unrolled `model`."""
   x = tokens(seed)
-  replay = jax.jit(lambda st: nnx.merge(*nnx.split(model)[:1], st)(x).routes)(nnx.state(model))
+  replay = capture(nnx.graphdef(model), nnx.state(model), x)
   table = moved_tables()
   working = [tuple(w.reshape(D * S, *w.shape[2:]) for w in materialize((m.w_gate_up[...], m.w_down[...]), table,
                                                                        mesh)) for m in model.moe_layers()]
@@ -93,10 +100,11 @@ def test_scanned_layout_stacks_the_unrolled_weights(models):
   assert moe[0].w_gate_up[...].sharding.spec == P(None, "expert")
 
 
-@pytest.mark.parametrize("remat", ["none", "block"])
-def test_forward_and_gradients_equal_unrolled(models, mesh, remat):
+def test_remat_scanned_forward_and_gradients_equal_unrolled(models, mesh):
+  """Scanned with remat="block" against the unrolled model without it: the executor test below covers the
+  scanned model without remat."""
   unrolled, scanned = models
-  cfg = dataclasses.replace(scanned.cfg, remat=remat)
+  cfg = dataclasses.replace(scanned.cfg, remat="block")
   scanned = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Model(cfg, mesh=mesh, rngs=nnx.Rngs(0)))),
                       nnx.state(scanned))
   x, tables, replay, working = inputs(unrolled, mesh)
@@ -145,7 +153,7 @@ def test_executor_step_equals_unrolled(models, mesh):
       np.add.at(counts[m, l], (source, np.asarray(replay[:, :, l]).reshape(-1)), 1)
   plan = plan_step(counts, PlanConfig(E, D, S, policy="foremoe", cost=CostModel(link_bytes_per_s=1e18)))
   step = prepare_step(plan, counts, E, capacity=32)
-  assert step.fill_M.any()  # the placement moves experts: the working slots and their transposes are exercised
+  assert int(np.asarray(step.tables_M[0].slot_expert_G)[0, S - 1]) >= 0  # a replica in the spare slot: base moves
   results = []
   for model in (unrolled, scanned):
     executor = Executor(model, optax.sgd(0.5), step_loss, mesh)
