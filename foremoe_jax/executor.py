@@ -140,7 +140,13 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
 
 
 def expert_weights(model) -> list[tuple[jax.Array, jax.Array]]:
-  return [(layer.w_gate_up[...], layer.w_down[...]) for layer in model.moe_layers()]
+  """(w_gate_up [E, H, 2F], w_down [E, F, H]) per MoE layer; a scanned model's module stacks its layers'
+  weights ([L, E, H, 2F]): they come sliced."""
+  pairs = []
+  for layer in model.moe_layers():
+    gate_up, down = layer.w_gate_up[...], layer.w_down[...]
+    pairs += [(gate_up, down)] if gate_up.ndim == 3 else [(gate_up[l], down[l]) for l in range(gate_up.shape[0])]
+  return pairs
 
 
 def expert_weight_filter(model):
@@ -279,7 +285,11 @@ class Executor:
                  for l, g in enumerate(grad_base)]
     # merge shares Variables with its states: a copy of the experts' keeps set_value below off `params`
     grad_model = nnx.merge(self.graphdef, grad_dense, jax.tree.map(lambda w: w, self._split(params)[1]), self.rest)
-    for layer, (g_gate_up, g_down) in zip(grad_model.moe_layers(), grad_home):
+    grad_home = iter(grad_home)
+    for layer in grad_model.moe_layers():
+      stacked = layer.w_gate_up.ndim == 4  # a scanned model's layers: stack their gradients back
+      g_gate_up, g_down = (map(jnp.stack, zip(*(next(grad_home) for _ in range(layer.w_gate_up.shape[0]))))
+                           if stacked else next(grad_home))
       layer.w_gate_up.set_value(g_gate_up)
       layer.w_down.set_value(g_down)
     return nnx.state(grad_model, nnx.Param)

@@ -6,6 +6,11 @@ only the MoE dispatch runs inside `shard_map`.
 Forward for training: `model(tokens_BxT, tables, replay)` -> `ModelOutput` (logits, per-layer routes).
 Decoding: `cache = model.init_cache(B, S)`, `model.prefill(prompt_BxP, cache)` writes positions 0..P-1,
 `model.decode(tokens_Bx1, cache, positions_B)` one token per row at its own position.
+
+`scan_layers`: the blocks' parameters are stacked on a leading layer axis (`model.layers`, one `Block`) and
+run under `jax.lax.scan`, so one block body is lowered and compiled whatever the depth; per-layer tables,
+replay, working slots and the KV cache are scanned inputs. `remat="block"` recomputes each block's
+activations in the backward pass (`jax.checkpoint` of the block body).
 """
 import dataclasses
 import math
@@ -20,8 +25,12 @@ from jax.sharding import PartitionSpec as P
 
 from foremoe_jax import mesh as mesh_lib
 from foremoe_jax.attention import Attention, KVCache, RMSNorm, init_param
-from foremoe_jax.moe import MoE, MoEConfig
+from foremoe_jax.dispatch import AXIS
+from foremoe_jax.moe import MoE, MoEConfig, check_replay
 from foremoe_jax.placement import Tables
+
+
+REMAT = ("none", "block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +57,8 @@ class ModelConfig:
   max_seq_len: int = 64
   dtype: str = "float32"  # activations and matmuls
   param_dtype: str = "float32"
+  scan_layers: bool = False  # stack the blocks on a layer axis and run them under lax.scan (needs moe_every=1)
+  remat: str = "none"  # "none" | "block": recompute each block's activations in the backward pass
 
   @property
   def moe_layer_ids(self) -> tuple[int, ...]:
@@ -76,6 +87,11 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.qk_norm_scope must be 'head' or 'projection', got {self.qk_norm_scope!r}")
     if self.norm_eps <= 0:
       raise ValueError(f"ModelConfig: norm_eps must be > 0, got {self.norm_eps}")
+    if self.remat not in REMAT:
+      raise ValueError(f"ModelConfig.remat must be one of {REMAT}, got {self.remat!r}")
+    if self.scan_layers and self.moe_every != 1:
+      raise ValueError(f"ModelConfig: scan_layers needs moe_every=1 (every block MoE, one block body), got "
+                       f"moe_every={self.moe_every}")
     if self.capacity_factor <= 0:
       raise ValueError(f"ModelConfig: capacity_factor must be > 0, got {self.capacity_factor}")
     if expert_devices is not None:
@@ -144,6 +160,8 @@ class Model(nnx.Module):
 
   `tables`: a `Tables` with a leading L_moe axis (one placement per MoE layer); `replay`: int32
   [B, T, L_moe, k]; `working`: None or one entry per MoE layer for that layer's `working=`.
+  Unrolled (default): `model.blocks`, one `Block` per layer. `scan_layers`: `model.layers`, one `Block`
+  whose parameters have a leading [L] axis (expert weights [L, E, ...] sharded P(None, "expert")).
   """
 
   def __init__(self, cfg: ModelConfig, *, mesh: jax.sharding.Mesh, rngs: nnx.Rngs):
@@ -152,11 +170,18 @@ class Model(nnx.Module):
     pd = jnp.dtype(cfg.param_dtype)
     self.embed = init_param(rngs, (cfg.vocab_size, cfg.d_model), 1.0, mesh, pd)
     moe_ids = set(cfg.moe_layer_ids)
-    self.blocks = nnx.List([Block(cfg, i in moe_ids, mesh=mesh, rngs=rngs) for i in range(cfg.num_layers)])
+    blocks = [Block(cfg, i in moe_ids, mesh=mesh, rngs=rngs) for i in range(cfg.num_layers)]
+    if cfg.scan_layers:
+      self.layers = stack_blocks(blocks, mesh)
+    else:
+      self.blocks = nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.d_model, mesh=mesh, param_dtype=pd, eps=cfg.norm_eps)
     self.lm_head = init_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model, mesh, pd)
 
   def moe_layers(self) -> list[MoE]:
+    """The MoE modules; a scanned model has one, whose expert weights are stacked [L_moe, E, ...]."""
+    if self.cfg.scan_layers:
+      return [self.layers.ffn]
     return [b.ffn for b in self.blocks if b.is_moe]
 
   def no_drop_capacity(self, batch: int, seq_len: int) -> int:
@@ -172,13 +197,19 @@ class Model(nnx.Module):
     out, _ = self._run(tokens_BxT, positions_BxT, None, None, tables, replay, capacity, working)
     return out
 
-  def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
-    """Zeroed KV caches, one per block, sharded over the batch axes."""
+  def init_cache(self, batch: int, max_len: int) -> list[KVCache] | KVCache:
+    """Zeroed KV caches sharded over the batch axes: one per block, or (scan_layers) one `KVCache` whose
+    leaves have a leading [L] axis."""
     cfg = self.cfg
     if max_len > cfg.max_seq_len:
       raise ValueError(f"cache length {max_len} > max_seq_len={cfg.max_seq_len}")
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    sharding = NamedSharding(self.mesh, P(*mesh_lib.batch_spec(self.mesh), None, None, None))
+    spec = (*mesh_lib.batch_spec(self.mesh), None, None, None)
+    if cfg.scan_layers:
+      sharding = NamedSharding(self.mesh, P(None, *spec))
+      return KVCache(*(jax.device_put(jnp.zeros((cfg.num_layers, *shape), jnp.dtype(cfg.dtype)), sharding)
+                       for _ in range(2)))
+    sharding = NamedSharding(self.mesh, P(*spec))
     def zeros():
       return jax.device_put(jnp.zeros(shape, jnp.dtype(cfg.dtype)), sharding)
     return [KVCache(zeros(), zeros()) for _ in range(cfg.num_layers)]
@@ -205,31 +236,90 @@ class Model(nnx.Module):
       raise ValueError(f"working must have one entry per MoE layer ({num_moe}), got {len(working)}")
     x_BxTxH = self.embed[...][tokens_BxT].astype(jnp.dtype(cfg.dtype))
     x_BxTxH = jax.lax.with_sharding_constraint(x_BxTxH, NamedSharding(self.mesh, mesh_lib.batch_spec(self.mesh)))
-    moe_outs, new_cache, m = [], [], 0
-    for i, block in enumerate(self.blocks):
-      moe_kw = {}
-      if block.is_moe:
-        moe_kw = dict(tables=None if tables is None else layer_tables(tables, m),
-                      replay=None if replay is None else replay[:, :, m],
-                      capacity=capacity, working=None if working is None else working[m])
-        m += 1
-      x_BxTxH, moe_out, layer_cache = block(x_BxTxH, positions_BxT, None if cache is None else cache[i],
-                                            start_B, moe_kw)
-      new_cache.append(layer_cache)
-      if moe_out is not None:
-        moe_outs.append(moe_out)
+    if cfg.scan_layers:
+      x_BxTxH, moe_out, new_cache = self._scan(x_BxTxH, positions_BxT, cache, start_B, tables, replay, capacity,
+                                               working)
+      routes = jnp.moveaxis(moe_out.topk, 0, 2)
+      aux_loss, counts, slot_counts = jnp.mean(moe_out.aux_loss), moe_out.counts, moe_out.slot_counts
+      dropped = jnp.sum(moe_out.dropped)
+    else:
+      x_BxTxH, moe_outs, new_cache = self._unrolled(x_BxTxH, positions_BxT, cache, start_B, tables, replay,
+                                                    capacity, working)
+      routes = jnp.stack([o.topk for o in moe_outs], axis=2)
+      aux_loss = jnp.mean(jnp.stack([o.aux_loss for o in moe_outs]))
+      counts = jnp.stack([o.counts for o in moe_outs])
+      slot_counts = jnp.stack([o.slot_counts for o in moe_outs])
+      dropped = sum(o.dropped for o in moe_outs)
     h_BxTxH = self.final_norm(x_BxTxH)
     logits_BxTxV = jnp.einsum("bth,hv->btv", h_BxTxH, self.lm_head[...].astype(h_BxTxH.dtype),
                               preferred_element_type=jnp.float32)
-    out = ModelOutput(
-        logits=logits_BxTxV,
-        routes=jnp.stack([o.topk for o in moe_outs], axis=2).astype(jnp.int32),
-        aux_loss=jnp.mean(jnp.stack([o.aux_loss for o in moe_outs])),
-        counts=jnp.stack([o.counts for o in moe_outs]),
-        slot_counts=jnp.stack([o.slot_counts for o in moe_outs]),
-        dropped=sum(o.dropped for o in moe_outs),
-    )
+    out = ModelOutput(logits=logits_BxTxV, routes=routes.astype(jnp.int32), aux_loss=aux_loss, counts=counts,
+                      slot_counts=slot_counts, dropped=dropped)
     return out, (new_cache if cache is not None else None)
+
+  def _unrolled(self, x_BxTxH, positions_BxT, cache, start_B, tables, replay, capacity, working):
+    """-> (x, MoE outputs of the MoE blocks, per-block caches)."""
+    moe_outs, new_cache, m = [], [], 0
+    for i, block in enumerate(self.blocks):
+      moe_in = None
+      if block.is_moe:
+        moe_in = dict(tables=None if tables is None else layer_tables(tables, m),
+                      replay=None if replay is None else replay[:, :, m],
+                      working=None if working is None else working[m])
+        m += 1
+      graphdef, state = nnx.split(block)
+      x_BxTxH, moe_out, layer_cache = apply_block(graphdef, state, x_BxTxH, positions_BxT,
+                                                  None if cache is None else cache[i], start_B, moe_in,
+                                                  capacity=capacity, remat=self.cfg.remat)
+      new_cache.append(layer_cache)
+      if moe_out is not None:
+        moe_outs.append(moe_out)
+    return x_BxTxH, moe_outs, new_cache
+
+  def _scan(self, x_BxTxH, positions_BxT, cache, start_B, tables, replay, capacity, working):
+    """-> (x, MoEOutput with a leading [L] axis on every field but y (None), stacked cache)."""
+    if replay is not None and not isinstance(replay, jax.core.Tracer):  # values, as the unrolled MoE checks
+      b, t, l, k = replay.shape
+      check_replay(replay.reshape(b, t * l, k), (b, t * l, k), self.cfg.num_experts)
+    graphdef, state = nnx.split(self.layers)
+    xs = dict(state=state, cache=cache, moe_in=dict(
+        tables=tables, replay=None if replay is None else jnp.moveaxis(replay, 2, 0),
+        working=None if working is None else jax.tree.map(lambda *w: jnp.stack(w), *working)))
+
+    def body(x_BxTxH, layer):
+      x_BxTxH, moe_out, layer_cache = apply_block(graphdef, layer["state"], x_BxTxH, positions_BxT, layer["cache"],
+                                                  start_B, layer["moe_in"], capacity=capacity, remat=self.cfg.remat,
+                                                  prevent_cse=False)
+      return x_BxTxH, (moe_out._replace(y=None), layer_cache)
+
+    x_BxTxH, (moe_out, new_cache) = jax.lax.scan(body, x_BxTxH, xs)
+    return x_BxTxH, moe_out, new_cache
+
+
+def apply_block(graphdef, state, x_BxTxH, positions_BxT, cache, start_B, moe_in, *, capacity, remat,
+                prevent_cse=True):
+  """One block as a pure function of its state: `remat="block"` wraps it in `jax.checkpoint` (under a scan
+  `prevent_cse=False`, as the scan already keeps the recomputation apart). -> (x, MoEOutput or None, cache)."""
+  def body(state, x_BxTxH, positions_BxT, cache, start_B, moe_in):
+    moe_kw = {} if moe_in is None else dict(moe_in, capacity=capacity)
+    return nnx.merge(graphdef, state)(x_BxTxH, positions_BxT, cache, start_B, moe_kw)
+  if remat == "block":
+    body = jax.checkpoint(body, prevent_cse=prevent_cse)
+  return body(state, x_BxTxH, positions_BxT, cache, start_B, moe_in)
+
+
+def stack_blocks(blocks: list[Block], mesh) -> Block:
+  """One `Block` holding the blocks' parameters stacked on a leading layer axis: the scanned layout of the
+  same weights. Expert weights stay sharded over "expert" (P(None, "expert")), the rest replicated."""
+  if len({b.is_moe for b in blocks}) != 1:
+    raise ValueError("stack_blocks needs blocks of one kind (all MoE or all dense)")
+
+  def stack(path, *leaves):
+    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    expert = blocks[0].is_moe and names[:1] == ["ffn"] and names[1] in ("w_gate_up", "w_down")
+    return jax.device_put(jnp.stack(leaves), NamedSharding(mesh, P(None, AXIS) if expert else P()))
+  states = [nnx.state(b) for b in blocks]
+  return nnx.merge(nnx.graphdef(blocks[0]), jax.tree_util.tree_map_with_path(stack, *states))
 
 
 def layer_tables(tables: Tables, i: int) -> Tables:

@@ -166,9 +166,17 @@ def _make_array(ckpt: Checkpoint, spec: Spec, mesh, dtype) -> jax.Array:
   return jax.make_array_from_callback(shape, NamedSharding(mesh, P(AXIS) if spec.experts else P()), callback)
 
 
+def refuse_scanned(cfg: ModelConfig) -> None:
+  """The HF mapping is per layer (`blocks[i]`); a scanned model's layers are stacked (`layers`, [L, ...])."""
+  if cfg.scan_layers:
+    raise ValueError("convert: ModelConfig.scan_layers=True is not supported by the HF load/export (it maps "
+                     "unrolled blocks[i]); use scan_layers=False for conversion")
+
+
 def load_model(hf_dir: str, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Model:
   """A `Model(cfg)` holding the checkpoint's weights, cast to `cfg.param_dtype`; nothing random is allocated.
   Shapes are checked against `cfg` (headers only) before any tensor is read."""
+  refuse_scanned(cfg)
   specs = tensor_specs(cfg)
   ckpt = Checkpoint(hf_dir)
   ckpt.verify(specs)
@@ -197,6 +205,7 @@ def export_model(model: Model, out_dir: str, *, base_config: dict | None = None,
   in HF naming. One parameter on the host at a time; process 0 writes. Returns the files written."""
   from safetensors.numpy import save_file  # noqa: PLC0415
   cfg = model.cfg
+  refuse_scanned(cfg)
   dtype = jnp.dtype(dtype or cfg.param_dtype)
   config = hf_config(cfg, base_config, dtype.name)
   specs = tensor_specs(cfg)
