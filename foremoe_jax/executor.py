@@ -245,16 +245,19 @@ class Executor:
     micro_static = ("capacity", "refill", "filled", "first", "layout")
     self._begin = jax.jit(self._begin_fn, static_argnames="layout")
     self._micro = jax.jit(self._micro_fn, static_argnames=micro_static, donate_argnames=("working", "acc"))
-    # The last micro-step's program updates too: parameters and optimizer state are handed over to it.
-    self._last = jax.jit(self._last_fn, static_argnames=micro_static,
-                         donate_argnames=("params", "opt_state", "base", "working", "acc"))
     self._forward = jax.jit(self._forward_fn, static_argnames=("capacity", "refill", "first", "layout"),
                             donate_argnames="working")
     # The update hands back parameters and optimizer state sharded as it got them: left to XLA, a leaf
     # could come back sharded otherwise, and the next step's update would compile a second program.
     state_shardings = jax.tree.map(lambda a: a.sharding, (self.params, self.opt_state))
+    replicated = NamedSharding(mesh, P())
     self._finish = jax.jit(self._finish_fn, static_argnames="layout", donate_argnums=(0, 1, 2),
-                           out_shardings=(*state_shardings, NamedSharding(mesh, P())))
+                           out_shardings=(*state_shardings, replicated))
+    # The last micro-step's program updates too: parameters and optimizer state are handed over to it
+    # (the loss and metrics come out replicated, as `finish`'s norm).
+    self._last = jax.jit(self._last_fn, static_argnames=micro_static,
+                         donate_argnames=("params", "opt_state", "base", "working", "acc"),
+                         out_shardings=(*state_shardings, replicated, replicated, replicated))
     self._home_grads = jax.jit(self._home_grads_fn)
     self._zeros = {}  # one zero-fill program per (tree structure, shardings)
 
@@ -390,8 +393,7 @@ class Executor:
   def _finish_fn(self, params, opt_state, acc, base_moves, *, layout):
     grads = acc if layout == PLAIN else self._home_grads_fn(params, acc, base_moves)
     updates, opt_state = self.tx.update(grads, opt_state, params)
-    params, opt_state = _constrain((optax.apply_updates(params, updates), opt_state), self._state_abstract)
-    return params, opt_state, optax.global_norm(grads)
+    return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
 
   # --- host loop -----------------------------------------------------------------------------------
   @staticmethod
