@@ -1,9 +1,10 @@
 """Micro-step executor: one optimizer step of M micro-steps, each under its own expert placement.
 
 Two levels, as the plan has them:
-1. `begin`: home expert weights -> the step's base placement (one transfer per step), and the first
-   micro-step's working slots from the base. A step whose micro-steps all keep the base placement
-   computes on the base itself: no copy and no second set of slots in memory.
+1. the base: home expert weights -> the step's base placement (one transfer per step), and the first
+   micro-step's working slots from the base, inside the first micro-step's program: layer l's rows
+   arrive while the layers before it compute (XLA's collectives are asynchronous). A step whose
+   micro-steps all keep the base placement computes on the base itself: no copy, no second set of slots.
 2. each micro-step runs forward and backward on its working slots and adds the gradients to
    accumulators kept in the base layout: a working slot's gradient goes back to the base slot it was
    copied from through the transpose of the base -> working fill (the reverse exchange).
@@ -11,10 +12,17 @@ Two levels, as the plan has them:
    micro-step whose placement equals the previous one in every layer skips it. With `prefetch` the
    next micro-step's refill runs inside the current micro-step's program, where it depends on nothing
    the compute produces, so XLA's scheduler may overlap its collectives with the compute.
-3. `finish`: the accumulated base gradients go home through the transpose of the base transfer, then one
-   optimizer update in the home layout. Parameters and optimizer state never see a placement.
+3. inside the last micro-step's program: the accumulated base gradients go home through the transpose of
+   the base transfer, then one optimizer update in the home layout, overlapped with that micro-step's
+   backward. Parameters and optimizer state never see a placement.
+A step whose base is the home layout in every layer (static policy, one device) moves no expert weight:
+no base transfer; and when its micro-steps keep the base too, it is the plain step: the loss is
+differentiated by the home weights, accumulators in the home layout, no transfer at all.
+`Executor(fused=False)` runs the base transfer and the update in programs of their own (the measured
+baseline of the fused schedule).
 Placements are traced table values: a new plan never recompiles (the move tables' row counts are
-powers of two). Each micro-step's padded all_to_all is sized to that micro-step's exact need, bucketed:
+powers of two), except between the three layouts above (a handful of programs, compiled once each).
+Each micro-step's padded all_to_all is sized to that micro-step's exact need, bucketed:
 the routes are known before the step runs, so a balanced micro-step ships fewer rows; each bucket a
 micro-step meets compiles its program once (jit's cache), a handful over a run.
 """
@@ -35,7 +43,7 @@ from foremoe_jax.placement import Tables, plan_tables
 from foremoe_jax.planner.pairs import micro_capacities
 from foremoe_jax.transfer import (MoveTables, apply_moves, apply_moves_transpose, check_exchange, fill_moves,
                                   home_to_base, home_to_base_moves, home_to_base_transpose, local_copies_needed,
-                                  move_tables, moves_needed)
+                                  move_tables, moves_needed, pad_home)
 
 # loss_fn(model, batch, *, tables, working, capacity) -> (scalar loss, metrics dict)
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -63,10 +71,16 @@ class StepTables:
   capacity_M: tuple[int, ...]  # padded rows per (source, destination) of each micro-step: its need, bucketed
   moved_slots: int  # slots that differ from the base, summed over (m, l)
   refilled_slots: int  # slots rewritten between consecutive micro-steps, summed over (m, l)
+  home_L: np.ndarray | None = None  # bool [L] (host): layer l's base is its home layout (no base transfer)
 
   @property
   def num_micro_steps(self) -> int:
     return len(self.tables_M)
+
+  @property
+  def at_home(self) -> bool:
+    """The base is the home layout in every layer: the step moves no expert weight into its base."""
+    return self.home_L is not None and bool(np.all(self.home_L))
 
   @property
   def capacity(self) -> int:
@@ -135,7 +149,7 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
                     np.array([any(len(f) for f in row) for row in refills]),
                     np.array([any(len(f) for f in row) for row in fills]),
                     capacity_M, sum(len(f) for row in fills for f in row),
-                    sum(len(f) for row in refills for f in row))
+                    sum(len(f) for row in refills for f in row), np.array([not m for m in base_list]))
   return step if mesh is None else step.place(mesh)
 
 
@@ -189,6 +203,22 @@ def index(tree, i):
   return jax.tree.map(lambda a: a[i], tree)
 
 
+# Executor.layout of a step whose base is home everywhere and never left: the plain step's programs.
+PLAIN = (True, False)
+
+
+def _f32_abstract(tree):
+  """`_abstract` of `accumulators(tree)`."""
+  def one(a):
+    dtype = jnp.promote_types(a.dtype, jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype
+    return jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding)
+  return jax.tree.map(one, tree)
+
+
+def _constrain(tree, abstract):
+  return jax.lax.with_sharding_constraint(tree, jax.tree.map(lambda a: a.sharding, abstract))
+
+
 class Executor:
   """Runs optimizer steps and forward-only passes of a model (`__call__(..., tables, replay, capacity=,
   working=)` and `moe_layers()`) over micro-steps with changing placements.
@@ -201,26 +231,39 @@ class Executor:
   `lax.cond`. Measured on 4 x H200 (BENCHMARKS.md), the all_to_all step was 3% faster than the
   ppermute rounds with the cond and 1.5% faster than without it: on GPU a cond waits for its
   predicate on the host, which stalls the host's run-ahead.
+  fused (default): the base transfer runs inside the first micro-step's program and the update inside
+  the last one's, overlapped with their compute; False: in programs of their own, `begin` and `finish`
+  (the baseline the fused schedule is measured against).
   """
 
   def __init__(self, model, tx: optax.GradientTransformation, loss_fn: LossFn, mesh, *, prefetch: bool = False,
-               exchange: str = "all_to_all"):
+               exchange: str = "all_to_all", fused: bool = True):
     check_exchange(exchange)
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.tx, self.loss_fn, self.mesh, self.prefetch, self.exchange = tx, loss_fn, mesh, prefetch, exchange
+    self.fused = fused
     self.opt_state = replicate_unsharded(jax.jit(tx.init)(self.params), mesh)
     layer = model.moe_layers()[0]
     self.slots_per_device, self.home_rows = layer.slots, layer.cfg.num_experts // layer.num_devices
+    self.num_slots = layer.slots * layer.num_devices
     self._is_expert = expert_weight_filter(model)
-    self._begin = jax.jit(self._begin_fn, static_argnames="filled")
-    self._micro = jax.jit(self._micro_fn, static_argnames=("capacity", "refill", "filled"),
-                          donate_argnames=("working", "acc"))
-    self._forward = jax.jit(self._forward_fn, static_argnames=("capacity", "refill"), donate_argnames="working")
+    self._state_abstract = _abstract((self.params, self.opt_state))
+    micro_static = ("capacity", "refill", "filled", "first", "layout")
+    self._begin = jax.jit(self._begin_fn, static_argnames="layout")
+    self._micro = jax.jit(self._micro_fn, static_argnames=micro_static, donate_argnames=("working", "acc"))
+    self._forward = jax.jit(self._forward_fn, static_argnames=("capacity", "refill", "first", "layout"),
+                            donate_argnames="working")
     # The update hands back parameters and optimizer state sharded as it got them: left to XLA, a leaf
     # could come back sharded otherwise, and the next step's update would compile a second program.
     state_shardings = jax.tree.map(lambda a: a.sharding, (self.params, self.opt_state))
-    self._finish = jax.jit(self._finish_fn, donate_argnums=(0, 1, 2),
-                           out_shardings=(*state_shardings, NamedSharding(mesh, P())))
+    replicated = NamedSharding(mesh, P())
+    self._finish = jax.jit(self._finish_fn, static_argnames="layout", donate_argnums=(0, 1, 2),
+                           out_shardings=(*state_shardings, replicated))
+    # The last micro-step's program updates too: parameters and optimizer state are handed over to it
+    # (the loss and metrics come out replicated, as `finish`'s norm).
+    self._last = jax.jit(self._last_fn, static_argnames=micro_static,
+                         donate_argnames=("params", "opt_state", "base", "working", "acc"),
+                         out_shardings=(*state_shardings, replicated, replicated, replicated))
     self._home_grads = jax.jit(self._home_grads_fn)
     self._zeros = {}  # one zero-fill program per (tree structure, shardings)
 
@@ -232,6 +275,13 @@ class Executor:
     """(dense, experts): the parameters the loss is differentiated by, and the home expert weights."""
     return params.split(nnx.Not(self._is_expert), ...)
 
+  def _pad(self, home_pair):
+    """A layer's home weights as its working slots in the home layout: the E/D home rows of each device,
+    then zero rows for slots beyond them (a local copy); the home arrays themselves when S = E/D."""
+    if self.slots_per_device == self.home_rows:
+      return home_pair
+    return pad_home(home_pair, self.mesh, self.slots_per_device)
+
   def _to_base(self, home, base_moves):
     return [home_to_base(h, index(base_moves, l), self.mesh, self.slots_per_device, self.exchange)
             for l, h in enumerate(home)]
@@ -240,13 +290,23 @@ class Executor:
     exchange = "ppermute_all" if prefetch and self.exchange == "ppermute" else self.exchange
     return [apply_moves(b, w, index(moves, l), self.mesh, exchange) for l, (b, w) in enumerate(zip(base, working))]
 
-  def _begin_fn(self, params, base_moves, first_refill, *, filled):
-    """(base, first working slots); the working slots are None when no micro-step leaves the base."""
-    base = self._to_base(expert_weights(nnx.merge(self.graphdef, params, self.rest)), base_moves)
-    return base, (self._refill(base, base, first_refill) if filled else None)
+  def _begin_fn(self, params, base_moves, first_refill, *, layout):
+    """(base, first working slots). A base equal to home everywhere is the padded home weights (no
+    transfer); when no micro-step leaves the base, the slots are the base itself and base is ()."""
+    at_home, filled = layout
+    home = expert_weights(nnx.merge(self.graphdef, params, self.rest))
+    base = [self._pad(h) for h in home] if at_home else self._to_base(home, base_moves)
+    return (base, self._refill(base, base, first_refill)) if filled else ((), base)
 
   def _loss(self, dense, experts, working, batch, tables, capacity):
     model = nnx.merge(self.graphdef, dense, experts, self.rest)
+    return self.loss_fn(model, batch, tables=tables, working=working, capacity=capacity)
+
+  def _plain_loss(self, params, batch, tables, capacity):
+    """The loss differentiated by the home weights themselves: the step of a base that is home everywhere
+    and never left (`PLAIN`). Gradients land in the home layout, nothing moves."""
+    model = nnx.merge(self.graphdef, params, self.rest)
+    working = [self._pad(h) for h in expert_weights(model)]
     return self.loss_fn(model, batch, tables=tables, working=working, capacity=capacity)
 
   def _around_refill(self, base, working, refill_moves, refill, compute):
@@ -259,9 +319,30 @@ class Executor:
       working = self._refill(base, working, refill_moves, prefetch=True)
     return out, working
 
-  def _micro_fn(self, params, base, working, batch, tables, fill, refill_moves, acc, *, capacity, refill, filled):
-    """One micro-step's gradients added to acc. filled: the placement differs from the base (else the
-    working slots' gradients are the base's). Returns (acc, working, loss, metrics)."""
+  def _state(self, layout):
+    """Abstract (base, working, acc) that a micro-step's program hands the next one, for `layout`."""
+    if layout == PLAIN:
+      return (), (), _f32_abstract(self._state_abstract[0])
+    slots = [tuple(jax.ShapeDtypeStruct((self.num_slots, *w.shape[1:]), w.dtype, sharding=w.sharding) for w in h)
+             for h in expert_weights(self.model())]
+    dense = _abstract(self._split(self.params)[0])
+    return (slots if layout[1] else ()), slots, _f32_abstract((dense, slots))
+
+  def _grads(self, params, base, working, acc, batch, tables, fill, refill_moves, base_moves, first_refill, *,
+             capacity, refill, filled, first, layout):
+    """One micro-step's gradients added to acc; `first`: the step's first program, which also builds the
+    base and the first working slots (`_begin_fn`) and starts acc. filled: this placement differs from
+    the base (else the working slots' gradients are the base's). Returns (acc, base, working, loss,
+    metrics): base is () but in the first program."""
+    def add(grads):
+      return _constrain(jax.tree.map(lambda g, a: a + g, grads, accumulators(grads) if first else acc),
+                        self._state(layout)[2])
+    if layout == PLAIN:
+      (loss, metrics), grads = jax.value_and_grad(self._plain_loss, has_aux=True)(params, batch, tables, capacity)
+      return add(grads), (), (), loss, metrics
+    if first:
+      base, working = self._begin_fn(params, base_moves, first_refill, layout=layout)
+
     def compute(working):
       grad_fn = jax.value_and_grad(self._loss, argnums=(0, 2), has_aux=True)
       (loss, metrics), (grad_dense, grad_working) = grad_fn(*self._split(params), working, batch, tables, capacity)
@@ -269,14 +350,39 @@ class Executor:
       grad_base = grad_working if not filled else [apply_moves_transpose(g, None, index(fill, l), self.mesh,
                                                                          self.exchange)
                                                    for l, g in enumerate(grad_working)]
-      return jax.tree.map(jnp.add, acc, (grad_dense, grad_base)), loss, metrics
+      return add((grad_dense, grad_base)), loss, metrics
 
     (acc, loss, metrics), working = self._around_refill(base, working, refill_moves, refill, compute)
-    return acc, working, loss, metrics
+    # The base goes out of the program that built it only: returning an input would copy it.
+    state = self._state(layout)
+    return acc, (_constrain(base, state[0]) if first else ()), _constrain(working, state[1]), loss, metrics
 
-  def _forward_fn(self, params, base, working, batch, tables, refill_moves, *, capacity, refill):
-    return self._around_refill(base, working, refill_moves, refill,
-                               lambda working: self._loss(*self._split(params), working, batch, tables, capacity))
+  def _micro_fn(self, params, base, working, acc, batch, tables, fill, refill_moves, base_moves, first_refill, *,
+                capacity, refill, filled, first, layout):
+    return self._grads(params, base, working, acc, batch, tables, fill, refill_moves, base_moves, first_refill,
+                       capacity=capacity, refill=refill, filled=filled, first=first, layout=layout)
+
+  def _last_fn(self, params, opt_state, base, working, acc, batch, tables, fill, refill_moves, base_moves,
+               first_refill, *, capacity, refill, filled, first, layout):
+    """The last micro-step and the update in one program: the base gradients go home, and the optimizer
+    runs, while XLA still schedules this micro-step's backward. Returns (params, opt_state, grad_norm,
+    loss, metrics)."""
+    acc, _, _, loss, metrics = self._grads(params, base, working, acc, batch, tables, fill, refill_moves,
+                                           base_moves, first_refill, capacity=capacity, refill=refill,
+                                           filled=filled, first=first, layout=layout)
+    return *self._finish_fn(params, opt_state, acc, base_moves, layout=layout), loss, metrics
+
+  def _forward_fn(self, params, base, working, batch, tables, refill_moves, base_moves, first_refill, *,
+                  capacity, refill, first, layout):
+    """(loss, metrics), base (built here when `first`, else ()), working."""
+    if layout == PLAIN:
+      return self._plain_loss(params, batch, tables, capacity), (), ()
+    if first:
+      base, working = self._begin_fn(params, base_moves, first_refill, layout=layout)
+    out, working = self._around_refill(base, working, refill_moves, refill,
+                                       lambda working: self._loss(*self._split(params), working, batch, tables,
+                                                                  capacity))
+    return out, (base if first else ()), working
 
   def _home_grads_fn(self, params, acc, base_moves):
     """Accumulated (dense, base) gradients -> gradients of the home-layout parameters (float32)."""
@@ -294,12 +400,17 @@ class Executor:
       layer.w_down.set_value(g_down)
     return nnx.state(grad_model, nnx.Param)
 
-  def _finish_fn(self, params, opt_state, acc, base_moves):
-    grads = self._home_grads_fn(params, acc, base_moves)
+  def _finish_fn(self, params, opt_state, acc, base_moves, *, layout):
+    grads = acc if layout == PLAIN else self._home_grads_fn(params, acc, base_moves)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
 
   # --- host loop -----------------------------------------------------------------------------------
+  @staticmethod
+  def layout(step: StepTables) -> tuple[bool, bool]:
+    """(base is home in every layer, some micro-step leaves the base): which programs a step runs."""
+    return step.at_home, bool(step.fill_M.any())
+
   def _schedule(self, step: StepTables, m: int, prefetch: bool | None):
     """The refill micro-step m runs and its tables: the next micro-step's behind this compute (prefetch)
     or this one's before it; None where that placement equals its predecessor in every layer."""
@@ -308,6 +419,14 @@ class Executor:
     if not 0 < target < step.num_micro_steps or not step.refill_M[target]:
       return None, step.refill_moves_M[0]  # right shapes, never read
     return ("after" if prefetch else "before"), step.refill_moves_M[target]
+
+  def _micro_args(self, step: StepTables, m: int, prefetch: bool | None):
+    """(tables, static keywords) of micro-step m's program: `_micro_fn` after its (params, base, working,
+    acc, batch); `_forward_fn` takes the tables without `fill`."""
+    refill, moves = self._schedule(step, m, prefetch)
+    tables = (step.tables_M[m], step.fill_moves_M[m], moves, step.base_moves, step.refill_moves_M[0])
+    return tables, dict(capacity=step.capacity_M[m], refill=refill, filled=bool(step.fill_M[m]),
+                        first=self.fused and m == 0, layout=self.layout(step))
 
   def zero_accumulators(self, tree):
     """accumulators(tree), each array zero-filled on its own devices. Eagerly, jnp.zeros_like of a
@@ -323,36 +442,52 @@ class Executor:
     return self._zeros[key]
 
   def _start(self, micro_batches, step: StepTables):
-    """(base, working slots). A step whose micro-steps all keep the base placement computes on the base
-    itself: no copy, no second set of slots in memory; the base is then handed over (donated) to the
-    first micro-step and returned as () here, since nothing reads it again (no refills)."""
+    """(base, working slots, acc) before the first micro-step: () when the first micro-step's program
+    builds them (fused) or the step is plain; else `begin`'s output and zero accumulators."""
     if len(micro_batches) != step.num_micro_steps:
       raise ValueError(f"{len(micro_batches)} micro-batches for a plan of {step.num_micro_steps} micro-steps")
-    filled = bool(step.fill_M.any())
-    base, working = self._begin(self.params, step.base_moves, step.refill_moves_M[0], filled=filled)
-    return (base, working) if filled else ((), base)
+    layout = self.layout(step)
+    if self.fused:
+      return (), (), ()
+    base, working = (), ()
+    if layout != PLAIN:
+      base, working = self._begin(self.params, step.base_moves, step.refill_moves_M[0], layout=layout)
+    return base, working, self.zero_accumulators(self._state(layout)[2])
 
   def accumulate(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
                  stage_done: Callable[[str, Any], None] | None = None):
-    """Forward and backward of every micro-step; returns (base-layout accumulators, losses, metrics).
+    """Forward and backward of every micro-step; returns (accumulators, losses, metrics): (dense, base
+    layout) gradients, or the home-layout parameters' for a plain step (`layout(step) == PLAIN`).
     `stage_done(name, value)`, if given, sees each stage's output ("begin", "micro") as it is issued."""
-    return self._accumulate(micro_batches, step.place(self.mesh), prefetch, stage_done)
+    acc, losses, metrics, _ = self._accumulate(micro_batches, step.place(self.mesh), prefetch, stage_done, False)
+    return acc, losses, metrics
 
-  def _accumulate(self, micro_batches, step, prefetch, stage_done):
+  def _accumulate(self, micro_batches, step, prefetch, stage_done, update):
+    """The step's micro-steps; with `update`, the optimizer update too (in the last micro-step's program
+    when fused). Returns (acc, losses, metrics, grad_norm): acc is () and grad_norm set after an update."""
     stage_done = stage_done or (lambda name, value: None)
-    base, working = self._start(micro_batches, step)
-    stage_done("begin", working)
-    acc = self.zero_accumulators((self._split(self.params)[0], working))  # the base's shapes, still alive
-    losses, metrics = [], []
+    base, working, acc = self._start(micro_batches, step)
+    stage_done("begin", working)  # () when fused: the first micro-step's program builds them
+    losses, metrics, grad_norm, last = [], [], None, step.num_micro_steps - 1
     for m, batch in enumerate(micro_batches):
-      refill, moves = self._schedule(step, m, prefetch)
-      acc, working, loss, met = self._micro(self.params, base, working, batch, step.tables_M[m],
-                                            step.fill_moves_M[m], moves, acc, capacity=step.capacity_M[m],
-                                            refill=refill, filled=bool(step.fill_M[m]))
+      tables, kw = self._micro_args(step, m, prefetch)
+      if update and self.fused and m == last:
+        self.params, self.opt_state, grad_norm, loss, met = self._last(self.params, self.opt_state, base, working,
+                                                                       acc, batch, *tables, **kw)
+        acc = ()
+      else:
+        acc, built, working, loss, met = self._micro(self.params, base, working, acc, batch, *tables, **kw)
+        base = built if kw["first"] else base
       stage_done("micro", acc)
       losses.append(loss)
       metrics.append(met)
-    return acc, losses, metrics
+    if update and not self.fused:
+      self.params, self.opt_state, grad_norm = self._finish(self.params, self.opt_state, acc, step.base_moves,
+                                                            layout=self.layout(step))
+      acc = ()
+    if update:
+      stage_done("finish", self.params)
+    return acc, losses, metrics, grad_norm
 
   def precompile(self, micro_batches: list[Any], step: StepTables, *, programs=("train",),
                  prefetch: bool | None = None, workers: int = 8) -> dict:
@@ -364,28 +499,27 @@ class Executor:
     if unknown := set(programs) - {"train", "forward"}:
       raise ValueError(f"precompile programs must be 'train' and/or 'forward', got {sorted(unknown)}")
     step, tic = step.place(self.mesh), time.perf_counter()
-    filled = bool(step.fill_M.any())
-    # begin's output shardings are XLA's choice: compile it first (a small program) to learn them
-    begin = _abstract(self._begin.lower(self.params, step.base_moves, step.refill_moves_M[0],
-                                        filled=filled).compile().out_info)
-    base, working = begin if filled else ((), begin[0])
-    grads = (self._split(self.params)[0], working)  # the accumulators' shapes
-    zeros = self._zeros_program(grads).lower(grads)
-    acc = _abstract(zeros.out_info)
+    layout = self.layout(step)
+    state = self._state(layout)  # what one micro-step's program hands the next (sharding-constrained)
     train, lowered, seen = "train" in programs, [], set()
-    if train:
-      lowered += [zeros, self._finish.lower(self.params, self.opt_state, acc, step.base_moves)]
+    if not self.fused:
+      if layout != PLAIN:
+        lowered.append(self._begin.lower(self.params, step.base_moves, step.refill_moves_M[0], layout=layout))
+      if train:
+        lowered += [self._zeros_program(state[2]).lower(state[2]),
+                    self._finish.lower(self.params, self.opt_state, state[2], step.base_moves, layout=layout)]
     for m, batch in enumerate(micro_batches):
-      refill, moves = self._schedule(step, m, prefetch)
-      capacity, filled_m = step.capacity_M[m], bool(step.fill_M[m])
-      args = (self.params, base, working, batch, step.tables_M[m])
-      if "forward" in programs and ("forward", capacity, refill) not in seen:
-        seen.add(("forward", capacity, refill))
-        lowered.append(self._forward.lower(*args, moves, capacity=capacity, refill=refill))
-      if train and ("train", capacity, refill, filled_m) not in seen:
-        seen.add(("train", capacity, refill, filled_m))
-        lowered.append(self._micro.lower(*args, step.fill_moves_M[m], moves, acc, capacity=capacity,
-                                         refill=refill, filled=filled_m))
+      tables, kw = self._micro_args(step, m, prefetch)
+      base, working, acc = ((), (), ()) if kw["first"] else state
+      last = self.fused and m == step.num_micro_steps - 1
+      forward_kw = {k: v for k, v in kw.items() if k != "filled"}
+      if "forward" in programs and ("forward", *forward_kw.values()) not in seen:
+        seen.add(("forward", *forward_kw.values()))
+        lowered.append(self._forward.lower(self.params, base, working, batch, tables[0], *tables[2:], **forward_kw))
+      if train and ("train", last, *kw.values()) not in seen:
+        seen.add(("train", last, *kw.values()))
+        args = (self.params, *((self.opt_state,) if last else ()), base, working, acc, batch, *tables)
+        lowered.append((self._last if last else self._micro).lower(*args, **kw))
     lower_s, tic = time.perf_counter() - tic, time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
       list(pool.map(lambda program: program.compile(), lowered))
@@ -394,11 +528,8 @@ class Executor:
   def train_step(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
                  stage_done: Callable[[str, Any], None] | None = None) -> dict:
     """One optimizer step: M micro-steps (micro-step m under placement m), one update."""
-    step = step.place(self.mesh)
-    acc, losses, metrics = self._accumulate(micro_batches, step, prefetch, stage_done)
-    self.params, self.opt_state, grad_norm = self._finish(self.params, self.opt_state, acc, step.base_moves)
-    if stage_done:
-      stage_done("finish", self.params)
+    _, losses, metrics, grad_norm = self._accumulate(micro_batches, step.place(self.mesh), prefetch, stage_done,
+                                                     True)
     return {"loss": sum(map(float, losses)), "grad_norm": float(grad_norm),  # host sums: nothing to compile
             "metrics": jax.tree.map(lambda *x: np.stack(x), *metrics)}
 
@@ -406,17 +537,18 @@ class Executor:
               prefetch: bool | None = None) -> list[tuple[jax.Array, dict]]:
     """Forward only (the recompute stage): (loss, metrics) of every micro-step under its placement."""
     step = step.place(self.mesh)
-    base, working = self._start(micro_batches, step)
+    base, working, _ = self._start(micro_batches, step)
     outs = []
     for m, batch in enumerate(micro_batches):
-      refill, moves = self._schedule(step, m, prefetch)
-      out, working = self._forward(self.params, base, working, batch, step.tables_M[m], moves,
-                                   capacity=step.capacity_M[m], refill=refill)
+      tables, kw = self._micro_args(step, m, prefetch)
+      kw.pop("filled")
+      out, built, working = self._forward(self.params, base, working, batch, tables[0], *tables[2:], **kw)
+      base = built if kw["first"] else base
       outs.append(out)
     return outs
 
   def gradients(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None):
     """The step's accumulated gradients of the home-layout parameters, without an update."""
     step = step.place(self.mesh)
-    acc, _, _ = self._accumulate(micro_batches, step, prefetch, None)
-    return self._home_grads(self.params, acc, step.base_moves)
+    acc, _, _, _ = self._accumulate(micro_batches, step, prefetch, None, False)
+    return acc if self.layout(step) == PLAIN else self._home_grads(self.params, acc, step.base_moves)
