@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from foremoe_jax import distributed
 from foremoe_jax.checkpoint import Checkpointer
 from foremoe_jax.mesh import batch_sharding, make_mesh
 from foremoe_jax.model import Model
@@ -94,7 +95,7 @@ def evaluate(model: Model, task: ArithmeticTask, num_prompts: int, seed: int) ->
   prompts_NxP, lens_N = encode_prompts(task.tokenizer, [p for p, _ in pairs], task.max_prompt_len + 1)
   out = rollout(model, prompts_NxP, lens_N, jax.random.key(seed), max_new_tokens=task.max_answer_len + 1,
                 temperature=0.0)
-  tokens_BxT, lens_B = np.asarray(out.tokens), np.asarray(out.lengths)
+  tokens_BxT, lens_B = distributed.to_host((out.tokens, out.lengths))
   rewards = [task.reward(p, task.tokenizer.decode(tokens_BxT[b, lens_N[b]:lens_B[b]]))
              for b, (p, _) in enumerate(pairs)]
   return float(np.mean(rewards))

@@ -21,13 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from foremoe_jax import backends
+from foremoe_jax import backends, distributed
 from foremoe_jax.checkpoint import Checkpointer
 from foremoe_jax.executor import Executor, prepare_step, replicate_unsharded
 from foremoe_jax.mesh import batch_sharding, batch_shards
@@ -129,7 +128,7 @@ class GRPOTrainer:
     roll = rollout(self.executor.model(), prompts_NxP, lens_N, jax.random.key(step + 7919 * self.cfg.seed),
                    max_new_tokens=rl.max_new_tokens, group_size=rl.group_size, temperature=rl.temperature,
                    top_p=rl.top_p)
-    roll = jax.tree.map(to_host, roll)
+    roll = distributed.to_host(roll._replace(logprobs=None))  # multi-process: one gather, routes included
     times["rollout"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -167,6 +166,10 @@ class GRPOTrainer:
       wait = time.perf_counter()
       plan, plan_s = future.result()
       waited += time.perf_counter() - wait
+      # Multi-process: every process planned from the same gathered routes; a differing plan would
+      # silently mix placements, so compare hashes (one tiny all-gather) and fail loudly.
+      distributed.check_same_across_processes((plan.slot_expert, plan.slot_share, plan.base),
+                                              f"rl step {step}: the plan of mini-batch {i}")
       prepare = time.perf_counter()  # the device tables, on this thread
       tables = prepare_step(plan, planned[i][0], self.plan_cfg.num_experts, mesh=self.mesh)
       planner_s += plan_s + time.perf_counter() - prepare
@@ -253,13 +256,6 @@ class GRPOTrainer:
         if (step + 1) % self.rl.ckpt_every == 0 or step + 1 == self.rl.steps:
           self.save(step + 1, {"reward": record["reward"]})
     return records
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A global array as numpy on every process (multi-host: gathered; every host then plans the same)."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def format_record(step: int, record: dict, policy: str) -> str:
