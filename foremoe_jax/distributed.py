@@ -113,17 +113,19 @@ def digest(arrays) -> np.ndarray:
   return np.frombuffer(h.digest(), np.uint32).copy()
 
 
-def check_same_across_processes(arrays, what: str) -> None:
+def check_same_across_processes(arrays, what: str) -> str:
   """Raises RuntimeError when the arrays differ between processes (compared by hash; one small all-gather).
-  Every process must call it at the same point. A no-op in a single process."""
+  Every process must call it at the same point. Returns the hex digest (comparable across runs); a single
+  process only hashes."""
   import jax  # noqa: PLC0415
   from jax.experimental import multihost_utils  # noqa: PLC0415
-  if jax.process_count() == 1:
-    return
   mine = digest(arrays)
+  if jax.process_count() == 1:
+    return mine.tobytes().hex()
   every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 8]
   differ = [p for p in range(every.shape[0]) if not np.array_equal(every[p], every[0])]
   if differ:
     raise RuntimeError(f"{what} differs between processes: processes {differ} disagree with process 0 "
                        f"(this is process {jax.process_index()}); every process must compute the same "
                        "result from the same gathered inputs")
+  return mine.tobytes().hex()

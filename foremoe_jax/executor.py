@@ -390,7 +390,7 @@ class Executor:
     if stage_done:
       stage_done("finish", self.params)
     return {"loss": sum(map(float, losses)), "grad_norm": float(grad_norm),  # host sums: nothing to compile
-            "metrics": jax.tree.map(lambda *x: np.stack(x), *metrics)}
+            "metrics": jax.tree.map(lambda *x: jnp.stack(x), *metrics)}  # global arrays: multi-process safe
 
   def forward(self, micro_batches: list[Any], step: StepTables, *,
               prefetch: bool | None = None) -> list[tuple[jax.Array, dict]]:

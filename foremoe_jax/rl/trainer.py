@@ -155,7 +155,7 @@ class GRPOTrainer:
     # the same log-probs, no wait); time spent waiting for plans is plan_wait.
     tic, waited, planner_s = time.perf_counter(), 0.0, 0.0
     per_mb = len(batches) // rl.num_minibatches
-    groups, compiled_M = [], []
+    groups, compiled_M, plan_digests = [], [], []
     for i, future in enumerate(futures):
       micro_batches = batches[i * per_mb:(i + 1) * per_mb]
       at_home = i == 0 and rl.home_first_recompute
@@ -168,8 +168,8 @@ class GRPOTrainer:
       waited += time.perf_counter() - wait
       # Multi-process: every process planned from the same gathered routes; a differing plan would
       # silently mix placements, so compare hashes (one tiny all-gather) and fail loudly.
-      distributed.check_same_across_processes((plan.slot_expert, plan.slot_share, plan.base),
-                                              f"rl step {step}: the plan of mini-batch {i}")
+      plan_digests.append(distributed.check_same_across_processes(
+          (plan.slot_expert, plan.slot_share, plan.base), f"rl step {step}: the plan of mini-batch {i}"))
       prepare = time.perf_counter()  # the device tables, on this thread
       tables = prepare_step(plan, planned[i][0], self.plan_cfg.num_experts, mesh=self.mesh)
       planner_s += plan_s + time.perf_counter() - prepare
@@ -195,7 +195,7 @@ class GRPOTrainer:
             "imbalance_sums": imbalance_sums, "imbalance_per_micro_step": per_micro_step,
             "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates)),
             "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.capacities),
-            "new_capacities": new_capacities}
+            "new_capacities": new_capacities, "plan_digests": plan_digests}
 
   def compile_ahead(self, step: int, micro_batches: list[dict], tables, programs, met_this_step: list) -> None:
     """The programs a stage will run for `tables` compile before it, `rl.compile_workers` at a time
