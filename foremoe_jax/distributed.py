@@ -69,8 +69,7 @@ def initialize(jax, env=None) -> str:
     how = "mpi"
   else:
     return "single"
-  log.info("process %d of %d (%s launch): %d local of %d devices", jax.process_index(), jax.process_count(),
-           how, jax.local_device_count(), jax.device_count())
+  log.info("process %d (%s launch): %s", jax.process_index(), how, describe_devices(jax))
   return how
 
 

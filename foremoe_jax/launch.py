@@ -62,14 +62,14 @@ def launch(cmd: list[str], processes: int, *, cpu_devices: int = CPU_DEVICES, po
   deadline = None if timeout is None else time.monotonic() + timeout
   status = 0
   try:
-    while any(c.poll() is None for c in children):
-      failed = [c.returncode for c in children if c.returncode not in (None, 0)]
+    while None in (codes := [c.poll() for c in children]):  # poll every child: any may fail first
+      failed = [code for code in codes if code not in (None, 0)]
       if failed or (deadline is not None and time.monotonic() > deadline):
         status = failed[0] if failed else 124
         break
       time.sleep(0.1)
     else:
-      status = next((c.returncode for c in children if c.returncode), 0)
+      status = next((code for code in codes if code), 0)
   finally:
     for c in children:  # one failed (its peers would wait for it forever), timed out, or interrupted
       if c.poll() is None:
