@@ -108,6 +108,7 @@ def _ckpt_state(model, optimizer) -> dict:
 def restore(ckpt: Checkpointer, model, optimizer) -> int:
   """Loads the newest checkpoint into model and optimizer; returns its step (0 when there is none)."""
   step = ckpt.latest_step()
+  distributed.check_same_across_processes([np.asarray(-1 if step is None else step)], "the SFT step to resume")
   if step is None:
     return 0
   saved, _ = ckpt.restore(step, _ckpt_state(model, optimizer))

@@ -91,6 +91,7 @@ class GRPOTrainer:
   def restore(self, step: int | None = None) -> int:
     """Loads checkpoint `step` (default: the last); returns the next step to run (0 without one)."""
     last = self.ckpt.latest_step() if step is None else step
+    distributed.check_same_across_processes([np.asarray(-1 if last is None else last)], "the RL step to resume")
     if last is None:
       return 0
     target = {"params": self.executor.params, "opt": self.executor.opt_state}
