@@ -110,3 +110,9 @@ def test_digest_sees_values_shapes_and_dtypes():
 def test_launcher_stops_peers_when_one_fails():
   code = "import os, sys, time; sys.exit(3) if os.environ['JAX_PROCESS_ID'] == '1' else time.sleep(60)"
   assert launch.launch([sys.executable, "-c", code], 2, timeout=30) == 3
+
+
+def test_mesh_mismatch_names_processes_and_local_devices():
+  from foremoe_jax.mesh import make_mesh  # noqa: PLC0415
+  with pytest.raises(ValueError, match=r"JAX sees 8 = 1 processes x 8 local devices"):
+    make_mesh(2, 8)
