@@ -6,12 +6,15 @@ then GRPO post-training whose recompute and update stages balance experts per mi
 Stages live in `foremoe_jax/` (`run_sft`, then `rl.trainer.GRPOTrainer`).
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+
+from foremoe_jax import distributed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,27 +50,6 @@ def check_paths(args, run_dir: str) -> None:
     raise FileExistsError(f"--export-to: {args.export_to!r} is not empty; pass --overwrite to write into it")
 
 
-def setup_devices() -> None:
-  """8 virtual CPU devices unless an accelerator platform is requested (must run before importing jax)."""
-  platforms = os.environ.get("JAX_PLATFORMS", "")
-  flags = os.environ.get("XLA_FLAGS", "")
-  if platforms in ("", "cpu") and "xla_force_host_platform_device_count" not in flags:
-    # Serial collectives: concurrently scheduled ones can deadlock with more devices than cores.
-    os.environ["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count=8 "
-                               "--xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
-
-
-def init_distributed(jax) -> None:
-  """Multi-process runs: explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a
-  SLURM or Open MPI launch that `jax.distributed.initialize()` detects by itself."""
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
-    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
-                               int(env.get("JAX_PROCESS_ID", "0")))
-  elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-    jax.distributed.initialize()
-
-
 def write_samples(run_dir: str, records: list[dict]) -> str:
   """`samples.jsonl`: the decoded sample responses of every RL step (one line per step)."""
   path = os.path.join(run_dir, "samples.jsonl")
@@ -79,7 +61,7 @@ def write_samples(run_dir: str, records: list[dict]) -> str:
 
 def main(argv=None):
   args = parse_args(argv)
-  setup_devices()
+  distributed.setup_cpu_devices()
   import jax  # noqa: E402  (after the XLA flags)
 
   import configs
@@ -92,10 +74,11 @@ def main(argv=None):
   from foremoe_jax.sft import evaluate, make_task, run_sft
   from pallas_kernels.backend import default_backend
 
-  init_distributed(jax)
   logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
   for name in ("foremoe_jax", "pallas_kernels"):  # which backends run is said once, never silently
     logging.getLogger(name).setLevel(logging.INFO)
+  distributed.initialize(jax)
+  writer = distributed.is_writer()
   overrides = list(args.set)
   overrides += [f"sft.steps={args.sft_steps}"] if args.sft_steps is not None else []
   overrides += [f"seed={args.seed}"] if args.seed is not None else []
@@ -121,16 +104,19 @@ def main(argv=None):
     init_model = convert.load_model(args.init_from, cfg.model, make_mesh(cfg.mesh_data, cfg.mesh_expert))
   run_dir = args.run_dir or os.path.join("runs", cfg.name)
   tic = time.perf_counter()
-  with MetricsLogger(run_dir) as logger:
+  # Process 0 writes the run's files; every process trains (checkpoints are saved by all together).
+  with MetricsLogger(run_dir) if writer else contextlib.nullcontext() as logger:
     state = run_sft(cfg, run_dir, resume=args.resume, logger=logger, model=init_model, task=task)
     policy = state.model
     accuracy = evaluate(state.model, state.task, cfg.sft.eval_prompts, cfg.seed)
-    logger.rewind("sft/accuracy", state.step)  # a resumed run evaluates again: one record per step
-    logger.log(state.step, {"sft/accuracy": accuracy})
+    if logger is not None:
+      logger.rewind("sft/accuracy", state.step)  # a resumed run evaluates again: one record per step
+      logger.log(state.step, {"sft/accuracy": accuracy})
     print(f"sft: {state.step} steps, loss {state.last_metrics.get('loss')}, greedy exact-match accuracy "
           f"{accuracy:.3f}, {time.perf_counter() - tic:.0f} s")
     summary = {"config": cfg.name, "sft_steps": state.step, "sft_final_loss": state.last_metrics.get("loss"),
-               "sft_accuracy": accuracy, "devices": jax.device_count(), "backend": jax.default_backend(),
+               "sft_accuracy": accuracy, "devices": jax.device_count(), "processes": jax.process_count(),
+               "backend": jax.default_backend(),
                "dispatch": choose_dispatch(cfg.model.dispatch), "gmm_backend": default_backend("gmm"),
                **task.describe()}
     if args.rl_steps != 0:
@@ -139,10 +125,12 @@ def main(argv=None):
       policy = trainer.executor.model()
       if records:
         summary.update(summarize(records, cfg.rl.policy))
-        summary["plot"] = plot_run(records, os.path.join(run_dir, "imbalance_reward.png"))
-        summary["load_plot"] = plot_load(records, os.path.join(run_dir, "expert_load.png"))
         summary["response_length"] = records[-1]["response_length"]
-        summary["samples"], summary["samples_file"] = records[-1]["samples"], write_samples(run_dir, records)
+        summary["samples"] = records[-1]["samples"]
+        if writer:
+          summary["plot"] = plot_run(records, os.path.join(run_dir, "imbalance_reward.png"))
+          summary["load_plot"] = plot_load(records, os.path.join(run_dir, "expert_load.png"))
+          summary["samples_file"] = write_samples(run_dir, records)
   if args.export_to:
     files = convert.export_model(policy, args.export_to, base_config=source_config)
     if args.init_from:
@@ -151,7 +139,8 @@ def main(argv=None):
   summary["seconds"] = time.perf_counter() - tic
   print(json.dumps({k: summary.get(k) for k in ("steps", "reward_first", "reward_last", "imbalance",
                                                  "seconds_per_stage")}, indent=1))
-  print(f"summary -> {write_summary(run_dir, summary)}")
+  if writer:
+    print(f"summary -> {write_summary(run_dir, summary)}")
   return summary
 
 

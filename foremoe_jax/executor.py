@@ -531,7 +531,7 @@ class Executor:
     _, losses, metrics, grad_norm = self._accumulate(micro_batches, step.place(self.mesh), prefetch, stage_done,
                                                      True)
     return {"loss": sum(map(float, losses)), "grad_norm": float(grad_norm),  # host sums: nothing to compile
-            "metrics": jax.tree.map(lambda *x: np.stack(x), *metrics)}
+            "metrics": jax.tree.map(lambda *x: jnp.stack(x), *metrics)}  # global arrays: multi-process safe
 
   def forward(self, micro_batches: list[Any], step: StepTables, *,
               prefetch: bool | None = None) -> list[tuple[jax.Array, dict]]:

@@ -13,9 +13,11 @@ def make_mesh(data: int, expert: int) -> jax.sharding.Mesh:
   if data < 1 or expert < 1:
     raise ValueError(f"mesh axes must be >= 1, got data={data}, expert={expert}")
   available = jax.device_count()
-  if data * expert != available:
-    raise ValueError(f"mesh data={data} x expert={expert} = {data * expert} devices, but JAX sees {available} "
-                     f"({jax.devices()[0].platform}); on CPU set XLA_FLAGS=--xla_force_host_platform_device_count")
+  if data * expert != available:  # mesh sizes are global: every process contributes its local devices
+    raise ValueError(f"mesh data={data} x expert={expert} = {data * expert} devices, but JAX sees {available} = "
+                     f"{jax.process_count()} processes x {jax.local_device_count()} local devices "
+                     f"({jax.devices()[0].platform}); on CPU give each process {data * expert} / processes devices "
+                     "(XLA_FLAGS=--xla_force_host_platform_device_count, or FOREMOE_CPU_DEVICES for train.py)")
   return jax.make_mesh((data, expert), AXES, axis_types=(AxisType.Auto,) * 2)
 
 

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from foremoe_jax import distributed
 from foremoe_jax.checkpoint import Checkpointer
 from foremoe_jax.mesh import batch_sharding, make_mesh
 from foremoe_jax.model import Model
@@ -99,7 +100,7 @@ def evaluate(model: Model, task: ArithmeticTask, num_prompts: int, seed: int) ->
   tok = task.tokenizer
   out = rollout(model, prompts_NxP, lens_N, jax.random.key(seed), max_new_tokens=task.max_answer_len + 1,
                 temperature=0.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
-  tokens_BxT, lens_B = np.asarray(out.tokens), np.asarray(out.lengths)
+  tokens_BxT, lens_B = distributed.to_host((out.tokens, out.lengths))
   rewards = [task.correct(tok.decode(tokens_BxT[b, lens_N[b]:lens_B[b]]), a) for b, (_, a) in enumerate(pairs)]
   return float(np.mean(rewards))
 
@@ -111,6 +112,8 @@ def _ckpt_state(model, optimizer) -> dict:
 def restore(ckpt: Checkpointer, model, optimizer) -> int:
   """Loads the newest readable checkpoint into model and optimizer; returns its step (0 when there is none)."""
   restored = ckpt.restore_latest(_ckpt_state(model, optimizer))
+  distributed.check_same_across_processes([np.asarray(-1 if restored is None else restored[0])],
+                                          "the SFT step to resume")
   if restored is None:
     return 0
   step, saved, _ = restored

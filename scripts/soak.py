@@ -14,7 +14,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402  (sets the 8 virtual CPU devices before jax is imported)
+from foremoe_jax import distributed  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=20, help="steps before the RSS baseline is taken")
   p.add_argument("--out", default=None, help="JSON result file")
   args = p.parse_args(argv)
-  train.setup_devices()
+  distributed.setup_cpu_devices()
   import jax
 
   import configs

@@ -21,13 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from foremoe_jax import backends
+from foremoe_jax import backends, distributed
 from foremoe_jax.checkpoint import Checkpointer
 from foremoe_jax.executor import Executor, prepare_step, replicate_unsharded
 from foremoe_jax.mesh import batch_sharding, batch_shards
@@ -94,6 +93,8 @@ class GRPOTrainer:
     target = {"params": self.executor.params, "opt": self.executor.opt_state}
     if step is None:
       restored = self.ckpt.restore_latest(target)
+      distributed.check_same_across_processes([np.asarray(-1 if restored is None else restored[0])],
+                                              "the RL step to resume")
       if restored is None:
         return 0
       last, state, extra = restored
@@ -131,7 +132,7 @@ class GRPOTrainer:
     roll = rollout(self.executor.model(), prompts_NxP, lens_N, jax.random.key(step + 7919 * self.cfg.seed),
                    max_new_tokens=rl.max_new_tokens, group_size=rl.group_size, temperature=rl.temperature,
                    top_p=rl.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
-    roll = jax.tree.map(to_host, roll)
+    roll = distributed.to_host(roll._replace(logprobs=None))  # multi-process: one gather, routes included
     times["rollout"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -160,7 +161,7 @@ class GRPOTrainer:
     # the same log-probs, no wait); time spent waiting for plans is plan_wait.
     tic, waited, planner_s = time.perf_counter(), 0.0, 0.0
     per_mb = len(batches) // rl.num_minibatches
-    groups, compiled_M = [], []
+    groups, compiled_M, plan_digests = [], [], []
     for i, future in enumerate(futures):
       micro_batches = batches[i * per_mb:(i + 1) * per_mb]
       at_home = i == 0 and rl.home_first_recompute
@@ -171,6 +172,10 @@ class GRPOTrainer:
       wait = time.perf_counter()
       plan, plan_s = future.result()
       waited += time.perf_counter() - wait
+      # Multi-process: every process planned from the same gathered routes; a differing plan would
+      # silently mix placements, so compare hashes (one tiny all-gather) and fail loudly.
+      plan_digests.append(distributed.check_same_across_processes(
+          (plan.slot_expert, plan.slot_share, plan.base), f"rl step {step}: the plan of mini-batch {i}"))
       prepare = time.perf_counter()  # the device tables, on this thread
       tables = prepare_step(plan, planned[i][0], self.plan_cfg.num_experts, mesh=self.mesh)
       planner_s += plan_s + time.perf_counter() - prepare
@@ -200,7 +205,8 @@ class GRPOTrainer:
             "response_length": length_stats(roll.tokens, roll.lengths, roll.prompt_lengths, eos_id=self.tok.eos_id,
                                             max_new_tokens=rl.max_new_tokens),
             "samples": [{"prompt": pairs[b // rl.group_size][0], "answer": answers[b], "response": completions[b],
-                         "reward": float(rewards_N[b])} for b in range(0, len(completions), rl.group_size)][:4]}
+                         "reward": float(rewards_N[b])} for b in range(0, len(completions), rl.group_size)][:4],
+            "plan_digests": plan_digests}
 
   def compile_ahead(self, step: int, micro_batches: list[dict], tables, programs, met_this_step: list) -> None:
     """The programs a stage will run for `tables` compile before it, `rl.compile_workers` at a time
@@ -263,13 +269,6 @@ class GRPOTrainer:
         if (step + 1) % self.rl.ckpt_every == 0 or step + 1 == self.rl.steps:
           self.save(step + 1, {"reward": record["reward"]})
     return records
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A global array as numpy on every process (multi-host: gathered; every host then plans the same)."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def format_record(step: int, record: dict, policy: str) -> str:
