@@ -13,10 +13,11 @@ import pytest
 from foremoe_jax import distributed, launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The smallest run that still has an SFT step, a rollout, a plan, a recompute and an update per RL step.
+# The smallest run that still has an SFT step, a rollout, a plan, a recompute and an update per RL step; the
+# evaluation and the rollout have the same shapes (32 rows, 3 new tokens), so they share one program.
 TINY = ["--sft-steps", "1", "--set", "model.d_model=32", "--set", "model.num_layers=1", "--set", "sft.batch_size=16",
-        "--set", "sft.eval_prompts=8", "--set", "rl.prompts_per_step=8", "--set", "rl.group_size=4",
-        "--set", "rl.num_minibatches=1", "--set", "rl.max_new_tokens=2", "--set", "rl.compile_workers=0"]
+        "--set", "sft.eval_prompts=32", "--set", "rl.prompts_per_step=8", "--set", "rl.group_size=4",
+        "--set", "rl.num_minibatches=1", "--set", "rl.max_new_tokens=3", "--set", "rl.compile_workers=0"]
 TIMEOUT_S = 400  # a loaded 2-core box; a hung collective must still end the test
 
 
