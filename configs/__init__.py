@@ -12,7 +12,7 @@ import typing
 from foremoe_jax.model import ModelConfig
 from foremoe_jax.rl.config import RLConfig
 
-PRESETS = ("cpu_tiny", "cpu_text", "gpu_1", "gpu_2", "gpu_4", "gpu_8", "qwen3_30b_a3b")
+PRESETS = ("cpu_tiny", "cpu_text", "gpu_1", "gpu_2", "gpu_4", "gpu_8", "qwen3_30b_a3b", "qwen3_30b_a3b_L8")
 
 
 @dataclasses.dataclass(frozen=True)

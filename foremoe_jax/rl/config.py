@@ -21,6 +21,9 @@ class RLConfig:
   clip_eps: float = 0.2
   kl_coef: float = 0.0  # > 0: KL to the SFT policy (k3 estimator)
   lr: float = 3e-4
+  # Adam's moments (and its update arithmetic): float32 even for bf16 weights, or bfloat16 where float32
+  # does not fit (the README's memory table: Qwen3-30B-A3B at EP 8 on an H100).
+  adam_dtype: str = "float32"
   policy: str = "foremoe"  # placement policy of the recompute and update stages
   # Recompute the first mini-batch in the home layout rather than wait for its plan: planning starts when
   # the rollout ends, so that plan is never ready in time; any layout gives the same log-probs.
@@ -47,6 +50,8 @@ class RLConfig:
   def validate(self, num_shards: int) -> "RLConfig":
     if self.policy not in POLICIES:
       raise ValueError(f"rl.policy={self.policy!r} is not one of {POLICIES}")
+    if self.adam_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"rl.adam_dtype={self.adam_dtype!r} must be 'float32' or 'bfloat16'")
     if self.compile_workers < 0:
       raise ValueError(f"rl.compile_workers={self.compile_workers} must be >= 0 (0: compile when first called)")
     positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "rows_per_shard",

@@ -33,6 +33,7 @@ from foremoe_jax.mesh import batch_sharding, batch_shards
 from foremoe_jax.planner import POLICIES, CostModel, PlanConfig, plan_step
 from foremoe_jax.rl.grpo import group_advantages, grpo_loss, token_logprobs
 from foremoe_jax.rl.microbatch import build_step_batches, with_advantages
+from foremoe_jax.rl.optim import rl_optimizer
 from foremoe_jax.rl.planning import Planner, minibatches, policy_report, timed_plan
 from foremoe_jax.load_monitor import load_record, step_loads
 from foremoe_jax.rl.rollout import length_stats, rollout
@@ -72,7 +73,7 @@ class GRPOTrainer:
     weakref.finalize(self, self.planner.close)
     self.prompts = task.load_prompts(self.rl.prompt_file) if self.rl.prompt_file else None
     objective = functools.partial(grpo_objective, clip_eps=self.rl.clip_eps, kl_coef=self.rl.kl_coef)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(self.rl.lr, b2=0.98, weight_decay=0.0))
+    tx = rl_optimizer(self.rl.lr, self.rl.adam_dtype)
     self.executor = Executor(model, tx, objective, mesh)
     self.reference = None
     if self.rl.kl_coef > 0:  # a frozen copy: the policy's update donates its parameter buffers
