@@ -1,5 +1,6 @@
 """Planner invariants for every policy on random and adversarial counts, and its bad-input errors."""
 
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -246,3 +247,14 @@ def test_planners_never_write_into_the_callers_counts(num_devices):
     plan = plan_step(counts, PlanConfig(16, num_devices, 16 // num_devices + 1, policy=policy), history=counts)
     plan.device_load(counts)
     plan.slot_pairs(counts)
+
+
+def test_every_policy_plans_the_home_layout_on_one_device():
+  cfg = PlanConfig(num_experts=8, num_devices=1, slots_per_device=10)
+  counts = np.random.default_rng(0).integers(0, 50, (3, 2, 1, 8))
+  static = plan_step(counts, dataclasses.replace(cfg, policy="static"))
+  for policy in POLICIES:
+    plan = plan_step(counts, dataclasses.replace(cfg, policy=policy), history=counts)
+    np.testing.assert_array_equal(plan.slot_expert, static.slot_expert)
+    np.testing.assert_array_equal(plan.base, static.base)
+    assert plan.policy == policy
