@@ -19,6 +19,7 @@ computes the right values but is no real host path; `host_copy` logs that, and `
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from typing import NamedTuple
 
@@ -115,14 +116,22 @@ def fetch_rows_local(host_ExX, expert_K, mechanism: str = "slice"):
     rows = jnp.concatenate([_to_device(jax.lax.dynamic_slice_in_dim(host_ExX, safe_K[k], 1))
                             for k in range(expert_K.shape[0])])
   elif mechanism == "gather":
-    from jax.experimental.compute_on import compute_on
-    with compute_on("device_host"):
-      rows = host_ExX[jax.device_put(safe_K, jax.memory.Space.Host)]
-    rows = _to_device(rows)
+    rows = _to_device(_host_gather(host_ExX, jax.device_put(safe_K, jax.memory.Space.Host)))
   else:
     raise ValueError(f"mechanism={mechanism!r} is not one of {MECHANISMS}")
   keep = (expert_K >= 0).reshape(-1, *[1] * (rows.ndim - 1))
   return jnp.where(keep, rows, jnp.zeros((), rows.dtype))
+
+
+def _host_gather(host_ExX, expert_K):
+  """host[expert] computed on the host, the result left in host memory. compute_on is a context manager
+  up to jax 0.10 and a function transform (with the outputs' memory spaces) from 0.11."""
+  from jax.experimental.compute_on import compute_on
+  if "out_memory_spaces" in inspect.signature(compute_on).parameters:
+    return compute_on(lambda h, i: h[i], compute_type="device_host",
+                      out_memory_spaces=jax.memory.Space.Host)(host_ExX, expert_K)
+  with compute_on("device_host"):
+    return host_ExX[expert_K]
 
 
 def _write(dst_SxX, slot_K, rows):
