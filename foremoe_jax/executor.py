@@ -248,6 +248,9 @@ class Executor:
     self.num_slots = layer.slots * layer.num_devices
     self._is_expert = expert_weight_filter(model)
     self._state_abstract = _abstract((self.params, self.opt_state))
+    # Built here, eagerly: inside a trace a scanned model's per-layer slices are tracers without a sharding.
+    self._slots_abstract = [tuple(jax.ShapeDtypeStruct((self.num_slots, *w.shape[1:]), w.dtype, sharding=w.sharding)
+                                  for w in h) for h in expert_weights(model)]
     micro_static = ("capacity", "refill", "filled", "first", "layout")
     self._begin = jax.jit(self._begin_fn, static_argnames="layout")
     self._micro = jax.jit(self._micro_fn, static_argnames=micro_static, donate_argnames=("working", "acc"))
@@ -323,8 +326,7 @@ class Executor:
     """Abstract (base, working, acc) that a micro-step's program hands the next one, for `layout`."""
     if layout == PLAIN:
       return (), (), _f32_abstract(self._state_abstract[0])
-    slots = [tuple(jax.ShapeDtypeStruct((self.num_slots, *w.shape[1:]), w.dtype, sharding=w.sharding) for w in h)
-             for h in expert_weights(self.model())]
+    slots = self._slots_abstract
     dense = _abstract(self._split(self.params)[0])
     return (slots if layout[1] else ()), slots, _f32_abstract((dense, slots))
 
