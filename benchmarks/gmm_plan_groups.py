@@ -103,7 +103,8 @@ def run(args) -> dict:
 def table(out: dict) -> str:
   """Per EP size and matmul: each policy's time over (m, l) sets, and against ideal's."""
   ideal = {(r["D"], r["matmul"]): r["ms"] for r in out["rows"] if r["policy"] == "ideal"}
-  lines = ["| D | policy | matmul | ms | TFLOP/s | vs ideal % | tile visits per (m, l) |", "|---|---|---|---|---|---|---|"]
+  lines = ["| D | policy | matmul | ms | TFLOP/s | vs ideal % | tile visits per (m, l) |",
+           "|---|---|---|---|---|---|---|"]
   for r in out["rows"]:
     base = ideal.get((r["D"], r["matmul"]))
     vs = f"{100 * (r['ms'] / base - 1):+.1f}" if base else "n/a"

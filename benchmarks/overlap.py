@@ -135,7 +135,8 @@ def run(args) -> dict:
           both_s, _ = timed(programs[path, mech, "both"], jnp.zeros_like(b["slots"]), src, expert_j, slot_j,
                             b["params"], b["x"], repeats=reps, donate_first=True)
         except Exception as e:  # a mechanism that does not lower here is recorded, the others still run
-          attempts.append(dict(path=path, mechanism=mech, moves_per_layer=moves, error=f"{type(e).__name__}: {e}"[:400]))
+          attempts.append(dict(path=path, mechanism=mech, moves_per_layer=moves,
+                               error=f"{type(e).__name__}: {e}"[:400]))
           print(f"{path}/{mech} moves={moves}: FAILED {attempts[-1]['error'][:200]}", flush=True)
           continue
         attempts.append(dict(path=path, mechanism=mech, moves_per_layer=moves, isolated_ms=1e3 * fetch_s,
@@ -194,7 +195,8 @@ def print_table(result: dict) -> None:
   m = result["meta"]
   print(f"\n{m['device']} ({m['card']}), JAX {m['jax']}, compute {m['compute_ms']:.3f} ms "
         f"({m['compute_tflops']:.0f} TFLOP/s), shapes {m['shapes']}")
-  print("| path | mechanism | moves / layer | tokens | isolated ms | both ms | exposed ms / expert-layer | hidden | GB/s |")
+  print("| path | mechanism | moves / layer | tokens | isolated ms | both ms | exposed ms / expert-layer | hidden "
+        "| GB/s |")
   print("|---|---|---|---|---|---|---|---|---|")
   for r in result["rows"]:
     print(f"| {r['path']} | {r['mechanism']} | {r['moves_per_layer']} | {r['tokens']} | {r['isolated_ms']:.3f} | "

@@ -7,8 +7,9 @@ Model of one optimizer step (M micro-steps x L MoE layers), per policy:
 t_pair = forward+backward FLOPs of one (token, expert) pair / the measured grouped-GEMM rate; C = the
 policy's padded capacity (rows per source-destination pair; each micro-step has its own, C is their
 mean), so D*C rows arrive at every device and the all-to-alls, sorts and gathers scale with it;
-t_expert_move = the measured time to ppermute one 9.4 MB expert; moved rows = the rows the exchange ships (measured runs: the remote base moves and filled
-slots; projection: the all_to_all exchange's K rows to every peer, see shipped_rows).
+t_expert_move = the measured time to ppermute one 9.4 MB expert; moved rows = the rows the exchange ships
+(measured runs: the remote base moves and filled slots; projection: the all_to_all exchange's K rows to
+every peer, see shipped_rows).
 Calibration (per measured EP size): other(D) and beta(D) solve two policies on the same real routes
 with different capacities (static, eplb_step; eplb_step's base moves are charged by the transfer
 term); the other policies are predictions: their error is the validation. (`ideal` is not used: its
@@ -45,6 +46,7 @@ from moe_step import E, K, map_routes_64_to_128  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CALIBRATE = ("static", "eplb_step")
+SETTINGS = ("ep", "tokens", "micro_steps", "layers", "a2a_gbs", "ib_gbs")  # the projection's arguments in its report
 
 
 def pair_s(hidden, expert_hidden, tflops):
@@ -91,7 +93,8 @@ def calibrate(moe: dict, transfer: dict):
       if name == "live":
         pred += p["planner_ms"]
       rows.append(dict(D=d, policy=name, measured_ms=p["step_ms"], predicted_ms=pred,
-                       error_pct=100 * (pred / p["step_ms"] - 1), role="calibration" if name in CALIBRATE else "validation"))
+                       error_pct=100 * (pred / p["step_ms"] - 1),
+                       role="calibration" if name in CALIBRATE else "validation"))
   return fits, rows
 
 
@@ -225,13 +228,15 @@ def plot(rows, measured, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-  for ax, key, title in ((axes[0], "vs_static", "speed-up over static"), (axes[1], "vs_eplb_step", "speed-up over eplb_step")):
-    for policy, style in (("foremoe", "o-"), ("eplb_step", "s--"), ("eplb_history", "^--"), ("live", "x:"), ("ideal", "k-")):
+  panels = ((axes[0], "vs_static", "speed-up over static"), (axes[1], "vs_eplb_step", "speed-up over eplb_step"))
+  for ax, key, title in panels:
+    styles = (("foremoe", "o-"), ("eplb_step", "s--"), ("eplb_history", "^--"), ("live", "x:"), ("ideal", "k-"))
+    for policy, style in styles:
       for src, fill in ((measured, "measured"), (rows, "projected")):
         pts = sorted((r["D"], r[key]) for r in src if r["policy"] == policy)
         if pts:
-          ax.plot(*zip(*pts), style, alpha=1.0 if fill == "projected" else 0.5, mfc="none" if fill == "measured" else None,
-                  label=f"{policy} ({fill})")
+          ax.plot(*zip(*pts), style, alpha=1.0 if fill == "projected" else 0.5,
+                  mfc="none" if fill == "measured" else None, label=f"{policy} ({fill})")
       if policy in ("foremoe", "eplb_step", "ideal"):  # the bytes-exact projection, lighter
         pts = sorted((r["D"], r[f"exact_{key}"]) for r in rows if r["policy"] == policy)
         ax.plot(*zip(*pts), style, alpha=0.35, lw=3, label=f"{policy} (projected, bytes-exact)")
@@ -264,7 +269,8 @@ def main():
   print(f"MEASURED (GPU runs) vs MODEL: calibration on {'+'.join(CALIBRATE)}, the rest are predictions")
   print("| D | policy | measured ms | predicted ms | error % | role |\n|---|---|---|---|---|---|")
   for r in validation:
-    print(f"| {r['D']} | {r['policy']} | {r['measured_ms']:.1f} | {r['predicted_ms']:.1f} | {r['error_pct']:+.1f} | {r['role']} |")
+    print(f"| {r['D']} | {r['policy']} | {r['measured_ms']:.1f} | {r['predicted_ms']:.1f} | "
+          f"{r['error_pct']:+.1f} | {r['role']} |")
   errs = [abs(r["error_pct"]) for r in validation if r["role"] == "validation" and r["policy"] != "live"]
   print(f"validation (planned-ahead policies and ideals; live's programs are not modelled): mean |error| "
         f"{np.mean(errs):.1f}%, max {np.max(errs):.1f}% over {len(errs)} predictions")
@@ -292,7 +298,8 @@ def projection_table(rows) -> str:
       f" / {r['exact_imbalance']:.4f}" if abs(r.get("exact_imbalance", r["imbalance"]) - r["imbalance"]) > 1e-9 else "")
   lines += [f"| {r['D']} | {r['policy']} | {imbalance(r)} | {r['step_ms']:.0f} | {r['vs_static']:.3f} | "
             f"{r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.1f} | {r['exact_ms']:.0f} | {r['exact_vs_static']:.3f} | "
-            f"{r['exact_vs_eplb_step']:.3f} | {r['exact_to_ideal_pct']:+.1f} | {r['capacity']:.0f} | {r['planner_ms']:.0f} |"
+            f"{r['exact_vs_eplb_step']:.3f} | {r['exact_to_ideal_pct']:+.1f} | {r['capacity']:.0f} | "
+            f"{r['planner_ms']:.0f} |"
             for r in rows]
   return "\n".join(lines)
 
@@ -316,7 +323,7 @@ def markdown(doc: dict, errs: list[float]) -> str:
             f"({len(errs)} predictions). `live` is not modelled beyond its planning and transfers: its separate",
             "per-micro-step programs with a host sync between them dominate it.", "",
             "## Projection (cost model only, NOT measured)", "",
-            f"Settings: `{json.dumps({k: doc['args'][k] for k in ('ep', 'tokens', 'micro_steps', 'layers', 'a2a_gbs', 'ib_gbs')})}`;",
+            f"Settings: `{json.dumps({k: doc['args'][k] for k in SETTINGS})}`;",
             "all-to-all at the measured rate up to 8 GPUs and the assumed `ib_gbs` beyond. Two exchanges:",
             "**padded** is what JAX runs today (token all-to-all padded to each micro-step's capacity, moved experts",
             "sent by the `all_to_all` exchange: K rows to every peer in every layer); **bytes-exact** charges",

@@ -134,8 +134,8 @@ def format_summary(summary: dict) -> str:
   lines += [f"  longest {ms:9.3f} ms  {name} {args[:150]}" for ms, name, args in summary.get("longest_events", [])]
   lines += [f"{g['device']} programs: " + ", ".join(f"{p} {ms:.1f}" for p, ms in g.get("by_program_ms", {}).items())
             for g in summary.get("by_gpu", [])]
-  lines += [f"{g['device']}: busy {g['busy_ms']:.1f} ms; " + ", ".join(f"{c} {ms:.1f}" for c, ms in g["by_class_ms"].items())
-            for g in summary.get("by_gpu", [])[1:]]
+  lines += [f"{g['device']}: busy {g['busy_ms']:.1f} ms; "
+            + ", ".join(f"{c} {ms:.1f}" for c, ms in g["by_class_ms"].items()) for g in summary.get("by_gpu", [])[1:]]
   return "\n".join(lines)
 
 

@@ -274,14 +274,16 @@ def main():
         result[part] = fn()
       except Exception as err:  # keep the other parts' numbers
         result[part] = {"error": repr(err)[:500]}
-      print(f"D={num_devices} {part}: {time.perf_counter() - start:.1f} s  {json.dumps(result[part])[:400]}", flush=True)
+      print(f"D={num_devices} {part}: {time.perf_counter() - start:.1f} s  {json.dumps(result[part])[:400]}",
+            flush=True)
       save(args, result)
     results.append(result)
   for r in results:
     lk = r["links"]
     if "error" not in lk:
-      print(f"D={r['D']} expert {lk['expert']['mbytes']:.1f} MB ppermute {lk['expert']['ms']:.3f} ms ({lk['expert']['gbytes_per_s']:.0f} GB/s); "
-            f"{args.big_mb} MB ppermute {lk['big']['gbytes_per_s']:.0f} GB/s; all_to_all {lk['all_to_all']['gbytes_per_s']:.0f} GB/s")
+      print(f"D={r['D']} expert {lk['expert']['mbytes']:.1f} MB ppermute {lk['expert']['ms']:.3f} ms "
+            f"({lk['expert']['gbytes_per_s']:.0f} GB/s); {args.big_mb} MB ppermute "
+            f"{lk['big']['gbytes_per_s']:.0f} GB/s; all_to_all {lk['all_to_all']['gbytes_per_s']:.0f} GB/s")
     if "error" not in r["exchanges"]:
       print(f"D={r['D']} n experts to every peer: " + ", ".join(
           f"{k} {v['ms']:.3f} ms" if "ms" in v else f"{k} failed" for k, v in r["exchanges"].items()))

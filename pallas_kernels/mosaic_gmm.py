@@ -170,7 +170,8 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
                   plgpu.BlockSpec(rhs_spec_shape, rhs_index(ni), delay_release=1),
               ],
               max_concurrent_steps=c.max_concurrent_steps,
-          )(lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, tiling.ALIGN), c.block_m)], rhs_gmem.at[jnp.minimum(group, g - 1)])
+          )(lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, tiling.ALIGN), c.block_m)],
+            rhs_gmem.at[jnp.minimum(group, g - 1)])
         return acc_ref[...]
 
       acc = pl.run_scoped(acc_scope, plgpu.ACC((c.block_m, cta_n)))
@@ -249,8 +250,8 @@ def gmm(lhs_MxK, rhs, group_sizes_G, *, transpose_rhs=False, out_dtype=None,
           gi = jnp.minimum(group, g - 1)
           rhs_cta = rhs_gmem.at[gi].at[pl.ds(ni * cta_n, cta_n)] if transpose_rhs else \
               rhs_gmem.at[gi].at[:, pl.ds(ni * cta_n, cta_n)]
-          pipeline(mma, compute_context)(lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, tiling.ALIGN), c.block_m)], rhs_cta,
-                                         allocations=allocs)
+          lhs_tile = lhs_gmem.at[pl.ds(pl.multiple_of(tile_row0, tiling.ALIGN), c.block_m)]
+          pipeline(mma, compute_context)(lhs_tile, rhs_cta, allocations=allocs)
 
         @pl.when((group == g) & (size > 0) & (wg < c.num_compute_wgs))
         def _():

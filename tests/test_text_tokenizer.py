@@ -11,7 +11,8 @@ tokenizers = pytest.importorskip("tokenizers")
 from foremoe_jax.text import tokenizer as T  # noqa: E402
 
 TEXTS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
-         "The answer is $\\frac{3}{4}$, i.e. \\boxed{0.75}.", "  two  spaces\nnew line\ttab", "日本語のテキスト 😀 café",
+         "The answer is $\\frac{3}{4}$, i.e. \\boxed{0.75}.", "  two  spaces\nnew line\ttab",
+         "日本語のテキスト 😀 café",
          "<|im_start|>user\nhi"]  # special tokens parsed; EOS would end the decode
 
 

@@ -45,7 +45,8 @@ def test_summary_per_program_and_op(tmp_path):
   s = trace_summary.summarize(tmp_path)
   assert s["by_gpu"][0]["by_program_ms"] == {"jit__micro_fn": 4.0, "jit__finish_fn": 0.5, "?": 0.25}
   assert s["by_gpu"][1]["by_program_ms"] == {"jit__micro_fn": 2.0}
-  assert s["top_ops_ms"] == [("jit__micro_fn/all-to-all.2 [MemcpyP2P]", 4.0), ("jit__finish_fn/add.3 [loop_add_fusion]", 0.5)]
+  assert s["top_ops_ms"] == [("jit__micro_fn/all-to-all.2 [MemcpyP2P]", 4.0),
+                             ("jit__finish_fn/add.3 [loop_add_fusion]", 0.5)]
   assert s["program_top_ops_ms"] == {"jit__micro_fn": [("all-to-all.2 [MemcpyP2P]", 4.0)],
                                      "jit__finish_fn": [("add.3 [loop_add_fusion]", 0.5)]}
   text = trace_summary.format_summary(s)

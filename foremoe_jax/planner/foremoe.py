@@ -341,7 +341,8 @@ def plan_foremoe(counts_MxLxDxE: np.ndarray, cfg: PlanConfig, eplb_base_LxDxS: n
     step_s_NxL.append(time_cxB.min(0).reshape(num_micro, num_layers).sum(0)
                       + remote_base_slots(bases[b], cfg) * cfg.cost.base_move_s)
   choice_L = choose_bases(np.stack(step_s_NxL), np.stack(need_NxMxL), cfg)
-  choice_B = np.stack(choice_NxB).reshape(len(bases), num_micro, num_layers)[choice_L, :, np.arange(num_layers)].T.ravel()
+  choice_NxMxL = np.stack(choice_NxB).reshape(len(bases), num_micro, num_layers)
+  choice_B = choice_NxMxL[choice_L, :, np.arange(num_layers)].T.ravel()
   slot_expert = se_CxBxDxS[choice_B, rows]
   base = np.stack(bases)[choice_L, np.arange(num_layers)]
   counts_BxDxE = counts_MxLxDxE.reshape(batch, num_devices, num_experts)
