@@ -18,7 +18,8 @@ routes do. `ideal_round_robin` drops pi_l: each token's 8 experts are consecutiv
 
 Policies: static, eplb_history, eplb_step, foremoe (planned ahead, host planning not timed; each refill
 right before its micro-step, the executor's default), foremoe_prefetch (the same plan, each refill inside
-the previous micro-step's program: what overlap is worth), and live (no foresight: before each micro-step the host waits for the device, plans that
+the previous micro-step's program: what overlap is worth), and live (no foresight: before each micro-step the
+host waits for the device, plans that
 micro-step alone with eplb_microstep, builds its tables, moves home -> placement, computes and sends the
 gradients home; all of it timed). Every policy runs as the library runs it: `prepare_step`'s tables and
 each micro-step's padded capacity, its exact need per (source, destination) bucketed
@@ -337,7 +338,8 @@ def table(result: dict) -> str:
            "static excess removed % | planner ms |", "|---|---|---|---|---|---|---|---|---|"]
   for r in summary_rows(result):
     lines.append(f"| {r['policy']} | {r['step_ms']:.2f} | {r['imbalance']:.4f} | {r['capacity']:.0f} | "
-                 f"{r['vs_static']:.3f} | {r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.2f} | {r['excess_removed_pct']:.1f} | "
+                 f"{r['vs_static']:.3f} | {r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.2f} | "
+                 f"{r['excess_removed_pct']:.1f} | "
                  f"{r['planner_ms']:.2f} |")
   return head + "\n".join(lines)
 

@@ -5,4 +5,5 @@ set -euo pipefail
 # of independent ppermute rounds can deadlock.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+ruff check --quiet "$(dirname "$0")/.."  # lint first: seconds, before minutes of tests
 exec python3 -m pytest -q -x --durations=15 "$@"

@@ -125,7 +125,8 @@ def count_calls(monkeypatch, *names):
   calls = []
   for name in names:
     fn = getattr(executor_module, name)
-    monkeypatch.setattr(executor_module, name, lambda *a, _fn=fn, _name=name, **k: (calls.append(_name), _fn(*a, **k))[1])
+    monkeypatch.setattr(executor_module, name,
+                        lambda *a, _fn=fn, _name=name, **k: (calls.append(_name), _fn(*a, **k))[1])
   return calls
 
 
