@@ -75,7 +75,7 @@ def plan_step(counts, cfg: PlanConfig, history=None) -> Plan:
   if policy == "eplb_history" and history is None:
     policy = "static"
   if cfg.num_devices == 1:  # one device holds every token: any placement is the home layout's load, and
-    policy = "static"       # planning it anyway took the GIL from the RL step's dispatch (+12% on one H100)
+    policy = "static"       # planning it anyway took the GIL from the RL step's dispatch (BENCHMARKS.md, RL step)
   if policy == "static":
     return _plan(counts, np.broadcast_to(home_LxDxS, (num_micro, *home_LxDxS.shape)), home_LxDxS, cfg)
   if policy == "eplb_step":
