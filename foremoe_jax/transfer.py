@@ -4,9 +4,9 @@ Home weights are `[E, ...]` sharded over "expert" (device d holds experts d*E/D 
 The working layout is `[D*S, ...]` sharded over "expert": slot j of device d holds expert
 `slot_expert[d*S + j]`. Everything is differentiable (the transpose of the all-gather is a reduce-scatter,
 that of a `ppermute` the reverse `ppermute`, that of an `all_to_all` the reverse `all_to_all`). The executor
-maps gradients back with `apply_moves_transpose`,
-written out so that it touches only the moved rows: autodiff of a row copy materializes gradients of the
-whole array (a scatter-add of whole experts into zeros, then a full add), which cost more than the moves.
+maps gradients back with `apply_moves_transpose`, written out so that it touches only the moved rows:
+autodiff of a row copy materializes gradients of the whole array (a scatter-add of whole experts into
+zeros, then a full add), which cost more than the moves.
 """
 from typing import NamedTuple
 
