@@ -7,9 +7,9 @@ counts, the plans and the replayed routes all see the trace's routing. Fixed rul
 
 - layers: model MoE layer l replays trace layer l mod L_t.
 - experts, E_t trace experts onto E model experts: if E_t > E they fold, trace expert e becomes e mod E
-  and the gate weights of experts that fold together add up; if E_t <= E they are replicated in turn,
-  trace expert e's tokens go to its replicas e, e + E_t, e + 2 E_t, ... (< E) by the token's index in the
-  stream, so each replica gets an equal share of e's load and the skew is kept.
+  and the gate weights of experts that fold together add up; if E_t <= E they are replicated in turn:
+  the i-th route to trace expert e in a layer's stream goes to replica i mod R_e of e, e + E_t, e + 2 E_t,
+  ... (< E), so its R_e replicas share e's load equally and the skew is kept.
 - top-k: the k distinct experts of highest (summed) weight, in that order. Where fewer than k remain
   (folding merged some, or k > k_t) the experts after the first choice, cyclically, fill in: a token
   never repeats an expert, and fillers spread over experts instead of making one hot.
@@ -33,9 +33,22 @@ from foremoe_jax.planner import traces
 log = logging.getLogger(__name__)
 
 
+def occurrence(ids_SxLxK) -> np.ndarray:
+  """int64 [S, L, k]: how many earlier routes of the same layer (token-major) chose the same expert."""
+  s, l, k = ids_SxLxK.shape
+  flat_LxN = np.asarray(ids_SxLxK).transpose(1, 0, 2).reshape(l, s * k)
+  order_LxN = np.argsort(flat_LxN, axis=1, kind="stable")
+  sorted_LxN = np.take_along_axis(flat_LxN, order_LxN, 1)
+  pos_N = np.arange(s * k)
+  new_LxN = np.concatenate([np.ones((l, 1), bool), sorted_LxN[:, 1:] != sorted_LxN[:, :-1]], 1)
+  rank_LxN = np.empty((l, s * k), np.int64)
+  np.put_along_axis(rank_LxN, order_LxN, pos_N - np.maximum.accumulate(np.where(new_LxN, pos_N, 0), 1), 1)
+  return rank_LxN.reshape(l, s, k).transpose(1, 0, 2)
+
+
 def map_experts(ids_SxLxK, weights_SxLxK, trace_experts: int, num_experts: int, top_k: int) -> np.ndarray:
   """int32 [S, L, top_k]: each stream token's trace top-k_t as this model's top-k (rules above)."""
-  ids = np.asarray(ids_SxLxK).astype(np.int64)
+  ids = np.asarray(ids_SxLxK).astype(np.int32)
   weights = np.asarray(weights_SxLxK, np.float32)
   if ids.ndim != 3 or weights.shape != ids.shape:
     raise ValueError(f"trace ids and weights must both be [S, L, k], got {ids.shape} and {weights.shape}")
@@ -45,12 +58,12 @@ def map_experts(ids_SxLxK, weights_SxLxK, trace_experts: int, num_experts: int, 
     raise ValueError("trace gate weights must be finite and >= 0")
   if not 1 <= top_k <= num_experts:
     raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
-  s, _, k_t = ids.shape
+  k_t = ids.shape[-1]
   if trace_experts > num_experts:
     mapped = ids % num_experts
   else:
     replicas = -(-(num_experts - ids) // trace_experts)  # of expert e: e + i * E_t < E
-    mapped = ids + trace_experts * (np.arange(s)[:, None, None] % replicas)
+    mapped = ids + trace_experts * (occurrence(ids) % replicas)
   # A duplicate keeps no weight of its own: its weight moves to the first copy.
   same = mapped[..., :, None] == mapped[..., None, :]  # [S, L, k_t, k_t]
   first = ~np.tril(same, -1).any(-1)
