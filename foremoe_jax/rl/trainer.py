@@ -81,6 +81,7 @@ class GRPOTrainer:
       self.reference.params = jax.tree.map(jnp.copy, self.reference.params)
     self.ckpt = Checkpointer(os.path.join(run_dir, "rl_ckpt"))
     self.history = None
+    self.route_hook = None  # fn(host Rollout) -> Rollout, applied after the rollout: benchmarks' trace routes
     self.capacities = set()  # the padded capacities met so far: each compiled its programs once
 
   # --- checkpoints ---------------------------------------------------------------------------------
@@ -135,6 +136,7 @@ class GRPOTrainer:
                    top_p=rl.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
     roll = distributed.to_host(roll._replace(logprobs=None))  # multi-process: one gather, routes included
     times["rollout"] = time.perf_counter() - tic
+    roll = roll if self.route_hook is None else self.route_hook(roll)
 
     tic = time.perf_counter()
     packed = build_step_batches(roll.tokens, roll.routes, roll.completion_mask, roll.lengths,
