@@ -161,8 +161,9 @@ def _layer_experts(model) -> list:
   return pairs
 
 
-def step_tables(cfg, mesh, ep: int, rows: int, seq_len: int, micro_steps: int, seed: int = 0):
-  """StepTables of one step of skewed (log-normal expert popularity) routed counts: the "static" plan at
+def step_tables(cfg, mesh, ep: int, rows: int, seq_len: int, micro_steps: int, skew: float, seed: int = 0):
+  """StepTables of one step of skewed routed counts (expert popularity log-normal with sigma `skew`, drawn
+  per micro-step and layer): the "static" plan at
   EP 1 (the plain step), "foremoe" beyond, whose base leaves home and whose micro-steps leave the base
   (base and working slots both in memory: the larger layout). Capacities as the executor sizes them
   (each micro-step's need, bucketed)."""
@@ -171,7 +172,7 @@ def step_tables(cfg, mesh, ep: int, rows: int, seq_len: int, micro_steps: int, s
   m = cfg.model
   e, num_moe = m.num_experts, len(m.moe_layer_ids)
   rng = np.random.default_rng(seed)
-  popularity = rng.lognormal(0.0, 1.0, (micro_steps, num_moe, 1, e))
+  popularity = rng.lognormal(0.0, skew, (micro_steps, num_moe, 1, e))
   popularity = np.broadcast_to(popularity / popularity.sum(-1, keepdims=True), (micro_steps, num_moe, ep, e))
   counts = rng.multinomial(rows * seq_len * m.top_k, popularity.reshape(-1, e)).reshape(popularity.shape)
   # A slow matmul makes every move pay, whatever the shapes: the plan leaves home and the base.
@@ -182,7 +183,8 @@ def step_tables(cfg, mesh, ep: int, rows: int, seq_len: int, micro_steps: int, s
   step = prepare_step(plan_step(counts, plan_cfg), counts, e, mesh=mesh)
   want = PLAIN if ep == 1 else (False, True)
   if Executor.layout(step) != want:
-    raise RuntimeError(f"EP {ep}: the synthetic plan's layout is {Executor.layout(step)}, expected {want}")
+    raise RuntimeError(f"EP {ep}: the synthetic plan's layout is {Executor.layout(step)}, expected {want}; "
+                       "a larger --skew makes moves pay")
   return step
 
 
@@ -238,14 +240,14 @@ def compiled_program(executor, step, batch, name: str, state_bytes: dict) -> dic
   return {"memory": stats, "argument_parts": used, "peak": peak, "seconds": time.perf_counter() - tic}
 
 
-def measure(cfg, ep: int, rows: int, seq_len: int, programs, micro_steps: int = 3) -> dict:
+def measure(cfg, ep: int, rows: int, seq_len: int, programs, skew: float, micro_steps: int = 3) -> dict:
   """Analytic and compiled numbers of one EP size."""
   import jax
 
   from foremoe_jax.rl.optim import rl_optimizer
   from foremoe_jax.rl.trainer import grpo_objective
   mesh = expert_mesh(ep)
-  step = step_tables(cfg, mesh, ep, rows, seq_len, micro_steps)
+  step = step_tables(cfg, mesh, ep, rows, seq_len, micro_steps, skew)
   tables = (step.tables_M[1], step.fill_moves_M[1], step.refill_moves_M[1], step.base_moves, step.refill_moves_M[0])
   result = {"ep": ep, "slots_per_device": cfg.model.slots_per_device, "capacity": step.capacity_M[1],
             "layout": "plain" if ep == 1 else "base + working slots",
@@ -302,14 +304,15 @@ def print_tables(out: dict, unit: str = "GiB") -> None:
         f"{out['shapes']['seq_len']} tokens per device, remat {out['shapes']['remat']}, scan_layers "
         f"{out['shapes']['scan_layers']}; {unit} per device; HBM {out['hbm_gb']} GB")
   print(f"| EP | slots / device | params / device | weights | Adam ({adam}) | grad acc. f32 | base + working slots | "
-        "batch | tables | activations (est.) | total | fits |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "batch | tables | state | activations (est.) | total | fits |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in out["results"]:
     a = r["analytic"]
     p = a["parts"]
     fits = "yes" if a["peak"] <= out["hbm_gb"] * 1e9 else "no"
     print(f"| {r['ep']} | {r['slots_per_device']} | {a['params_per_device'] / 1e9:.3f}B | {gib(p['weights'])} | "
           f"{gib(p['adam'])} | {gib(p['acc'])} | {gib(p['slots'])} | {gib(p['batch'])} | {gib(p['tables'])} | "
+          f"{gib(sum(p.values()))} | "
           f"{gib(max(a['activations']['train'], a['activations']['forward']))} | **{gib(a['peak'])}** | {fits} |")
   if not any(r["programs"] for r in out["results"]):
     return
@@ -341,11 +344,12 @@ def run(args) -> dict:
          "flax": flax.__version__, "date": datetime.date.today().isoformat(),
          "command": "python " + " ".join(sys.argv), "programs": args.programs,
          "shapes": {"model": dataclasses.asdict(m), "rows": rows, "seq_len": seq_len, "remat": m.remat,
-                    "scan_layers": m.scan_layers, "adam_dtype": base.rl.adam_dtype},
+                    "scan_layers": m.scan_layers, "adam_dtype": base.rl.adam_dtype,
+                    "skew": args.skew},
          "note": ("compiled numbers are per device; temp sizes are the " + jax.default_backend() + " backend's"),
          "results": []}
   for ep in args.ep:
-    result = measure(ep_config(args.preset, ep, args.set), ep, rows, seq_len, args.programs)
+    result = measure(ep_config(args.preset, ep, args.set), ep, rows, seq_len, args.programs, args.skew)
     result["checks"] = checks(result)
     out["results"].append(result)
     if args.out:
@@ -363,6 +367,8 @@ def main(argv=None):
   ap.add_argument("--programs", nargs="*", default=list(PROGRAMS), choices=PROGRAMS,
                   help="executor programs to compile (none: the analytic table only)")
   ap.add_argument("--hbm-gb", type=float, default=80.0, help="the card's HBM in GB (H100 80, H200 141)")
+  ap.add_argument("--skew", type=float, default=1.0,
+                  help="sigma of the log-normal expert popularity of the synthetic routes (sets the capacities)")
   ap.add_argument("--unit", default="GiB", choices=tuple(UNITS))
   ap.add_argument("--out", default=None, help="JSON to write")
   args = ap.parse_args(argv)
