@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from foremoe_jax.opt_state import init_sharded
 from foremoe_jax.placement import Tables, plan_tables
 from foremoe_jax.planner.pairs import micro_capacities
 from foremoe_jax.transfer import (MoveTables, apply_moves, apply_moves_transpose, check_exchange, fill_moves,
@@ -242,7 +243,7 @@ class Executor:
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.tx, self.loss_fn, self.mesh, self.prefetch, self.exchange = tx, loss_fn, mesh, prefetch, exchange
     self.fused = fused
-    self.opt_state = replicate_unsharded(jax.jit(tx.init)(self.params), mesh)
+    self.opt_state = init_sharded(tx, self.params, mesh)  # moments sharded as their parameters
     layer = model.moe_layers()[0]
     self.slots_per_device, self.home_rows = layer.slots, layer.cfg.num_experts // layer.num_devices
     self.num_slots = layer.slots * layer.num_devices
