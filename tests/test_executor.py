@@ -149,7 +149,9 @@ def test_new_plans_do_not_recompile(step_inputs):
   steps = [prepare_step(p, counts, E, capacity=64, base_capacity=2) for p in plans]
   assert jax.tree.map(np.shape, steps[0].base_moves) == jax.tree.map(np.shape, steps[1].base_moves)
   assert Executor.layout(steps[0]) == Executor.layout(steps[1]) == (False, True)
-  assert (steps[0].refill_M == steps[1].refill_M).all() and (steps[0].fill_M == steps[1].fill_M).all()
+  for flags in ("refill_M", "fill_M", "flush_M"):
+    assert (getattr(steps[0], flags) == getattr(steps[1], flags)).all()
+  assert jax.tree.map(np.shape, steps[0].flush_moves_M) == jax.tree.map(np.shape, steps[1].flush_moves_M)
   assert any((a.slot_expert_G != b.slot_expert_G).any() for a, b in zip(steps[0].tables_M, steps[1].tables_M))
   initial = jax.tree.map(jnp.copy, (executor.params, executor.opt_state))
   try:  # the shared executor gets its parameters back even when the assertion fails
