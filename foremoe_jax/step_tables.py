@@ -151,3 +151,17 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
                     _any_M(refills), _any_M(fills), _any_M(flushes), capacity_M, _total(fills), _total(refills),
                     _total(flushes), np.array([not m for m in base_list]))
   return step if mesh is None else step.place(mesh)
+
+
+def gradient_rows(plan, num_experts: int) -> dict:
+  """Host count of the expert-gradient rows a step sends back to its base (one row = one expert of one
+  layer): "per_micro_step", every slot off the base after every micro-step (the schedule before
+  deferred gradients); "per_tenure", once per tenure (this executor's flushes); "_remote": those whose
+  base row is on another device (the rest are local copies)."""
+  num_micro, num_layers = plan.slot_expert.shape[:2]
+  fills = [[fill_moves(plan.slot_expert[m, l], plan.base[l]) for l in range(num_layers)] for m in range(num_micro)]
+  rows = {}
+  for name, moves_MxL in (("per_micro_step", fills), ("per_tenure", flush_moves(fills))):
+    moves = [mv for row in moves_MxL for f in row for mv in f]
+    rows[name], rows[f"{name}_remote"] = len(moves), sum(mv[0] != mv[2] for mv in moves)
+  return rows
