@@ -252,7 +252,7 @@ class Executor:
       # Layer by layer (each waits only for its own gradients, so XLA may overlap its flush with the
       # backward of the layers before it): the fill's slots' gradients wait in `held`, the rest are
       # the base rows' own; the tenures that end here go back to their base rows.
-      grad_base, held = list(grad_base), list(held)
+      grad_base, held = list(grad_base), (list(held) if layout[1] else ())
       for l, g in enumerate(grad_slots):
         if filled:
           g, held[l] = hold_rows(g, held[l], index(fill, l), self.mesh)
