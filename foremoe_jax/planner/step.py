@@ -111,7 +111,7 @@ def plan_step(counts, cfg: PlanConfig, history=None) -> Plan:
   step_plan = _plan(counts, np.broadcast_to(step_base, (num_micro, *step_base.shape)), step_base, cfg)
   no_moves = np.zeros((num_micro, num_layers), np.int64)
   step_level_s = foremoe.estimated_step_s(step_plan.slot_load, step_plan.pair_need, no_moves, step_base, cfg)
-  moves = (slot_expert != base[None]).sum(-1).max(-1)
+  moves = foremoe.new_tenures(slot_expert, base)
 
   def slower(busiest_B, need_B):
     """Whether our plan is estimated slower with these per-(m, l) busiest-device loads and pair needs."""
