@@ -159,16 +159,16 @@ class MoE(nnx.Module):
     gate_NxK = jnp.take_along_axis(probs_NxE, topk_NxK, axis=1)
     if cfg.norm_topk_prob:
       gate_NxK = gate_NxK / gate_NxK.sum(axis=1, keepdims=True)
-    expert_P = topk_NxK.reshape(-1)
-    if masked:  # expert id e: a pair routed nowhere (`route` puts it after every real pair)
-      valid_N = token_mask.reshape(b * t)
-      expert_P = jnp.where(jnp.repeat(valid_N, k), expert_P, e)
 
     if w_gate_up_work is None:
       w_gate_up_work = working_slots_local(w_gate_up_home, slot_expert_G, self.slots)
       w_down_work = working_slots_local(w_down_home, slot_expert_G, self.slots)
     expert_fn = functools.partial(swiglu_experts, w_gate_up_SxHx2F=w_gate_up_work, w_down_SxFxH=w_down_work,
                                   axes=axes, dtype=cfg.dtype, backend=cfg.gmm_backend)
+    expert_P = topk_NxK.reshape(-1)
+    if masked:  # expert id e: a pair routed nowhere (`route` puts it after every real pair)
+      valid_N = token_mask.reshape(b * t)
+      expert_P = jnp.where(jnp.repeat(valid_N, k), expert_P, e)
     me = jax.lax.axis_index(AXIS)
     routing = route(expert_P, slot_expert_G, share_DxG[me], e, masked=masked)
     if mode == "padded":

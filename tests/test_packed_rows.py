@@ -68,10 +68,10 @@ def rel_err(a, b):
   return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_packed_rows_equal_one_sequence_per_row(scan_layers):
+@pytest.mark.parametrize("scan_layers,remat", [(False, "none"), (True, "block")])
+def test_packed_rows_equal_one_sequence_per_row(scan_layers, remat):
   rng = np.random.default_rng(0)
-  cfg = ModelConfig(**{**CFG.__dict__, "scan_layers": scan_layers})
+  cfg = ModelConfig(**{**CFG.__dict__, "scan_layers": scan_layers, "remat": remat})
   model = Model(cfg, mesh=make_mesh(1, D), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   tables = replicated_tables(rng)
