@@ -25,10 +25,10 @@ def qwen3_model(num_layers: int, expert_devices: int, max_seq_len: int) -> Model
 
 def qwen3_rl(adam_dtype: str, max_new_tokens: int = 8192) -> RLConfig:
   """GRPO over 32 prompts x 8 samples, responses up to 8K tokens; micro-steps of <= 16K real tokens per
-  device packed into 2 rows of 512 + 8K positions (one sequence per row took 4 rows, twice the positions,
-  for the same budget), 4 optimizer steps per rollout; 2 capacity buckets per octave (few compiles)."""
+  device packed into 4 rows of the rollout's width (the budget binds, not the sequence count; padding
+  is routed to no expert), 4 optimizer steps per rollout; 2 capacity buckets per octave (few compiles)."""
   return RLConfig(steps=100, prompts_per_step=32, group_size=8, max_new_tokens=max_new_tokens, lr=1e-6,
-                  rows_per_shard=2, tokens_per_shard=16384, pack_sequences=True, num_minibatches=4,
+                  rows_per_shard=4, tokens_per_shard=16384, pack_sequences=True, num_minibatches=4,
                   capacity_buckets=2, adam_dtype=adam_dtype)
 
 
