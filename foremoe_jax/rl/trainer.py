@@ -45,8 +45,9 @@ STAGES = ("rollout", "plan_wait", "recompute", "update")
 
 def grpo_objective(model, batch, *, tables, working, capacity, clip_eps: float, kl_coef: float):
   """The executor's loss: clipped GRPO over this micro-batch, normalized by its mini-batch's tokens."""
-  out = model(batch["tokens"], tables, batch["replay"], capacity=capacity, working=working)
-  logp_BxT = token_logprobs(out.logits, batch["tokens"])
+  out = model(batch["tokens"], tables, batch["replay"], capacity=capacity, working=working,
+              segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))  # packed rows: both set
+  logp_BxT = token_logprobs(out.logits, batch["tokens"], batch.get("segment_ids"))
   loss, metrics = grpo_loss(logp_BxT, batch["logp_old"], batch["adv"], batch["mask"], clip_eps=clip_eps,
                             kl_coef=kl_coef, logp_ref_BxT=batch.get("logp_ref"),
                             num_tokens_total=batch["num_tokens"])
@@ -143,7 +144,7 @@ class GRPOTrainer:
                                 num_shards=batch_shards(self.mesh), expert_devices=self.expert_devices,
                                 rows_per_shard=rl.rows_per_shard, tokens_per_shard=rl.tokens_per_shard,
                                 num_experts=self.plan_cfg.num_experts, num_minibatches=rl.num_minibatches,
-                                seed=step)
+                                seed=step, pack_sequences=rl.pack_sequences)
     # One plan per mini-batch, in order: mini-batch i recomputes while the later ones are planned.
     planned = minibatches(packed.counts_MxLxDxE, rl.num_minibatches, self.history)
     futures = [self.planner.submit(timed_plan, c, self.plan_cfg, h) for c, h in planned]
