@@ -70,7 +70,8 @@ def main(argv=None):
   from foremoe_jax.load_monitor import plot_load
   from foremoe_jax.mesh import make_mesh
   from foremoe_jax.metrics import MetricsLogger, plot_run, write_summary
-  from foremoe_jax.rl.trainer import GRPOTrainer, summarize
+  from foremoe_jax.rl.report import summarize
+  from foremoe_jax.rl.trainer import GRPOTrainer
   from foremoe_jax.sft import evaluate, make_task, run_sft
   from pallas_kernels.backend import default_backend
 
