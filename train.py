@@ -139,7 +139,8 @@ def main(argv=None):
     print(f"exported {len(files)} files -> {args.export_to}")
   summary["seconds"] = time.perf_counter() - tic
   print(json.dumps({k: summary.get(k) for k in ("steps", "reward_first", "reward_last", "imbalance",
-                                                 "seconds_per_stage")}, indent=1))
+                                                 "seconds_per_stage", "tokens_per_s", "train_tokens_per_s",
+                                                 "plan_wait_share", "moe_flop_share")}, indent=1))
   if writer:
     print(f"summary -> {write_summary(run_dir, summary)}")
   return summary

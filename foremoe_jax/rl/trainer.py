@@ -93,7 +93,7 @@ def _key(tables, batches) -> tuple:
                                       tables.refill_moves_M))
   return (tables.capacity_M, tables.at_home, np.asarray(tables.fill_M).tobytes(),
           np.asarray(tables.refill_M).tobytes(), treedef,
-          tuple((np.shape(x), str(x.dtype), getattr(x, "sharding", None)) for x in leaves))
+          tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
 
 
 class GRPOTrainer:
@@ -127,6 +127,7 @@ class GRPOTrainer:
     self.capacities = set()  # the padded capacities met so far: each compiled its programs once
     self.compiled = set()  # (program, _key) of the groups compile_ahead compiled so far
     self.home = {}  # micro-steps -> (home plan, its placed StepTables)
+    self.zeros = {}  # (shape, sharding) -> the recompute's log-prob placeholder
 
   # --- checkpoints ---------------------------------------------------------------------------------
   def save(self, step: int, record: dict) -> None:
@@ -361,10 +362,16 @@ class GRPOTrainer:
     keys = ("logp_old",) if self.reference is None else ("logp_old", "logp_ref")
     return [{**b, **{k: make(b["mask"]) for k in keys}} for b in micro_batches]
 
+  def zeros_like_mask(self, mask):
+    """float32 zeros of the mask's shape and sharding, made once: the forward reads, never donates them."""
+    key = (mask.shape, mask.sharding)
+    if key not in self.zeros:
+      self.zeros[key] = jnp.zeros(mask.shape, jnp.float32, device=mask.sharding)
+    return self.zeros[key]
+
   def attach_logprobs(self, micro_batches: list[dict], tables) -> None:
     """Recompute: old (and reference) log-probs under replayed routes, forward only."""
-    placeholders = self.with_logprob_slots(micro_batches,
-                                           lambda mask: jnp.zeros(mask.shape, jnp.float32, device=mask.sharding))
+    placeholders = self.with_logprob_slots(micro_batches, self.zeros_like_mask)
     for key, executor in (("logp_old", self.executor), ("logp_ref", self.reference)):
       if executor is None:
         continue
