@@ -72,9 +72,9 @@ class StepWork:
   minibatches: list[list[dict]]  # device micro-batches per mini-batch
   experts: Any  # future: expert tokens [L, E] (load monitor)
   report: Any  # future: every policy's device load (rl.report_policies), else None
-  tables: list = None  # StepTables under mini-batch i's plan, once it is in
-  plan_loads: list = None  # device load [M_i, L, D] of mini-batch i's plan
-  digests: list = None  # hash of mini-batch i's plan (compared across processes)
+  tables: list = dataclasses.field(init=False)  # StepTables under mini-batch i's plan, once it is in
+  plan_loads: list = dataclasses.field(init=False)  # device load [M_i, L, D] of mini-batch i's plan
+  digests: list = dataclasses.field(init=False)  # hash of mini-batch i's plan (compared across processes)
   compiled: list = dataclasses.field(default_factory=list)  # padded capacities met this step
   waited: float = 0.0  # seconds the host blocked on plans
   planner_s: float = 0.0  # planning (on the worker) + table building (here) seconds
@@ -154,7 +154,7 @@ class GRPOTrainer:
 
   # --- one step: the pipeline ------------------------------------------------------------------
   def step(self, step: int) -> dict:
-    times, work = {}, None
+    times = {}
     with self._timed(times, "rollout"):
       pairs, roll = self.generate(step)
     with self._timed(times, "postprocess"):
