@@ -70,7 +70,8 @@ def main(argv=None):
   from foremoe_jax.load_monitor import plot_load
   from foremoe_jax.mesh import make_mesh
   from foremoe_jax.metrics import MetricsLogger, plot_run, write_summary
-  from foremoe_jax.rl.trainer import GRPOTrainer, summarize
+  from foremoe_jax.rl.report import summarize
+  from foremoe_jax.rl.trainer import GRPOTrainer
   from foremoe_jax.sft import evaluate, make_task, run_sft
   from pallas_kernels.backend import default_backend
 
@@ -138,7 +139,8 @@ def main(argv=None):
     print(f"exported {len(files)} files -> {args.export_to}")
   summary["seconds"] = time.perf_counter() - tic
   print(json.dumps({k: summary.get(k) for k in ("steps", "reward_first", "reward_last", "imbalance",
-                                                 "seconds_per_stage")}, indent=1))
+                                                 "seconds_per_stage", "tokens_per_s", "train_tokens_per_s",
+                                                 "plan_wait_share", "moe_flop_share")}, indent=1))
   if writer:
     print(f"summary -> {write_summary(run_dir, summary)}")
   return summary

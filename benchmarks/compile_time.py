@@ -42,7 +42,8 @@ def build(args):
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from foremoe_jax.executor import Executor, prepare_step
+  from foremoe_jax.executor import Executor
+  from foremoe_jax.step_tables import prepare_step
   from foremoe_jax.moe_stack import MoEStack
   from foremoe_jax.planner import PlanConfig, plan_step
 

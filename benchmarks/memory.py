@@ -167,7 +167,8 @@ def step_tables(cfg, mesh, ep: int, rows: int, seq_len: int, micro_steps: int, s
   EP 1 (the plain step), "foremoe" beyond, whose base leaves home and whose micro-steps leave the base
   (base and working slots both in memory: the larger layout). Capacities as the executor sizes them
   (each micro-step's need, bucketed)."""
-  from foremoe_jax.executor import PLAIN, Executor, prepare_step
+  from foremoe_jax.executor import PLAIN, Executor
+  from foremoe_jax.step_tables import prepare_step
   from foremoe_jax.planner import CostModel, PlanConfig, plan_step
   m = cfg.model
   e, num_moe = m.num_experts, len(m.moe_layer_ids)

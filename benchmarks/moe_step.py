@@ -148,7 +148,8 @@ def run(args, num_devices: int) -> dict:
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from foremoe_jax.executor import Executor, prepare_step, table_rows
+  from foremoe_jax.executor import Executor
+  from foremoe_jax.step_tables import prepare_step, table_rows
   from foremoe_jax.step_tables import gradient_rows
   from foremoe_jax.moe_stack import MoEStack
   from foremoe_jax.transfer import home_to_base_moves, local_copies_needed, moves_needed

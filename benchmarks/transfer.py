@@ -172,7 +172,8 @@ def overlap(args, mesh, num_devices):
   from jax.sharding import PartitionSpec as P
 
   from foremoe_jax import MoEConfig
-  from foremoe_jax.executor import Executor, index, prepare_step
+  from foremoe_jax.executor import Executor, index
+  from foremoe_jax.step_tables import prepare_step
   from foremoe_jax.moe_stack import MoEStack
   from foremoe_jax.planner import Plan, PlanConfig, home_placement
   from foremoe_jax.transfer import apply_moves, apply_moves_transpose

@@ -128,3 +128,14 @@ def check_same_across_processes(arrays, what: str) -> str:
                        f"(this is process {jax.process_index()}); every process must compute the same "
                        "result from the same gathered inputs")
   return mine.tobytes().hex()
+
+
+def true_on_every_process(flag: bool) -> bool:
+  """`flag` and'ed over the processes (one tiny all-gather; a single process returns it as it is): for a
+  choice that depends on local timing, e.g. whether a plan is ready, that every process must make alike.
+  Every process must call it at the same point."""
+  import jax  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.asarray(multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))).min())

@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.opt_state import init_sharded
-from foremoe_jax.step_tables import StepTables, prepare_step, table_rows  # noqa: F401 (re-exported)
+from foremoe_jax.step_tables import StepTables
 from foremoe_jax.transfer import (apply_moves, check_exchange, flush_rows, hold_rows, home_to_base,
                                   home_to_base_transpose, pad_home)
 

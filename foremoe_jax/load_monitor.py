@@ -1,26 +1,23 @@
 """Expert-load monitoring per RL step: tokens per (layer, expert) and per (micro-step, device) per policy.
 
-- `step_loads` (pure numpy, run on the planner's worker, off the trainer's thread): the rollout's real
-  tokens (prompt + response, padding excluded) per (MoE layer, expert) from the captured routes, and each
-  policy's device load per micro-step (the (token, expert) pairs each device computes, summed over the MoE
-  layers; padding rows included, since the devices compute them) from the plans of the step's counts.
+- `expert_tokens` (pure numpy, run on the planner's worker, off the trainer's thread): the rollout's real
+  tokens (prompt + response, padding excluded) per (MoE layer, expert) from the captured routes.
 - `load_record`: what goes into the step's log record: the full arrays (lists: metrics.jsonl only) and
   per-layer expert imbalance (max / mean tokens over experts) and per-policy device imbalance (scalars:
-  TensorBoard `rl/load/...` too).
+  TensorBoard `rl/load/...` too). The device loads per micro-step (the (token, expert) pairs each device
+  computes, summed over the MoE layers; padding rows included, since the devices compute them) are the
+  ones the step's imbalance report is made of (`rl/report.py`): the running policy and static, or every
+  policy with `rl.report_policies`.
 - `plot_load`: a heat-map PNG of a run: layer x expert tokens, and device load / mean per micro-step
-  (all steps end to end) for every policy.
+  (all steps end to end) for every policy reported.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-
-from foremoe_jax.planner import POLICIES, PlanConfig, plan_step
-from foremoe_jax.rl.planning import minibatches
 
 
 def expert_tokens(routes_BxTxLxK, lengths_B, num_experts: int) -> np.ndarray:
@@ -31,22 +28,6 @@ def expert_tokens(routes_BxTxLxK, lengths_B, num_experts: int) -> np.ndarray:
   routes_NxLxK = routes_BxTxLxK[real_BxT]
   flat = np.arange(num_layers)[None, :, None] * num_experts + routes_NxLxK
   return np.bincount(flat.reshape(-1), minlength=num_layers * num_experts).reshape(num_layers, num_experts)
-
-
-def device_tokens(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history) -> dict[str, np.ndarray]:
-  """policy -> float `[M, D]`: pairs each device computes per micro-step under that policy's plans."""
-  loads = {}
-  for policy in POLICIES:
-    cfg = dataclasses.replace(plan_cfg, policy=policy)
-    loads[policy] = np.concatenate([plan_step(chunk, cfg, history=hist).device_load(chunk).sum(axis=1)
-                                    for chunk, hist in minibatches(counts_MxLxDxE, num_minibatches, history)])
-  return loads
-
-
-def step_loads(routes_BxTxLxK, lengths_B, counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history):
-  """(expert tokens `[L, E]`, policy -> device tokens `[M, D]`) of one RL step."""
-  return (expert_tokens(routes_BxTxLxK, lengths_B, plan_cfg.num_experts),
-          device_tokens(counts_MxLxDxE, num_minibatches, plan_cfg, history))
 
 
 def _max_over_mean(x: np.ndarray) -> np.ndarray:

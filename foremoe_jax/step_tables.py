@@ -104,6 +104,14 @@ def _total(moves_MxL) -> int:
   return sum(len(f) for row in moves_MxL for f in row)
 
 
+def pair_need(plan, counts_MxLxDxE: np.ndarray) -> np.ndarray:
+  """int [M, L]: the most rows one device sends another in each (micro-step, layer) under `plan`; its max
+  over layers, bucketed (`micro_capacities`), is each micro-step's padded capacity."""
+  slot_pairs = plan.slot_pairs(counts_MxLxDxE)  # [M, L, D_src, G]
+  num_devices = plan.slot_expert.shape[2]
+  return slot_pairs.reshape(*slot_pairs.shape[:3], num_devices, -1).sum(-1).max((2, 3), initial=0)
+
+
 def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity: int | None = None,
                  fill_capacity: int | None = None, base_capacity: int | None = None,
                  base_local_capacity: int | None = None, mesh=None) -> StepTables:
@@ -136,8 +144,7 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   flush_local = table_rows(local_copies_needed, flush_list, num_devices)
   base_local = base_local_capacity or table_rows(local_copies_needed, base_list, num_devices)
   base_moves = stack_moves([move_tables(m, num_devices, base_cap, base_local) for m in base_list])
-  slot_pairs = plan.slot_pairs(counts_MxLxDxE)  # [M, L, D_src, G]
-  need_MxL = slot_pairs.reshape(*slot_pairs.shape[:3], num_devices, -1).sum(-1).max((2, 3), initial=0)
+  need_MxL = pair_need(plan, counts_MxLxDxE)
   need = int(need_MxL.max(initial=0))
   if capacity is not None and capacity < need:
     raise ValueError(f"capacity={capacity} rows per (source, destination) is below this step's need of {need}")

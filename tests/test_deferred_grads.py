@@ -7,7 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from foremoe_jax.executor import Executor, prepare_step
+from foremoe_jax.executor import Executor
+from foremoe_jax.step_tables import prepare_step
 from foremoe_jax.planner import PlanConfig
 from foremoe_jax.planner.plan import Plan
 from foremoe_jax.planner.split import plan_shares

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from foremoe_jax import MoEConfig
 from foremoe_jax import executor as executor_module
-from foremoe_jax.executor import PLAIN, Executor, accumulators, prepare_step
+from foremoe_jax.executor import PLAIN, Executor, accumulators
+from foremoe_jax.step_tables import prepare_step
 from foremoe_jax.moe_stack import MoEStack
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
 from foremoe_jax.planner.pairs import bucket

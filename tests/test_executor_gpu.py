@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from foremoe_jax import MoEConfig
-from foremoe_jax.executor import Executor, prepare_step
+from foremoe_jax.executor import Executor
+from foremoe_jax.step_tables import prepare_step
 from foremoe_jax.moe_stack import MoEStack
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
 from moe_reference import cpu_mesh

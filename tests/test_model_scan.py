@@ -12,7 +12,8 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from foremoe_jax.executor import Executor, prepare_step
+from foremoe_jax.executor import Executor
+from foremoe_jax.step_tables import prepare_step
 from foremoe_jax.model import Model, ModelConfig
 from foremoe_jax.placement import make_tables, stack_tables
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # evaluation and the rollout have the same shapes (32 rows, 3 new tokens), so they share one program.
 TINY = ["--sft-steps", "1", "--set", "model.d_model=32", "--set", "model.num_layers=1", "--set", "sft.batch_size=16",
         "--set", "sft.eval_prompts=32", "--set", "rl.prompts_per_step=8", "--set", "rl.group_size=4",
-        "--set", "rl.num_minibatches=1", "--set", "rl.max_new_tokens=3", "--set", "rl.compile_workers=0"]
+        "--set", "rl.num_minibatches=1", "--set", "rl.max_new_tokens=3", "--set", "rl.compile_workers=0",
+        "--set", "rl.recompute_layout=plan"]  # deterministic: "ready" depends on each run's timing
 TIMEOUT_S = 400  # a loaded 2-core box; a hung collective must still end the test
 
 
@@ -106,6 +107,16 @@ def test_digest_sees_values_shapes_and_dtypes():
   assert np.array_equal(distributed.digest([a]), distributed.digest([a.copy()]))
   for other in (a + 1, a.reshape(2, 3), a.astype(np.int64)):
     assert not np.array_equal(distributed.digest([a]), distributed.digest([other]))
+
+
+def test_true_on_every_process_ands_the_flags_over_processes(monkeypatch):
+  """Two processes: a flag true on one of them only is false on both (they then choose alike)."""
+  monkeypatch.setenv("PYTHONPATH", ROOT)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  code = ("import sys, jax; from foremoe_jax import distributed; distributed.initialize(jax); "
+          "me = jax.process_index(); every = distributed.true_on_every_process; "
+          "sys.exit(0 if every(True) and not every(me == 0) and not every(me == 1) and not every(False) else 5)")
+  assert launch.launch([sys.executable, "-c", code], 2, timeout=120) == 0
 
 
 def test_launcher_stops_peers_when_one_fails():

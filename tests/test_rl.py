@@ -1,7 +1,8 @@
 """RL with foresight: micro-batches and counts, recompute under any plan equals static, resume."""
+import concurrent.futures
 import dataclasses
-import functools
 import os
+import time
 import types
 
 import jax
@@ -12,13 +13,15 @@ from flax import nnx
 
 import configs
 from compile_count import count_compiles
-from foremoe_jax.executor import prepare_step
-from foremoe_jax.mesh import make_mesh
+from foremoe_jax.step_tables import prepare_step
+from foremoe_jax.mesh import batch_sharding, make_mesh
 from foremoe_jax.model import Model
+from foremoe_jax.planner import POLICIES
 from foremoe_jax.rl.config import RLConfig
 from foremoe_jax.rl.microbatch import build_step_batches, spread_routes, with_advantages
 from foremoe_jax.rl.packing import routes_to_counts
-from foremoe_jax.rl.planning import Planner, policy_report, timed_plan
+from foremoe_jax.rl.planning import Planner, timed_plan
+from foremoe_jax.rl.report import THROUGHPUT, imbalance_report, policy_loads
 from foremoe_jax.rl.trainer import GRPOTrainer, format_record
 from foremoe_jax.sft import make_task
 
@@ -75,8 +78,8 @@ def test_recompute_under_foremoe_equals_static(tmp_path):
     copy = [dict(b) for b in batches]
     trainer.attach_logprobs(copy, tables)
     logps[policy] = np.stack([np.asarray(b["logp_old"]) for b in copy])
-  imbalance, _ = policy_report(step.counts_MxLxDxE, 1, trainer.plan_cfg, None)
-  assert imbalance["foremoe"][0] < imbalance["static"][0]
+  imbalance = imbalance_report(policy_loads(step.counts_MxLxDxE, 1, trainer.plan_cfg, None))["imbalance"]
+  assert imbalance["foremoe"] < imbalance["static"]
   np.testing.assert_allclose(logps["foremoe"], logps["static"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(logps["eplb_microstep"], logps["static"], rtol=1e-5, atol=1e-5)
 
@@ -102,12 +105,14 @@ def test_bad_rl_config_is_refused():
     RLConfig(steps=0).validate(8)
   with pytest.raises(ValueError, match="rl.capacity_buckets=3"):
     RLConfig(capacity_buckets=3).validate(8)
+  with pytest.raises(ValueError, match=r"rl.recompute_layout='first' is not one of \('ready', 'plan', 'home'\)"):
+    RLConfig(recompute_layout="first").validate(8)
 
 
 def test_planning_in_a_process_gives_the_same_step(tmp_path):
   """rl.plan_in_process: the plans come from a spawned process (another pid); the step (loss, imbalance
   report, updated parameters) equals the one planned in a thread."""
-  trainer = tiny_setup(tmp_path, steps=1)
+  trainer = tiny_setup(tmp_path, steps=1, recompute_layout="plan")
   initial = jax.tree.map(jnp.copy, (trainer.executor.params, trainer.executor.opt_state))
   records, params = [], []
   for in_process in (False, True):
@@ -125,47 +130,149 @@ def test_planning_in_a_process_gives_the_same_step(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_first_mini_batch_recomputed_at_home_gives_the_same_step(tmp_path):
-  """rl.home_first_recompute: the first mini-batch's old log-probs come from the home layout while its
-  plan is made; the step (loss, parameters) equals the one that waits for the plan."""
+class LazyFuture(concurrent.futures.Future):
+  """A plan made only when it is asked for: never ready before."""
+
+  def __init__(self, fn, args):
+    super().__init__()
+    self.call = fn, args
+
+  def result(self, timeout=None):
+    if not self.done():
+      fn, args = self.call
+      self.set_result(fn(*args))
+    return super().result(timeout)
+
+
+class InlinePlanner:
+  """Plans on the calling thread: each plan ready when submitted (lazy=False) or made when asked for."""
+
+  def __init__(self, lazy: bool):
+    self.lazy = lazy
+
+  def submit(self, fn, *args):
+    future = LazyFuture(fn, args)
+    if not self.lazy:
+      future.result()
+    return future
+
+  def close(self):
+    pass
+
+
+def test_recompute_layouts_give_the_same_step(tmp_path):
+  """rl.recompute_layout: "home" recomputes every mini-batch in the home layout, "plan" under its plan,
+  "ready" under its plan only when that is ready at dispatch (never / always with these planners); the
+  step (loss, parameters, imbalance, plans) is the same; the home tables are built once. plan_wait counts
+  the time blocked on a plan, whichever stage blocks."""
   trainer = tiny_setup(tmp_path, steps=1)
   initial = jax.tree.map(jnp.copy, (trainer.executor.params, trainer.executor.opt_state))
-  home, calls, records, params = trainer.home_tables, [], [], []
-  trainer.home_tables = lambda counts: calls.append(1) or home(counts)
-  for home_first in (True, False):
-    trainer.rl = dataclasses.replace(trainer.rl, home_first_recompute=home_first)
+  records, params = [], []
+  for layout, lazy in (("home", False), ("plan", True), ("ready", True), ("ready", False)):
+    trainer.rl = dataclasses.replace(trainer.rl, recompute_layout=layout)
+    trainer.planner = InlinePlanner(lazy)
     trainer.executor.params, trainer.executor.opt_state = jax.tree.map(jnp.copy, initial)
     trainer.history = None
     records.append(trainer.step(0))
     params.append(jax.tree.map(np.asarray, trainer.executor.params))
-  assert len(calls) == 1  # only the first run, once
-  assert records[0]["new_capacities"] and records[1]["new_capacities"] == []  # compiled once, then reused
+  assert [r["recompute_at_home"] for r in records] == [2, 0, 2, 0]
+  assert len(trainer.home) == 1  # both mini-batches have as many micro-steps
+  assert records[0]["new_capacities"] and all(r["new_capacities"] == [] for r in records[1:])  # compiled once
   assert "compiled for new padded capacities" in format_record(0, records[0], "foremoe")
-  np.testing.assert_allclose(records[0]["loss"], records[1]["loss"], rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for record, p in zip(records[1:], params[1:]):
+    assert record["imbalance"] == records[0]["imbalance"] and record["plan_digests"] == records[0]["plan_digests"]
+    np.testing.assert_allclose(record["loss"], records[0]["loss"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(p)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+  # plan_wait holds the time the host blocked on a plan: plans 1 s late each are waited for by the
+  # recompute ("plan") or, recomputed at home, by the update ("ready"). Step 0 again: nothing compiles.
+  def slow_plan(*args):
+    time.sleep(1.0)
+    return timed_plan(*args)
+
+  trainer.planner = Planner(False)
+  submit = trainer.planner.submit
+  trainer.planner.submit = lambda fn, *args: submit(slow_plan if fn is timed_plan else fn, *args)
+  for layout in ("plan", "ready"):
+    trainer.rl = dataclasses.replace(trainer.rl, recompute_layout=layout)
+    trainer.history = None
+    record = trainer.step(0)
+    assert record["seconds"]["plan_wait"] >= 0.5, (layout, record["seconds"])
+    assert record["recompute_at_home"] == (2 if layout == "ready" else 0)
+    assert record["plan_wait_share"] == pytest.approx(record["seconds"]["plan_wait"] / record["step_s"])
+  trainer.planner.close()
 
 
-def test_the_trainer_compiles_each_group_ahead_and_names_new_capacities(caplog):
-  """Every group's programs are checked ahead, in the executor's threads (rl.compile_workers); capacities
-  met neither in earlier steps nor earlier in this step are named; with 0 workers they are only named."""
+def test_home_tables_are_cached_and_equal_fresh_ones(tmp_path):
+  """The cached home tables with the counts' capacities equal prepare_step of the static plan."""
+  trainer = tiny_setup(tmp_path, steps=1)
+  rng = np.random.default_rng(3)
+  static = dataclasses.replace(trainer.plan_cfg, policy="static")
+  for scale in (1, 40, 3):
+    counts = rng.integers(0, scale + 1, size=(2, 2, 8, 16)) * (rng.random((2, 2, 8, 16)) < 0.7)
+    want = prepare_step(timed_plan(counts, static, None)[0], counts, 16)
+    got = trainer.home_tables(counts)
+    assert got.capacity_M == want.capacity_M and got.moved_slots == want.moved_slots == 0
+    for a, b in zip(jax.tree.leaves((want.tables_M, want.base_moves, want.fill_moves_M, want.refill_moves_M)),
+                    jax.tree.leaves((got.tables_M, got.base_moves, got.fill_moves_M, got.refill_moves_M))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert list(trainer.home) == [2]
+
+
+def test_the_record_carries_speed_and_the_running_policy_report(tmp_path):
+  """Default: the running policy's and static's imbalance, from its own plans and the home layout; with
+  rl.report_policies every policy, the same values where both report. Throughput entries per formula."""
+  trainer = tiny_setup(tmp_path, steps=1, recompute_layout="plan")
+  initial = jax.tree.map(jnp.copy, (trainer.executor.params, trainer.executor.opt_state))
+  records = []
+  for report in (False, True):
+    trainer.rl = dataclasses.replace(trainer.rl, report_policies=report)
+    trainer.executor.params, trainer.executor.opt_state = jax.tree.map(jnp.copy, initial)
+    trainer.history = None
+    records.append(trainer.step(0))
+  off, on = records
+  assert set(off["imbalance"]) == set(off["load"]["device_tokens_MxD"]) == {"foremoe", "static"}
+  assert set(on["imbalance"]) == set(on["load"]["device_tokens_MxD"]) == set(POLICIES)
+  for policy in ("foremoe", "static"):
+    assert off["imbalance"][policy] == pytest.approx(on["imbalance"][policy], rel=1e-12)
+    assert off["imbalance_per_micro_step"][policy] == pytest.approx(on["imbalance_per_micro_step"][policy])
+    np.testing.assert_allclose(off["load"]["device_tokens_MxD"][policy], on["load"]["device_tokens_MxD"][policy])
+  assert off["imbalance"]["foremoe"] < off["imbalance"]["static"]
+  assert set(THROUGHPUT) <= set(off)
+  assert off["step_s"] == pytest.approx(sum(off["seconds"].values()))
+  assert off["tokens_per_s"] == pytest.approx(off["real_tokens"] / off["step_s"])
+  assert off["train_tokens_per_s"] == pytest.approx(off["real_tokens"] / off["seconds"]["update"])
+  model = trainer.cfg.model  # every real position went through each MoE layer to top_k experts
+  assert np.sum(off["load"]["expert_tokens_LxE"]) == off["real_tokens"] * model.top_k * len(model.moe_layer_ids)
+  line = format_record(0, off, "foremoe")
+  assert "tok/s" in line and "foremoe* " in line and "eplb_step" not in line
+
+
+def test_the_trainer_compiles_each_group_ahead_once_and_names_new_capacities(tmp_path, caplog):
+  """Every group's programs are checked ahead, in the executor's threads (rl.compile_workers); programs
+  of a group compiled ahead before are skipped; capacities met neither in earlier steps nor earlier in
+  this step are named; with 0 workers they are only named."""
+  trainer = tiny_setup(tmp_path, steps=1)
   calls = []
 
   def precompile(batches, tables, *, programs, workers):
-    calls.append((programs, workers))
+    calls.append((programs, tables.capacity_M, workers))
     return {"programs": 2, "lower_s": 1.0, "compile_s": 2.0}
 
-  mask = jnp.zeros((2, 3))
+  trainer.executor.precompile = precompile
+  four, two = (trainer.home_tables(np.zeros((m, 2, 8, 16), np.int64)) for m in (4, 2))
+  batches = [{"mask": jax.device_put(jnp.zeros((16, 3)), batch_sharding(trainer.mesh))}] * 4
+  groups = ((four, (16, 32, 48, 32), ("forward", "train")), (two, (16, 32), ("train",)),
+            (four, (16, 32, 48, 32), ("forward",)))
   for workers in (4, 0):
-    trainer = types.SimpleNamespace(capacities={16}, executor=types.SimpleNamespace(precompile=precompile),
-                                    reference=None, rl=types.SimpleNamespace(compile_workers=workers))
-    trainer.with_logprob_slots = functools.partial(GRPOTrainer.with_logprob_slots, trainer)
-    met = [48]
+    trainer.rl = dataclasses.replace(trainer.rl, compile_workers=workers)
+    trainer.capacities, met = {16}, [48]
     with caplog.at_level("INFO", logger="foremoe_jax.rl.trainer"):
-      for capacity_M, programs in (((16, 32, 48, 32), ("forward", "train")), ((16, 32), ("train",))):
-        GRPOTrainer.compile_ahead(trainer, 3, [{"mask": mask}], types.SimpleNamespace(capacity_M=capacity_M),
-                                  programs, met)
-  assert calls == [(("forward", "train"), 4), (("train",), 4)]  # known programs cost a cache lookup
+      for tables, capacity_M, programs in groups:
+        trainer.compile_ahead(3, batches[:len(capacity_M)], dataclasses.replace(tables, capacity_M=capacity_M),
+                              programs, met)
+  assert calls == [(("forward", "train"), (16, 32, 48, 32), 4), (("train",), (16, 32), 4)]  # the third known
   assert [r.getMessage() for r in caplog.records] == [
       "step 3: compiling forward/train programs for new padded capacities [32]",
       "step 3: 2 programs ready: lowering 1.0 s, then XLA in 4 threads 2.0 s",

@@ -5,20 +5,26 @@ import os
 import pytest
 
 import train
+from foremoe_jax.planner import POLICIES
 
 
 def test_train_cli_learns_and_writes_summary_plot_and_metrics(tmp_path):
-  """The default preset (fixed seed): GRPO raises the sampled reward over the SFT start."""
+  """The default preset (fixed seed): GRPO raises the sampled reward over the SFT start; with
+  rl.report_policies the summary compares every policy."""
   run_dir = str(tmp_path / "run")
-  summary = train.main(["--rl-steps", "12", "--run-dir", run_dir, "--set", "sft.eval_prompts=64"])
+  summary = train.main(["--rl-steps", "12", "--run-dir", run_dir, "--set", "sft.eval_prompts=64",
+                        "--set", "rl.report_policies=true"])
   with open(os.path.join(run_dir, "summary.json")) as f:
     saved = json.load(f)
   for key in ("steps", "reward_first", "reward_last", "imbalance", "seconds_per_stage", "policy", "devices",
               "backend", "dispatch", "gmm_backend"):
     assert key in saved, key
   assert saved["steps"] == 12 and saved["devices"] == 8 and saved["policy"] == "foremoe"
-  assert set(saved["seconds_per_stage"]) == {"rollout", "plan_wait", "recompute", "update"}
+  assert set(saved["seconds_per_stage"]) == {"rollout", "postprocess", "plan_wait", "recompute", "update", "record"}
+  assert saved["tokens_per_s"] > 0 and saved["train_tokens_per_s"] > 0 and 0 < saved["moe_flop_share"] < 1
+  assert 0 <= saved["plan_wait_share"] < 1 and saved["real_tokens"] > 0 and saved["step_s"] > 0
   imbalance = saved["imbalance"]
+  assert set(imbalance) == set(POLICIES)  # rl.report_policies: every policy planned on each step's counts
   assert imbalance["foremoe"] <= imbalance["eplb_step"] + 1e-3 and imbalance["foremoe"] < imbalance["static"]
   assert os.path.getsize(summary["plot"]) > 1000
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:

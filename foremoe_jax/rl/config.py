@@ -5,6 +5,8 @@ import os
 from foremoe_jax.planner import POLICIES
 from foremoe_jax.planner.pairs import BUCKETS_PER_OCTAVE, check_buckets
 
+RECOMPUTE_LAYOUTS = ("ready", "plan", "home")
+
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
@@ -28,9 +30,15 @@ class RLConfig:
   # does not fit (the README's memory table: Qwen3-30B-A3B at EP 8 on an H100).
   adam_dtype: str = "float32"
   policy: str = "foremoe"  # placement policy of the recompute and update stages
-  # Recompute the first mini-batch in the home layout rather than wait for its plan: planning starts when
-  # the rollout ends, so that plan is never ready in time; any layout gives the same log-probs.
-  home_first_recompute: bool = True
+  # The layout each mini-batch's recompute runs in (any gives the same log-probs: routes are replayed):
+  # "ready": its plan's if that plan is ready when the recompute is dispatched, else the home layout (no
+  # wait; every process makes the same choice); "plan": always its plan's (waits for it); "home": always
+  # the home layout. "plan" and "home" are deterministic: runs compared bit for bit need one of them.
+  recompute_layout: str = "ready"
+  # Also plan every policy on each step's counts for the report (imbalance, load): that re-planning runs on
+  # the planner's worker beside the dispatch loop and, in a thread, takes the GIL from it. Off: the
+  # running policy (from its own plans) and static (the home layout) only.
+  report_policies: bool = False
   # Plan in a spawned process instead of a thread: the planner's many small numpy calls take the GIL, and
   # beside the loop that dispatches the recompute a thread ran them ~1.8x slower on the CI box. Off by
   # default until it is timed on a GPU (BENCHMARKS.md, RL step).
@@ -53,6 +61,8 @@ class RLConfig:
   def validate(self, num_shards: int) -> "RLConfig":
     if self.policy not in POLICIES:
       raise ValueError(f"rl.policy={self.policy!r} is not one of {POLICIES}")
+    if self.recompute_layout not in RECOMPUTE_LAYOUTS:
+      raise ValueError(f"rl.recompute_layout={self.recompute_layout!r} is not one of {RECOMPUTE_LAYOUTS}")
     if self.adam_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"rl.adam_dtype={self.adam_dtype!r} must be 'float32' or 'bfloat16'")
     if self.compile_workers < 0:

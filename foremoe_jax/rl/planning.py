@@ -10,19 +10,20 @@ numpy `Plan`s and their device tables are built on the trainer's thread.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import multiprocessing
 import time
 
 import numpy as np
 
-from foremoe_jax.planner import POLICIES, Plan, PlanConfig, plan_step
+from foremoe_jax.planner import Plan, PlanConfig, plan_step
 
 
-def timed_plan(counts_MxLxDxE, plan_cfg: PlanConfig, history) -> tuple[Plan, float]:
-  """(plan of one mini-batch under the running policy, seconds it took)."""
+def timed_plan(counts_MxLxDxE, plan_cfg: PlanConfig, history) -> tuple[Plan, float, np.ndarray]:
+  """(plan of one mini-batch under the running policy, seconds it took, its device load `[M, L, D]` for
+  the step's report)."""
   tic = time.perf_counter()
-  return plan_step(counts_MxLxDxE, plan_cfg, history=history), time.perf_counter() - tic
+  plan = plan_step(counts_MxLxDxE, plan_cfg, history=history)
+  return plan, time.perf_counter() - tic, plan.device_load(counts_MxLxDxE)
 
 
 def minibatches(counts_MxLxDxE, num_minibatches: int, history) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -30,19 +31,6 @@ def minibatches(counts_MxLxDxE, num_minibatches: int, history) -> list[tuple[np.
   the previous step's last (what `eplb_history` plans from)."""
   chunks = np.split(counts_MxLxDxE, num_minibatches)
   return list(zip(chunks, [history] + chunks[:-1]))
-
-
-def policy_report(counts_MxLxDxE, num_minibatches: int, plan_cfg: PlanConfig, history):
-  """Every policy on the same counts, for the per-step report (off the critical path) ->
-  (policy -> (sum of max, sum of mean device load) over (m, l), policy -> [M] per-micro-step imbalance)."""
-  sums, per_micro = {}, {}
-  for policy in POLICIES:
-    cfg = dataclasses.replace(plan_cfg, policy=policy)
-    load_MxLxD = np.concatenate([plan_step(chunk, cfg, history=hist).device_load(chunk)
-                                 for chunk, hist in minibatches(counts_MxLxDxE, num_minibatches, history)])
-    sums[policy] = (float(load_MxLxD.max(-1).sum()), float(load_MxLxD.mean(-1).sum()))
-    per_micro[policy] = (load_MxLxD.max(-1).sum(-1) / np.maximum(load_MxLxD.mean(-1).sum(-1), 1e-9)).tolist()
-  return sums, per_micro
 
 
 def _ready() -> bool:

@@ -1,21 +1,26 @@
 """GRPO post-training with foresight: rollout (routes captured) -> plan -> recompute -> micro-stepped update.
 
-Per RL step:
-1. rollout: G samples per prompt with the KV cache; every position's routes are captured (R3).
-2. post-processing: sequences are packed into micro-steps (static shapes); the routed counts of every
-   (micro-step, layer) are known now, so the planner runs beside the trainer (a thread, or with
-   `rl.plan_in_process` a process: `planning.py`) while rewards and advantages are computed.
-3. recompute: old log-probs, forward only, routes replayed, each micro-step under its placement.
-4. update: `ppo_epochs` x `num_minibatches` optimizer steps, each over its micro-steps with gradient
-   accumulation (the executor). Routes are replayed in both stages whatever the policy: a policy changes
-   speed, never the math.
+Per RL step (`GRPOTrainer.step`, one method per stage):
+1. `generate`: G samples per prompt with the KV cache; every position's routes are captured (R3).
+2. `postprocess`: sequences are packed into micro-steps (static shapes); the routed counts of every
+   (micro-step, layer) are known now, so one plan per mini-batch goes to the planner (a thread, or with
+   `rl.plan_in_process` a process: `planning.py`) while rewards, advantages and device batches are made.
+3. `recompute`: old log-probs, forward only, routes replayed; mini-batch i in its plan's layout if that
+   plan is ready when i is dispatched, else in the home layout (`rl.recompute_layout`): the same log-probs.
+4. `update`: `ppo_epochs` x `num_minibatches` optimizer steps, each over its micro-steps with gradient
+   accumulation (the executor); each waits only for its own plan, so plan g+1 is made while g updates.
+   Routes are replayed in both stages whatever the policy: a policy changes speed, never the math.
+5. `record`: the step's numbers (`report.py`): reward, losses, seconds per stage, throughput, imbalance.
+`plan_wait` counts only the time the host blocked on a plan; the other stages exclude it.
 """
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import time
 import weakref
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,19 +33,21 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from foremoe_jax import backends, distributed
 from foremoe_jax.checkpoint import Checkpointer
-from foremoe_jax.executor import Executor, prepare_step, replicate_unsharded
+from foremoe_jax.executor import Executor, replicate_unsharded
+from foremoe_jax.step_tables import pair_need, prepare_step
+from foremoe_jax.load_monitor import expert_tokens, load_record
 from foremoe_jax.mesh import batch_sharding, batch_shards
-from foremoe_jax.planner import POLICIES, CostModel, PlanConfig, plan_step
+from foremoe_jax.planner import CostModel, PlanConfig, plan_step
+from foremoe_jax.planner.pairs import micro_capacities
 from foremoe_jax.rl.grpo import group_advantages, grpo_loss, token_logprobs
 from foremoe_jax.rl.microbatch import build_step_batches, with_advantages
 from foremoe_jax.rl.optim import rl_optimizer
-from foremoe_jax.rl.planning import Planner, minibatches, policy_report, timed_plan
-from foremoe_jax.load_monitor import load_record, step_loads
+from foremoe_jax.rl.planning import Planner, minibatches, timed_plan
+from foremoe_jax.rl.report import STAGES, format_record, home_device_load, imbalance_report, policy_loads, throughput
 from foremoe_jax.rl.rollout import length_stats, rollout
 
 log = logging.getLogger(__name__)
-
-STAGES = ("rollout", "plan_wait", "recompute", "update")
+__all__ = ["GRPOTrainer", "format_record", "grpo_objective"]
 
 
 def grpo_objective(model, batch, *, tables, working, capacity, clip_eps: float, kl_coef: float):
@@ -52,6 +59,44 @@ def grpo_objective(model, batch, *, tables, working, capacity, clip_eps: float, 
                             kl_coef=kl_coef, logp_ref_BxT=batch.get("logp_ref"),
                             num_tokens_total=batch["num_tokens"])
   return loss, {**metrics, "logp": logp_BxT, "dropped": out.dropped}
+
+
+@dataclasses.dataclass
+class StepWork:
+  """One RL step's state between its stages; lists run over its mini-batches."""
+  pairs: list[tuple[str, str]]  # (prompt, answer) per prompt
+  roll: Any  # the rollout, numpy
+  answers: list[str]  # per row
+  completions: list[str]  # per row, decoded
+  rewards_N: np.ndarray
+  counts: list[np.ndarray]  # [M_i, L, D, E]: what mini-batch i's plan is made from
+  futures: list  # the planner's (plan, seconds, device load [M_i, L, D]) per mini-batch
+  minibatches: list[list[dict]]  # device micro-batches per mini-batch
+  experts: Any  # future: expert tokens [L, E] (load monitor)
+  report: Any  # future: every policy's device load (rl.report_policies), else None
+  real_token_share: float  # real (prompt + response) tokens over the step's row positions
+  tables: list = dataclasses.field(init=False)  # StepTables under mini-batch i's plan, once it is in
+  plan_loads: list = dataclasses.field(init=False)  # device load [M_i, L, D] of mini-batch i's plan
+  digests: list = dataclasses.field(init=False)  # hash of mini-batch i's plan (compared across processes)
+  compiled: list = dataclasses.field(default_factory=list)  # padded capacities met this step
+  waited: float = 0.0  # seconds the host blocked on plans
+  planner_s: float = 0.0  # planning (on the worker) + table building (here) seconds
+  at_home: int = 0  # mini-batches recomputed in the home layout
+
+  def __post_init__(self):
+    n = len(self.futures)
+    self.tables, self.plan_loads, self.digests = [None] * n, [None] * n, [None] * n
+
+
+def _key(tables, batches) -> tuple:
+  """What decides the programs a group runs (jit's cache keys, with the program): the tables' host facts
+  (capacities, which micro-steps fill and refill, the layout) and the arguments' structure, shapes,
+  dtypes and shardings."""
+  leaves, treedef = jax.tree.flatten((batches, tables.tables_M, tables.base_moves, tables.fill_moves_M,
+                                      tables.refill_moves_M))
+  return (tables.capacity_M, tables.at_home, np.asarray(tables.fill_M).tobytes(),
+          np.asarray(tables.refill_M).tobytes(), treedef,
+          tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
 
 
 class GRPOTrainer:
@@ -84,6 +129,9 @@ class GRPOTrainer:
     self.history = None
     self.route_hook = None  # fn(host Rollout) -> Rollout, applied after the rollout: benchmarks' trace routes
     self.capacities = set()  # the padded capacities met so far: each compiled its programs once
+    self.compiled = set()  # (program, _key) of the groups compile_ahead compiled so far
+    self.home = {}  # micro-steps -> (home plan, its placed StepTables)
+    self.zeros = {}  # (shape, sharding) -> the recompute's log-prob placeholder
 
   # --- checkpoints ---------------------------------------------------------------------------------
   def save(self, step: int, record: dict) -> None:
@@ -108,13 +156,172 @@ class GRPOTrainer:
     self.history = None if extra.get("history") is None else np.asarray(extra["history"], np.int64)
     return last
 
-  # --- one step ------------------------------------------------------------------------------------
+  # --- one step: the pipeline ------------------------------------------------------------------
+  def step(self, step: int) -> dict:
+    times = {}
+    with self._timed(times, "rollout"):
+      pairs, roll = self.generate(step)
+    roll = roll if self.route_hook is None else self.route_hook(roll)
+    with self._timed(times, "postprocess"):
+      work = self.postprocess(step, pairs, roll)
+    with self._timed(times, "recompute", work):
+      self.recompute(step, work)
+    with self._timed(times, "update", work):
+      updates = self.update(step, work)
+    with self._timed(times, "record"):
+      loads = self.step_loads(work)
+    times["plan_wait"] = work.waited
+    return self.record(step, work, updates, loads, {k: times[k] for k in STAGES})
+
+  @staticmethod
+  @contextlib.contextmanager
+  def _timed(times: dict, stage: str, work: StepWork | None = None):
+    """times[stage] = the block's seconds, less the plan waits inside it (those are plan_wait)."""
+    tic, waited = time.perf_counter(), work.waited if work else 0.0
+    yield
+    times[stage] = time.perf_counter() - tic - ((work.waited - waited) if work else 0.0)
+
   def sample_prompts(self, rng: np.random.Generator) -> list[tuple[str, str]]:
     n = self.rl.prompts_per_step
     if self.prompts is None:
       return self.task.sample(rng, n)
     return [self.prompts[i] for i in rng.integers(0, len(self.prompts), size=n)]
 
+  def generate(self, step: int):
+    """(prompt, answer) pairs and their rollout, on the host (multi-process: one gather, routes included)."""
+    rl, rng = self.rl, np.random.default_rng([self.cfg.seed, step])
+    pairs = self.sample_prompts(rng)
+    prompts_NxP, lens_N = self.task.prompt_batch([p for p, _ in pairs])
+    roll = rollout(self.executor.model(), prompts_NxP, lens_N, jax.random.key(step + 7919 * self.cfg.seed),
+                   max_new_tokens=rl.max_new_tokens, group_size=rl.group_size, temperature=rl.temperature,
+                   top_p=rl.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
+    return pairs, distributed.to_host(roll._replace(logprobs=None))
+
+  def postprocess(self, step: int, pairs, roll) -> StepWork:
+    """Packs the rollout and submits one plan per mini-batch, in order (mini-batch i recomputes while the
+    later ones are planned), then scores the samples and makes the device batches meanwhile."""
+    rl = self.rl
+    packed = build_step_batches(roll.tokens, roll.routes, roll.completion_mask, roll.lengths,
+                                num_shards=batch_shards(self.mesh), expert_devices=self.expert_devices,
+                                rows_per_shard=rl.rows_per_shard, tokens_per_shard=rl.tokens_per_shard,
+                                num_experts=self.plan_cfg.num_experts, num_minibatches=rl.num_minibatches,
+                                seed=step, pack_sequences=rl.pack_sequences)
+    planned = minibatches(packed.counts_MxLxDxE, rl.num_minibatches, self.history)
+    futures = [self.planner.submit(timed_plan, c, self.plan_cfg, h) for c, h in planned]
+    # Queued behind the plans: they run while recompute and update do, collected in `record`.
+    report = (self.planner.submit(policy_loads, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg,
+                                  self.history) if rl.report_policies else None)
+    experts = self.planner.submit(expert_tokens, roll.routes, roll.lengths, self.plan_cfg.num_experts)
+    answers = [a for _, a in pairs for _ in range(rl.group_size)]
+    completions = [self.tok.decode(row[start:]) for row, start in zip(roll.tokens, roll.prompt_lengths)]
+    rewards_N = np.array([self.task.score(c, a) for c, a in zip(completions, answers)], np.float32)
+    advantages_N = np.asarray(group_advantages(jnp.asarray(rewards_N), rl.group_size))
+    batches = [self.device_batch(b) for b in with_advantages(packed, advantages_N)]
+    self.history = planned[-1][0]
+    per_mb = len(batches) // rl.num_minibatches
+    return StepWork(pairs, roll, answers, completions, rewards_N, [c for c, _ in planned], futures,
+                    [batches[i * per_mb:(i + 1) * per_mb] for i in range(rl.num_minibatches)], experts, report,
+                    packed.real_token_share)
+
+  def recompute(self, step: int, work: StepWork) -> None:
+    """Old (and reference) log-probs of each mini-batch, forward only: under its plan's tables when
+    `use_plan` (its update's programs then compile here too), else under the home layout's."""
+    for i, micro_batches in enumerate(work.minibatches):
+      if self.use_plan(work.futures[i]):
+        tables, programs = self.plan_tables(step, work, i), ("forward", "train")
+      else:
+        tables, programs = self.home_tables(work.counts[i]), ("forward",)
+        work.at_home += 1
+      self.compile_ahead(step, micro_batches, tables, programs, work.compiled)
+      self.attach_logprobs(micro_batches, tables)
+
+  def use_plan(self, future) -> bool:
+    """rl.recompute_layout: recompute this mini-batch under its plan ("ready": if it is in by now)."""
+    if self.rl.recompute_layout == "ready":  # timing differs between processes; their programs must not
+      return distributed.true_on_every_process(future.done())
+    return self.rl.recompute_layout == "plan"
+
+  def update(self, step: int, work: StepWork) -> list[dict]:
+    """ppo_epochs x num_minibatches optimizer steps, each under its plan (waited for only now when the
+    recompute ran at home)."""
+    updates = []
+    for _ in range(self.rl.ppo_epochs):
+      for i, micro_batches in enumerate(work.minibatches):
+        if work.tables[i] is None:
+          self.compile_ahead(step, micro_batches, self.plan_tables(step, work, i), ("train",), work.compiled)
+        updates.append(self.executor.train_step(micro_batches, work.tables[i]))
+    return updates
+
+  def plan_tables(self, step: int, work: StepWork, i: int):
+    """Mini-batch i's StepTables under its plan, made once: waits for the plan (plan_wait), compares it
+    across processes, builds its tables (the cached home tables when the plan is the home layout)."""
+    if work.tables[i] is None:
+      tic = time.perf_counter()
+      plan, plan_s, work.plan_loads[i] = work.futures[i].result()
+      prepare = time.perf_counter()
+      work.waited += prepare - tic
+      # Multi-process: every process planned from the same gathered routes; a differing plan would
+      # silently mix placements, so compare hashes (one tiny all-gather) and fail loudly.
+      work.digests[i] = distributed.check_same_across_processes(
+          (plan.slot_expert, plan.slot_share, plan.base), f"rl step {step}: the plan of mini-batch {i}")
+      home_plan, _ = self.home_layout(work.counts[i])
+      at_home = all(np.array_equal(getattr(plan, f), getattr(home_plan, f)) for f in ("slot_expert", "slot_share",
+                                                                                      "base"))
+      work.tables[i] = (self.home_tables(work.counts[i]) if at_home else
+                        prepare_step(plan, work.counts[i], self.plan_cfg.num_experts, mesh=self.mesh))
+      work.planner_s += plan_s + time.perf_counter() - prepare
+    return work.tables[i]
+
+  def home_layout(self, counts_MxLxDxE):
+    """(home plan, its placed StepTables) for this many micro-steps, made once: neither depends on the
+    counts but through the padded capacities, which `home_tables` sets."""
+    num_micro = counts_MxLxDxE.shape[0]
+    if num_micro not in self.home:
+      cfg = dataclasses.replace(self.plan_cfg, policy="static")
+      plan = plan_step(counts_MxLxDxE, cfg)
+      self.home[num_micro] = plan, prepare_step(plan, counts_MxLxDxE, cfg.num_experts, mesh=self.mesh)
+    return self.home[num_micro]
+
+  def home_tables(self, counts_MxLxDxE):
+    """StepTables of the home layout (the static policy's) for these counts: the cached tables with the
+    counts' padded capacities."""
+    plan, tables = self.home_layout(counts_MxLxDxE)
+    need_MxL = pair_need(plan, counts_MxLxDxE)
+    capacity_M = tuple(int(c) for c in micro_capacities(need_MxL, self.plan_cfg.capacity_buckets))
+    return dataclasses.replace(tables, capacity_M=capacity_M)
+
+  def step_loads(self, work: StepWork) -> dict[str, np.ndarray]:
+    """policy -> device load [M, L, D] of the step: every policy's (rl.report_policies), else the running
+    policy's (from its own plans) and static's (the home layout)."""
+    if work.report is not None:
+      return work.report.result()
+    static = home_device_load(np.concatenate(work.counts), self.expert_devices)
+    return {self.plan_cfg.policy: np.concatenate(work.plan_loads), "static": static}
+
+  def record(self, step: int, work: StepWork, updates: list[dict], loads: dict, seconds: dict) -> dict:
+    rl, roll = self.rl, work.roll
+    capacity_M = [c for tables in work.tables for c in tables.capacity_M]
+    new_capacities = sorted(set(work.compiled) - self.capacities)  # their programs compiled in this step
+    self.capacities.update(work.compiled)
+    return {"step": step, "reward": float(work.rewards_N.mean()),
+            "kl": float(np.mean([u["metrics"]["approx_kl"].sum() for u in updates])),
+            "loss": float(np.mean([u["loss"] for u in updates])),
+            "clip_frac": float(np.mean([u["metrics"]["clip_frac"].sum() for u in updates])),
+            "seconds": seconds, **throughput(seconds, int(np.sum(roll.lengths)), rl.ppo_epochs, self.cfg.model),
+            "planner_ms": 1e3 * work.planner_s, "micro_steps": sum(len(mb) for mb in work.minibatches),
+            "recompute_at_home": work.at_home, "real_token_share": work.real_token_share, **imbalance_report(loads),
+            "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates)),
+            "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.capacities),
+            "new_capacities": new_capacities,
+            "load": load_record(work.experts.result(), {p: x.sum(1) for p, x in loads.items()}),
+            "response_length": length_stats(roll.tokens, roll.lengths, roll.prompt_lengths, eos_id=self.tok.eos_id,
+                                            max_new_tokens=rl.max_new_tokens),
+            "samples": [{"prompt": work.pairs[b // rl.group_size][0], "answer": work.answers[b],
+                         "response": work.completions[b], "reward": float(work.rewards_N[b])}
+                        for b in range(0, len(work.completions), rl.group_size)][:4],
+            "plan_digests": work.digests}
+
+  # --- helpers of the stages -----------------------------------------------------------------------
   def device_batch(self, batch: dict) -> dict:
     """Host arrays (the same on every process) -> global arrays sharded over the batch axes."""
     shard, replicated = batch_sharding(self.mesh), NamedSharding(self.mesh, P())
@@ -125,99 +332,13 @@ class GRPOTrainer:
       return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
     return {k: put(v) for k, v in batch.items()}
 
-  def step(self, step: int) -> dict:
-    rl, times = self.rl, {}
-    rng = np.random.default_rng([self.cfg.seed, step])
-    pairs = self.sample_prompts(rng)
-    prompts_NxP, lens_N = self.task.prompt_batch([p for p, _ in pairs])
-
-    tic = time.perf_counter()
-    roll = rollout(self.executor.model(), prompts_NxP, lens_N, jax.random.key(step + 7919 * self.cfg.seed),
-                   max_new_tokens=rl.max_new_tokens, group_size=rl.group_size, temperature=rl.temperature,
-                   top_p=rl.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
-    roll = distributed.to_host(roll._replace(logprobs=None))  # multi-process: one gather, routes included
-    times["rollout"] = time.perf_counter() - tic
-    roll = roll if self.route_hook is None else self.route_hook(roll)
-
-    tic = time.perf_counter()
-    packed = build_step_batches(roll.tokens, roll.routes, roll.completion_mask, roll.lengths,
-                                num_shards=batch_shards(self.mesh), expert_devices=self.expert_devices,
-                                rows_per_shard=rl.rows_per_shard, tokens_per_shard=rl.tokens_per_shard,
-                                num_experts=self.plan_cfg.num_experts, num_minibatches=rl.num_minibatches,
-                                seed=step, pack_sequences=rl.pack_sequences)
-    # One plan per mini-batch, in order: mini-batch i recomputes while the later ones are planned.
-    planned = minibatches(packed.counts_MxLxDxE, rl.num_minibatches, self.history)
-    futures = [self.planner.submit(timed_plan, c, self.plan_cfg, h) for c, h in planned]
-    # Queued behind the plans: runs while recompute and update do, collected at the end of the step.
-    report = self.planner.submit(policy_report, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg,
-                                 self.history)
-    loads = self.planner.submit(step_loads, roll.routes, roll.lengths, packed.counts_MxLxDxE, rl.num_minibatches,
-                                self.plan_cfg, self.history)  # expert-load monitoring, off this thread
-    answers = [a for _, a in pairs for _ in range(rl.group_size)]
-    completions = [self.tok.decode(row[start:]) for row, start in zip(roll.tokens, roll.prompt_lengths)]
-    rewards_N = np.array([self.task.score(c, a) for c, a in zip(completions, answers)], np.float32)
-    advantages_N = np.asarray(group_advantages(jnp.asarray(rewards_N), rl.group_size))
-    batches = [self.device_batch(b) for b in with_advantages(packed, advantages_N)]
-    times["postprocess"] = time.perf_counter() - tic
-    self.history = planned[-1][0]
-
-    # Recompute: each mini-batch as soon as its plan is ready (the first, by default, in the home layout:
-    # the same log-probs, no wait); time spent waiting for plans is plan_wait.
-    tic, waited, planner_s = time.perf_counter(), 0.0, 0.0
-    per_mb = len(batches) // rl.num_minibatches
-    groups, compiled_M, plan_digests = [], [], []
-    for i, future in enumerate(futures):
-      micro_batches = batches[i * per_mb:(i + 1) * per_mb]
-      at_home = i == 0 and rl.home_first_recompute
-      if at_home:
-        home = self.home_tables(planned[0][0])
-        self.compile_ahead(step, micro_batches, home, ("forward",), compiled_M)
-        self.attach_logprobs(micro_batches, home)
-      wait = time.perf_counter()
-      plan, plan_s = future.result()
-      waited += time.perf_counter() - wait
-      # Multi-process: every process planned from the same gathered routes; a differing plan would
-      # silently mix placements, so compare hashes (one tiny all-gather) and fail loudly.
-      plan_digests.append(distributed.check_same_across_processes(
-          (plan.slot_expert, plan.slot_share, plan.base), f"rl step {step}: the plan of mini-batch {i}"))
-      prepare = time.perf_counter()  # the device tables, on this thread
-      tables = prepare_step(plan, planned[i][0], self.plan_cfg.num_experts, mesh=self.mesh)
-      planner_s += plan_s + time.perf_counter() - prepare
-      groups.append((micro_batches, tables))
-      self.compile_ahead(step, micro_batches, tables, ("train",) if at_home else ("forward", "train"), compiled_M)
-      if not at_home:
-        self.attach_logprobs(micro_batches, tables)
-    times["plan_wait"], times["recompute"] = waited, time.perf_counter() - tic - waited
-    capacity_M = [c for _, t in groups for c in t.capacity_M]
-    new_capacities = sorted(set(compiled_M) - self.capacities)  # their programs compile in this step
-    self.capacities.update(compiled_M)
-
-    tic = time.perf_counter()
-    updates = [self.executor.train_step(mb, tables) for _ in range(rl.ppo_epochs) for mb, tables in groups]
-    times["update"] = time.perf_counter() - tic
-    imbalance_sums, per_micro_step = report.result()
-    kl = float(np.mean([u["metrics"]["approx_kl"].sum() for u in updates]))
-    return {"step": step, "reward": float(rewards_N.mean()), "kl": kl,
-            "loss": float(np.mean([u["loss"] for u in updates])),
-            "clip_frac": float(np.mean([u["metrics"]["clip_frac"].sum() for u in updates])),
-            "seconds": times, "planner_ms": 1e3 * planner_s, "micro_steps": len(batches),
-            "imbalance": {p: a / b for p, (a, b) in imbalance_sums.items()},
-            "imbalance_sums": imbalance_sums, "imbalance_per_micro_step": per_micro_step,
-            "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates)),
-            "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.capacities),
-            "new_capacities": new_capacities, "load": load_record(*loads.result()),
-            "response_length": length_stats(roll.tokens, roll.lengths, roll.prompt_lengths, eos_id=self.tok.eos_id,
-                                            max_new_tokens=rl.max_new_tokens),
-            "samples": [{"prompt": pairs[b // rl.group_size][0], "answer": answers[b], "response": completions[b],
-                         "reward": float(rewards_N[b])} for b in range(0, len(completions), rl.group_size)][:4],
-            "plan_digests": plan_digests}
-
   def compile_ahead(self, step: int, micro_batches: list[dict], tables, programs, met_this_step: list) -> None:
     """The programs a stage will run for `tables` compile before it, `rl.compile_workers` at a time
     (`Executor.precompile`), instead of one by one inside the stage: each recompute or update program of
-    a new padded capacity takes tens of seconds for a large model on a GPU. Programs compiled before cost
-    a cache lookup (a few ms per call on the CI box), so every group is checked: a known capacity can
-    still meet a new variant (refill, fill). New capacities are named before the wait."""
+    a new padded capacity takes tens of seconds for a large model on a GPU. A known capacity can still
+    meet a new variant (refill, fill), so every group is checked, by what decides its programs (`_key`):
+    a group seen before is skipped, since precompiling known programs still lowers them (~15 ms a group
+    on the CI box, on the dispatch thread). New capacities are named before the wait."""
     new = sorted(set(tables.capacity_M) - self.capacities - set(met_this_step))
     met_this_step += tables.capacity_M
     if new:
@@ -226,6 +347,11 @@ class GRPOTrainer:
       return  # each compiles when first called
     abstract = self.with_logprob_slots(
         micro_batches, lambda mask: jax.ShapeDtypeStruct(mask.shape, jnp.float32, sharding=mask.sharding))
+    key = _key(tables, abstract)
+    programs = tuple(p for p in programs if (p, key) not in self.compiled)
+    if not programs:
+      return
+    self.compiled.update((p, key) for p in programs)
     reports = [self.executor.precompile(abstract, tables, programs=programs, workers=self.rl.compile_workers)]
     if self.reference is not None and "forward" in programs:
       reports.append(self.reference.precompile(abstract, tables, programs=("forward",),
@@ -235,11 +361,6 @@ class GRPOTrainer:
                sum(r["programs"] for r in reports), sum(r["lower_s"] for r in reports), self.rl.compile_workers,
                sum(r["compile_s"] for r in reports))
 
-  def home_tables(self, counts_MxLxDxE):
-    """StepTables of the home layout (no plan to wait for; the static policy's tables)."""
-    home = dataclasses.replace(self.plan_cfg, policy="static")
-    return prepare_step(plan_step(counts_MxLxDxE, home), counts_MxLxDxE, home.num_experts, mesh=self.mesh)
-
   def with_logprob_slots(self, micro_batches: list[dict], make) -> list[dict]:
     """Each micro-batch with its log-prob entries (old, and the reference's if any) made by make(mask):
     the recompute's placeholders and the update's batches then share one structure and sharding, which
@@ -247,10 +368,16 @@ class GRPOTrainer:
     keys = ("logp_old",) if self.reference is None else ("logp_old", "logp_ref")
     return [{**b, **{k: make(b["mask"]) for k in keys}} for b in micro_batches]
 
+  def zeros_like_mask(self, mask):
+    """float32 zeros of the mask's shape and sharding, made once: the forward reads, never donates them."""
+    key = (mask.shape, mask.sharding)
+    if key not in self.zeros:
+      self.zeros[key] = jnp.zeros(mask.shape, jnp.float32, device=mask.sharding)
+    return self.zeros[key]
+
   def attach_logprobs(self, micro_batches: list[dict], tables) -> None:
     """Recompute: old (and reference) log-probs under replayed routes, forward only."""
-    placeholders = self.with_logprob_slots(micro_batches,
-                                           lambda mask: jnp.zeros(mask.shape, jnp.float32, device=mask.sharding))
+    placeholders = self.with_logprob_slots(micro_batches, self.zeros_like_mask)
     for key, executor in (("logp_old", self.executor), ("logp_ref", self.reference)):
       if executor is None:
         continue
@@ -273,22 +400,3 @@ class GRPOTrainer:
         if (step + 1) % self.rl.ckpt_every == 0 or step + 1 == self.rl.steps:
           self.save(step + 1, {"reward": record["reward"]})
     return records
-
-
-def format_record(step: int, record: dict, policy: str) -> str:
-  secs = record["seconds"]
-  stages = " ".join(f"{k} {secs[k]:.2f}s" for k in STAGES)
-  imb = " ".join(f"{p}{'*' if p == policy else ''} {v:.3f}" for p, v in record["imbalance"].items())
-  compiled = (f" | compiled for new padded capacities {record['new_capacities']}"
-              if record.get("new_capacities") else "")
-  return (f"rl step {step}: reward {record['reward']:.3f} kl {record['kl']:.4f} | {stages} "
-          f"(planner {record['planner_ms']:.1f} ms) | imbalance {imb}{compiled}")
-
-
-def summarize(records: list[dict], policy: str) -> dict:
-  """Run-level numbers: imbalance per policy over the whole run (sum of max / sum of mean loads)."""
-  sums = {p: np.sum([r["imbalance_sums"][p] for r in records], axis=0) for p in POLICIES}
-  return {"steps": len(records), "reward_first": records[0]["reward"], "reward_last": records[-1]["reward"],
-          "imbalance": {p: float(a / b) for p, (a, b) in sums.items()},
-          "seconds_per_stage": {k: float(np.mean([r["seconds"][k] for r in records])) for k in STAGES},
-          "planner_ms": float(np.mean([r["planner_ms"] for r in records])), "policy": policy}
