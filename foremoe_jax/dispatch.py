@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from foremoe_jax.mesh import EXPERT_AXIS as AXIS
 from foremoe_jax.placement import slot_pair_counts
 from pallas_kernels import vma
 from pallas_kernels.tiling import searchsorted
-
-AXIS = "expert"
 
 
 class Routing(NamedTuple):

@@ -18,8 +18,10 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from foremoe_jax import backends
-from foremoe_jax.dispatch import AXIS, padded_exchange, ragged_exchange, route, vary_over
+from foremoe_jax.dispatch import padded_exchange, ragged_exchange, route, vary_over
+from foremoe_jax.mesh import EXPERT_AXIS, batch_axes, expert_devices
 from foremoe_jax.placement import Tables, home_tables
+from foremoe_jax.planner.slots import check_layout
 from foremoe_jax.transfer import working_slots_local
 
 
@@ -48,23 +50,12 @@ class MoEOutput(NamedTuple):
   dropped: jax.Array  # int32 scalar pairs dropped by a too-small padded capacity
 
 
-def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
-  return tuple(a for a in mesh.axis_names if a in ("data", AXIS))
-
-
 def check_mesh(cfg: MoEConfig, mesh: jax.sharding.Mesh) -> tuple[int, int]:
   """Returns (D, S) or raises ValueError naming the problem."""
-  if AXIS not in mesh.axis_names:
-    raise ValueError(f"the mesh needs an axis named {AXIS!r}, got {mesh.axis_names}")
-  num_devices = mesh.shape[AXIS]
-  if cfg.num_experts % num_devices:
-    raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the expert axis size {num_devices}")
-  slots = cfg.slots_per_device or cfg.num_experts // num_devices
-  if slots * num_devices < cfg.num_experts:
-    raise ValueError(f"slots_per_device * D = {slots * num_devices} < num_experts = {cfg.num_experts}")
-  if not 1 <= cfg.top_k <= cfg.num_experts:
-    raise ValueError(f"top_k={cfg.top_k} must be in [1, num_experts={cfg.num_experts}]")
-  return num_devices, slots
+  num_devices = expert_devices(mesh)
+  if num_devices is None:
+    raise ValueError(f"the mesh needs an axis named {EXPERT_AXIS!r}, got {mesh.axis_names}")
+  return num_devices, check_layout(cfg.num_experts, num_devices, cfg.slots_per_device, cfg.top_k)
 
 
 def default_capacity(cfg: MoEConfig, local_tokens: int, num_devices: int) -> int:
@@ -92,7 +83,7 @@ class MoE(nnx.Module):
     self.mesh = mesh
     self.num_devices, self.slots = check_mesh(cfg, mesh)
     e, h, f = cfg.num_experts, cfg.d_model, cfg.d_ff
-    home = NamedSharding(mesh, P(AXIS))
+    home = NamedSharding(mesh, P(EXPERT_AXIS))
 
     def init(shape, fan_in, sharding):
       w = jax.random.normal(rngs.params(), shape, jnp.float32) / np.sqrt(fan_in)  # f32 scale, then cast
@@ -131,7 +122,7 @@ class MoE(nnx.Module):
     fn = functools.partial(self._local, mode=mode, capacity=capacity, axes=axes,
                            total_tokens=b * t, replayed=replay is not None)
     bspec = P(axes)
-    wspec = P(AXIS)
+    wspec = P(EXPERT_AXIS)
     out = jax.shard_map(
         fn, mesh=mesh,
         in_specs=(bspec, P(), wspec, wspec, P(), P(), bspec, wspec, wspec),
@@ -162,7 +153,7 @@ class MoE(nnx.Module):
     expert_fn = functools.partial(swiglu_experts, w_gate_up_SxHx2F=w_gate_up_work, w_down_SxFxH=w_down_work,
                                   axes=axes, dtype=cfg.dtype, backend=cfg.gmm_backend)
     expert_P = topk_NxK.reshape(-1)
-    me = jax.lax.axis_index(AXIS)
+    me = jax.lax.axis_index(EXPERT_AXIS)
     routing = route(expert_P, slot_expert_G, share_DxG[me], e)
     if mode == "padded":
       y_NxH, group_sizes_S, dropped = padded_exchange(x_NxH, gate_NxK, routing, self.slots, capacity, expert_fn,

@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from foremoe_jax import MoE, MoEConfig, make_tables
-from foremoe_jax.placement import home_placement
+from foremoe_jax.placement import home_tables
+from foremoe_jax.planner import home_placement
 from moe_reference import cpu_mesh, dense_moe, random_placement
 
 H, F = 16, 8
@@ -71,7 +72,7 @@ def test_hot_expert_and_empty_experts_with_replicas():
   mesh = cpu_mesh(1, 8)
   moe = build(mesh, slots=3)
   rng = np.random.default_rng(3)
-  slot_expert, _ = home_placement(16, 8, 3)
+  slot_expert = home_placement(16, 8, 3)
   slot_expert[:, 2] = 0
   share = np.zeros((8, 24), np.float32)
   holders = np.flatnonzero(slot_expert.reshape(-1) == 0)
@@ -167,7 +168,7 @@ def test_bad_replay_and_tables_are_refused():
   with pytest.raises(ValueError, match="shape"):
     moe(x, replay=jnp.zeros((8, 2, 3), jnp.int32))
   with pytest.raises(ValueError, match="slots"):
-    moe(x, make_tables(*home_placement(16, 8, 2), num_experts=16))
+    moe(x, home_tables(16, 8, 2))
   with pytest.raises(ValueError, match="divisible"):
     moe(jnp.ones((4, 2, H)))
 

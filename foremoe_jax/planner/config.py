@@ -9,6 +9,7 @@ import pathlib
 import numpy as np
 
 from foremoe_jax.planner.pairs import BUCKETS_PER_OCTAVE, check_buckets
+from foremoe_jax.planner.slots import check_layout
 
 POLICIES = ("static", "eplb_step", "eplb_history", "eplb_microstep", "foremoe")
 # Measured exposed transfer costs per card (`benchmarks/overlap.py --calibrate` writes them).
@@ -174,13 +175,7 @@ class PlanConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"PlanConfig.{name} must be a positive int, got {value!r}")
-    if self.num_experts % self.num_devices:
-      raise ValueError(
-          f"num_experts={self.num_experts} is not divisible by num_devices={self.num_devices}")
-    if self.num_slots < self.num_experts:
-      raise ValueError(
-          f"num_devices*slots_per_device={self.num_slots} < num_experts={self.num_experts}: "
-          "some expert would have no slot")
+    check_layout(self.num_experts, self.num_devices, self.slots_per_device)
     if self.policy not in POLICIES:
       raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
     if min(self.max_moves_per_device, self.split_sweeps, self.pair_sweeps) < 0:
