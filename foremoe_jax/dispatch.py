@@ -3,9 +3,9 @@
 One source device holds N tokens with k experts each: P = N*k (token, expert) pairs, indexed i = t*k + j.
 1. `route`: each pair gets a global slot g = d*S + j by the placement's deterministic split rule, and a
    position in the by-slot order (grouped by destination device, then local slot).
-2. `padded_exchange` / `ragged_exchange`: rows travel to their destination devices, where they are
-   grouped by local slot for one grouped matmul over the working slots, then travel back, and each
-   token's k outputs are summed with its gate weights.
+2. `padded_exchange` / `ragged_exchange` (one signature; `backends.DISPATCH` names them): rows travel to
+   their destination devices, where they are grouped by local slot for one grouped matmul over the
+   working slots, then travel back, and each token's k outputs are summed with its gate weights.
 Row moves are `pallas_kernels.permute` / `combine` (Pallas kernels on GPU, XLA elsewhere) given their
 inverse maps, so every backward is a gather: no scatter-add, and no XLA fusion of a k-row gather
 with what follows it (on 4 x H200 those fusions took a third of the MoE step).
@@ -133,11 +133,16 @@ def padded_exchange(x_NxH, gate_NxK, routing: Routing, num_slots: int, capacity:
   y_NxH = combine_rows(back_DxCxH.reshape(-1, hidden), slot_in_buffer_NxK, gate_NxK, x_NxH.dtype, backend)
   dropped = (send_D - jnp.minimum(send_D, capacity)).sum()
   return y_NxH, group_sizes_S, dropped
-def ragged_exchange(x_NxH, gate_NxK, routing: Routing, num_slots: int, recv_capacity: int, expert_fn: Callable,
+
+
+def ragged_exchange(x_NxH, gate_NxK, routing: Routing, num_slots: int, capacity: int, expert_fn: Callable,
                     backend: str | None = None):
-  """`ragged_all_to_all` (GPU/TPU): rows travel unpadded; each receiver holds at most `recv_capacity`
-  rows, and senders clip deterministically (from the all-gathered size matrix) so none overflows."""
+  """`ragged_all_to_all` (GPU/TPU): rows travel unpadded. Each receiver holds at most D * `capacity` rows
+  (every source sending it `capacity`), and senders clip deterministically (from the all-gathered size
+  matrix) so none overflows: a pair count above `capacity` drops rows only when the receiver's total does.
+  Returns what `padded_exchange` returns."""
   num_devices = routing.count_G.shape[0] // num_slots
+  recv_capacity = capacity * num_devices
   (num_tokens, hidden), top_k = x_NxH.shape, gate_NxK.shape[1]
   me = jax.lax.axis_index(AXIS)
   count_to_dst_DxS = routing.count_G.reshape(num_devices, num_slots)

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from foremoe_jax import backends
 from foremoe_jax import mesh as mesh_lib
 from foremoe_jax.attention import Attention, KVCache, RMSNorm, init_param
 from foremoe_jax.moe import MoE, MoEConfig, check_replay
@@ -46,8 +47,10 @@ class ModelConfig:
   top_k: int = 2
   d_ff_expert: int = 32
   slots_per_device: int | None = None  # None: E / D (no redundant slots)
-  dispatch: str = "auto"
+  dispatch: str = "auto"  # the token exchange: a key of backends.DISPATCH, or "auto"
   capacity_factor: float = 2.0
+  gmm_backend: str | None = None  # pallas_kernels backend of the grouped matmuls; None picks by platform
+  dispatch_backend: str | None = None  # pallas_kernels backend of permute/combine; None picks by platform
   moe_every: int = 1  # block i is MoE when (i + 1) % moe_every == 0 (Qwen's decoder_sparse_step)
   qk_norm: bool = True
   qk_norm_scope: str = "head"  # "head": RMSNorm over head_dim (Qwen3); "projection": over all of q / k (OLMoE)
@@ -97,14 +100,15 @@ class ModelConfig:
                        f"moe_every={self.moe_every}")
     if self.capacity_factor <= 0:
       raise ValueError(f"ModelConfig: capacity_factor must be > 0, got {self.capacity_factor}")
+    backends.check_backends(self.dispatch, self.gmm_backend, self.dispatch_backend, "ModelConfig.")
     return self
 
   def moe_config(self) -> MoEConfig:
     return MoEConfig(d_model=self.d_model, d_ff=self.d_ff_expert, num_experts=self.num_experts, top_k=self.top_k,
                      slots_per_device=self.slots_per_device, dispatch=self.dispatch,
                      capacity_factor=self.capacity_factor, norm_topk_prob=self.norm_topk_prob,
-                     dtype=jnp.dtype(self.dtype),
-                     param_dtype=jnp.dtype(self.param_dtype))
+                     dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
+                     gmm_backend=self.gmm_backend, dispatch_backend=self.dispatch_backend)
 
 
 class ModelOutput(NamedTuple):

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from foremoe_jax import backends
-from foremoe_jax.dispatch import padded_exchange, ragged_exchange, route, vary_over
+from foremoe_jax.dispatch import route, vary_over
 from foremoe_jax.mesh import EXPERT_AXIS, batch_axes, expert_devices
 from foremoe_jax.placement import Tables, home_tables
 from foremoe_jax.planner.slots import check_layout
@@ -32,8 +32,8 @@ class MoEConfig:
   num_experts: int
   top_k: int
   slots_per_device: int | None = None  # default E / D (no redundant slots)
-  dispatch: str = "auto"  # auto | padded | ragged (see backends.choose_dispatch)
-  capacity_factor: float = 2.0  # padded rows per (source, destination) over the even share
+  dispatch: str = "auto"  # a token exchange of backends.DISPATCH, or "auto" (backends.choose_dispatch)
+  capacity_factor: float = 2.0  # rows per (source, destination) over the even share (default capacity)
   norm_topk_prob: bool = True  # renormalize the top-k gates (Qwen3); False keeps the softmax values (OLMoE)
   dtype: Any = jnp.float32  # expert matmul dtype
   param_dtype: Any = jnp.float32
@@ -47,7 +47,7 @@ class MoEOutput(NamedTuple):
   counts: jax.Array  # int32 [E] pairs routed to each logical expert (global)
   slot_counts: jax.Array  # int32 [D*S] pairs each physical slot processed
   aux_loss: jax.Array  # scalar switch-style load-balance loss
-  dropped: jax.Array  # int32 scalar pairs dropped by a too-small padded capacity
+  dropped: jax.Array  # int32 scalar pairs dropped by a too-small capacity
 
 
 def check_mesh(cfg: MoEConfig, mesh: jax.sharding.Mesh) -> tuple[int, int]:
@@ -59,7 +59,7 @@ def check_mesh(cfg: MoEConfig, mesh: jax.sharding.Mesh) -> tuple[int, int]:
 
 
 def default_capacity(cfg: MoEConfig, local_tokens: int, num_devices: int) -> int:
-  """Padded rows per (source, destination): the even share times the capacity factor, 8-aligned."""
+  """Rows per (source, destination): the even share times the capacity factor, 8-aligned."""
   pairs = local_tokens * cfg.top_k
   cap = math.ceil(pairs / num_devices * cfg.capacity_factor / 8) * 8
   return max(8, min(cap, math.ceil(pairs / 8) * 8))
@@ -81,6 +81,7 @@ class MoE(nnx.Module):
   def __init__(self, cfg: MoEConfig, *, mesh: jax.sharding.Mesh, rngs: nnx.Rngs):
     self.cfg = cfg
     self.mesh = mesh
+    backends.check_backends(cfg.dispatch, cfg.gmm_backend, cfg.dispatch_backend, "MoEConfig.")
     self.num_devices, self.slots = check_mesh(cfg, mesh)
     e, h, f = cfg.num_experts, cfg.d_model, cfg.d_ff
     home = NamedSharding(mesh, P(EXPERT_AXIS))
@@ -96,8 +97,9 @@ class MoE(nnx.Module):
 
   def __call__(self, x_BxTxH: jax.Array, tables: Tables | None = None, replay: jax.Array | None = None,
                *, capacity: int | None = None, working=None) -> MoEOutput:
-    """`capacity`: padded rows per (source, destination) (static); `working`: precomputed
-    (w_gate_up [D*S, H, 2F], w_down [D*S, F, H]) slots from the transfer engine, else built here."""
+    """`capacity`: rows per (source, destination), static (each exchange of `backends.DISPATCH` says how it
+    uses it); `working`: precomputed (w_gate_up [D*S, H, 2F], w_down [D*S, F, H]) slots from the transfer
+    engine, else built here."""
     cfg, mesh = self.cfg, self.mesh
     b, t, h = x_BxTxH.shape
     if h != cfg.d_model:
@@ -155,12 +157,9 @@ class MoE(nnx.Module):
     expert_P = topk_NxK.reshape(-1)
     me = jax.lax.axis_index(EXPERT_AXIS)
     routing = route(expert_P, slot_expert_G, share_DxG[me], e)
-    if mode == "padded":
-      y_NxH, group_sizes_S, dropped = padded_exchange(x_NxH, gate_NxK, routing, self.slots, capacity, expert_fn,
-                                                      cfg.dispatch_backend)
-    else:  # a receiver holds what every source may send it
-      y_NxH, group_sizes_S, dropped = ragged_exchange(x_NxH, gate_NxK, routing, self.slots,
-                                                      capacity * self.num_devices, expert_fn, cfg.dispatch_backend)
+    exchange = backends.DISPATCH[mode].exchange
+    y_NxH, group_sizes_S, dropped = exchange(x_NxH, gate_NxK, routing, self.slots, capacity, expert_fn,
+                                             cfg.dispatch_backend)
 
     counts_E = jax.lax.psum(jnp.bincount(expert_P, length=e).astype(jnp.int32), axes)
     # A psum of one-hot blocks (all_gather's result is not marked replicated).
