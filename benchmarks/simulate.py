@@ -42,7 +42,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step, traces  # noqa: E402
 from foremoe_jax.planner.pairs import micro_capacities  # noqa: E402
 from foremoe_jax.transfer import home_to_base_moves  # noqa: E402
-from moe_step import E, K, map_routes_64_to_128  # noqa: E402
+from common import E, K, map_routes_64_to_128  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CALIBRATE = ("static", "eplb_step")
