@@ -25,8 +25,8 @@ DISPATCH = {
     "padded": Dispatch(dispatch.padded_exchange, "all_to_all", None),
     "ragged": Dispatch(dispatch.ragged_exchange, "ragged_all_to_all", ("gpu", "tpu")),
 }
-# `auto` is the padded all_to_all: with foresight its capacity is exact, and it ran faster than
-# ragged_all_to_all on H100s (BENCHMARKS.md, token exchange).
+# `auto` is the padded all_to_all: with foresight its capacity is exact, and on H100s it ran much faster
+# than ragged_all_to_all (BENCHMARKS.md, numbers behind choices).
 AUTO = "padded"
 DISPATCH_MODES = ("auto", *DISPATCH)
 _logged: set[tuple[str, str]] = set()

@@ -8,7 +8,7 @@ One source device holds N tokens with k experts each: P = N*k (token, expert) pa
    working slots, then travel back, and each token's k outputs are summed with its gate weights.
 Row moves are `pallas_kernels.permute` / `combine` (Pallas kernels on GPU, XLA elsewhere) given their
 inverse maps, so every backward is a gather: no scatter-add, and no XLA fusion of a k-row gather
-with what follows it (on 4 x H200 those fusions took a third of the MoE step).
+with what follows it (on GPUs those fusions cost much of the MoE step: BENCHMARKS.md, numbers behind choices).
 All index arithmetic is traced: a new placement is new values, never a new program.
 """
 from typing import Callable, NamedTuple

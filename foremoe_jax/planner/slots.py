@@ -51,8 +51,8 @@ def stable_argsort(keys_BxN: np.ndarray) -> np.ndarray:
   return np.argsort(keys_BxN, axis=1, kind="stable")
 
 
-# device_first_mask: pairwise comparisons up to this many slots per device, a sort beyond (measured
-# on one core: pairwise 0.3 ms at S=3 where the sort takes 13; 5.7 ms at S=65 where it takes 0.08).
+# device_first_mask: pairwise comparisons up to this many slots per device, a sort beyond: each is the
+# faster one on its side on one core (BENCHMARKS.md, numbers behind choices).
 PAIRWISE_MAX_SLOTS = 16
 
 
