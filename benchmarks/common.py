@@ -1,11 +1,20 @@
-"""What the benchmarks share: the Qwen3-30B-A3B-shaped MoE layer stack of `moe_step.py`, its routes (the
-trace mapping, ideal routes, counts, route files), the planners' cost model at given rates, results files
-and the `--smoke` switch. Imported by the benchmark scripts (run from any directory)."""
+"""What the benchmarks share (add here; other benchmarks import them).
+
+The Qwen3-30B-A3B-shaped MoE layer stack of `moe_step.py` (`stack_setup`) and its routes (the trace mapping,
+ideal routes, counts, route files), the planners' cost model at given rates (`plan_cost`), results files
+(`save`) and the `--smoke` switch (`parse_with_smoke`); and:
+`expert_mesh(d)`: a (data=1, expert=d) mesh over the first d devices (several EP sizes in one process).
+`abstract_model(cfg, mesh)`: the model with shapes and dtypes only (`nnx.eval_shape`; it drops the shardings
+the model's `device_put`s give); `with_shardings(tree, like)` puts back those of a same-structure tree.
+`memory_stats(compiled)`: `compiled.memory_analysis()` as a dict of bytes (per device for a sharded program).
+`shard_bytes(tree)`: bytes one device holds of a tree of arrays / ShapeDtypeStructs with shardings.
+"""
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import math
 import pathlib
 import shlex
 import sys
@@ -18,6 +27,8 @@ from foremoe_jax.planner import CostModel, traces  # noqa: E402
 E, K, H, F = 128, 8, 2048, 768  # experts, top-k, hidden, expert hidden (Qwen3-30B-A3B)
 MICRO_STEPS, TRACE_LAYERS, SEED = 8, (4, 10, 16, 22), 0  # the defaults that name the route files
 PLAN_RATES = (600.0, 130.0, 175.0)  # grouped GEMM TFLOP/s, GB/s per move, all_to_all GB/s (4 x H200)
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                 "generated_code_size_in_bytes")
 
 
 def plan_cost(tflops: float, link_gbs: float, a2a_gbs: float, hidden: int = H, expert_hidden: int = F) -> CostModel:
@@ -70,14 +81,11 @@ def ideal_routes(m: int, n: int, l: int, permute: bool = True) -> np.ndarray:
 def stack_setup(args, num_devices: int):
   """(mesh, MoEConfig, loss_fn) of the benchmark's layer stack on a (data=1, expert=D) mesh: E experts,
   top-K, S = E/D + 1 slots per device, bf16; the loss is the mean squared error to batch["target"]."""
-  import jax
   import jax.numpy as jnp
-  from jax.sharding import AxisType
 
   from foremoe_jax import MoEConfig
-  from foremoe_jax.mesh import AXES
 
-  mesh = jax.make_mesh((1, num_devices), AXES, axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:num_devices])
+  mesh = expert_mesh(num_devices)
   cfg = MoEConfig(d_model=args.hidden, d_ff=args.expert_hidden, num_experts=E, top_k=K,
                   slots_per_device=E // num_devices + 1, dispatch="padded", dtype=jnp.bfloat16,
                   param_dtype=jnp.bfloat16, gmm_backend=args.gmm_backend, dispatch_backend=args.dispatch_backend)
@@ -113,3 +121,46 @@ def parse_with_smoke(ap: argparse.ArgumentParser, smoke: dict, help: str = "tiny
     for key, value in smoke.items():
       setattr(args, key, value)
   return args
+
+
+def expert_mesh(expert: int):
+  """Auto axes, as `foremoe_jax.mesh.make_mesh`, but over the first `expert` devices of a larger box."""
+  import jax
+  from jax.sharding import AxisType
+
+  from foremoe_jax.mesh import AXES
+  if expert > jax.device_count():
+    raise ValueError(f"EP {expert} needs {expert} devices, JAX sees {jax.device_count()} "
+                     "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  return jax.make_mesh((1, expert), AXES, axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:expert])
+
+
+def abstract_model(cfg, mesh):
+  from flax import nnx
+
+  from foremoe_jax.model import Model
+  return nnx.eval_shape(lambda: Model(cfg, mesh=mesh, rngs=nnx.Rngs(0)))
+
+
+def with_shardings(tree, like):
+  """ShapeDtypeStructs of `tree`'s shapes and dtypes with the shardings of `like`'s leaves (same structure)."""
+  import jax
+  return jax.tree.map(lambda a, b: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=b.sharding), tree, like)
+
+
+def memory_stats(compiled) -> dict[str, int]:
+  stats = compiled.memory_analysis()
+  if stats is None:
+    raise RuntimeError("this backend's compiled program has no memory analysis")
+  return {name.removesuffix("_size_in_bytes"): int(getattr(stats, name)) for name in MEMORY_FIELDS}
+
+
+def shard_bytes(tree, shardings=None) -> int:
+  """Bytes of one device's shard of every leaf (the largest shard where shards differ in size);
+  `shardings`: a matching tree of shardings to use instead of the leaves' own."""
+  import jax
+  leaves = jax.tree.leaves(tree)
+  found = [a.sharding for a in leaves] if shardings is None else jax.tree.leaves(shardings)
+  if len(found) != len(leaves):
+    raise ValueError(f"{len(leaves)} leaves but {len(found)} shardings")
+  return sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a, s in zip(leaves, found))

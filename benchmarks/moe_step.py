@@ -85,6 +85,7 @@ def run(args, num_devices: int) -> dict:
   from jax.sharding import PartitionSpec as P
 
   from foremoe_jax.executor import Executor, prepare_step, table_rows
+  from foremoe_jax.step_tables import gradient_rows
   from foremoe_jax.moe_stack import MoEStack
   from foremoe_jax.transfer import home_to_base_moves, local_copies_needed, moves_needed
 
@@ -238,6 +239,7 @@ def run(args, num_devices: int) -> dict:
       row = dict(imbalance=plan.imbalance(c), planner_ms=plan_ms.get(policy, 0.0), planner_on_critical_path=False,
                  max_load_sum=float(load.max(-1).sum()), moved_slots=int(step.moved_slots),
                  refilled_slots=int(step.refilled_slots), base_moves_remote=remote_base_moves(plan),
+                 grad_rows=gradient_rows(plan, E),
                  capacity=step.capacity, capacity_mean=float(np.mean(step.capacity_M)), prefetch=prefetch,
                  dropped=int(np.sum(out["metrics"]["dropped"])), loss=out["loss"],
                  profile=profile(step, batches_, prefetch))
@@ -262,21 +264,31 @@ def summary_rows(result: dict) -> list[dict]:
                      vs_static=st / t if st else np.nan, vs_eplb_step=eq / t if eq else np.nan,
                      to_ideal_pct=100 * (t / idl - 1) if idl else np.nan,
                      excess_removed_pct=100 * (st - t) / (st - idl) if st and idl and st != idl else np.nan,
-                     planner_ms=pol[name]["planner_ms"],
+                     planner_ms=pol[name]["planner_ms"], grad_rows=pol[name].get("grad_rows"),
                      capacity=pol[name].get("capacity_mean", pol[name].get("capacity", 0))))
   return rows
+
+
+def grad_rows_cell(rows: dict | None) -> str:
+  """Expert-gradient rows sent to the base per step, each off-base slot after every micro-step (the
+  schedule before deferred gradients) against once per tenure (now); in parentheses the remote ones."""
+  if rows is None:  # live: every micro-step is its own step
+    return ""
+  return (f"{rows['per_micro_step']} -> {rows['per_tenure']} "
+          f"({rows['per_micro_step_remote']} -> {rows['per_tenure_remote']})")
 
 
 def table(result: dict) -> str:
   head = (f"D={result['D']} S={result['S']} L={result['layers']} M={result['micro_steps']} "
           f"tok/dev={result['tokens_per_device']}\n")
   lines = ["| policy | step ms | imbalance | mean capacity | x static | x eplb_step | vs ideal % | "
-           "static excess removed % | planner ms |", "|---|---|---|---|---|---|---|---|---|"]
+           "static excess removed % | planner ms | grad rows / step: per micro-step -> per tenure (remote) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in summary_rows(result):
     lines.append(f"| {r['policy']} | {r['step_ms']:.2f} | {r['imbalance']:.4f} | {r['capacity']:.0f} | "
                  f"{r['vs_static']:.3f} | {r['vs_eplb_step']:.3f} | {r['to_ideal_pct']:+.2f} | "
                  f"{r['excess_removed_pct']:.1f} | "
-                 f"{r['planner_ms']:.2f} |")
+                 f"{r['planner_ms']:.2f} | {grad_rows_cell(r['grad_rows'])} |")
   return head + "\n".join(lines)
 
 

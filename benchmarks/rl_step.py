@@ -5,8 +5,15 @@ routes and the math are identical; only placements differ. One warm-up pass over
 every program (one per padded capacity a micro-step meets: each policy's exchange is sized to its own
 micro-steps' needs), then `--repeats` measured passes; the table reports medians.
 
+`--routes traces[:ROOT]` replaces the rollout's routes with a trained model's (the DeepSeek-V2-Lite ESFT
+traces, mapped onto this model's layers and experts by `foremoe_jax/rl/trace_routes.py`) before packing,
+so the counts, the plans and the replayed routes all see real routing instead of a random router's. ROOT
+defaults to $FOREMOE_TRACES, else <repo>/../shared/traces; without traces there the run uses live routes
+and says so (the JSON's "routes").
+
   python benchmarks/rl_step.py --config gpu_4 --out $OUT/rl_step.json
   python benchmarks/rl_step.py --config cpu_tiny --set rl.prompts_per_step=16   # CPU smoke run
+  python benchmarks/rl_step.py --config cpu_tiny --routes traces --repeats 1   # CPU, trace routes
 """
 import argparse
 import dataclasses
@@ -27,6 +34,8 @@ def parse_args(argv=None):
   p.add_argument("--policies", default=",".join(POLICIES))
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--out", default=None, help="JSON results path")
+  p.add_argument("--routes", default="live", help="live | traces | traces:ROOT (see above)")
+  p.add_argument("--trace-tasks", default=None, help="ESFT tasks replayed, comma-separated (default: all four)")
   return p.parse_args(argv)
 
 
@@ -41,13 +50,22 @@ def main(argv=None):
   import configs
   from foremoe_jax.mesh import make_mesh
   from foremoe_jax.model import Model
+  from foremoe_jax.rl import trace_routes
   from foremoe_jax.rl.trainer import GRPOTrainer
   from foremoe_jax.sft import make_task
 
+  trace_root, routes_note = trace_routes.resolve(args.routes)  # a bad --routes fails before the model is built
   cfg = configs.apply_overrides(configs.get_config(args.config), args.set).validate()
   mesh = make_mesh(cfg.mesh_data, cfg.mesh_expert)
   model = Model(cfg.model, mesh=mesh, rngs=nnx.Rngs(cfg.seed))
   trainer = GRPOTrainer(cfg, model, mesh, make_task(cfg), f"/tmp/rl_step_bench_{os.getpid()}")
+  if trace_root is not None:
+    trainer.route_hook = trace_routes.esft_trace_routes(
+        trace_root, num_experts=cfg.model.num_experts, num_layers=len(cfg.model.moe_layer_ids),
+        top_k=cfg.model.top_k, group_size=cfg.rl.group_size, seed=cfg.seed,
+        tasks=args.trace_tasks.split(",") if args.trace_tasks else trace_routes.traces.ESFT_TASKS)
+    routes_note = f"traces ({trainer.route_hook.source}, {trace_root})"
+  print(f"routes: {routes_note}", flush=True)
   initial = jax.tree.map(lambda a: a.copy(), (trainer.executor.params, trainer.executor.opt_state))
   policies = args.policies.split(",")
   runs = {p: [] for p in policies}
@@ -70,7 +88,7 @@ def main(argv=None):
     rows.append({"policy": policy, "seconds": med, "imbalance": records[0]["imbalance"][policy],
                  "planner_ms": float(np.median([r["planner_ms"] for r in records])),
                  "micro_steps": records[0]["micro_steps"], "capacity_mean": records[0]["capacity_mean"]})
-  result = {"config": args.config, "overrides": args.set, "devices": jax.device_count(),
+  result = {"config": args.config, "overrides": args.set, "routes": routes_note, "devices": jax.device_count(),
             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "repeats": args.repeats,
             "capacities_compiled": len(trainer.capacities), "rows": rows, "date": time.strftime("%Y-%m-%d")}
   if args.out:
@@ -78,7 +96,7 @@ def main(argv=None):
       json.dump(result, f, indent=1)
   print(f"\nRL step, {args.config}, {result['devices']} x {result['device_kind']}, jax {jax.__version__}, "
         f"median of {args.repeats}, {rows[0]['micro_steps']} micro-steps, "
-        f"{len(trainer.capacities)} padded capacities compiled")
+        f"{len(trainer.capacities)} padded capacities compiled, routes: {routes_note}")
   print(f"{'policy':<14}{'imbalance':>10}{'capacity':>10}{'planner ms':>12}{'rollout s':>11}{'plan wait s':>13}"
         f"{'recompute s':>13}{'update s':>10}{'total s':>9}")
   for r in rows:

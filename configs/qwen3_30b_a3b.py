@@ -4,7 +4,8 @@
 bf16 weights; Adam moments in bf16 here, since float32 ones do not fit 80 GB at EP 8 (README, memory
 table: 82.5 GiB before activations); `--set rl.adam_dtype=float32` where they fit (H200). Micro-steps as
 veRL / slime form them: whole sequences packed under a per-device token budget (`rl.tokens_per_shard`,
-veRL's `ppo_max_token_len_per_gpu`), a few sequences each (`rl.rows_per_shard`), `rl.num_minibatches`
+veRL's `ppo_max_token_len_per_gpu`), several back to back in each of `rl.rows_per_shard` rows of the
+rollout's width (`rl.pack_sequences`, their "remove padding" at fixed shapes), `rl.num_minibatches`
 optimizer steps per rollout. Start from a Hugging Face checkpoint (`--init-from`, `--sft-steps 0`).
 """
 from configs import RLConfig, SFTConfig, TrainConfig
@@ -23,11 +24,12 @@ def qwen3_model(num_layers: int, expert_devices: int, max_seq_len: int) -> Model
 
 
 def qwen3_rl(adam_dtype: str, max_new_tokens: int = 8192) -> RLConfig:
-  """GRPO over 32 prompts x 8 samples, responses up to 8K tokens; micro-steps of <= 16K real tokens and
-  <= 4 sequences per device, 4 optimizer steps per rollout; 2 capacity buckets per octave (few compiles)."""
+  """GRPO over 32 prompts x 8 samples, responses up to 8K tokens; micro-steps of <= 16K real tokens per
+  device packed into 4 rows of the rollout's width (the budget binds, not the sequence count; padding
+  is routed to no expert), 4 optimizer steps per rollout; 2 capacity buckets per octave (few compiles)."""
   return RLConfig(steps=100, prompts_per_step=32, group_size=8, max_new_tokens=max_new_tokens, lr=1e-6,
-                  rows_per_shard=4, tokens_per_shard=16384, num_minibatches=4, capacity_buckets=2,
-                  adam_dtype=adam_dtype)
+                  rows_per_shard=4, tokens_per_shard=16384, pack_sequences=True, num_minibatches=4,
+                  capacity_buckets=2, adam_dtype=adam_dtype)
 
 
 def get_config() -> TrainConfig:

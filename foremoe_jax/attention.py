@@ -3,6 +3,8 @@
 Cache slot j holds the key/value of position j, for every row. Queries at position p see the keys at
 positions <= p, so the same mask serves the full forward (keys = the sequence itself), a prefill into the
 cache and one-token decode steps at per-row positions (right-padded prompts of different lengths).
+Packed rows (several sequences back to back, no cache) pass `segment_ids`: a query sees the earlier
+columns of its own segment only, and RoPE rotates by the per-token positions (restarting per sequence).
 """
 from typing import NamedTuple
 
@@ -59,14 +61,22 @@ def write_cache(cache_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.A
   return jax.vmap(one)(cache_BxSxKxD, new_BxTxKxD, start_B)
 
 
-def gqa_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT) -> jax.Array:
-  """Causal by position: query at position p sees key slots 0..p. Softmax in float32."""
+def gqa_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, segment_ids_BxT=None) -> jax.Array:
+  """Causal by position: query at position p sees key slots 0..p. Softmax in float32.
+
+  `segment_ids_BxT` (keys = the queries' own row, S = T): query column t sees key columns s <= t of its
+  own segment instead (padding, segment 0, sees padding: finite rows, outputs nobody reads)."""
   groups = q_BxTxNxD.shape[2] // k_BxSxKxD.shape[2]
   k_BxSxNxD = jnp.repeat(k_BxSxKxD, groups, axis=2)
   v_BxSxNxD = jnp.repeat(v_BxSxKxD, groups, axis=2)
   scale = q_BxTxNxD.shape[-1] ** -0.5
   s_BxNxTxS = jnp.einsum("btnd,bsnd->bnts", q_BxTxNxD, k_BxSxNxD, preferred_element_type=jnp.float32) * scale
-  visible_BxTxS = jnp.arange(k_BxSxKxD.shape[1])[None, None, :] <= q_pos_BxT[:, :, None]
+  if segment_ids_BxT is None:
+    visible_BxTxS = jnp.arange(k_BxSxKxD.shape[1])[None, None, :] <= q_pos_BxT[:, :, None]
+  else:
+    cols = jnp.arange(k_BxSxKxD.shape[1])
+    visible_BxTxS = ((cols[None, None, :] <= cols[None, :, None])
+                     & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]))
   s_BxNxTxS = jnp.where(visible_BxTxS[:, None], s_BxNxTxS, -1e30)
   p_BxNxTxS = jax.nn.softmax(s_BxNxTxS, axis=-1).astype(v_BxSxNxD.dtype)
   return jnp.einsum("bnts,bsnd->btnd", p_BxNxTxS, v_BxSxNxD)
@@ -89,9 +99,12 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(q_dim, mesh=mesh, param_dtype=pd, eps=eps) if cfg.qk_norm else None
     self.k_norm = RMSNorm(k_dim, mesh=mesh, param_dtype=pd, eps=eps) if cfg.qk_norm else None
 
-  def __call__(self, x_BxTxH, positions_BxT, cache: KVCache | None = None, start_B=None):
-    """Without a cache: attention over the sequence itself. With one: writes this chunk's keys at
-    `start_B` (so positions_BxT = start_B + arange(T)) and attends over the whole cache."""
+  def __call__(self, x_BxTxH, positions_BxT, cache: KVCache | None = None, start_B=None, segment_ids_BxT=None):
+    """Without a cache: attention over the sequence itself, or with `segment_ids_BxT` over each packed
+    sequence of the row. With one: writes this chunk's keys at `start_B` (so positions_BxT = start_B +
+    arange(T)) and attends over the whole cache."""
+    if cache is not None and segment_ids_BxT is not None:
+      raise ValueError("Attention: packed rows (segment_ids) run without a KV cache")
     dt = self.dtype
     x = x_BxTxH.astype(dt)
     q = jnp.einsum("bth,hnd->btnd", x, self.wq[...].astype(dt))
@@ -103,7 +116,7 @@ class Attention(nnx.Module):
     if cache is not None:
       cache = KVCache(write_cache(cache.k, k, start_B), write_cache(cache.v, v, start_B))
       k, v = cache.k.astype(dt), cache.v.astype(dt)
-    o_BxTxNxD = gqa_attention(q, k, v, positions_BxT)
+    o_BxTxNxD = gqa_attention(q, k, v, positions_BxT, segment_ids_BxT)
     return jnp.einsum("btnd,ndh->bth", o_BxTxNxD, self.wo[...].astype(dt)), cache
 
   def _qk_norm(self, norm: RMSNorm, x_BxTxNxD):

@@ -12,10 +12,11 @@ log = logging.getLogger("foremoe_jax")
 
 
 class Dispatch(NamedTuple):
-  """One token exchange. `exchange(x_NxH, gate_NxK, routing, num_slots, capacity, expert_fn, kernel_backend)
-  -> (y_NxH, group_sizes_S, dropped)`: the same signature for every backend, `capacity` always the rows
-  per (source, destination) pair the executor sizes from the planner's pair need; each backend's docstring
-  says how it uses it. The planner's `CostModel(dispatch=name)` prices the exchange by the same name."""
+  """One token exchange. `exchange(x_NxH, gate_NxK, routing, num_slots, capacity, expert_fn, kernel_backend,
+  masked=False) -> (y_NxH, group_sizes_S, dropped)`: the same signature for every backend, `capacity`
+  always the rows per (source, destination) pair the executor sizes from the planner's pair need; each
+  backend's docstring says how it uses it. The planner's `CostModel(dispatch=name)` prices the exchange
+  by the same name."""
   exchange: Callable
   collective: str  # the XLA collective that moves the rows
   platforms: tuple[str, ...] | None  # where XLA runs that collective; None: everywhere

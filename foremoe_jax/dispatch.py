@@ -29,9 +29,11 @@ class Routing(NamedTuple):
   pair_at_P: jax.Array  # int32 [P] the pair at each by-slot position (inverse of position_P)
 
 
-def route(expert_P: jax.Array, slot_expert_G: jax.Array, share_G: jax.Array, num_experts: int) -> Routing:
+def route(expert_P: jax.Array, slot_expert_G: jax.Array, share_G: jax.Array, num_experts: int,
+          masked: bool = False) -> Routing:
   """Assigns every pair to a replica slot of its expert; the i-th pair of an expert in pair order
-  goes to the replica whose integer share interval covers i."""
+  goes to the replica whose integer share interval covers i. `masked`: pairs of expert id
+  `num_experts` are routed nowhere: in no slot's count, at the positions after every real pair."""
   num_pairs = expert_P.shape[0]
   pairs_per_expert_E = jnp.bincount(expert_P, length=num_experts).astype(jnp.int32)
   count_G, order_G = slot_pair_counts(slot_expert_G, share_G, pairs_per_expert_E)
@@ -45,6 +47,9 @@ def route(expert_P: jax.Array, slot_expert_G: jax.Array, share_G: jax.Array, num
   start_in_slot_order_G = jnp.cumsum(count_G) - count_G
   position_sorted_P = (start_in_slot_order_G[slot_of_sorted_P] + jnp.arange(num_pairs)
                        - start_in_expert_order_G[slot_of_sorted_P])
+  if masked:  # the expert-sorted pairs past the real ones keep their rank as position
+    position_sorted_P = jnp.where(jnp.arange(num_pairs) < end_sorted_G[-1], position_sorted_P,
+                                  jnp.arange(num_pairs))
   position_P = jnp.zeros_like(position_sorted_P).at[by_expert_P].set(position_sorted_P)
   pair_at_P = jnp.zeros_like(position_P).at[position_P].set(jnp.arange(num_pairs, dtype=position_P.dtype))
   return Routing(position_P.astype(jnp.int32), count_G, pair_at_P.astype(jnp.int32))
@@ -103,9 +108,10 @@ def grouped_by_slot(rows_RxH, slot_R, num_slots: int, expert_fn: Callable, backe
 
 
 def padded_exchange(x_NxH, gate_NxK, routing: Routing, num_slots: int, capacity: int, expert_fn: Callable,
-                    backend: str | None = None):
+                    backend: str | None = None, masked: bool = False):
   """Fixed-capacity `all_to_all`: at most `capacity` rows per (source, destination); rows beyond it
-  are dropped and counted. Returns (y_NxH gate-weighted sums, group_sizes_S, dropped pairs)."""
+  are dropped and counted. `masked`: `routing` routes some pairs nowhere (`route`); they get no row.
+  Returns (y_NxH gate-weighted sums, group_sizes_S, dropped pairs)."""
   num_devices = routing.count_G.shape[0] // num_slots
   (num_tokens, hidden), top_k = x_NxH.shape, gate_NxK.shape[1]
   num_pairs = routing.pair_at_P.shape[0]
@@ -118,7 +124,9 @@ def padded_exchange(x_NxH, gate_NxK, routing: Routing, num_slots: int, capacity:
   # Each pair's row in the send buffer (destination block, then position in it); -1 = dropped.
   dst_P = jnp.minimum(searchsorted(jnp.cumsum(send_D), routing.position_P), num_devices - 1)
   row_P = routing.position_P - start_D[dst_P]
-  slot_in_buffer_NxK = jnp.where(row_P < capacity, dst_P * capacity + row_P, -1).astype(jnp.int32).reshape(
+  # A pair routed nowhere sits past the last block: beyond what its clamped destination sends.
+  sent_P = row_P < (jnp.minimum(send_D[dst_P], capacity) if masked else capacity)
+  slot_in_buffer_NxK = jnp.where(sent_P, dst_P * capacity + row_P, -1).astype(jnp.int32).reshape(
       num_tokens, top_k)  # pair i = t*k + j
   token_DC = jnp.where(pair_DC >= 0, pair_DC // top_k, -1)
   send_DCxH = gather_rows(x_NxH, token_DC, slot_in_buffer_NxK, backend)
@@ -136,11 +144,12 @@ def padded_exchange(x_NxH, gate_NxK, routing: Routing, num_slots: int, capacity:
 
 
 def ragged_exchange(x_NxH, gate_NxK, routing: Routing, num_slots: int, capacity: int, expert_fn: Callable,
-                    backend: str | None = None):
+                    backend: str | None = None, masked: bool = False):
   """`ragged_all_to_all` (GPU/TPU): rows travel unpadded. Each receiver holds at most D * `capacity` rows
   (every source sending it `capacity`), and senders clip deterministically (from the all-gathered size
   matrix) so none overflows: a pair count above `capacity` drops rows only when the receiver's total does.
-  Returns what `padded_exchange` returns."""
+  `masked` (the shared signature's flag) changes nothing here: pairs routed nowhere sit past every
+  destination's block, so the clip already sends them nowhere. Returns what `padded_exchange` returns."""
   num_devices = routing.count_G.shape[0] // num_slots
   recv_capacity = capacity * num_devices
   (num_tokens, hidden), top_k = x_NxH.shape, gate_NxK.shape[1]

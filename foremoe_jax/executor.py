@@ -5,9 +5,12 @@ Two levels, as the plan has them:
    micro-step's working slots from the base, inside the first micro-step's program: layer l's rows
    arrive while the layers before it compute (XLA's collectives are asynchronous). A step whose
    micro-steps all keep the base placement computes on the base itself: no copy, no second set of slots.
-2. each micro-step runs forward and backward on its working slots and adds the gradients to
-   accumulators kept in the base layout: a working slot's gradient goes back to the base slot it was
-   copied from through the transpose of the base -> working fill (the reverse exchange).
+2. each micro-step runs forward and backward on its working slots and adds the gradients to float32
+   accumulators: those of a slot that holds its base row in the base layout, those of a slot the
+   base -> working fill wrote in a per-slot accumulator, where they stay while the slot keeps its
+   expert (its tenure); when the tenure ends (the next micro-step's fill differs there, or the step
+   ends) they go back to the base row it was copied from by the reverse exchange (`flush_rows`), so
+   a replica kept for n micro-steps is fetched once and sends its gradient once, not n times.
    Between micro-steps only the slots whose expert changes are rewritten (`refill`), from the base; a
    micro-step whose placement equals the previous one in every layer skips it. With `prefetch` the
    next micro-step's refill runs inside the current micro-step's program, where it depends on nothing
@@ -27,131 +30,23 @@ the routes are known before the step runs, so a balanced micro-step ships fewer 
 micro-step meets compiles its program once (jit's cache), a handful over a run.
 """
 import concurrent.futures
-import dataclasses
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from foremoe_jax.placement import Tables, plan_tables
-from foremoe_jax.planner.pairs import micro_capacities
-from foremoe_jax.transfer import (MoveTables, apply_moves, apply_moves_transpose, check_exchange, fill_moves,
-                                  home_to_base, home_to_base_moves, home_to_base_transpose, local_copies_needed,
-                                  move_tables, moves_needed, pad_home)
+from foremoe_jax.opt_state import init_sharded
+from foremoe_jax.step_tables import StepTables, prepare_step, table_rows  # noqa: F401 (re-exported)
+from foremoe_jax.transfer import (apply_moves, check_exchange, flush_rows, hold_rows, home_to_base,
+                                  home_to_base_transpose, pad_home)
 
 # loss_fn(model, batch, *, tables, working, capacity) -> (scalar loss, metrics dict)
 LossFn = Callable[..., tuple[jax.Array, dict]]
-
-def capacity_power_of_two(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
-
-
-def table_rows(needed, moves_lists, num_devices: int) -> int:
-  """Rows a move table needs to hold every list of moves: the largest `needed(moves, D)`
-  (`moves_needed` or `local_copies_needed`), at least 1, up to a power of two (few compiled shapes)."""
-  return capacity_power_of_two(max(1, max((needed(m, num_devices) for m in moves_lists), default=0)))
-
-
-@dataclasses.dataclass(frozen=True)
-class StepTables:
-  """Everything one optimizer step needs about placements, plus static sizes. The table trees come
-  one per micro-step, so the host loop never slices a device array between micro-steps."""
-  tables_M: list[Tables]  # per micro-step: [L, ...] dispatch tables
-  base_moves: MoveTables  # [L, ...] home -> base
-  fill_moves_M: list[MoveTables]  # per micro-step: [L, ...] base -> its working slots (gradients go back)
-  refill_moves_M: list[MoveTables]  # per micro-step m: [L, ...] m-1's working slots -> m's (m = 0: the base)
-  refill_M: np.ndarray  # bool [M] (host): micro-step m's refill writes a slot in some layer
-  fill_M: np.ndarray  # bool [M] (host): micro-step m's placement differs from the base in some layer
-  capacity_M: tuple[int, ...]  # padded rows per (source, destination) of each micro-step: its need, bucketed
-  moved_slots: int  # slots that differ from the base, summed over (m, l)
-  refilled_slots: int  # slots rewritten between consecutive micro-steps, summed over (m, l)
-  home_L: np.ndarray | None = None  # bool [L] (host): layer l's base is its home layout (no base transfer)
-
-  @property
-  def num_micro_steps(self) -> int:
-    return len(self.tables_M)
-
-  @property
-  def at_home(self) -> bool:
-    """The base is the home layout in every layer: the step moves no expert weight into its base."""
-    return self.home_L is not None and bool(np.all(self.home_L))
-
-  @property
-  def capacity(self) -> int:
-    """The largest micro-step capacity: what one step-wide capacity would have to be."""
-    return max(self.capacity_M)
-
-  def place(self, mesh) -> "StepTables":
-    """The table trees replicated over `mesh` (arrays already there stay as they are). Tables left on
-    one device would be resliced onto the mesh by every micro-step's call: on 2 x H200 those copies,
-    and the host slicing before them, left each GPU idle ~15 ms per step."""
-    sharding = NamedSharding(mesh, P())
-    if getattr(self.base_moves[0], "sharding", None) == sharding:  # placed together: one leaf tells
-      return self  # a no-op device_put of every leaf still costs ~2 ms of host time before the step
-    trees = (self.tables_M, self.base_moves, self.fill_moves_M, self.refill_moves_M)
-    tables_M, base_moves, fill_moves_M, refill_moves_M = jax.device_put(trees, sharding)
-    return dataclasses.replace(self, tables_M=tables_M, base_moves=base_moves, fill_moves_M=fill_moves_M,
-                               refill_moves_M=refill_moves_M)
-
-
-def stack_moves(tables: list[MoveTables]) -> MoveTables:
-  return MoveTables(*(np.stack(leaves) for leaves in zip(*tables)))
-
-
-def _tables_M(moves_MxL, num_devices: int, capacity: int, local_capacity: int) -> list[MoveTables]:
-  return [stack_moves([move_tables(mv, num_devices, capacity, local_capacity) for mv in row]) for row in moves_MxL]
-
-
-def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity: int | None = None,
-                 fill_capacity: int | None = None, base_capacity: int | None = None,
-                 base_local_capacity: int | None = None, mesh=None) -> StepTables:
-  """Host: a planner `Plan` plus the step's routed counts -> StepTables.
-
-  `capacity` fixes the padded rows per (source, destination) of every micro-step (default: each
-  micro-step's exact need, bucketed by the plan's `capacity_buckets`: `pairs.micro_capacities`); it must
-  cover the need, since dropping tokens would change the math. `fill_capacity` / `base_capacity`: rows
-  one device may send another per micro-step fill / in the base transfer; by default the plan's need
-  rounded up to a power of two (1 for "foremoe", whose budget is one slot per device);
-  `base_local_capacity`: rows one device copies within itself in the base transfer (default: the plan's
-  need, a power of two). Passing them fixes the tables' shapes across plans.
-  `mesh`: place the tables on it now, ahead of the step (else they stay on the host until the executor
-  places them when the step starts).
-  """
-  num_micro, num_layers, num_devices, slots = plan.slot_expert.shape
-  base_list = [home_to_base_moves(plan.base[l], num_experts) for l in range(num_layers)]
-  base_cap = base_capacity or table_rows(moves_needed, base_list, num_devices)
-  fills = [[fill_moves(plan.slot_expert[m, l], plan.base[l]) for l in range(num_layers)] for m in range(num_micro)]
-  previous = [plan.base] + [plan.slot_expert[m] for m in range(num_micro - 1)]
-  refills = [[fill_moves(plan.slot_expert[m, l], plan.base[l], previous[m][l]) for l in range(num_layers)]
-             for m in range(num_micro)]
-  every = [f for row in fills + refills for f in row]
-  fill_cap = fill_capacity or table_rows(moves_needed, every, num_devices)
-  local_cap = table_rows(local_copies_needed, every, num_devices)
-  base_local = base_local_capacity or table_rows(local_copies_needed, base_list, num_devices)
-  base_moves = stack_moves([move_tables(m, num_devices, base_cap, base_local) for m in base_list])
-  slot_pairs = plan.slot_pairs(counts_MxLxDxE)  # [M, L, D_src, G]
-  need_MxL = slot_pairs.reshape(*slot_pairs.shape[:3], num_devices, -1).sum(-1).max((2, 3), initial=0)
-  need = int(need_MxL.max(initial=0))
-  if capacity is not None and capacity < need:
-    raise ValueError(f"capacity={capacity} rows per (source, destination) is below this step's need of {need}")
-  capacity_M = (capacity,) * num_micro if capacity else tuple(
-      int(c) for c in micro_capacities(need_MxL, plan.config.capacity_buckets))
-  tables = plan_tables(plan.slot_expert, plan.slot_share, num_experts)
-  step = StepTables([Tables(*(a[m] for a in tables)) for m in range(num_micro)], base_moves,
-                    _tables_M(fills, num_devices, fill_cap, local_cap),
-                    _tables_M(refills, num_devices, fill_cap, local_cap),
-                    np.array([any(len(f) for f in row) for row in refills]),
-                    np.array([any(len(f) for f in row) for row in fills]),
-                    capacity_M, sum(len(f) for row in fills for f in row),
-                    sum(len(f) for row in refills for f in row), np.array([not m for m in base_list]))
-  return step if mesh is None else step.place(mesh)
-
 
 def expert_weights(model) -> list[tuple[jax.Array, jax.Array]]:
   """(w_gate_up [E, H, 2F], w_down [E, F, H]) per MoE layer; a scanned model's module stacks its layers'
@@ -215,6 +110,10 @@ def _f32_abstract(tree):
   return jax.tree.map(one, tree)
 
 
+def _add(acc, grads):
+  return jax.tree.map(lambda a, g: a + g, acc, grads)
+
+
 def _constrain(tree, abstract):
   return jax.lax.with_sharding_constraint(tree, jax.tree.map(lambda a: a.sharding, abstract))
 
@@ -242,7 +141,7 @@ class Executor:
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.tx, self.loss_fn, self.mesh, self.prefetch, self.exchange = tx, loss_fn, mesh, prefetch, exchange
     self.fused = fused
-    self.opt_state = replicate_unsharded(jax.jit(tx.init)(self.params), mesh)
+    self.opt_state = init_sharded(tx, self.params, mesh)  # moments sharded as their parameters
     layer = model.moe_layers()[0]
     self.slots_per_device, self.home_rows = layer.slots, layer.cfg.num_experts // layer.num_devices
     self.num_slots = layer.slots * layer.num_devices
@@ -251,7 +150,7 @@ class Executor:
     # Built here, eagerly: inside a trace a scanned model's per-layer slices are tracers without a sharding.
     self._slots_abstract = [tuple(jax.ShapeDtypeStruct((self.num_slots, *w.shape[1:]), w.dtype, sharding=w.sharding)
                                   for w in h) for h in expert_weights(model)]
-    micro_static = ("capacity", "refill", "filled", "first", "layout")
+    micro_static = ("capacity", "refill", "filled", "flushed", "first", "layout")
     self._begin = jax.jit(self._begin_fn, static_argnames="layout")
     self._micro = jax.jit(self._micro_fn, static_argnames=micro_static, donate_argnames=("working", "acc"))
     self._forward = jax.jit(self._forward_fn, static_argnames=("capacity", "refill", "first", "layout"),
@@ -328,50 +227,57 @@ class Executor:
       return (), (), _f32_abstract(self._state_abstract[0])
     slots = self._slots_abstract
     dense = _abstract(self._split(self.params)[0])
-    return (slots if layout[1] else ()), slots, _f32_abstract((dense, slots))
+    held = slots if layout[1] else ()  # the fill's slots' gradients, waiting for their tenure's end
+    return (slots if layout[1] else ()), slots, _f32_abstract((dense, slots, held))
 
-  def _grads(self, params, base, working, acc, batch, tables, fill, refill_moves, base_moves, first_refill, *,
-             capacity, refill, filled, first, layout):
-    """One micro-step's gradients added to acc; `first`: the step's first program, which also builds the
-    base and the first working slots (`_begin_fn`) and starts acc. filled: this placement differs from
-    the base (else the working slots' gradients are the base's). Returns (acc, base, working, loss,
-    metrics): base is () but in the first program."""
-    def add(grads):
-      return _constrain(jax.tree.map(lambda g, a: a + g, grads, accumulators(grads) if first else acc),
-                        self._state(layout)[2])
+  def _grads(self, params, base, working, acc, batch, tables, fill, flush, refill_moves, base_moves, first_refill,
+             *, capacity, refill, filled, flushed, first, layout):
+    """One micro-step's gradients added to acc = (dense, base layout, held); `first`: the step's first
+    program, which also builds the base and the first working slots (`_begin_fn`) and starts acc.
+    filled: this placement differs from the base (else the working slots' gradients are the base's):
+    the gradients of the slots its `fill` wrote are held in per-slot float32 accumulators; flushed: some
+    of them end their tenure here (`flush`): they go back to their base rows and leave `held` zeroed.
+    Returns (acc, base, working, loss, metrics): base is () but in the first program."""
+    state = self._state(layout)
     if layout == PLAIN:
       (loss, metrics), grads = jax.value_and_grad(self._plain_loss, has_aux=True)(params, batch, tables, capacity)
-      return add(grads), (), (), loss, metrics
+      return _constrain(_add(accumulators(grads) if first else acc, grads), state[2]), (), (), loss, metrics
     if first:
       base, working = self._begin_fn(params, base_moves, first_refill, layout=layout)
 
     def compute(working):
       grad_fn = jax.value_and_grad(self._loss, argnums=(0, 2), has_aux=True)
-      (loss, metrics), (grad_dense, grad_working) = grad_fn(*self._split(params), working, batch, tables, capacity)
-      # Working slots hold base rows (copied by `fill`): their gradients go back through its transpose.
-      grad_base = grad_working if not filled else [apply_moves_transpose(g, None, index(fill, l), self.mesh,
-                                                                         self.exchange)
-                                                   for l, g in enumerate(grad_working)]
-      return add((grad_dense, grad_base)), loss, metrics
+      (loss, metrics), (grad_dense, grad_slots) = grad_fn(*self._split(params), working, batch, tables, capacity)
+      dense, grad_base, held = (accumulators((grad_dense, grad_slots, grad_slots if layout[1] else ())) if first
+                                else acc)
+      # Layer by layer (each waits only for its own gradients, so XLA may overlap its flush with the
+      # backward of the layers before it): the fill's slots' gradients wait in `held`, the rest are
+      # the base rows' own; the tenures that end here go back to their base rows.
+      grad_base, held = list(grad_base), (list(held) if layout[1] else ())
+      for l, g in enumerate(grad_slots):
+        if filled:
+          g, held[l] = hold_rows(g, held[l], index(fill, l), self.mesh)
+        grad_base[l] = _add(grad_base[l], g)
+        if flushed:
+          grad_base[l], held[l] = flush_rows(held[l], grad_base[l], index(flush, l), self.mesh, self.exchange)
+      return _constrain((_add(dense, grad_dense), grad_base, held), state[2]), loss, metrics
 
     (acc, loss, metrics), working = self._around_refill(base, working, refill_moves, refill, compute)
     # The base goes out of the program that built it only: returning an input would copy it.
-    state = self._state(layout)
     return acc, (_constrain(base, state[0]) if first else ()), _constrain(working, state[1]), loss, metrics
 
-  def _micro_fn(self, params, base, working, acc, batch, tables, fill, refill_moves, base_moves, first_refill, *,
-                capacity, refill, filled, first, layout):
-    return self._grads(params, base, working, acc, batch, tables, fill, refill_moves, base_moves, first_refill,
-                       capacity=capacity, refill=refill, filled=filled, first=first, layout=layout)
+  def _micro_fn(self, params, base, working, acc, batch, tables, fill, flush, refill_moves, base_moves, first_refill,
+                **static):
+    return self._grads(params, base, working, acc, batch, tables, fill, flush, refill_moves, base_moves,
+                       first_refill, **static)
 
-  def _last_fn(self, params, opt_state, base, working, acc, batch, tables, fill, refill_moves, base_moves,
-               first_refill, *, capacity, refill, filled, first, layout):
-    """The last micro-step and the update in one program: the base gradients go home, and the optimizer
-    runs, while XLA still schedules this micro-step's backward. Returns (params, opt_state, grad_norm,
-    loss, metrics)."""
-    acc, _, _, loss, metrics = self._grads(params, base, working, acc, batch, tables, fill, refill_moves,
-                                           base_moves, first_refill, capacity=capacity, refill=refill,
-                                           filled=filled, first=first, layout=layout)
+  def _last_fn(self, params, opt_state, base, working, acc, batch, tables, fill, flush, refill_moves, base_moves,
+               first_refill, *, layout, **static):
+    """The last micro-step and the update in one program: its flush sends every tenure left home to the
+    base, the base gradients go home, and the optimizer runs, while XLA still schedules this micro-step's
+    backward. Returns (params, opt_state, grad_norm, loss, metrics)."""
+    acc, _, _, loss, metrics = self._grads(params, base, working, acc, batch, tables, fill, flush, refill_moves,
+                                           base_moves, first_refill, layout=layout, **static)
     return *self._finish_fn(params, opt_state, acc, base_moves, layout=layout), loss, metrics
 
   def _forward_fn(self, params, base, working, batch, tables, refill_moves, base_moves, first_refill, *,
@@ -387,8 +293,9 @@ class Executor:
     return out, (base if first else ()), working
 
   def _home_grads_fn(self, params, acc, base_moves):
-    """Accumulated (dense, base) gradients -> gradients of the home-layout parameters (float32)."""
-    grad_dense, grad_base = acc
+    """Accumulated (dense, base[, held: zeros after the last flush]) gradients -> gradients of the
+    home-layout parameters (float32)."""
+    grad_dense, grad_base = acc[:2]
     grad_home = [home_to_base_transpose(g, index(base_moves, l), self.mesh, self.home_rows, self.exchange)
                  for l, g in enumerate(grad_base)]
     # merge shares Variables with its states: a copy of the experts' keeps set_value below off `params`
@@ -424,11 +331,12 @@ class Executor:
 
   def _micro_args(self, step: StepTables, m: int, prefetch: bool | None):
     """(tables, static keywords) of micro-step m's program: `_micro_fn` after its (params, base, working,
-    acc, batch); `_forward_fn` takes the tables without `fill`."""
+    acc, batch); `_forward_fn` takes the tables without `fill` and `flush`."""
     refill, moves = self._schedule(step, m, prefetch)
-    tables = (step.tables_M[m], step.fill_moves_M[m], moves, step.base_moves, step.refill_moves_M[0])
+    tables = (step.tables_M[m], step.fill_moves_M[m], step.flush_moves_M[m], moves, step.base_moves,
+              step.refill_moves_M[0])
     return tables, dict(capacity=step.capacity_M[m], refill=refill, filled=bool(step.fill_M[m]),
-                        first=self.fused and m == 0, layout=self.layout(step))
+                        flushed=bool(step.flush_M[m]), first=self.fused and m == 0, layout=self.layout(step))
 
   def zero_accumulators(self, tree):
     """accumulators(tree), each array zero-filled on its own devices. Eagerly, jnp.zeros_like of a
@@ -459,10 +367,11 @@ class Executor:
   def accumulate(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
                  stage_done: Callable[[str, Any], None] | None = None):
     """Forward and backward of every micro-step; returns (accumulators, losses, metrics): (dense, base
-    layout) gradients, or the home-layout parameters' for a plain step (`layout(step) == PLAIN`).
-    `stage_done(name, value)`, if given, sees each stage's output ("begin", "micro") as it is issued."""
+    layout) gradients (the last micro-step flushed every held slot), or the home-layout parameters' for a
+    plain step (`layout(step) == PLAIN`). `stage_done(name, value)`, if given, sees each stage's output
+    ("begin", "micro") as it is issued."""
     acc, losses, metrics, _ = self._accumulate(micro_batches, step.place(self.mesh), prefetch, stage_done, False)
-    return acc, losses, metrics
+    return (acc if self.layout(step) == PLAIN else acc[:2]), losses, metrics
 
   def _accumulate(self, micro_batches, step, prefetch, stage_done, update):
     """The step's micro-steps; with `update`, the optimizer update too (in the last micro-step's program
@@ -514,10 +423,10 @@ class Executor:
       tables, kw = self._micro_args(step, m, prefetch)
       base, working, acc = ((), (), ()) if kw["first"] else state
       last = self.fused and m == step.num_micro_steps - 1
-      forward_kw = {k: v for k, v in kw.items() if k != "filled"}
+      forward_kw = {k: v for k, v in kw.items() if k not in ("filled", "flushed")}
       if "forward" in programs and ("forward", *forward_kw.values()) not in seen:
         seen.add(("forward", *forward_kw.values()))
-        lowered.append(self._forward.lower(self.params, base, working, batch, tables[0], *tables[2:], **forward_kw))
+        lowered.append(self._forward.lower(self.params, base, working, batch, tables[0], *tables[3:], **forward_kw))
       if train and ("train", last, *kw.values()) not in seen:
         seen.add(("train", last, *kw.values()))
         args = (self.params, *((self.opt_state,) if last else ()), base, working, acc, batch, *tables)
@@ -543,8 +452,8 @@ class Executor:
     outs = []
     for m, batch in enumerate(micro_batches):
       tables, kw = self._micro_args(step, m, prefetch)
-      kw.pop("filled")
-      out, built, working = self._forward(self.params, base, working, batch, tables[0], *tables[2:], **kw)
+      kw.pop("filled"), kw.pop("flushed")
+      out, built, working = self._forward(self.params, base, working, batch, tables[0], *tables[3:], **kw)
       base = built if kw["first"] else base
       outs.append(out)
     return outs

@@ -4,6 +4,9 @@ SwiGLU otherwise. Attention and dense parts are plain jnp under jit (tokens shar
 only the MoE dispatch runs inside `shard_map`.
 
 Forward for training: `model(tokens_BxT, tables, replay)` -> `ModelOutput` (logits, per-layer routes).
+Packed rows (several sequences back to back, `rl/packing.py`): `model(tokens_BxT, tables, replay,
+segment_ids=seg_BxT, positions=pos_BxT)`: attention stays within a segment, RoPE uses the per-token
+positions, and the MoE layers route padding (segment 0) nowhere.
 Decoding: `cache = model.init_cache(B, S)`, `model.prefill(prompt_BxP, cache)` writes positions 0..P-1,
 `model.decode(tokens_Bx1, cache, positions_B)` one token per row at its own position.
 
@@ -144,11 +147,13 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(cfg.d_model, mesh=mesh, param_dtype=pd, eps=cfg.norm_eps)
     self.ffn = MoE(cfg.moe_config(), mesh=mesh, rngs=rngs) if is_moe else DenseFFN(cfg, mesh=mesh, rngs=rngs)
 
-  def __call__(self, x_BxTxH, positions_BxT, cache, start_B, moe_kw):
-    """-> (x, MoEOutput or None, cache)."""
-    a_BxTxH, cache = self.attn(self.attn_norm(x_BxTxH), positions_BxT, cache, start_B)
+  def __call__(self, x_BxTxH, positions_BxT, cache, start_B, moe_kw, segment_ids_BxT=None):
+    """-> (x, MoEOutput or None, cache). `segment_ids_BxT`: packed rows (padding = 0 routed nowhere)."""
+    a_BxTxH, cache = self.attn(self.attn_norm(x_BxTxH), positions_BxT, cache, start_B, segment_ids_BxT)
     x_BxTxH = x_BxTxH + a_BxTxH.astype(x_BxTxH.dtype)
     h_BxTxH = self.ffn_norm(x_BxTxH)
+    if self.is_moe and segment_ids_BxT is not None:
+      moe_kw = dict(moe_kw, token_mask=segment_ids_BxT > 0)
     moe_out = self.ffn(h_BxTxH, **moe_kw) if self.is_moe else None
     f_BxTxH = moe_out.y if self.is_moe else self.ffn(h_BxTxH)
     return x_BxTxH + f_BxTxH.astype(x_BxTxH.dtype), moe_out, cache
@@ -190,10 +195,20 @@ class Model(nnx.Module):
     return max(8, math.ceil(local / 8) * 8)
 
   def __call__(self, tokens_BxT, tables: Tables | None = None, replay=None, *, capacity=None,
-               working=None) -> ModelOutput:
+               working=None, segment_ids=None, positions=None) -> ModelOutput:
+    """`segment_ids` / `positions` int [B, T], both or neither: packed rows (0 = padding, 1.. = the row's
+    sequences; positions restart at 0 per sequence). None: one sequence per row at positions 0..T-1."""
     b, t = tokens_BxT.shape
-    positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    out, _ = self._run(tokens_BxT, positions_BxT, None, None, tables, replay, capacity, working)
+    if (segment_ids is None) != (positions is None):
+      raise ValueError("Model: pass segment_ids and positions together (packed rows) or neither")
+    if segment_ids is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    else:
+      if tuple(segment_ids.shape) != (b, t) or tuple(positions.shape) != (b, t):
+        raise ValueError(f"segment_ids and positions must be [B, T] = {(b, t)}, got {tuple(segment_ids.shape)} "
+                         f"and {tuple(positions.shape)}")
+      positions_BxT = positions.astype(jnp.int32)
+    out, _ = self._run(tokens_BxT, positions_BxT, None, None, tables, replay, capacity, working, segment_ids)
     return out
 
   def init_cache(self, batch: int, max_len: int) -> list[KVCache] | KVCache:
@@ -225,7 +240,7 @@ class Model(nnx.Module):
     out, cache = self._run(tokens_Bx1, positions_B[:, None], cache, positions_B, tables, None, capacity, None)
     return out.logits, out.routes, cache
 
-  def _run(self, tokens_BxT, positions_BxT, cache, start_B, tables, replay, capacity, working):
+  def _run(self, tokens_BxT, positions_BxT, cache, start_B, tables, replay, capacity, working, segment_ids_BxT=None):
     cfg = self.cfg
     num_moe = len(cfg.moe_layer_ids)
     if replay is not None and replay.shape != (*tokens_BxT.shape, num_moe, cfg.top_k):
@@ -237,13 +252,13 @@ class Model(nnx.Module):
     x_BxTxH = jax.lax.with_sharding_constraint(x_BxTxH, NamedSharding(self.mesh, mesh_lib.batch_spec(self.mesh)))
     if cfg.scan_layers:
       x_BxTxH, moe_out, new_cache = self._scan(x_BxTxH, positions_BxT, cache, start_B, tables, replay, capacity,
-                                               working)
+                                               working, segment_ids_BxT)
       routes = jnp.moveaxis(moe_out.topk, 0, 2)
       aux_loss, counts, slot_counts = jnp.mean(moe_out.aux_loss), moe_out.counts, moe_out.slot_counts
       dropped = jnp.sum(moe_out.dropped)
     else:
       x_BxTxH, moe_outs, new_cache = self._unrolled(x_BxTxH, positions_BxT, cache, start_B, tables, replay,
-                                                    capacity, working)
+                                                    capacity, working, segment_ids_BxT)
       routes = jnp.stack([o.topk for o in moe_outs], axis=2)
       aux_loss = jnp.mean(jnp.stack([o.aux_loss for o in moe_outs]))
       counts = jnp.stack([o.counts for o in moe_outs])
@@ -256,7 +271,7 @@ class Model(nnx.Module):
                       slot_counts=slot_counts, dropped=dropped)
     return out, (new_cache if cache is not None else None)
 
-  def _unrolled(self, x_BxTxH, positions_BxT, cache, start_B, tables, replay, capacity, working):
+  def _unrolled(self, x_BxTxH, positions_BxT, cache, start_B, tables, replay, capacity, working, segment_ids_BxT):
     """-> (x, MoE outputs of the MoE blocks, per-block caches)."""
     moe_outs, new_cache, m = [], [], 0
     for i, block in enumerate(self.blocks):
@@ -269,13 +284,13 @@ class Model(nnx.Module):
       graphdef, state = nnx.split(block)
       x_BxTxH, moe_out, layer_cache = apply_block(graphdef, state, x_BxTxH, positions_BxT,
                                                   None if cache is None else cache[i], start_B, moe_in,
-                                                  capacity=capacity, remat=self.cfg.remat)
+                                                  segment_ids_BxT, capacity=capacity, remat=self.cfg.remat)
       new_cache.append(layer_cache)
       if moe_out is not None:
         moe_outs.append(moe_out)
     return x_BxTxH, moe_outs, new_cache
 
-  def _scan(self, x_BxTxH, positions_BxT, cache, start_B, tables, replay, capacity, working):
+  def _scan(self, x_BxTxH, positions_BxT, cache, start_B, tables, replay, capacity, working, segment_ids_BxT):
     """-> (x, MoEOutput with a leading [L] axis on every field but y (None), stacked cache)."""
     if replay is not None and not isinstance(replay, jax.core.Tracer):  # values, as the unrolled MoE checks
       b, t, l, k = replay.shape
@@ -287,24 +302,24 @@ class Model(nnx.Module):
 
     def body(x_BxTxH, layer):
       x_BxTxH, moe_out, layer_cache = apply_block(graphdef, layer["state"], x_BxTxH, positions_BxT, layer["cache"],
-                                                  start_B, layer["moe_in"], capacity=capacity, remat=self.cfg.remat,
-                                                  prevent_cse=False)
+                                                  start_B, layer["moe_in"], segment_ids_BxT, capacity=capacity,
+                                                  remat=self.cfg.remat, prevent_cse=False)
       return x_BxTxH, (moe_out._replace(y=None), layer_cache)
 
     x_BxTxH, (moe_out, new_cache) = jax.lax.scan(body, x_BxTxH, xs)
     return x_BxTxH, moe_out, new_cache
 
 
-def apply_block(graphdef, state, x_BxTxH, positions_BxT, cache, start_B, moe_in, *, capacity, remat,
-                prevent_cse=True):
+def apply_block(graphdef, state, x_BxTxH, positions_BxT, cache, start_B, moe_in, segment_ids_BxT=None, *, capacity,
+                remat, prevent_cse=True):
   """One block as a pure function of its state: `remat="block"` wraps it in `jax.checkpoint` (under a scan
   `prevent_cse=False`, as the scan already keeps the recomputation apart). -> (x, MoEOutput or None, cache)."""
-  def body(state, x_BxTxH, positions_BxT, cache, start_B, moe_in):
+  def body(state, x_BxTxH, positions_BxT, cache, start_B, moe_in, segment_ids_BxT):
     moe_kw = {} if moe_in is None else dict(moe_in, capacity=capacity)
-    return nnx.merge(graphdef, state)(x_BxTxH, positions_BxT, cache, start_B, moe_kw)
+    return nnx.merge(graphdef, state)(x_BxTxH, positions_BxT, cache, start_B, moe_kw, segment_ids_BxT)
   if remat == "block":
     body = jax.checkpoint(body, prevent_cse=prevent_cse)
-  return body(state, x_BxTxH, positions_BxT, cache, start_B, moe_in)
+  return body(state, x_BxTxH, positions_BxT, cache, start_B, moe_in, segment_ids_BxT)
 
 
 def stack_blocks(blocks: list[Block], mesh) -> Block:

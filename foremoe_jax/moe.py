@@ -96,10 +96,11 @@ class MoE(nnx.Module):
     self.w_down = nnx.Param(init((e, f, h), f, home))
 
   def __call__(self, x_BxTxH: jax.Array, tables: Tables | None = None, replay: jax.Array | None = None,
-               *, capacity: int | None = None, working=None) -> MoEOutput:
+               *, capacity: int | None = None, working=None, token_mask: jax.Array | None = None) -> MoEOutput:
     """`capacity`: rows per (source, destination), static (each exchange of `backends.DISPATCH` says how it
     uses it); `working`: precomputed (w_gate_up [D*S, H, 2F], w_down [D*S, F, H]) slots from the transfer
-    engine, else built here."""
+    engine, else built here; `token_mask` bool [B, T]: False tokens (packed rows' padding) are routed
+    nowhere: output 0, in no count, no dispatch row, no aux-loss term."""
     cfg, mesh = self.cfg, self.mesh
     b, t, h = x_BxTxH.shape
     if h != cfg.d_model:
@@ -110,6 +111,8 @@ class MoE(nnx.Module):
       raise ValueError(f"batch {b} is not divisible by the {shards} devices of the batch axes {axes}")
     if replay is not None:
       check_replay(replay, (b, t, cfg.top_k), cfg.num_experts)
+    if token_mask is not None and tuple(token_mask.shape) != (b, t):
+      raise ValueError(f"token_mask must have shape {(b, t)} ([B, T]), got {tuple(token_mask.shape)}")
     if tables is None:
       tables = home_tables(cfg.num_experts, self.num_devices, self.slots)
     if tables.slot_expert_G.shape != (self.num_devices * self.slots,):
@@ -122,19 +125,19 @@ class MoE(nnx.Module):
     if working is None:
       working = (None, None)
     fn = functools.partial(self._local, mode=mode, capacity=capacity, axes=axes,
-                           total_tokens=b * t, replayed=replay is not None)
+                           total_tokens=b * t, replayed=replay is not None, masked=token_mask is not None)
     bspec = P(axes)
     wspec = P(EXPERT_AXIS)
     out = jax.shard_map(
         fn, mesh=mesh,
-        in_specs=(bspec, P(), wspec, wspec, P(), P(), bspec, wspec, wspec),
+        in_specs=(bspec, P(), wspec, wspec, P(), P(), bspec, wspec, wspec, bspec),
         out_specs=MoEOutput(bspec, bspec, P(), P(), P(), P()),
     )(x_BxTxH, self.router[...], self.w_gate_up[...], self.w_down[...], tables.slot_expert_G,
-      tables.slot_share_DxG, replay, *working)
+      tables.slot_share_DxG, replay, *working, token_mask)
     return out
 
   def _local(self, x_bxTxH, router_HxE, w_gate_up_home, w_down_home, slot_expert_G, share_DxG, replay,
-             w_gate_up_work, w_down_work, *, mode, capacity, axes, total_tokens, replayed):
+             w_gate_up_work, w_down_work, token_mask, *, mode, capacity, axes, total_tokens, replayed, masked):
     cfg = self.cfg
     b, t, h = x_bxTxH.shape
     k, e = cfg.top_k, cfg.num_experts
@@ -155,17 +158,23 @@ class MoE(nnx.Module):
     expert_fn = functools.partial(swiglu_experts, w_gate_up_SxHx2F=w_gate_up_work, w_down_SxFxH=w_down_work,
                                   axes=axes, dtype=cfg.dtype, backend=cfg.gmm_backend)
     expert_P = topk_NxK.reshape(-1)
+    if masked:  # expert id e: a pair routed nowhere (`route` puts it after every real pair)
+      valid_N = token_mask.reshape(b * t)
+      expert_P = jnp.where(jnp.repeat(valid_N, k), expert_P, e)
     me = jax.lax.axis_index(EXPERT_AXIS)
-    routing = route(expert_P, slot_expert_G, share_DxG[me], e)
+    routing = route(expert_P, slot_expert_G, share_DxG[me], e, masked=masked)
     exchange = backends.DISPATCH[mode].exchange
     y_NxH, group_sizes_S, dropped = exchange(x_NxH, gate_NxK, routing, self.slots, capacity, expert_fn,
-                                             cfg.dispatch_backend)
+                                             cfg.dispatch_backend, masked=masked)
 
     counts_E = jax.lax.psum(jnp.bincount(expert_P, length=e).astype(jnp.int32), axes)
     # A psum of one-hot blocks (all_gather's result is not marked replicated).
     slot_counts_G = jnp.zeros(self.num_devices * self.slots, jnp.int32)
     slot_counts_G = jax.lax.dynamic_update_slice(slot_counts_G, group_sizes_S, (me * self.slots,))
     slot_counts_G = jax.lax.psum(slot_counts_G, axes)
+    if masked:  # the switch loss over real tokens only
+      total_tokens = jnp.maximum(jax.lax.psum(valid_N.sum(), axes), 1)
+      probs_NxE = jnp.where(valid_N[:, None], probs_NxE, 0.0)
     mean_prob_E = jax.lax.psum(probs_NxE.sum(axis=0), axes) / total_tokens
     aux_loss = e * jnp.sum(counts_E / (total_tokens * k) * mean_prob_E)
     return MoEOutput(y_NxH.astype(x_bxTxH.dtype).reshape(b, t, h), topk_NxK.reshape(b, t, k), counts_E,

@@ -4,9 +4,10 @@ Home weights are `[E, ...]` sharded over "expert" (device d holds experts d*E/D 
 The working layout is `[D*S, ...]` sharded over "expert": slot j of device d holds expert
 `slot_expert[d*S + j]`. Everything is differentiable (the transpose of the all-gather is a reduce-scatter,
 that of a `ppermute` the reverse `ppermute`, that of an `all_to_all` the reverse `all_to_all`). The executor
-maps gradients back with `apply_moves_transpose`, written out so that it touches only the moved rows:
-autodiff of a row copy materializes gradients of the whole array (a scatter-add of whole experts into
-zeros, then a full add), which cost more than the moves.
+maps gradients back with explicit transposes written out so that they touch only the moved rows
+(`apply_moves_transpose`; `hold_rows` and `flush_rows`, which keep a fill's gradients in per-slot
+accumulators and send them back once): autodiff of a row copy materializes gradients of the whole
+array (a scatter-add of whole experts into zeros, then a full add), which cost more than the moves.
 """
 from typing import NamedTuple
 
@@ -242,6 +243,48 @@ def apply_moves_transpose(d_dst, d_src, moves: MoveTables, mesh: jax.sharding.Me
   leaves = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=[P(AXIS)] * len(dst_leaves))(
       dst_leaves, src_leaves, *moves)
   return jax.tree.unflatten(out_def, leaves)
+
+
+def _zero_rows(dst_RxX, write_K):
+  return _write_rows(dst_RxX, write_K, jnp.zeros((write_K.shape[0], *dst_RxX.shape[1:]), dst_RxX.dtype))
+
+
+def _written_rows(local_dst_L, recv_RxK):
+  """The rows a move table writes on this device: its local copies' and the ones it receives."""
+  return jnp.concatenate([local_dst_L, recv_RxK.reshape(-1)])
+
+
+def hold_rows(grad, held, moves: MoveTables, mesh: jax.sharding.Mesh):
+  """Global, no communication: the rows `moves` wrote (a fill's working slots, whose base rows are
+  elsewhere) leave `grad` and are added to `held` at the same rows. Pytrees of `[D*rows, ...]` arrays;
+  returns (grad with those rows zeroed, held plus them)."""
+  def local(grad, held, local_dst, recv):
+    rows = _written_rows(local_dst[0], recv[0])
+    out = [(_zero_rows(g, rows), _add_rows(h, rows, _read_rows(g, rows)))
+           for g, h in zip(jax.tree.leaves(grad), jax.tree.leaves(held))]
+    return (jax.tree.unflatten(jax.tree.structure(grad), [g for g, _ in out]),
+            jax.tree.unflatten(jax.tree.structure(held), [h for _, h in out]))
+
+  specs = (jax.tree.map(lambda _: P(AXIS), grad), jax.tree.map(lambda _: P(AXIS), held))
+  return jax.shard_map(local, mesh=mesh, in_specs=(*specs, P(AXIS), P(AXIS)), out_specs=specs)(
+      grad, held, moves.local_dst_DxL, moves.recv_DxRxK)
+
+
+def flush_rows(held, d_src, moves: MoveTables, mesh: jax.sharding.Mesh, exchange: str = "all_to_all"):
+  """Global: the rows `moves` wrote, as accumulated in `held`, go back to the rows they were read from
+  and are added to `d_src` (`apply_moves_transpose` with a source), and are zeroed in `held`; several
+  rows read from one source row sum there. Returns (d_src, held)."""
+  check_exchange(exchange)
+
+  def local(held, d_src, local_src, local_dst, send, recv, active):
+    rows = _written_rows(local_dst[0], recv[0])
+    back = jax.tree.map(lambda h, s: move_rows_transpose_local(h, s, local_src[0], local_dst[0], send[0], recv[0],
+                                                               active, exchange), held, d_src)
+    return back, jax.tree.map(lambda h: _zero_rows(h, rows), held)
+
+  specs = (jax.tree.map(lambda _: P(AXIS), d_src), jax.tree.map(lambda _: P(AXIS), held))
+  in_specs = (specs[1], specs[0], P(AXIS), P(AXIS), P(AXIS), P(AXIS), P())
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=specs)(held, d_src, *moves)
 
 
 def pad_home(home, mesh: jax.sharding.Mesh, slots: int):

@@ -18,8 +18,9 @@ def needs_two_gpus():
     pytest.skip("needs 2 or more GPUs")
 
 
-@pytest.mark.parametrize("top_k,skewed", [(2, False), (4, True)])
-def test_ragged_matches_padded(top_k, skewed):
+@pytest.mark.parametrize("top_k,skewed,masked", [(2, False, False), (4, True, False), (4, True, True)])
+def test_ragged_matches_padded(top_k, skewed, masked):
+  """`masked`: a token mask (packed rows' padding) routes 40% of the tokens nowhere."""
   num_devices = len(jax.devices())
   mesh = cpu_mesh(1, num_devices)
   num_experts, slots = 4 * num_devices, 5
@@ -28,6 +29,7 @@ def test_ragged_matches_padded(top_k, skewed):
   x = jax.random.normal(jax.random.key(0), (2 * num_devices, 64, 32))
   if skewed:
     x = x + 3.0 * jax.random.normal(jax.random.key(1), (32,))
+  token_mask = jax.random.uniform(jax.random.key(2), x.shape[:2]) < 0.6 if masked else None
   outs = {}
   for mode in ("padded", "ragged"):
     cfg = MoEConfig(d_model=32, d_ff=16, num_experts=num_experts, top_k=top_k, slots_per_device=slots,
@@ -37,7 +39,7 @@ def test_ragged_matches_padded(top_k, skewed):
     capacity = 128 * top_k  # every pair of a source may go to one destination
 
     def loss(state, x):
-      out = nnx.merge(graphdef, state)(x, tables, capacity=capacity)
+      out = nnx.merge(graphdef, state)(x, tables, capacity=capacity, token_mask=token_mask)
       return jnp.sum(out.y ** 2), out
 
     (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state, x)
@@ -46,5 +48,8 @@ def test_ragged_matches_padded(top_k, skewed):
   assert int(padded.dropped) == int(ragged.dropped) == 0
   np.testing.assert_allclose(ragged.y, padded.y, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(ragged.slot_counts, padded.slot_counts)
+  if masked:
+    assert (np.asarray(ragged.y)[~np.asarray(token_mask)] == 0).all()
+    assert int(ragged.slot_counts.sum()) == int(token_mask.sum()) * top_k
   for a, b in zip(jax.tree.leaves(g_ragged), jax.tree.leaves(g_padded)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

@@ -133,10 +133,12 @@ def test_a_ragged_exchange_prices_each_micro_steps_own_rows():
 
 
 def test_a_base_move_pays_its_float32_gradient_on_the_way_back():
-  """The base's gradients go home as float32 sums: a bf16 expert fetched into the base costs 1 + 2
-  expert-sized transfers (a per-micro-step fill 1 + 1); float32 weights cost a fill's two."""
+  """The base's gradients go home as float32 sums, and so do a replica's at the end of its tenure: a
+  bf16 expert fetched into the base or a slot costs 1 + 2 expert-sized transfers, a float32 one 1 + 1."""
   bf16, f32 = CostModel(bytes_per_param=2), CostModel(bytes_per_param=4)
-  assert math.isclose(bf16.base_move_s, 1.5 * bf16.move_s) and math.isclose(f32.base_move_s, f32.move_s)
+  for cost, units in ((bf16, 3), (f32, 2)):
+    assert math.isclose(cost.base_move_s, cost.move_s)
+    assert math.isclose(cost.move_s, units * cost.expert_bytes / cost.link_bytes_per_s)
   cfg = PlanConfig(32, 4, 9, cost=bf16)
   home = np.stack([home_placement(32, 4, 9)] * 2)
   base = home.copy()

@@ -1,13 +1,14 @@
 """The cost model's measured exposed costs per path, the link / host split of a device's refills, and
 the Plan's record of host-path refills."""
 import dataclasses
+import itertools
 import json
 import math
 
 import numpy as np
 import pytest
 
-from foremoe_jax.planner import CostModel, PlanConfig, plan_step
+from foremoe_jax.planner import CostModel, PlanConfig, home_placement, plan_step
 from foremoe_jax.planner.config import CALIBRATION_DIR, DEFAULT_CARD
 
 
@@ -65,3 +66,46 @@ def test_plan_records_host_path_refills_where_the_host_is_cheaper():
     bad.validate()
   with pytest.raises(ValueError, match="host_path must be a numpy bool"):
     dataclasses.replace(plan, host_path=moved.astype(np.int8)).validate()
+
+
+def test_a_replica_kept_over_micro_steps_is_priced_once():
+  """A tenure (a slot holding one replica over consecutive micro-steps) pays one fetch and one gradient
+  return where it starts; an emptied slot and a slot back on the base pay nothing."""
+  from foremoe_jax.planner.foremoe import new_tenures
+  base = np.stack([home_placement(8, 2, 5)])  # [L=1, D=2, S=5]: slots 4 on each device are redundant
+  se = np.repeat(base[None], 4, 0)
+  se[:, 0, 0, 4] = 5  # device 0 holds a replica of expert 5 all four micro-steps: one tenure
+  se[1:3, 0, 1, 4] = [1, 2]  # device 1: two one-micro-step tenures
+  se[3, 0, 1, 4] = -1  # emptied: no tenure
+  np.testing.assert_array_equal(new_tenures(se, base)[:, 0], [1, 1, 1, 0])
+  np.testing.assert_array_equal((se != base[None]).sum(-1).max(-1)[:, 0], [1, 1, 1, 1])
+
+
+def test_keep_or_move_is_the_cheapest_path_over_micro_steps():
+  """foremoe's per-layer choice between the base and the moved candidate, micro-step by micro-step, is
+  exact on the cost model (brute force over every choice), and keeps a replica whose saving per
+  micro-step is below a tenure's cost when it holds over enough micro-steps."""
+  from foremoe_jax.planner.foremoe import keep_or_move, new_tenures
+  rng = np.random.default_rng(1)
+  num_micro, layers = 5, 3
+  cfg = PlanConfig(8, 2, 5, cost=CostModel())
+  base = np.stack([home_placement(8, 2, 5)] * layers)
+  moved = np.repeat(base[None], num_micro, 0)
+  moved[..., 4] = rng.choice([-1, 0, 5], size=(num_micro, layers, 2))
+  saving = cfg.cost.move_s / cfg.cost.token_compute_s / 3  # a third of a tenure's price per micro-step
+  keep_load = rng.uniform(1e4, 2e4, (num_micro, layers))
+  load = np.stack([keep_load, keep_load - saving * rng.uniform(0.5, 1.5, (num_micro, layers))])
+  choice, seconds = keep_or_move(load, moved, base, cfg)
+  for l in range(layers):
+    best = np.inf
+    for path in itertools.product((0, 1), repeat=num_micro):
+      se = np.where(np.array(path)[:, None, None], moved[:, l], base[l])
+      tenures = new_tenures(se[:, None], base[l][None])[:, 0]
+      best = min(best, cfg.cost.layer_s(load[list(path), range(num_micro), l], tenures).sum())
+      if path == tuple(choice[:, l]):
+        assert math.isclose(cfg.cost.layer_s(load[list(path), range(num_micro), l], tenures).sum(), seconds[l])
+    assert math.isclose(seconds[l], best)
+  held = np.repeat(base[None], num_micro, 0)
+  held[:, :, 0, 4] = 5
+  steady = np.stack([keep_load, keep_load - saving])
+  assert (keep_or_move(steady, held, base, cfg)[0] == 1).all()

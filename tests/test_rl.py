@@ -17,6 +17,7 @@ from foremoe_jax.mesh import make_mesh
 from foremoe_jax.model import Model
 from foremoe_jax.rl.config import RLConfig
 from foremoe_jax.rl.microbatch import build_step_batches, spread_routes, with_advantages
+from foremoe_jax.rl.packing import routes_to_counts
 from foremoe_jax.rl.planning import Planner, policy_report, timed_plan
 from foremoe_jax.rl.trainer import GRPOTrainer, format_record
 from foremoe_jax.sft import make_task
@@ -189,3 +190,41 @@ def test_compiled_ahead_the_recompute_and_update_compile_nothing(tmp_path):
     executor.forward, executor.train_step = counted(executor.forward, "forward"), counted(executor.train_step, "update")
   record = trainer.step(0)
   assert record["new_capacities"] and compiles == []
+
+
+def test_packed_micro_batches_count_real_tokens_only():
+  """pack_sequences: rows of several sequences; counts are the real tokens' routes (routes_to_counts of the
+  packing), the rows' real-token share beats one sequence per row, and a mask at a sequence's last position
+  (it would predict the next sequence's first token) is refused."""
+  rng = np.random.default_rng(4)
+  n, t, l, k, e = 32, 10, 2, 2, 8
+  lengths = rng.integers(2, t + 1, size=n)
+  routes = np.stack([rng.permutation(e)[:k] for _ in range(n * t * l)]).reshape(n, t, l, k)
+  mask = (np.arange(t)[None] < lengths[:, None] - 1).astype(np.int32)
+  kw = dict(num_shards=4, expert_devices=2, rows_per_shard=2, tokens_per_shard=20, num_experts=e, num_minibatches=1)
+  step = build_step_batches(np.ones((n, t), np.int32), routes, mask, lengths, pack_sequences=True, **kw)
+  p, m = step.packing, len(step.micro_batches)
+  real = np.arange(t)[None] < lengths[:, None]
+  want = routes_to_counts(routes, real, p.micro_step_N, p.device_N % 2, m, 2, e)
+  np.testing.assert_array_equal(step.counts_MxLxDxE, want)
+  for batch in step.micro_batches:
+    assert {k: v.shape for k, v in batch.items() if k != "num_tokens"} == {
+        "tokens": (8, t), "replay": (8, t, l, k), "mask": (8, t), "segment_ids": (8, t), "positions": (8, t)}
+  assert sum(b["mask"].sum() for b in step.micro_batches) == mask.sum()
+  one_per_row = build_step_batches(np.ones((n, t), np.int32), routes, mask, lengths, **kw)
+  assert step.real_token_share > one_per_row.real_token_share
+  assert step.real_token_share == lengths.sum() / (m * 8 * t)
+  adv = with_advantages(step, np.arange(n, dtype=np.float32) + 1)
+  np.testing.assert_array_equal([a["adv"].shape for a in adv], [(8, t)] * m)
+  assert sum((a["adv"] > 0).sum() for a in adv) == lengths.sum()
+  late = mask.copy()
+  late[3, lengths[3] - 1] = 1
+  with pytest.raises(ValueError, match=f"mask of sequence 3 \\(length {lengths[3]}\\) marks its last position"):
+    build_step_batches(np.ones((n, t), np.int32), routes, late, lengths, pack_sequences=True, **kw)
+
+
+def test_a_packed_step_runs(tmp_path):
+  """rl.pack_sequences through the trainer: recompute and update on packed rows."""
+  trainer = tiny_setup(tmp_path, steps=1, pack_sequences=True)
+  record = trainer.step(0)
+  assert np.isfinite(record["loss"]) and record["dropped"] == 0 and record["micro_steps"] % 2 == 0

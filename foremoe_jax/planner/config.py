@@ -32,13 +32,15 @@ class CostModel:
   Qwen3-30B-A3B-shaped expert (hidden 2048, SwiGLU intermediate 768, bf16: 9.4 MB per expert).
   A benchmark calibrates it by passing measured rates (`benchmarks/planner.py --flops ... --link ...`).
 
-  A slot refill takes one of two paths: "link" (from another device's base slot over NVLink; weights in,
-  gradient back) or "host" (from the pinned-host copy over the device's own host link,
-  `foremoe_jax.host_transfer`; its gradient goes home over the link). The two links run concurrently,
-  so a device's refills split between them (`host_moves`). `link_exposed_s` / `host_exposed_s` are the
-  measured exposed seconds per moved expert-layer (what a refill adds to a micro-step after overlapping
-  its compute, not its isolated time); `CostModel.calibrated()` (PlanConfig's default) loads them.
-  None: the link is estimated from `link_bytes_per_s` and `overlap_fraction`, and there is no host path.
+  Moves are priced per tenure: the micro-steps a slot keeps one replica (the executor fetches it once
+  and holds its gradients in a float32 accumulator until the tenure ends, then sends them back once).
+  A tenure's fetch takes one of two paths: "link" (from another device's base slot over NVLink) or
+  "host" (from the pinned-host copy over the device's own host link, `foremoe_jax.host_transfer`);
+  its gradient goes back over the link either way. The two links run concurrently, so a device's
+  refills split between them (`host_moves`). `link_exposed_s` / `host_exposed_s` are the measured
+  exposed seconds per moved expert-layer (what a refill adds to a micro-step after overlapping its
+  compute, not its isolated time); `CostModel.calibrated()` loads them. None: the link is estimated
+  from `link_bytes_per_s` and `overlap_fraction`, and there is no host path.
   """
 
   hidden: int = 2048
@@ -97,15 +99,15 @@ class CostModel:
 
   @property
   def move_s(self) -> float:
-    """One slot refill: weights in before the micro-step, gradients back to the base after it."""
-    return 2.0 * self.expert_bytes / self.link_bytes_per_s
+    """One tenure of a replica in a slot: its weights in when it starts, and when it ends its gradient,
+    summed over the tenure's micro-steps in (at least) float32, back to the base, once."""
+    return self.expert_bytes / self.link_bytes_per_s + self.grad_return_s
 
   @property
   def base_move_s(self) -> float:
     """One base slot fetched from another device: its weights in when the step begins, and at its end
-    its gradient, summed over the micro-steps in (at least) float32, back home."""
-    grad_bytes = max(self.bytes_per_param, 4) / self.bytes_per_param * self.expert_bytes
-    return (self.expert_bytes + grad_bytes) / self.link_bytes_per_s
+    its gradient, summed over the micro-steps in (at least) float32, back home: a tenure of the step."""
+    return self.move_s
 
   @property
   def a2a_s_per_token(self) -> float:
@@ -119,7 +121,7 @@ class CostModel:
 
   @property
   def grad_return_s(self) -> float:
-    """A host-path refill's gradient going home over the link (float32 at least), by bandwidth."""
+    """A tenure's gradient sum going back over the link (float32 at least), by bandwidth."""
     return max(self.bytes_per_param, 4) / self.bytes_per_param * self.expert_bytes / self.link_bytes_per_s
 
   def _split_s(self, moves, compute_s):
@@ -148,7 +150,8 @@ class CostModel:
   def layer_s(self, max_load, max_moves_per_device, max_remote_tokens=0.0):
     """Estimated time of one (m, l): slowest device's compute, plus exposed transfer and dispatch time.
 
-    Works elementwise on arrays: max_load and max_remote_tokens in tokens, moves in slots.
+    Works elementwise on arrays: max_load and max_remote_tokens in tokens, moves in tenures that start
+    in this (m, l) on the busiest device (each priced with its fetch and its one gradient return).
     """
     compute = max_load * self.token_compute_s
     exposed = self.moves_s(max_moves_per_device, compute)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from foremoe_jax.planner.foremoe import new_tenures
 from foremoe_jax.planner.plan import Plan
 from foremoe_jax.planner.slots import home_placement
 
@@ -41,7 +42,7 @@ def estimated_step_s(plan: Plan, counts_MxLxDxE) -> float:
   dispatch (the most-sending source), plus the once-per-step home -> base moves (largest per device)."""
   cost = plan.config.cost
   load = plan.device_load(counts_MxLxDxE)
-  moves = plan.moved_mask().sum(-1).max(-1)
+  moves = new_tenures(plan.slot_expert, plan.base)
   per_layer = cost.layer_s(load.max(-1), moves, remote_pairs(plan, counts_MxLxDxE).max(-1))
   cfg = plan.config
   home = home_placement(cfg.num_experts, cfg.num_devices, cfg.slots_per_device)

@@ -134,7 +134,7 @@ def _foremoe(counts, cfg: PlanConfig, history) -> Plan:
   step_plan = _plan(counts, _repeated(step_base, num_micro), step_base, cfg)
   no_moves = np.zeros((num_micro, num_layers), np.int64)
   step_level_s = foremoe.estimated_step_s(step_plan.slot_load, step_plan.pair_need, no_moves, step_base, cfg)
-  moves = (slot_expert != base[None]).sum(-1).max(-1)
+  moves = foremoe.new_tenures(slot_expert, base)
 
   def slower(busiest_B, need_B):
     """Whether our plan is estimated slower with these per-(m, l) busiest-device loads and pair needs."""

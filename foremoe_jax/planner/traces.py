@@ -45,18 +45,44 @@ def counts_from_routes(routes_NxLxK, micro_step_N, device_N, num_micro_steps: in
   return np.bincount(bin_N.ravel(), minlength=size).reshape(num_micro_steps, num_layers, num_devices, num_experts)
 
 
-def load_esft_task(root: pathlib.Path, task: str) -> list[np.ndarray]:
-  """Per sequence, int16 [N_tokens, L=26, k=6] routes of one ESFT task (MoE layers 1..26)."""
+def _esft_layer_files(root: pathlib.Path, task: str) -> list[pathlib.Path]:
   task_dir = pathlib.Path(root) / ESFT_DIR / task
   if not task_dir.is_dir():
     raise FileNotFoundError(f"no ESFT trace directory {task_dir}")
-  layer_files = sorted(task_dir.glob("expert_weights_*.txt.gz"), key=lambda p: int(p.name.split("_")[-1].split(".")[0]))
-  per_layer = []
-  for path in layer_files:
-    with gzip.open(path, "rt") as f:
-      per_layer.append([np.array(line.split("\t\t")[0].split("\t"), np.int16).reshape(-1, ESFT_TOP_K)
-                        for line in f if line.strip()])
+  return sorted(task_dir.glob("expert_weights_*.txt.gz"), key=lambda p: int(p.name.split("_")[-1].split(".")[0]))
+
+
+def _read_esft_layer(path: pathlib.Path, with_weights: bool) -> list:
+  """Per sequence of one layer file: int16 [N_tokens, k] ids, or (ids, float32 [N_tokens, k] gate weights)."""
+  out = []
+  with gzip.open(path, "rt") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      ids, weights = line.rstrip("\n").split("\t\t")
+      ids_NxK = np.array(ids.split("\t"), np.int16).reshape(-1, ESFT_TOP_K)
+      out.append((ids_NxK, np.array(weights.split("\t"), np.float32).reshape(ids_NxK.shape)) if with_weights
+                 else ids_NxK)
+  return out
+
+
+def load_esft_task(root: pathlib.Path, task: str) -> list[np.ndarray]:
+  """Per sequence, int16 [N_tokens, L=26, k=6] routes of one ESFT task (MoE layers 1..26)."""
+  per_layer = [_read_esft_layer(path, False) for path in _esft_layer_files(root, task)]
   return [np.stack([layer[i] for layer in per_layer], axis=1) for i in range(len(per_layer[0]))]
+
+
+def load_esft_stream(root: pathlib.Path, tasks=ESFT_TASKS, num_layers: int = 26) -> tuple[np.ndarray, np.ndarray]:
+  """The sequences of `tasks` (in order) as one token stream of MoE layers 1..num_layers:
+  (int16 ids [S, num_layers, 6], float32 gate weights [S, num_layers, 6])."""
+  if not 1 <= num_layers <= 26:
+    raise ValueError(f"ESFT traces have MoE layers 1..26, asked for {num_layers}")
+  ids, weights = [], []
+  for task in tasks:
+    per_layer = [_read_esft_layer(path, True) for path in _esft_layer_files(root, task)[:num_layers]]
+    for part, out in ((0, ids), (1, weights)):
+      out.append(np.stack([np.concatenate([seq[part] for seq in layer]) for layer in per_layer], axis=1))
+  return np.concatenate(ids), np.concatenate(weights)
 
 
 def sample_micro_steps(sequences: list[np.ndarray], num_micro_steps: int, num_devices: int, tokens_per_device: int,

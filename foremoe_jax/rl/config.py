@@ -14,8 +14,11 @@ class RLConfig:
   max_new_tokens: int = 5
   temperature: float = 1.0
   top_p: float = 1.0
-  rows_per_shard: int = 4  # sequences per device per micro-step
+  rows_per_shard: int = 4  # rows per device per micro-step (one sequence each, or several packed)
   tokens_per_shard: int = 64  # real-token budget per device per micro-step
+  # Pack several sequences back to back into each row (veRL / slime "remove padding", fixed shapes):
+  # attention masked per sequence, padding routed nowhere. Off: one sequence per row, right-padded.
+  pack_sequences: bool = False
   num_minibatches: int = 2  # optimizer steps per epoch over the rollout
   ppo_epochs: int = 1
   clip_eps: float = 0.2

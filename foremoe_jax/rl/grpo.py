@@ -3,7 +3,9 @@
 Alignment: every `[B, T]` array lines up with the logits `[B, T, V]`. Position t holds the log-prob of
 `tokens[b, t + 1]` given `tokens[b, :t + 1]` (the last column is 0), and `mask[b, t] == 1` trains that
 prediction. `task.encode_sft` builds masks with this convention; for rollouts the mask is 1 on the
-positions that predict generated tokens (EOS included).
+positions that predict generated tokens (EOS included). Packed rows (several sequences per row,
+`segment_ids` [B, T], 0 = padding) predict nothing across a boundary: position t is 0 where
+`tokens[b, t + 1]` starts another segment (the mask is 0 there too: `microbatch` checks it).
 
 Aggregation is token-level: the loss is the sum over masked tokens divided by `num_tokens_total`, the
 number of masked tokens in the whole mini-batch. Passing the same `num_tokens_total` to every micro-step
@@ -28,13 +30,20 @@ def group_advantages(rewards_B: jax.Array, group_size: int, eps: float = 1e-6) -
   return adv_PxG.reshape(-1)
 
 
-def token_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
-  """f32 [B, T]: log p(tokens[b, t+1] | tokens[b, :t+1]) at position t; 0 in the last column."""
+def token_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None
+                   ) -> jax.Array:
+  """f32 [B, T]: log p(tokens[b, t+1] | tokens[b, :t+1]) at position t; 0 in the last column and, with
+  `segment_ids_BxT`, wherever t+1 is not in t's segment (and on padding)."""
   logits_BxTxV = logits_BxTxV.astype(jnp.float32)
   next_BxT = jnp.concatenate([tokens_BxT[:, 1:], jnp.zeros_like(tokens_BxT[:, :1])], axis=1)
   picked_BxT = jnp.take_along_axis(logits_BxTxV, next_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
   logp_BxT = picked_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
-  return logp_BxT.at[:, -1].set(0.0)
+  logp_BxT = logp_BxT.at[:, -1].set(0.0)
+  if segment_ids_BxT is None:
+    return logp_BxT
+  same_BxT = jnp.concatenate([segment_ids_BxT[:, 1:] == segment_ids_BxT[:, :-1],
+                              jnp.zeros_like(segment_ids_BxT[:, :1], bool)], axis=1)
+  return jnp.where(same_BxT & (segment_ids_BxT > 0), logp_BxT, 0.0)
 
 
 def grpo_loss(logp_new_BxT: jax.Array, logp_old_BxT: jax.Array, advantages_B: jax.Array, mask_BxT: jax.Array,
@@ -42,6 +51,7 @@ def grpo_loss(logp_new_BxT: jax.Array, logp_old_BxT: jax.Array, advantages_B: ja
               num_tokens_total: jax.Array | int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """PPO-clipped policy loss with optional k3 KL to a reference policy -> (scalar loss, metrics).
 
+  `advantages_B`: one per row [B], or per token [B, T] (packed rows hold several sequences).
   per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + kl_coef * k3(ref, new), with
   ratio = exp(logp_new - logp_old) and k3(ref, new) = exp(ref - new) - (ref - new) - 1 (>= 0, unbiased
   for KL(new || ref) under samples of the policy). `num_tokens_total=None` uses this call's mask sum.
@@ -59,13 +69,14 @@ def grpo_loss(logp_new_BxT: jax.Array, logp_old_BxT: jax.Array, advantages_B: ja
   def token_sum(x_BxT):
     return jnp.sum(x_BxT * mask_BxT) / denom
 
-  adv_Bx1 = sg(advantages_B.astype(jnp.float32))[:, None]
+  adv = sg(advantages_B.astype(jnp.float32))
+  adv_BxT = adv if adv.ndim == 2 else adv[:, None]  # per token, or per row broadcast over T
   # Zeroed outside the mask before exp, so padding can't make inf * 0 = NaN in values or gradients.
   log_ratio_BxT = jnp.where(valid_BxT, logp_new_BxT.astype(jnp.float32)
                             - sg(logp_old_BxT.astype(jnp.float32)), 0.0)
   ratio_BxT = jnp.exp(log_ratio_BxT)
-  unclipped_BxT = -ratio_BxT * adv_Bx1
-  clipped_BxT = -jnp.clip(ratio_BxT, 1.0 - clip_eps, 1.0 + clip_eps) * adv_Bx1
+  unclipped_BxT = -ratio_BxT * adv_BxT
+  clipped_BxT = -jnp.clip(ratio_BxT, 1.0 - clip_eps, 1.0 + clip_eps) * adv_BxT
   per_token_BxT = jnp.maximum(unclipped_BxT, clipped_BxT)
   metrics = {
       "clip_frac": token_sum(sg((clipped_BxT > unclipped_BxT).astype(jnp.float32))),

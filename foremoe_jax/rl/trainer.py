@@ -45,8 +45,9 @@ STAGES = ("rollout", "plan_wait", "recompute", "update")
 
 def grpo_objective(model, batch, *, tables, working, capacity, clip_eps: float, kl_coef: float):
   """The executor's loss: clipped GRPO over this micro-batch, normalized by its mini-batch's tokens."""
-  out = model(batch["tokens"], tables, batch["replay"], capacity=capacity, working=working)
-  logp_BxT = token_logprobs(out.logits, batch["tokens"])
+  out = model(batch["tokens"], tables, batch["replay"], capacity=capacity, working=working,
+              segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))  # packed rows: both set
+  logp_BxT = token_logprobs(out.logits, batch["tokens"], batch.get("segment_ids"))
   loss, metrics = grpo_loss(logp_BxT, batch["logp_old"], batch["adv"], batch["mask"], clip_eps=clip_eps,
                             kl_coef=kl_coef, logp_ref_BxT=batch.get("logp_ref"),
                             num_tokens_total=batch["num_tokens"])
@@ -81,6 +82,7 @@ class GRPOTrainer:
       self.reference.params = jax.tree.map(jnp.copy, self.reference.params)
     self.ckpt = Checkpointer(os.path.join(run_dir, "rl_ckpt"))
     self.history = None
+    self.route_hook = None  # fn(host Rollout) -> Rollout, applied after the rollout: benchmarks' trace routes
     self.capacities = set()  # the padded capacities met so far: each compiled its programs once
 
   # --- checkpoints ---------------------------------------------------------------------------------
@@ -135,13 +137,14 @@ class GRPOTrainer:
                    top_p=rl.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
     roll = distributed.to_host(roll._replace(logprobs=None))  # multi-process: one gather, routes included
     times["rollout"] = time.perf_counter() - tic
+    roll = roll if self.route_hook is None else self.route_hook(roll)
 
     tic = time.perf_counter()
     packed = build_step_batches(roll.tokens, roll.routes, roll.completion_mask, roll.lengths,
                                 num_shards=batch_shards(self.mesh), expert_devices=self.expert_devices,
                                 rows_per_shard=rl.rows_per_shard, tokens_per_shard=rl.tokens_per_shard,
                                 num_experts=self.plan_cfg.num_experts, num_minibatches=rl.num_minibatches,
-                                seed=step)
+                                seed=step, pack_sequences=rl.pack_sequences)
     # One plan per mini-batch, in order: mini-batch i recomputes while the later ones are planned.
     planned = minibatches(packed.counts_MxLxDxE, rl.num_minibatches, self.history)
     futures = [self.planner.submit(timed_plan, c, self.plan_cfg, h) for c, h in planned]

@@ -1,0 +1,167 @@
+"""Host side of a step (numpy): a planner `Plan` plus the step's counts -> `StepTables`, the move tables
+and flags every micro-step's program takes. Only `StepTables.place` touches devices (one device_put).
+
+Per micro-step m and layer the tables hold:
+- fill: base -> m's working slots, every slot that differs from the base. Its rows are where m's working
+  gradients wait (the executor's per-slot float32 accumulators) instead of going home at once.
+- refill: m-1's working slots -> m's (m = 0: the base), only the slots whose expert changes.
+- flush: the fill's moves whose tenure ends after m: the slot's (expert, base source) is not in fill
+  m+1, or m is the last micro-step. A replica kept for n micro-steps is fetched once and its
+  accumulated gradient goes back to its base row once, at the end of its tenure.
+Move-table row counts are powers of two of the plan's need (or fixed by the caller), so a new plan
+with the same needs runs the programs compiled for the last one.
+"""
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from foremoe_jax.placement import Tables, plan_tables
+from foremoe_jax.planner.pairs import micro_capacities
+from foremoe_jax.transfer import (MoveTables, fill_moves, home_to_base_moves, local_copies_needed, move_tables,
+                                  moves_needed)
+
+
+def capacity_power_of_two(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+def table_rows(needed, moves_lists, num_devices: int) -> int:
+  """Rows a move table needs to hold every list of moves: the largest `needed(moves, D)`
+  (`moves_needed` or `local_copies_needed`), at least 1, up to a power of two (few compiled shapes)."""
+  return capacity_power_of_two(max(1, max((needed(m, num_devices) for m in moves_lists), default=0)))
+
+
+def flush_moves(fills_MxL):
+  """Per (m, l): the moves of fill m whose tenure ends after m, i.e. that fill m+1 does not repeat (a
+  move names the slot and the base row it was read from). A micro-step that keeps the base has no fill,
+  so the one before it flushes everything; the last micro-step flushes what is left."""
+  num_micro = len(fills_MxL)
+  return [[[mv for mv in fill if m + 1 == num_micro or mv not in set(fills_MxL[m + 1][l])]
+           for l, fill in enumerate(row)] for m, row in enumerate(fills_MxL)]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTables:
+  """Everything one optimizer step needs about placements, plus static sizes. The table trees come
+  one per micro-step, so the host loop never slices a device array between micro-steps."""
+  tables_M: list[Tables]  # per micro-step: [L, ...] dispatch tables
+  base_moves: MoveTables  # [L, ...] home -> base
+  fill_moves_M: list[MoveTables]  # per micro-step: [L, ...] base -> its working slots (their gradients wait)
+  refill_moves_M: list[MoveTables]  # per micro-step m: [L, ...] m-1's working slots -> m's (m = 0: the base)
+  flush_moves_M: list[MoveTables]  # per micro-step m: [L, ...] the fill moves whose tenure ends after m
+  refill_M: np.ndarray  # bool [M] (host): micro-step m's refill writes a slot in some layer
+  fill_M: np.ndarray  # bool [M] (host): micro-step m's placement differs from the base in some layer
+  flush_M: np.ndarray  # bool [M] (host): some slot's tenure ends after micro-step m
+  capacity_M: tuple[int, ...]  # padded rows per (source, destination) of each micro-step: its need, bucketed
+  moved_slots: int  # slots that differ from the base, summed over (m, l): gradient rows if each went back at once
+  refilled_slots: int  # slots rewritten between consecutive micro-steps, summed over (m, l)
+  flushed_slots: int  # tenures: gradient rows sent back to the base in the step
+  home_L: np.ndarray | None = None  # bool [L] (host): layer l's base is its home layout (no base transfer)
+
+  @property
+  def num_micro_steps(self) -> int:
+    return len(self.tables_M)
+
+  @property
+  def at_home(self) -> bool:
+    """The base is the home layout in every layer: the step moves no expert weight into its base."""
+    return self.home_L is not None and bool(np.all(self.home_L))
+
+  @property
+  def capacity(self) -> int:
+    """The largest micro-step capacity: what one step-wide capacity would have to be."""
+    return max(self.capacity_M)
+
+  def place(self, mesh) -> "StepTables":
+    """The table trees replicated over `mesh` (arrays already there stay as they are). Tables left on
+    one device would be resliced onto the mesh by every micro-step's call: on 2 x H200 those copies,
+    and the host slicing before them, left each GPU idle ~15 ms per step."""
+    sharding = NamedSharding(mesh, P())
+    if getattr(self.base_moves[0], "sharding", None) == sharding:  # placed together: one leaf tells
+      return self  # a no-op device_put of every leaf still costs ~2 ms of host time before the step
+    trees = (self.tables_M, self.base_moves, self.fill_moves_M, self.refill_moves_M, self.flush_moves_M)
+    tables_M, base_moves, fill_moves_M, refill_moves_M, flush_moves_M = jax.device_put(trees, sharding)
+    return dataclasses.replace(self, tables_M=tables_M, base_moves=base_moves, fill_moves_M=fill_moves_M,
+                               refill_moves_M=refill_moves_M, flush_moves_M=flush_moves_M)
+
+
+def stack_moves(tables: list[MoveTables]) -> MoveTables:
+  return MoveTables(*(np.stack(leaves) for leaves in zip(*tables)))
+
+
+def _tables_M(moves_MxL, num_devices: int, capacity: int, local_capacity: int) -> list[MoveTables]:
+  return [stack_moves([move_tables(mv, num_devices, capacity, local_capacity) for mv in row]) for row in moves_MxL]
+
+
+def _any_M(moves_MxL) -> np.ndarray:
+  return np.array([any(len(f) for f in row) for row in moves_MxL])
+
+
+def _total(moves_MxL) -> int:
+  return sum(len(f) for row in moves_MxL for f in row)
+
+
+def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity: int | None = None,
+                 fill_capacity: int | None = None, base_capacity: int | None = None,
+                 base_local_capacity: int | None = None, mesh=None) -> StepTables:
+  """Host: a planner `Plan` plus the step's routed counts -> StepTables.
+
+  `capacity` fixes the padded rows per (source, destination) of every micro-step (default: each
+  micro-step's exact need, bucketed by the plan's `capacity_buckets`: `pairs.micro_capacities`); it must
+  cover the need, since dropping tokens would change the math. `fill_capacity` / `base_capacity`: rows
+  one device may send another per micro-step fill (and flush: a flush is part of a fill) / in the base
+  transfer; by default the plan's need rounded up to a power of two (1 for "foremoe", whose budget is one
+  slot per device); `base_local_capacity`: rows one device copies within itself in the base transfer
+  (default: the plan's need, a power of two). Passing them fixes the tables' shapes across plans.
+  `mesh`: place the tables on it now, ahead of the step (else they stay on the host until the executor
+  places them when the step starts).
+  """
+  num_micro, num_layers, num_devices, slots = plan.slot_expert.shape
+  base_list = [home_to_base_moves(plan.base[l], num_experts) for l in range(num_layers)]
+  base_cap = base_capacity or table_rows(moves_needed, base_list, num_devices)
+  fills = [[fill_moves(plan.slot_expert[m, l], plan.base[l]) for l in range(num_layers)] for m in range(num_micro)]
+  previous = [plan.base] + [plan.slot_expert[m] for m in range(num_micro - 1)]
+  refills = [[fill_moves(plan.slot_expert[m, l], plan.base[l], previous[m][l]) for l in range(num_layers)]
+             for m in range(num_micro)]
+  flushes = flush_moves(fills)
+  every = [f for row in fills + refills for f in row]
+  fill_cap = fill_capacity or table_rows(moves_needed, every, num_devices)
+  local_cap = table_rows(local_copies_needed, every, num_devices)
+  # The flushes get their own (smaller) sizes: a slot kept over micro-steps sends its gradient once.
+  flush_list = [f for row in flushes for f in row]
+  flush_cap = fill_capacity or table_rows(moves_needed, flush_list, num_devices)
+  flush_local = table_rows(local_copies_needed, flush_list, num_devices)
+  base_local = base_local_capacity or table_rows(local_copies_needed, base_list, num_devices)
+  base_moves = stack_moves([move_tables(m, num_devices, base_cap, base_local) for m in base_list])
+  slot_pairs = plan.slot_pairs(counts_MxLxDxE)  # [M, L, D_src, G]
+  need_MxL = slot_pairs.reshape(*slot_pairs.shape[:3], num_devices, -1).sum(-1).max((2, 3), initial=0)
+  need = int(need_MxL.max(initial=0))
+  if capacity is not None and capacity < need:
+    raise ValueError(f"capacity={capacity} rows per (source, destination) is below this step's need of {need}")
+  capacity_M = (capacity,) * num_micro if capacity else tuple(
+      int(c) for c in micro_capacities(need_MxL, plan.config.capacity_buckets))
+  tables = plan_tables(plan.slot_expert, plan.slot_share, num_experts)
+  step = StepTables([Tables(*(a[m] for a in tables)) for m in range(num_micro)], base_moves,
+                    _tables_M(fills, num_devices, fill_cap, local_cap),
+                    _tables_M(refills, num_devices, fill_cap, local_cap),
+                    _tables_M(flushes, num_devices, flush_cap, flush_local),
+                    _any_M(refills), _any_M(fills), _any_M(flushes), capacity_M, _total(fills), _total(refills),
+                    _total(flushes), np.array([not m for m in base_list]))
+  return step if mesh is None else step.place(mesh)
+
+
+def gradient_rows(plan, num_experts: int) -> dict:
+  """Host count of the expert-gradient rows a step sends back to its base (one row = one expert of one
+  layer): "per_micro_step", every slot off the base after every micro-step (the schedule before
+  deferred gradients); "per_tenure", once per tenure (this executor's flushes); "_remote": those whose
+  base row is on another device (the rest are local copies)."""
+  num_micro, num_layers = plan.slot_expert.shape[:2]
+  fills = [[fill_moves(plan.slot_expert[m, l], plan.base[l]) for l in range(num_layers)] for m in range(num_micro)]
+  rows = {}
+  for name, moves_MxL in (("per_micro_step", fills), ("per_tenure", flush_moves(fills))):
+    moves = [mv for row in moves_MxL for f in row for mv in f]
+    rows[name], rows[f"{name}_remote"] = len(moves), sum(mv[0] != mv[2] for mv in moves)
+  return rows

@@ -1,0 +1,131 @@
+"""Deferred replica gradients: a slot's gradients wait in a per-slot float32 accumulator while it keeps
+its expert and go back to the base once per tenure; the step still equals the plain home-layout step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from foremoe_jax.executor import Executor, prepare_step
+from foremoe_jax.planner import PlanConfig
+from foremoe_jax.planner.plan import Plan
+from foremoe_jax.planner.split import plan_shares
+from foremoe_jax.step_tables import flush_moves
+from foremoe_jax.transfer import fill_moves
+from moe_reference import cpu_mesh, random_placement
+from test_executor import D, E, L, M, S, loss_fn, make_model, skewed_micro_batches
+
+def movable_slots(base_DxS):
+  """Global slots holding a copy of an expert an earlier slot holds: free to change, every expert stays."""
+  flat = base_DxS.reshape(-1)
+  return np.array([g for g in range(flat.size) if (flat[:g] == flat[g]).any()])
+
+
+def random_plan(counts, seed, unfilled=(), held=False) -> Plan:
+  """A base that is no home layout, and micro-steps whose non-primary slots mostly change each
+  micro-step: replicas of a few experts (so one expert often sits on several devices) or empty.
+  `unfilled` micro-steps keep the base in every layer; `held`: layer 0's first movable slot keeps one
+  replica throughout."""
+  rng = np.random.default_rng(seed)
+  base = np.stack([random_placement(rng, E, D, S, empty_fraction=0.0)[0] for _ in range(L)])
+  slot_expert = np.repeat(base[None], M, 0)
+  for l in range(L):
+    flat, movable = base[l].reshape(-1), movable_slots(base[l])
+    for m in set(range(M)) - set(unfilled):
+      new = rng.choice(np.array([-1, 0, 1, 2, 3]), size=len(movable), p=[0.1, 0.3, 0.2, 0.2, 0.2])
+      slot_expert[m, l].reshape(-1)[movable] = np.where(rng.random(len(movable)) < 0.8, new, flat[movable])
+  if held:
+    d, j = divmod(int(movable_slots(base[0])[0]), S)
+    slot_expert[:, 0, d, j] = (base[0, d, j] + 1) % E
+  shares = plan_shares(slot_expert.reshape(M * L, D, S), counts.reshape(M * L, D, E))
+  plan = Plan(slot_expert.astype(np.int32), shares.reshape(M, L, D, D * S), base.astype(np.int32), "foremoe",
+              PlanConfig(E, D, S))
+  plan.validate()
+  return plan
+
+
+def tenures(plan) -> int:
+  """Tenures counted from the placements alone: a slot off the base starts one unless it held the same
+  expert in the micro-step before (a move's source depends only on the slot's expert and the base)."""
+  off = (plan.slot_expert >= 0) & (plan.slot_expert != plan.base[None])
+  kept = np.zeros_like(off)
+  kept[1:] = off[:-1] & (plan.slot_expert[1:] == plan.slot_expert[:-1])
+  return int((off & ~kept).sum())
+
+
+@pytest.mark.parametrize("seed,unfilled,held", [(0, (2,), False), (1, (), True), (2, (0, 3), False)])
+def test_flush_tables_send_each_tenure_back_once(seed, unfilled, held):
+  """Host side: every tenure is flushed exactly once, at its end; a slot held for all M micro-steps once,
+  by the last; a micro-step before one that keeps the base flushes its whole fill; nothing flushes in a
+  micro-step that keeps the base. The packed tables hold exactly those rows."""
+  counts = skewed_counts(seed)
+  plan = random_plan(counts, seed, unfilled, held)
+  step = prepare_step(plan, counts, E, capacity=64)
+  fills = [[fill_moves(plan.slot_expert[m, l], plan.base[l]) for l in range(L)] for m in range(M)]
+  flushes = flush_moves(fills)
+  assert step.moved_slots == sum(len(f) for row in fills for f in row) > step.flushed_slots == tenures(plan)
+  assert list(step.fill_M) == [m not in unfilled for m in range(M)]
+  assert list(step.flush_M) == [m not in unfilled for m in range(M)]
+  for m in range(M):
+    rows = sum(int((np.asarray(t) >= 0).sum()) for t in (step.flush_moves_M[m].local_src_DxL,
+                                                         step.flush_moves_M[m].send_DxRxK))
+    assert rows == sum(len(f) for f in flushes[m])
+    if m == M - 1 or m + 1 in unfilled:
+      assert flushes[m] == fills[m]
+  if held:
+    d, j = divmod(int(movable_slots(plan.base[0])[0]), S)
+    ends = [m for m in range(M) for mv in flushes[m][0] if mv[2:] == (d, j)]
+    assert ends == [M - 1] and all(any(mv[2:] == (d, j) for mv in fills[m][0]) for m in range(M))
+
+
+def skewed_counts(seed):
+  return np.random.default_rng(seed).integers(0, 6, (M, L, D, E))
+
+
+@pytest.fixture(scope="module")
+def setting():
+  """Micro-batches, their counts, and the plain step's (gradients, loss, updated parameters): plain
+  autodiff of the summed micro-step losses in the home layout, one program, and SGD (lr 0.5) on it."""
+  mesh = cpu_mesh(1, D)
+  batches, counts = skewed_micro_batches(mesh, seed=3)
+  graphdef, params, rest = nnx.split(make_model(mesh), nnx.Param, ...)
+
+  def total_loss(params):
+    model = nnx.merge(graphdef, params, rest)
+    return sum(loss_fn(model, b, tables=None, working=None, capacity=64)[0] for b in batches)
+
+  loss, grads = jax.jit(jax.value_and_grad(total_loss))(params)
+  return mesh, batches, counts, (grads, float(loss), jax.tree.map(lambda p, g: p - 0.5 * g, params, grads))
+
+
+def run(executor, batches, step):
+  """(gradients, loss, updated parameters) of one step from the executor's parameters, which it keeps."""
+  initial = jax.tree.map(jnp.copy, (executor.params, executor.opt_state))
+  grads = executor.gradients(batches, step)
+  loss = executor.train_step(batches, step)["loss"]
+  updated = executor.params
+  executor.params, executor.opt_state = initial
+  return grads, loss, updated
+
+
+def assert_close(got, want):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("fused,unfilled,held", [(True, (2,), False), (False, (), True)])
+def test_deferred_step_equals_the_plain_step(setting, fused, unfilled, held):
+  """Random plans that move most non-primary slots every micro-step (replicas of one expert on several
+  devices, emptied slots), with a micro-step that keeps the base in between, or a slot that keeps its
+  replica throughout: loss, gradients and updated parameters equal the plain home-layout step's, with
+  the first and last programs fused (the last flushes and updates) or separate."""
+  mesh, batches, counts, (grads_ref, loss_ref, params_ref) = setting
+  plan = random_plan(counts, 0 if unfilled else 1, unfilled, held)
+  step = prepare_step(plan, counts, E, capacity=64)
+  assert Executor.layout(step) == (False, True) and step.flushed_slots < step.moved_slots
+  executor = Executor(make_model(mesh), optax.sgd(0.5), loss_fn, mesh, fused=fused)
+  grads, loss, params = run(executor, batches, step)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  assert_close(grads, grads_ref)
+  assert_close(params, params_ref)
