@@ -73,7 +73,7 @@ def main(argv=None):
   from foremoe_jax.rl.report import summarize
   from foremoe_jax.rl.trainer import GRPOTrainer
   from foremoe_jax.sft import evaluate, make_task, run_sft
-  from pallas_kernels.backend import default_backend
+  from pallas_kernels.backend import resolve
 
   logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
   for name in ("foremoe_jax", "pallas_kernels"):  # which backends run is said once, never silently
@@ -118,7 +118,8 @@ def main(argv=None):
     summary = {"config": cfg.name, "sft_steps": state.step, "sft_final_loss": state.last_metrics.get("loss"),
                "sft_accuracy": accuracy, "devices": jax.device_count(), "processes": jax.process_count(),
                "backend": jax.default_backend(),
-               "dispatch": choose_dispatch(cfg.model.dispatch), "gmm_backend": default_backend("gmm"),
+               "dispatch": choose_dispatch(cfg.model.dispatch), "gmm_backend": resolve("gmm", cfg.model.gmm_backend),
+               "dispatch_backend": resolve("permute", cfg.model.dispatch_backend),
                **task.describe()}
     if args.rl_steps != 0:
       trainer = GRPOTrainer(cfg, state.model, state.mesh, state.task, run_dir)

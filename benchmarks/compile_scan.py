@@ -22,6 +22,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import parse_with_smoke  # noqa: E402
 
 SMOKE = dict(tokens=64, scan_depths=[2, 8], unrolled_depths=[2, 4], step_layers=2, repeats=2)
 
@@ -159,12 +161,8 @@ def main():
   ap.add_argument("--step-layers", type=int, default=4, help="depth whose step time is measured (real weights)")
   ap.add_argument("--remat", default="none", choices=("none", "block"))
   ap.add_argument("--repeats", type=int, default=10)
-  ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
   ap.add_argument("--out", default=None, help="JSON to write")
-  args = ap.parse_args()
-  if args.smoke:
-    for key, value in SMOKE.items():
-      setattr(args, key, value)
+  args = parse_with_smoke(ap, SMOKE)
   result = run(args)
   print(f"card {result['card']}, jax {result['jax']}, {args.tokens} tokens, remat {args.remat}")
   print("| layers | layout | lower s | compile s | HLO chars |")

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from moe_step import E, F, H, K, counts_of, ideal_routes, stack_setup  # noqa: E402
+from common import E, F, H, K, counts_of, ideal_routes, parse_with_smoke, stack_setup  # noqa: E402
 
 SMOKE = dict(hidden=64, expert_hidden=64, tokens=32, layers=2, micro_steps=4)
 
@@ -113,12 +113,8 @@ def main():
   ap.add_argument("--gmm-backend", default=None)
   ap.add_argument("--dispatch-backend", default=None)
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
   ap.add_argument("--out", default=None, help="JSON to append this run to")
-  args = ap.parse_args()
-  if args.smoke:
-    for key, value in SMOKE.items():
-      setattr(args, key, value)
+  args = parse_with_smoke(ap, SMOKE)
   import jax
   result = run(args)
   result.update(card=jax.devices()[0].device_kind, jax=jax.__version__, ep=args.ep, layers=args.layers,

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from foremoe_jax.planner import PlanConfig, plan_step  # noqa: E402
-from moe_step import E, F, H, K, PLAN_RATES, counts_of, plan_cost, route_file  # noqa: E402
+from common import E, F, H, K, PLAN_RATES, counts_of, plan_cost, route_file  # noqa: E402
 
 # (name, K, N, transpose_rhs): the layer's four grouped matmuls with [rows, K] x [G, K, N] (or [G, N, K]).
 MATMULS = (("gate_up fwd", H, 2 * F, False), ("down fwd", F, H, False),

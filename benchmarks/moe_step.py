@@ -6,15 +6,12 @@ params and matmuls), EP over D devices (mesh data=1, expert=D), S = E/D + 1 slot
 Routes (fixed by replay, so every policy does the same math): DeepSeek-V2-Lite ESFT routes (64 experts,
 top-6, `../shared/traces`), sequences drawn with replacement from all four tasks and packed to `--tokens`
 per device per micro-step (`traces.sample_micro_steps`); benchmark layer i replays trace layer
-`--trace-layers[i]`. Mapping 64 -> 128 experts, top-6 -> top-8 (fixed rule): trace expert e becomes
-experts 2e and 2e+1; a token's first two listed choices take both halves (4 experts), each of its other
-four choices j takes one half, 2e + (n + j) % 2 by the token's index n. This keeps each trace expert's
-load (split over its two halves) and gives 8 distinct experts per token. `eplb_history` plans from a
-second, independently drawn step. `ideal`: the same token count with routes that give every expert
-the same load from every source (perfect balance): token n takes experts pi_l((8n + j) % 128), j < 8,
-with pi_l a fixed random permutation per layer, so a token's experts spread over devices as real
-routes do. `ideal_round_robin` drops pi_l: each token's 8 experts are consecutive, all on one device
-(measured slower than the permuted routes on 4 x H200; kept to show it).
+`--trace-layers[i]`, mapped 64 -> 128 experts and top-6 -> top-8 by a fixed rule that keeps each trace
+expert's load (`common.map_routes_64_to_128`). `eplb_history` plans from a second, independently drawn
+step. `ideal`: the same token count with routes that give every expert the same load from every source
+(perfect balance, `common.ideal_routes`), a token's experts spread over devices as real routes do.
+`ideal_round_robin`: each token's 8 experts consecutive, all on one device (measured slower than the
+permuted routes on 4 x H200; kept to show it).
 
 Policies: static, eplb_history, eplb_step, foremoe (planned ahead, host planning not timed; each refill
 right before its micro-step, the executor's default), foremoe_prefetch (the same plan, each refill inside
@@ -35,49 +32,26 @@ step per policy, summarised per GPU kernel (`trace_summary.py`).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
-import shlex
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from foremoe_jax.planner import CostModel, PlanConfig, plan_step, traces  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import (E, F, H, K, MICRO_STEPS, PLAN_RATES, SEED, TRACE_LAYERS, counts_of, ideal_routes,  # noqa: E402
+                    map_routes_64_to_128, plan_cost, route_file, save, stack_setup)
+from foremoe_jax.planner import PlanConfig, plan_step, traces  # noqa: E402
 
-E, K, H, F = 128, 8, 2048, 768
 SMOKE = dict(hidden=64, expert_hidden=64, tokens=64, micro_steps=2, layers=2, warmup=1, repeats=1)
 POLICIES = ("static", "ideal", "foremoe", "eplb_step", "live", "foremoe_prefetch", "eplb_history",
             "ideal_round_robin")  # most needed first
 IDEALS = ("ideal", "ideal_round_robin")
-MICRO_STEPS, TRACE_LAYERS, SEED = 8, (4, 10, 16, 22), 0  # the defaults that name the route files
-PLAN_RATES = (600.0, 130.0, 175.0)  # grouped GEMM TFLOP/s, GB/s per move, all_to_all GB/s (4 x H200)
-
-
-def plan_cost(tflops: float, link_gbs: float, a2a_gbs: float, hidden: int = H, expert_hidden: int = F) -> CostModel:
-  """The planners' cost model at these rates (see --plan-rates)."""
-  return CostModel(hidden=hidden, expert_intermediate=expert_hidden, matmul_flops_per_s=tflops * 1e12,
-                   link_bytes_per_s=link_gbs * 1e9, a2a_bytes_per_s=a2a_gbs * 1e9)
-
-
-def map_routes_64_to_128(routes_NxLx6: np.ndarray) -> np.ndarray:
-  """uint8 [N, L, 8]: the documented 64/top-6 -> 128/top-8 rule."""
-  e = routes_NxLx6.astype(np.int16)
-  n = np.arange(e.shape[0])[:, None, None]
-  both = np.stack([2 * e[..., :2], 2 * e[..., :2] + 1], axis=-1).reshape(*e.shape[:2], 4)
-  rest = 2 * e[..., 2:] + (n + np.arange(2, 6)) % 2
-  return np.concatenate([both, rest], axis=-1).astype(np.uint8)
 
 
 def data_path(args, num_devices):
   return route_file(args.data, num_devices, args.tokens, args.micro_steps, args.trace_layers, args.seed)
-
-
-def route_file(data_dir, num_devices, tokens, micro_steps=MICRO_STEPS, trace_layers=TRACE_LAYERS, seed=SEED):
-  return pathlib.Path(data_dir) / (f"moe_routes_D{num_devices}_T{tokens}_M{micro_steps}"
-                                   f"_L{'-'.join(map(str, trace_layers))}_s{seed}.npz")
 
 
 def make_data(args):
@@ -98,46 +72,8 @@ def make_data(args):
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
-def counts_of(routes_MxNxLxK: np.ndarray, num_devices: int) -> np.ndarray:
-  """int64 [M, L, D, E]; token n of a micro-step lives on device n // tokens_per_device."""
-  m, n, l, _ = routes_MxNxLxK.shape
-  device = np.repeat(np.arange(num_devices), n // num_devices)
-  return np.concatenate([traces.counts_from_routes(r, np.zeros(n, np.int32), device, 1, num_devices, E)
-                         for r in routes_MxNxLxK])
-
-
-def ideal_routes(m: int, n: int, l: int, permute: bool = True) -> np.ndarray:
-  """uint8 [m, n, l, K]: every expert gets the same pairs from every source (see the module doc)."""
-  routes = (K * np.arange(n)[:, None] + np.arange(K)[None, :]) % E
-  perms = [np.random.default_rng(seed).permutation(E) if permute else np.arange(E) for seed in range(l)]
-  routes_NxLxK = np.stack([perm[routes] for perm in perms], axis=1)
-  return np.broadcast_to(routes_NxLxK[None], (m, n, l, K)).astype(np.uint8)
-
-
 def median_ms(samples):
   return float(np.median(samples) * 1e3)
-
-
-def stack_setup(args, num_devices: int):
-  """(mesh, MoEConfig, loss_fn) of the benchmark's layer stack on a (data=1, expert=D) mesh: E experts,
-  top-K, S = E/D + 1 slots per device, bf16; the loss is the mean squared error to batch["target"]."""
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import AxisType
-
-  from foremoe_jax import MoEConfig
-
-  mesh = jax.make_mesh((1, num_devices), ("data", "expert"), axis_types=(AxisType.Auto,) * 2,
-                       devices=jax.devices()[:num_devices])
-  cfg = MoEConfig(d_model=args.hidden, d_ff=args.expert_hidden, num_experts=E, top_k=K,
-                  slots_per_device=E // num_devices + 1, dispatch="padded", dtype=jnp.bfloat16,
-                  param_dtype=jnp.bfloat16, gmm_backend=args.gmm_backend, dispatch_backend=args.dispatch_backend)
-
-  def loss_fn(model, batch, *, tables, working, capacity):
-    out = model(batch["x"], tables, batch["replay"], capacity=capacity, working=working)
-    err = out.y.astype(jnp.float32) - batch["target"].astype(jnp.float32)
-    return jnp.mean(err * err), {"dropped": out.dropped}
-  return mesh, cfg, loss_fn
 
 
 def run(args, num_devices: int) -> dict:
@@ -355,22 +291,6 @@ def table(result: dict) -> str:
                  f"{r['excess_removed_pct']:.1f} | "
                  f"{r['planner_ms']:.2f} | {grad_rows_cell(r['grad_rows'])} |")
   return head + "\n".join(lines)
-
-
-def save(args, result: dict) -> None:
-  """Merges this EP size's result into --out (one file holds every EP size)."""
-  if not args.out:
-    return
-  import jax
-  path = pathlib.Path(args.out)
-  doc = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-  suffix = "" if result.get("exchange", "all_to_all") == "all_to_all" else f"_{result['exchange']}"
-  doc["runs"][f"D{result['D']}{suffix}"] = result
-  doc["meta"] = dict(card=jax.devices()[0].device_kind, gpus_visible=jax.device_count(), jax=jax.__version__,
-                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     command=shlex.join(["python", *sys.argv]))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(doc, indent=1))
 
 
 def main():

@@ -22,7 +22,7 @@ rule of moe_step.py), Qwen3-30B-A3B's 48 MoE layers replayed from the 26 trace l
 second, bytes-exact variant replaces D*C by each (m, l)'s busiest receiver's rows and the padded
 cross-device volume by the busiest sender's or receiver's own rows, and charges a transfer only for
 the experts it moves (a ragged exchange at the padded one's bandwidth: an assumption); foremoe then
-plans with CostModel(padded_a2a=False).
+plans with CostModel(dispatch="ragged").
 
     python benchmarks/simulate.py   # reads benchmarks/results/{moe_step_sim_inputs,transfer}.json
 """
@@ -42,7 +42,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step, traces  # noqa: E402
 from foremoe_jax.planner.pairs import micro_capacities  # noqa: E402
 from foremoe_jax.transfer import home_to_base_moves  # noqa: E402
-from moe_step import E, K, map_routes_64_to_128  # noqa: E402
+from common import E, K, map_routes_64_to_128  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CALIBRATE = ("static", "eplb_step")
@@ -147,7 +147,7 @@ def project(args, fits):
     # foremoe plans the bytes-exact variant for a ragged exchange (no padded capacity).
     cost = CostModel(matmul_flops_per_s=r["tflops"] * 1e12, link_bytes_per_s=CostModel().expert_bytes / move_ms * 1e3,
                      a2a_bytes_per_s=gbs * 1e9)
-    ragged = dataclasses.replace(cost, padded_a2a=False)
+    ragged = dataclasses.replace(cost, dispatch="ragged")
 
     def times(plans, c_list):
       """(imbalance, padded ms, bytes-exact ms, capacity, remote base moves, shipped rows) of a step."""
@@ -330,7 +330,7 @@ def markdown(doc: dict, errs: list[float]) -> str:
             "only the rows that exist (a ragged token exchange at the padded one's bandwidth, experts sent to",
             "their destination only): an assumption, since XLA's `ragged_all_to_all` is 7-16x slower today.",
             "Every planner is given the simulated machine's rates; for the bytes-exact variant foremoe plans",
-            "for a ragged exchange (`CostModel(padded_a2a=False)`: no padded capacity), its imbalance then",
+            "for a ragged exchange (`CostModel(dispatch=\"ragged\")`: no padded capacity), its imbalance then",
             "shown after a slash.", "", projection_table(doc["projection"])]
   return "\n".join(lines) + "\n"
 

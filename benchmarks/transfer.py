@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from moe_step import save  # one results file per benchmark, one entry per EP size
+from common import save  # one results file per benchmark, one entry per EP size
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 

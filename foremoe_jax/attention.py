@@ -24,7 +24,7 @@ class KVCache(NamedTuple):
 
 def init_param(rngs: nnx.Rngs, shape, fan_in: float, mesh, dtype, spec=P()) -> nnx.Param:
   """N(0, 1/fan_in). A concrete key seeds a host RNG: eager `jax.random` would compile one XLA program
-  per parameter shape (~0.5 s each on CPU); under tracing (`nnx.eval_shape`) it stays in JAX."""
+  per parameter shape (each a compile, slow on CPU); under tracing (`nnx.eval_shape`) it stays in JAX."""
   key = rngs.params()
   if isinstance(key, jax.core.Tracer):
     w = jax.random.normal(key, shape, dtype)

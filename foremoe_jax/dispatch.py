@@ -3,12 +3,12 @@
 One source device holds N tokens with k experts each: P = N*k (token, expert) pairs, indexed i = t*k + j.
 1. `route`: each pair gets a global slot g = d*S + j by the placement's deterministic split rule, and a
    position in the by-slot order (grouped by destination device, then local slot).
-2. `padded_exchange` / `ragged_exchange`: rows travel to their destination devices, where they are
-   grouped by local slot for one grouped matmul over the working slots, then travel back, and each
-   token's k outputs are summed with its gate weights.
+2. `padded_exchange` / `ragged_exchange` (one signature; `backends.DISPATCH` names them): rows travel to
+   their destination devices, where they are grouped by local slot for one grouped matmul over the
+   working slots, then travel back, and each token's k outputs are summed with its gate weights.
 Row moves are `pallas_kernels.permute` / `combine` (Pallas kernels on GPU, XLA elsewhere) given their
 inverse maps, so every backward is a gather: no scatter-add, and no XLA fusion of a k-row gather
-with what follows it (on 4 x H200 those fusions took a third of the MoE step).
+with what follows it (on GPUs those fusions cost much of the MoE step: BENCHMARKS.md, numbers behind choices).
 All index arithmetic is traced: a new placement is new values, never a new program.
 """
 from typing import Callable, NamedTuple
@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from foremoe_jax.mesh import EXPERT_AXIS as AXIS
 from foremoe_jax.placement import slot_pair_counts
 from pallas_kernels import vma
 from pallas_kernels.tiling import searchsorted
-
-AXIS = "expert"
 
 
 class Routing(NamedTuple):
@@ -142,11 +141,17 @@ def padded_exchange(x_NxH, gate_NxK, routing: Routing, num_slots: int, capacity:
   y_NxH = combine_rows(back_DxCxH.reshape(-1, hidden), slot_in_buffer_NxK, gate_NxK, x_NxH.dtype, backend)
   dropped = (send_D - jnp.minimum(send_D, capacity)).sum()
   return y_NxH, group_sizes_S, dropped
-def ragged_exchange(x_NxH, gate_NxK, routing: Routing, num_slots: int, recv_capacity: int, expert_fn: Callable,
-                    backend: str | None = None):
-  """`ragged_all_to_all` (GPU/TPU): rows travel unpadded; each receiver holds at most `recv_capacity`
-  rows, and senders clip deterministically (from the all-gathered size matrix) so none overflows."""
+
+
+def ragged_exchange(x_NxH, gate_NxK, routing: Routing, num_slots: int, capacity: int, expert_fn: Callable,
+                    backend: str | None = None, masked: bool = False):
+  """`ragged_all_to_all` (GPU/TPU): rows travel unpadded. Each receiver holds at most D * `capacity` rows
+  (every source sending it `capacity`), and senders clip deterministically (from the all-gathered size
+  matrix) so none overflows: a pair count above `capacity` drops rows only when the receiver's total does.
+  `masked` (the shared signature's flag) changes nothing here: pairs routed nowhere sit past every
+  destination's block, so the clip already sends them nowhere. Returns what `padded_exchange` returns."""
   num_devices = routing.count_G.shape[0] // num_slots
+  recv_capacity = capacity * num_devices
   (num_tokens, hidden), top_k = x_NxH.shape, gate_NxK.shape[1]
   me = jax.lax.axis_index(AXIS)
   count_to_dst_DxS = routing.count_G.reshape(num_devices, num_slots)

@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from foremoe_jax.dispatch import AXIS
+from foremoe_jax.mesh import EXPERT_AXIS
 from foremoe_jax.transfer import MoveTables, apply_moves_transpose, move_tables
 
 log = logging.getLogger("foremoe_jax")
@@ -147,16 +147,17 @@ def fetch_local(host_ExX, dst_SxX, expert_K, slot_K, mechanism: str = "slice"):
 def _forward(host, dst, tables: HostTables, mesh, mechanism):
   def local(host, dst, expert, slot):
     return jax.tree.map(lambda h, t: fetch_local(h, t, expert[0], slot[0], mechanism), host, dst)
-  specs = jax.tree.map(lambda _: P(AXIS), dst)
-  return jax.shard_map(local, mesh=mesh, in_specs=(jax.tree.map(lambda _: P(), host), specs, P(AXIS), P(AXIS)),
-                       out_specs=specs)(host, dst, tables.expert_DxK, tables.slot_DxK)
+  specs = jax.tree.map(lambda _: P(EXPERT_AXIS), dst)
+  in_specs = (jax.tree.map(lambda _: P(), host), specs, P(EXPERT_AXIS), P(EXPERT_AXIS))
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=specs)(host, dst, tables.expert_DxK,
+                                                                             tables.slot_DxK)
 
 
 def _zero_written(d_dst, tables: HostTables, mesh):
   def local(d_dst, slot):
     return jax.tree.map(lambda g: _write(g, slot[0], jnp.zeros((slot.shape[1], *g.shape[1:]), g.dtype)), d_dst)
-  specs = jax.tree.map(lambda _: P(AXIS), d_dst)
-  return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(AXIS)), out_specs=specs)(d_dst, tables.slot_DxK)
+  specs = jax.tree.map(lambda _: P(EXPERT_AXIS), d_dst)
+  return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(EXPERT_AXIS)), out_specs=specs)(d_dst, tables.slot_DxK)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

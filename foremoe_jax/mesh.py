@@ -5,7 +5,9 @@ import jax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "expert")
+DATA_AXIS = "data"
+EXPERT_AXIS = "expert"  # expert parallelism: expert weights [E, ...] and the token exchange live on it
+AXES = (DATA_AXIS, EXPERT_AXIS)
 
 
 def make_mesh(data: int, expert: int) -> jax.sharding.Mesh:
@@ -21,9 +23,19 @@ def make_mesh(data: int, expert: int) -> jax.sharding.Mesh:
   return jax.make_mesh((data, expert), AXES, axis_types=(AxisType.Auto,) * 2)
 
 
+def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+  """The mesh axes tokens are split over: both of ours, in the mesh's order."""
+  return tuple(a for a in mesh.axis_names if a in AXES)
+
+
 def batch_spec(mesh: jax.sharding.Mesh) -> P:
   """Leading (batch) axis sharded over every batch axis of the mesh."""
-  return P(tuple(a for a in mesh.axis_names if a in AXES))
+  return P(batch_axes(mesh))
+
+
+def expert_devices(mesh: jax.sharding.Mesh) -> int | None:
+  """D, the size of the expert axis; None for a mesh without one."""
+  return mesh.shape[EXPERT_AXIS] if EXPERT_AXIS in mesh.axis_names else None
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -32,4 +44,4 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def batch_shards(mesh: jax.sharding.Mesh) -> int:
   """Devices the batch is split over: a global batch must be a multiple of this."""
-  return math.prod(mesh.shape[a] for a in batch_spec(mesh)[0])
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))

@@ -26,11 +26,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from foremoe_jax import backends
 from foremoe_jax import mesh as mesh_lib
 from foremoe_jax.attention import Attention, KVCache, RMSNorm, init_param
-from foremoe_jax.dispatch import AXIS
 from foremoe_jax.moe import MoE, MoEConfig, check_replay
 from foremoe_jax.placement import Tables
+from foremoe_jax.planner.slots import check_layout
 
 
 REMAT = ("none", "block")
@@ -49,8 +50,10 @@ class ModelConfig:
   top_k: int = 2
   d_ff_expert: int = 32
   slots_per_device: int | None = None  # None: E / D (no redundant slots)
-  dispatch: str = "auto"
+  dispatch: str = "auto"  # the token exchange: a key of backends.DISPATCH, or "auto"
   capacity_factor: float = 2.0
+  gmm_backend: str | None = None  # pallas_kernels backend of the grouped matmuls; None picks by platform
+  dispatch_backend: str | None = None  # pallas_kernels backend of permute/combine; None picks by platform
   moe_every: int = 1  # block i is MoE when (i + 1) % moe_every == 0 (Qwen's decoder_sparse_step)
   qk_norm: bool = True
   qk_norm_scope: str = "head"  # "head": RMSNorm over head_dim (Qwen3); "projection": over all of q / k (OLMoE)
@@ -79,8 +82,11 @@ class ModelConfig:
                        f"num_kv_heads={self.num_kv_heads} (GQA)")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig: head_dim={self.head_dim} must be even (RoPE rotates pairs)")
-    if self.top_k > self.num_experts:
-      raise ValueError(f"ModelConfig: top_k={self.top_k} > num_experts={self.num_experts}")
+    try:  # with D unknown, only top_k against E: D = 1 divides E and gives every expert a slot
+      check_layout(self.num_experts, expert_devices or 1, self.slots_per_device if expert_devices else None,
+                   self.top_k)
+    except ValueError as err:
+      raise ValueError(f"ModelConfig: {err}") from None
     if not self.moe_layer_ids:
       raise ValueError(f"ModelConfig: moe_every={self.moe_every} > num_layers={self.num_layers} leaves no MoE layer")
     for name in ("dtype", "param_dtype"):
@@ -97,22 +103,15 @@ class ModelConfig:
                        f"moe_every={self.moe_every}")
     if self.capacity_factor <= 0:
       raise ValueError(f"ModelConfig: capacity_factor must be > 0, got {self.capacity_factor}")
-    if expert_devices is not None:
-      if self.num_experts % expert_devices:
-        raise ValueError(f"ModelConfig: num_experts={self.num_experts} is not divisible by the expert axis "
-                         f"size D={expert_devices}")
-      slots = self.slots_per_device or self.num_experts // expert_devices
-      if slots * expert_devices < self.num_experts:
-        raise ValueError(f"ModelConfig: slots_per_device={slots} x D={expert_devices} < num_experts="
-                         f"{self.num_experts}")
+    backends.check_backends(self.dispatch, self.gmm_backend, self.dispatch_backend, "ModelConfig.")
     return self
 
   def moe_config(self) -> MoEConfig:
     return MoEConfig(d_model=self.d_model, d_ff=self.d_ff_expert, num_experts=self.num_experts, top_k=self.top_k,
                      slots_per_device=self.slots_per_device, dispatch=self.dispatch,
                      capacity_factor=self.capacity_factor, norm_topk_prob=self.norm_topk_prob,
-                     dtype=jnp.dtype(self.dtype),
-                     param_dtype=jnp.dtype(self.param_dtype))
+                     dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
+                     gmm_backend=self.gmm_backend, dispatch_backend=self.dispatch_backend)
 
 
 class ModelOutput(NamedTuple):
@@ -170,7 +169,7 @@ class Model(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, mesh: jax.sharding.Mesh, rngs: nnx.Rngs):
-    cfg.validate(mesh.shape["expert"] if "expert" in mesh.axis_names else None)
+    cfg.validate(mesh_lib.expert_devices(mesh))
     self.cfg, self.mesh = cfg, mesh
     pd = jnp.dtype(cfg.param_dtype)
     self.embed = init_param(rngs, (cfg.vocab_size, cfg.d_model), 1.0, mesh, pd)
@@ -332,7 +331,7 @@ def stack_blocks(blocks: list[Block], mesh) -> Block:
   def stack(path, *leaves):
     names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
     expert = blocks[0].is_moe and names[:1] == ["ffn"] and names[1] in ("w_gate_up", "w_down")
-    return jax.device_put(jnp.stack(leaves), NamedSharding(mesh, P(None, AXIS) if expert else P()))
+    return jax.device_put(jnp.stack(leaves), NamedSharding(mesh, P(None, mesh_lib.EXPERT_AXIS) if expert else P()))
   states = [nnx.state(b) for b in blocks]
   return nnx.merge(nnx.graphdef(blocks[0]), jax.tree_util.tree_map_with_path(stack, *states))
 

@@ -18,8 +18,10 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from foremoe_jax import backends
-from foremoe_jax.dispatch import AXIS, padded_exchange, ragged_exchange, route, vary_over
+from foremoe_jax.dispatch import route, vary_over
+from foremoe_jax.mesh import EXPERT_AXIS, batch_axes, expert_devices
 from foremoe_jax.placement import Tables, home_tables
+from foremoe_jax.planner.slots import check_layout
 from foremoe_jax.transfer import working_slots_local
 
 
@@ -30,8 +32,8 @@ class MoEConfig:
   num_experts: int
   top_k: int
   slots_per_device: int | None = None  # default E / D (no redundant slots)
-  dispatch: str = "auto"  # auto | padded | ragged (see backends.choose_dispatch)
-  capacity_factor: float = 2.0  # padded rows per (source, destination) over the even share
+  dispatch: str = "auto"  # a token exchange of backends.DISPATCH, or "auto" (backends.choose_dispatch)
+  capacity_factor: float = 2.0  # rows per (source, destination) over the even share (default capacity)
   norm_topk_prob: bool = True  # renormalize the top-k gates (Qwen3); False keeps the softmax values (OLMoE)
   dtype: Any = jnp.float32  # expert matmul dtype
   param_dtype: Any = jnp.float32
@@ -45,30 +47,19 @@ class MoEOutput(NamedTuple):
   counts: jax.Array  # int32 [E] pairs routed to each logical expert (global)
   slot_counts: jax.Array  # int32 [D*S] pairs each physical slot processed
   aux_loss: jax.Array  # scalar switch-style load-balance loss
-  dropped: jax.Array  # int32 scalar pairs dropped by a too-small padded capacity
-
-
-def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
-  return tuple(a for a in mesh.axis_names if a in ("data", AXIS))
+  dropped: jax.Array  # int32 scalar pairs dropped by a too-small capacity
 
 
 def check_mesh(cfg: MoEConfig, mesh: jax.sharding.Mesh) -> tuple[int, int]:
   """Returns (D, S) or raises ValueError naming the problem."""
-  if AXIS not in mesh.axis_names:
-    raise ValueError(f"the mesh needs an axis named {AXIS!r}, got {mesh.axis_names}")
-  num_devices = mesh.shape[AXIS]
-  if cfg.num_experts % num_devices:
-    raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the expert axis size {num_devices}")
-  slots = cfg.slots_per_device or cfg.num_experts // num_devices
-  if slots * num_devices < cfg.num_experts:
-    raise ValueError(f"slots_per_device * D = {slots * num_devices} < num_experts = {cfg.num_experts}")
-  if not 1 <= cfg.top_k <= cfg.num_experts:
-    raise ValueError(f"top_k={cfg.top_k} must be in [1, num_experts={cfg.num_experts}]")
-  return num_devices, slots
+  num_devices = expert_devices(mesh)
+  if num_devices is None:
+    raise ValueError(f"the mesh needs an axis named {EXPERT_AXIS!r}, got {mesh.axis_names}")
+  return num_devices, check_layout(cfg.num_experts, num_devices, cfg.slots_per_device, cfg.top_k)
 
 
 def default_capacity(cfg: MoEConfig, local_tokens: int, num_devices: int) -> int:
-  """Padded rows per (source, destination): the even share times the capacity factor, 8-aligned."""
+  """Rows per (source, destination): the even share times the capacity factor, 8-aligned."""
   pairs = local_tokens * cfg.top_k
   cap = math.ceil(pairs / num_devices * cfg.capacity_factor / 8) * 8
   return max(8, min(cap, math.ceil(pairs / 8) * 8))
@@ -90,9 +81,10 @@ class MoE(nnx.Module):
   def __init__(self, cfg: MoEConfig, *, mesh: jax.sharding.Mesh, rngs: nnx.Rngs):
     self.cfg = cfg
     self.mesh = mesh
+    backends.check_backends(cfg.dispatch, cfg.gmm_backend, cfg.dispatch_backend, "MoEConfig.")
     self.num_devices, self.slots = check_mesh(cfg, mesh)
     e, h, f = cfg.num_experts, cfg.d_model, cfg.d_ff
-    home = NamedSharding(mesh, P(AXIS))
+    home = NamedSharding(mesh, P(EXPERT_AXIS))
 
     def init(shape, fan_in, sharding):
       w = jax.random.normal(rngs.params(), shape, jnp.float32) / np.sqrt(fan_in)  # f32 scale, then cast
@@ -105,10 +97,10 @@ class MoE(nnx.Module):
 
   def __call__(self, x_BxTxH: jax.Array, tables: Tables | None = None, replay: jax.Array | None = None,
                *, capacity: int | None = None, working=None, token_mask: jax.Array | None = None) -> MoEOutput:
-    """`capacity`: padded rows per (source, destination) (static); `working`: precomputed
-    (w_gate_up [D*S, H, 2F], w_down [D*S, F, H]) slots from the transfer engine, else built here;
-    `token_mask` bool [B, T]: False tokens (packed rows' padding) are routed nowhere: output 0, in no
-    count, no dispatch row, no aux-loss term."""
+    """`capacity`: rows per (source, destination), static (each exchange of `backends.DISPATCH` says how it
+    uses it); `working`: precomputed (w_gate_up [D*S, H, 2F], w_down [D*S, F, H]) slots from the transfer
+    engine, else built here; `token_mask` bool [B, T]: False tokens (packed rows' padding) are routed
+    nowhere: output 0, in no count, no dispatch row, no aux-loss term."""
     cfg, mesh = self.cfg, self.mesh
     b, t, h = x_BxTxH.shape
     if h != cfg.d_model:
@@ -135,7 +127,7 @@ class MoE(nnx.Module):
     fn = functools.partial(self._local, mode=mode, capacity=capacity, axes=axes,
                            total_tokens=b * t, replayed=replay is not None, masked=token_mask is not None)
     bspec = P(axes)
-    wspec = P(AXIS)
+    wspec = P(EXPERT_AXIS)
     out = jax.shard_map(
         fn, mesh=mesh,
         in_specs=(bspec, P(), wspec, wspec, P(), P(), bspec, wspec, wspec, bspec),
@@ -169,14 +161,11 @@ class MoE(nnx.Module):
     if masked:  # expert id e: a pair routed nowhere (`route` puts it after every real pair)
       valid_N = token_mask.reshape(b * t)
       expert_P = jnp.where(jnp.repeat(valid_N, k), expert_P, e)
-    me = jax.lax.axis_index(AXIS)
+    me = jax.lax.axis_index(EXPERT_AXIS)
     routing = route(expert_P, slot_expert_G, share_DxG[me], e, masked=masked)
-    if mode == "padded":
-      y_NxH, group_sizes_S, dropped = padded_exchange(x_NxH, gate_NxK, routing, self.slots, capacity, expert_fn,
-                                                      cfg.dispatch_backend, masked=masked)
-    else:  # a receiver holds what every source may send it
-      y_NxH, group_sizes_S, dropped = ragged_exchange(x_NxH, gate_NxK, routing, self.slots,
-                                                      capacity * self.num_devices, expert_fn, cfg.dispatch_backend)
+    exchange = backends.DISPATCH[mode].exchange
+    y_NxH, group_sizes_S, dropped = exchange(x_NxH, gate_NxK, routing, self.slots, capacity, expert_fn,
+                                             cfg.dispatch_backend, masked=masked)
 
     counts_E = jax.lax.psum(jnp.bincount(expert_P, length=e).astype(jnp.int32), axes)
     # A psum of one-hot blocks (all_gather's result is not marked replicated).

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from foremoe_jax.planner.slots import check_layout, home_placement
+
 SHARE_ATOL = 1e-4
 
 
@@ -48,6 +50,7 @@ def validate_placement(slot_expert_DxS, slot_share_DxG, num_experts: int | None 
   missing = np.setdiff1d(np.arange(num_experts), slot_expert_G)
   if missing.size:
     raise ValueError(f"placement misses experts {missing.tolist()[:8]}: every expert needs a slot")
+  check_layout(num_experts, num_devices, slots)
   if not np.all(np.isfinite(slot_share_DxG)) or slot_share_DxG.min() < 0:
     raise ValueError("slot_share must be finite and non-negative")
   empty_G = slot_expert_G < 0
@@ -70,22 +73,18 @@ def make_tables(slot_expert_DxS, slot_share_DxG, num_experts: int | None = None)
                 jnp.asarray(slot_share_DxG, jnp.float32))
 
 
-def home_placement(num_experts: int, num_devices: int, slots_per_device: int):
-  """The home layout: expert e on device e // (E/D), slot e % (E/D); redundant slots empty."""
-  if num_experts % num_devices:
-    raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {num_devices}")
-  per_device = num_experts // num_devices
-  if slots_per_device < per_device:
-    raise ValueError(f"slots_per_device={slots_per_device} < num_experts / D = {per_device}")
-  slot_expert_DxS = np.full((num_devices, slots_per_device), -1, np.int32)
-  slot_expert_DxS[:, :per_device] = np.arange(num_experts).reshape(num_devices, per_device)
-  slot_share_DxG = np.zeros((num_devices, num_devices * slots_per_device), np.float32)
-  slot_share_DxG[:, slot_expert_DxS.reshape(-1) >= 0] = 1.0
-  return slot_expert_DxS, slot_share_DxG
+def single_copy_share(slot_expert_DxS) -> np.ndarray:
+  """float32 [D, D*S]: every source sends all of an expert's pairs to its one slot (a placement without
+  replicas, such as the home layout)."""
+  slot_expert_G = np.asarray(slot_expert_DxS).reshape(-1)
+  share_DxG = np.zeros((np.shape(slot_expert_DxS)[0], slot_expert_G.size), np.float32)
+  share_DxG[:, slot_expert_G >= 0] = 1.0
+  return share_DxG
 
 
 def home_tables(num_experts: int, num_devices: int, slots_per_device: int) -> Tables:
-  return make_tables(*home_placement(num_experts, num_devices, slots_per_device), num_experts)
+  slot_expert_DxS = home_placement(num_experts, num_devices, slots_per_device)
+  return make_tables(slot_expert_DxS, single_copy_share(slot_expert_DxS), num_experts)
 
 
 def stack_tables(tables: list[Tables]) -> Tables:

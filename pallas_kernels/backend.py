@@ -18,10 +18,9 @@ SUPPORTED = {
     "permute": ("triton", "xla", "interpret"),
     "combine": ("triton", "xla", "interpret"),
 }
-# Platform defaults, chosen by measurement (benchmarks/results/kernels.md, H200): the Triton permute
-# moves 2.03-2.25 TB/s against XLA's 1.30 (copy: 2.66-2.81). XLA's combine alone is faster (2.98 TB/s
-# vs 2.61), but inside the MoE step XLA fuses its k-row gather into the ops around it: with the Triton
-# combine the EP=2 MoE step ran 2-2.5% faster under every policy (BENCHMARKS.md).
+# Platform defaults, chosen by measurement on Hopper (BENCHMARKS.md, numbers behind choices): the Triton
+# permute outruns XLA's gather; XLA's combine alone is faster, but inside the MoE step XLA fuses its k-row
+# gather into the ops around it, and the MoE step ran faster with the Triton combine under every policy.
 GPU_DEFAULT = {"gmm": "mosaic_gpu", "tgmm": "mosaic_gpu", "permute": "triton", "combine": "triton"}
 
 _log = logging.getLogger("pallas_kernels")

@@ -58,8 +58,8 @@ def _pallas_unsupported(name, m, k, n, dtype):
 
 # Each Pallas kernel call goes through its own jit. A model calls a kernel with the same shapes in every
 # layer; JAX lowers a jitted call once per program (its lowering is cached by the call's jaxpr), while a
-# bare kernel call is lowered again at every call site: on an H200 the Mosaic GPU lowering took ~0.6 s
-# per call, ~3.6 s per MoE layer's forward and backward.
+# bare kernel call is lowered again at every call site, and the Mosaic GPU lowering is slow (seconds per
+# MoE layer: BENCHMARKS.md, numbers behind choices).
 _mosaic_gmm = jax.jit(mosaic_gmm.gmm, static_argnames=("transpose_rhs", "out_dtype", "config", "interpret"))
 _mosaic_tgmm = jax.jit(mosaic_tgmm.tgmm, static_argnames=("out_dtype", "config", "interpret"))
 

@@ -12,7 +12,7 @@ class RowTiles:
   A segment of rows [s, e) is tiled in block_m blocks from s rounded down to a multiple of `ALIGN`
   (Mosaic's TMA loads need that much alignment), so it costs ceil((e - s + s % ALIGN) / block_m)
   tiles wherever it starts; blocks aligned to the array instead cost one more per group boundary
-  inside a block (+12% to +25% tiles on real routes). The kernel loads block_m rows from `row0`
+  inside a block (BENCHMARKS.md, numbers behind choices). The kernel loads block_m rows from `row0`
   (pulled back so the block stays inside the array) and stores rows [row0 + start, row0 + start +
   size). The rows past the last group form one extra segment, "group" G, whose tiles store zeros.
   Entries past the real tile count have size 0 and do nothing. Each field is int32 [max_tiles].

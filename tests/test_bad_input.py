@@ -10,7 +10,7 @@ CASES = [
     (["--config", "cpu_tiyn"], ValueError, r"unknown preset 'cpu_tiyn' \(did you mean 'cpu_tiny'\?\)"),
     (["--set", "rl.step=3"], ValueError, r"--set rl.step: unknown key 'step' in RLConfig; did you mean 'steps'\?"),
     (["--set", "sft.steps=ten"], ValueError, r"--set sft.steps=ten: expected a int"),
-    (["--set", "model.top_k=17"], ValueError, r"top_k=17 > num_experts=16"),
+    (["--set", "model.top_k=17"], ValueError, r"ModelConfig: top_k=17 must be in \[1, num_experts=16\]"),
     (["--set", "model.num_experts=12"], ValueError, r"num_experts=12 is not divisible by the expert axis size D=8"),
     (["--set", "model.slots_per_device=1"], ValueError, r"slots_per_device=1 x D=8 < num_experts=16"),
     (["--set", "rl.num_minibatches=0"], ValueError, r"must be >= 1: rl.num_minibatches=0"),
@@ -20,6 +20,7 @@ CASES = [
     (["--set", "rl.prompts_per_step=3", "--set", "rl.group_size=1"], ValueError,
      r"rl.prompts_per_step \* rl.group_size = 3 is not divisible by the 8 devices"),
     (["--set", "rl.policy=magic"], ValueError, r"rl.policy='magic' is not one of"),
+    (["--set", "model.gmm_backend=cuda"], ValueError, r"ModelConfig.gmm_backend='cuda': known backends of gmm/tgmm"),
     (["--set", "rl.prompt_file=missing.tsv"], FileNotFoundError, r"rl.prompt_file 'missing.tsv' does not exist"),
     (["--set", "model"], ValueError, r"--set expects key=value, got 'model'"),
 ]

@@ -109,6 +109,11 @@ def test_presets_build_and_validate():
     (dict(moe_every=5), "no MoE layer"),
     (dict(dtype="int8"), "dtype"),
     (dict(d_model=0), "d_model"),
+    (dict(top_k=17), r"top_k=17 must be in \[1, num_experts=16\]"),
+    (dict(dispatch="fast"), r"ModelConfig.dispatch='fast': known token exchanges are \('auto', 'padded', 'ragged'\)"),
+    (dict(gmm_backend="triton"), r"ModelConfig.gmm_backend='triton': known backends of gmm/tgmm are "
+                                 r"\('mosaic_gpu', 'xla', 'interpret'\)"),
+    (dict(dispatch_backend="cuda"), r"ModelConfig.dispatch_backend='cuda': known backends of permute/combine"),
 ])
 def test_bad_model_config_is_refused(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -129,3 +134,11 @@ def test_bad_preset_and_overrides_are_refused():
   assert (over.sft.steps, over.model.slots_per_device, over.model.qk_norm) == (7, None, False)
   with pytest.raises(ValueError, match="not divisible"):
     configs.apply_overrides(cfg, ["model.num_experts=12"]).validate()
+
+
+def test_kernel_backends_pass_from_overrides_to_the_moe_layers():
+  cfg = configs.apply_overrides(configs.get_config("cpu_tiny"),
+                                ["model.gmm_backend=interpret", "model.dispatch_backend=xla"]).validate()
+  moe_cfg = cfg.model.moe_config()
+  assert (moe_cfg.gmm_backend, moe_cfg.dispatch_backend) == ("interpret", "xla")
+  assert configs.apply_overrides(cfg, ["model.gmm_backend=none"]).model.moe_config().gmm_backend is None

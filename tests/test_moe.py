@@ -1,12 +1,15 @@
 """The expert-parallel MoE layer against a dense einsum reference, on values and gradients."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from foremoe_jax import MoE, MoEConfig, make_tables
-from foremoe_jax.placement import home_placement
+from foremoe_jax import MoE, MoEConfig, backends, make_tables
+from foremoe_jax.placement import home_tables
+from foremoe_jax.planner import home_placement
+from foremoe_jax.planner.config import DISPATCH_COSTS
 from moe_reference import cpu_mesh, dense_moe, random_placement
 
 H, F = 16, 8
@@ -44,9 +47,34 @@ def loss_and_grads(moe, x, tables=None, replay=None, capacity=None):
 def assert_matches_reference(moe, x, tables=None, replay=None):
   local_pairs = x.shape[0] * x.shape[1] * moe.cfg.top_k
   (loss, grads), (ref_loss, ref_grads) = loss_and_grads(moe, x, tables, replay, capacity=local_pairs)
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
-  for g, r in zip(grads, ref_grads):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-5)  # (router, w_gate_up, w_down)
+
+
+@pytest.mark.parametrize("dispatch", sorted(backends.DISPATCH))
+def test_every_dispatch_backend_matches_dense(dispatch):
+  """Each exchange of `backends.DISPATCH` (by name, as a config asks for it) on a random placement with
+  replicas and empty slots, k > 1 and an odd token count, against the dense reference on values and
+  gradients. An exchange this platform cannot run is skipped with its reason (GPU runs cover ragged)."""
+  backend = backends.DISPATCH[dispatch]
+  if backend.platforms is not None and backends.platform() not in backend.platforms:
+    pytest.skip(f"{dispatch!r} needs {backend.collective}, which runs on {backend.platforms} only")
+  num_devices = min(8, len(jax.devices()))
+  num_experts, slots = 4 * num_devices, 6
+  moe = build(cpu_mesh(1, num_devices), num_experts=num_experts, top_k=3, slots=slots, dispatch=dispatch)
+  tables = make_tables(*random_placement(np.random.default_rng(11), num_experts, num_devices, slots),
+                       num_experts=num_experts)
+  x = jax.random.normal(jax.random.key(11), (num_devices, 7, H))
+  assert_matches_reference(moe, x, tables)
+  out = call(moe, x, tables, capacity=7 * 3)
+  chex.assert_shape(out.y, x.shape)
+  chex.assert_shape(out.topk, (num_devices, 7, 3))
+  assert int(out.dropped) == 0 and int(out.slot_counts.sum()) == num_devices * 7 * 3
+
+
+def test_the_planner_prices_every_dispatch_backend():
+  """`CostModel(dispatch=name)` takes the exchange's name: both tables name the same exchanges."""
+  assert set(backends.DISPATCH) == set(DISPATCH_COSTS)
 
 
 @pytest.mark.parametrize("data,expert,top_k", [(1, 8, 2), (2, 4, 1), (2, 4, 8), (1, 4, 3)])
@@ -71,7 +99,7 @@ def test_hot_expert_and_empty_experts_with_replicas():
   mesh = cpu_mesh(1, 8)
   moe = build(mesh, slots=3)
   rng = np.random.default_rng(3)
-  slot_expert, _ = home_placement(16, 8, 3)
+  slot_expert = home_placement(16, 8, 3)
   slot_expert[:, 2] = 0
   share = np.zeros((8, 24), np.float32)
   holders = np.flatnonzero(slot_expert.reshape(-1) == 0)
@@ -167,7 +195,7 @@ def test_bad_replay_and_tables_are_refused():
   with pytest.raises(ValueError, match="shape"):
     moe(x, replay=jnp.zeros((8, 2, 3), jnp.int32))
   with pytest.raises(ValueError, match="slots"):
-    moe(x, make_tables(*home_placement(16, 8, 2), num_experts=16))
+    moe(x, home_tables(16, 8, 2))
   with pytest.raises(ValueError, match="divisible"):
     moe(jnp.ones((4, 2, H)))
 

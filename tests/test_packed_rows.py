@@ -12,7 +12,8 @@ from foremoe_jax.dispatch import padded_exchange, route
 from foremoe_jax.mesh import make_mesh
 from foremoe_jax.moe import MoE, MoEConfig
 from foremoe_jax.model import Model, ModelConfig
-from foremoe_jax.placement import home_placement, make_tables, stack_tables
+from foremoe_jax.placement import make_tables, single_copy_share, stack_tables
+from foremoe_jax.planner import home_placement
 from foremoe_jax.rl.grpo import token_logprobs
 from foremoe_jax.rl.microbatch import build_step_batches, spread_routes, with_advantages
 from foremoe_jax.rl.packing import place_rows, segments_and_positions
@@ -191,7 +192,8 @@ def test_padded_exchange_gives_pairs_routed_nowhere_no_row():
   """route(masked=True) + padded_exchange: a pair of expert id E claims no buffer row, so its token gets 0
   even where the experts write every row (here rows + 1, empty rows included)."""
   mesh, n, h = cpu_mesh(1, 4), 6, 8
-  slot_expert, share = home_placement(E, 4, 4)
+  slot_expert = home_placement(E, 4, 4)
+  share = single_copy_share(slot_expert)
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(4 * n, h)), jnp.float32)
   expert = rng.integers(0, E, (4 * n, K)).astype(np.int32)

@@ -3,12 +3,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from foremoe_jax.placement import home_placement, make_tables, plan_tables, slot_pair_counts
+from foremoe_jax.placement import make_tables, plan_tables, single_copy_share, slot_pair_counts
+from foremoe_jax.planner import home_placement
 from moe_reference import random_placement
 
 
+def home(num_experts, num_devices, slots):
+  """The home layout and its shares: the placement every test here mutates."""
+  slot_expert = home_placement(num_experts, num_devices, slots)
+  return slot_expert, single_copy_share(slot_expert)
+
+
 def test_home_placement_layout():
-  slot_expert, share = home_placement(8, 4, 3)
+  slot_expert, share = home(8, 4, 3)
   assert slot_expert.tolist() == [[0, 1, -1], [2, 3, -1], [4, 5, -1], [6, 7, -1]]
   assert share[:, 2].sum() == 0 and share[:, 0].tolist() == [1, 1, 1, 1]
   make_tables(slot_expert, share, num_experts=8)
@@ -25,13 +32,13 @@ def test_home_placement_layout():
     (lambda se, sh: (se, np.full_like(sh, np.nan)), "finite"),
 ])
 def test_broken_invariants_are_named(mutate, message):
-  slot_expert, share = home_placement(8, 4, 3)
+  slot_expert, share = home(8, 4, 3)
   with pytest.raises(ValueError, match=message):
     make_tables(*mutate(slot_expert, share), num_experts=8)
 
 
 def test_plan_tables_names_the_micro_step_and_layer():
-  slot_expert, share = home_placement(8, 4, 2)
+  slot_expert, share = home(8, 4, 2)
   se = np.stack([np.stack([slot_expert] * 3)] * 2)
   sh = np.stack([np.stack([share] * 3)] * 2)
   assert plan_tables(se, sh, 8).slot_expert_G.shape == (2, 3, 8)

@@ -176,6 +176,16 @@ def test_bad_counts_raise(counts, message):
     plan_step(counts, PlanConfig(16, 4, 5))
 
 
+def test_cost_model_refuses_an_unknown_exchange():
+  with pytest.raises(ValueError, match=r"CostModel.dispatch='x': the planner prices \('padded', 'ragged'\)"):
+    CostModel(dispatch="x")
+
+
+def test_every_policy_has_one_planner():
+  from foremoe_jax.planner.step import PLANNERS
+  assert tuple(PLANNERS) == POLICIES
+
+
 def test_planner_package_never_imports_jax():
   planner_dir = pathlib.Path(__file__).resolve().parents[1] / "foremoe_jax" / "planner"
   sources = {path.name: path.read_text() for path in planner_dir.glob("*.py")}

@@ -108,21 +108,21 @@ def test_foremoe_is_never_slower_than_eplb_step_on_its_cost_model():
 
 
 def test_a_ragged_exchange_prices_each_micro_steps_own_rows():
-  """CostModel(padded_a2a=False): no padded capacities (the base choice ignores pair needs, the step
+  """CostModel(dispatch="ragged"): no padded capacities (the base choice ignores pair needs, the step
   pays each (m, l)'s busiest receiver), and foremoe stays never slower than eplb_step on that model."""
-  ragged = PlanConfig(32, 4, 9, cost=CostModel(padded_a2a=False))
+  ragged = PlanConfig(32, 4, 9, cost=CostModel(dispatch="ragged"))
   step_s = np.array([[1.0, 1.0], [0.9, 0.9]]) * 1e-3
   need = np.array([[[1000.0, 1000.0]], [[1100.0, 1000.0]]])
   np.testing.assert_array_equal(foremoe.choose_bases(step_s, need, ragged), [1, 1])
   load = np.array([[900.0, 1000.0]])
-  for padded in (True, False):
-    cfg = PlanConfig(32, 4, 9, cost=CostModel(padded_a2a=padded))
-    expected = cfg.cost.a2a_s(load).sum() if not padded else 2 * cfg.cost.a2a_s(4 * pairs.bucket(1001))
+  for dispatch in ("padded", "ragged"):
+    cfg = PlanConfig(32, 4, 9, cost=CostModel(dispatch=dispatch))
+    expected = cfg.cost.a2a_s(load).sum() if dispatch == "ragged" else 2 * cfg.cost.a2a_s(4 * pairs.bucket(1001))
     assert foremoe.exchange_s(load, np.array([[1001, 7]]), cfg) == expected
   rng = np.random.default_rng(5)
   kept = 0
   for devices, slots in [(8, 5), (16, 3)]:
-    cfg = PlanConfig(32, devices, slots, cost=CostModel(a2a_bytes_per_s=5e9, padded_a2a=False))
+    cfg = PlanConfig(32, devices, slots, cost=CostModel(a2a_bytes_per_s=5e9, dispatch="ragged"))
     counts = skewed_counts(rng, 4, 2, devices, 32, 2000)
     ours = plan_step(counts, cfg)
     ours.validate()

@@ -17,7 +17,7 @@ def test_train_cli_learns_and_writes_summary_plot_and_metrics(tmp_path):
   with open(os.path.join(run_dir, "summary.json")) as f:
     saved = json.load(f)
   for key in ("steps", "reward_first", "reward_last", "imbalance", "seconds_per_stage", "policy", "devices",
-              "backend", "dispatch", "gmm_backend"):
+              "backend", "dispatch", "gmm_backend", "dispatch_backend"):
     assert key in saved, key
   assert saved["steps"] == 12 and saved["devices"] == 8 and saved["policy"] == "foremoe"
   assert set(saved["seconds_per_stage"]) == {"rollout", "postprocess", "plan_wait", "recompute", "update", "record"}

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.atomic import atomic_path, write_json
 from foremoe_jax.convert.hf_config import hf_config
-from foremoe_jax.dispatch import AXIS
+from foremoe_jax.mesh import EXPERT_AXIS
 from foremoe_jax.model import Model, ModelConfig
 
 INDEX = "model.safetensors.index.json"
@@ -163,7 +163,7 @@ def _make_array(ckpt: Checkpoint, spec: Spec, mesh, dtype) -> jax.Array:
         value = to_ours(spec, [ckpt.read(n) for n in spec.names])[index]
       read[key] = value.astype(dtype)
     return read[key]
-  return jax.make_array_from_callback(shape, NamedSharding(mesh, P(AXIS) if spec.experts else P()), callback)
+  return jax.make_array_from_callback(shape, NamedSharding(mesh, P(EXPERT_AXIS) if spec.experts else P()), callback)
 
 
 def refuse_scanned(cfg: ModelConfig) -> None:

@@ -5,9 +5,8 @@ import os
 import shutil
 
 import jax
-import numpy as np
 
-from foremoe_jax.rl.task import CharTokenizer
+from foremoe_jax.rl.task import CharTokenizer, content_ids
 
 
 class HFTokenizer:
@@ -26,13 +25,7 @@ class HFTokenizer:
 
   def decode(self, ids) -> str:
     """Text up to the first EOS or PAD; BOS is skipped (as CharTokenizer.decode)."""
-    out = []
-    for i in np.asarray(ids).reshape(-1).tolist():
-      if i in (self.eos_id, self.pad_id):
-        break
-      if i != self.bos_id:
-        out.append(i)
-    return self.tokenizer.decode(out)
+    return self.tokenizer.decode(content_ids(ids, self))
 
 
 def _first_id(value) -> int | None:

@@ -17,7 +17,7 @@ def overlap_counts(placement_BxDxS: np.ndarray, reference_BxDxS: np.ndarray, num
 
   A gather-sum over each device's distinct experts (D*S*D per problem) rather than a matmul of holds
   indicators (D*E*D): it is cheaper, and stays off BLAS, whose threads crowd a planner that runs beside
-  the trainer (2-3x slower planning with 32 OpenBLAS threads on a GPU host, BENCHMARKS.md).
+  the trainer (on a GPU host they slowed planning several times: BENCHMARKS.md, numbers behind choices).
   """
   batch, num_devices, _ = placement_BxDxS.shape
   rows = np.arange(batch)[:, None, None]
@@ -74,8 +74,8 @@ def _occurrence(row_RxS: np.ndarray) -> np.ndarray:
 def align_slots(moved_RxS: np.ndarray, reference_RxS: np.ndarray) -> np.ndarray:
   """[R, S]: each row's experts reordered so that an expert the reference row holds sits in the
   reference's slot (its n-th copy in the reference's n-th slot of it), the others filling the remaining
-  slots in their original order. A loop over slots for few slots, sorts beyond (one core: the loop is
-  2x faster at S=9, the sorts 3-7x at S=33-65, where D is small)."""
+  slots in their original order. A loop over slots for few slots, sorts beyond (each the faster one on its
+  side on one core, where D is small: BENCHMARKS.md, numbers behind choices)."""
   if moved_RxS.shape[1] <= slots.PAIRWISE_MAX_SLOTS:
     return _align_slots_loop(moved_RxS, reference_RxS)
   return _align_slots_sorted(moved_RxS, reference_RxS)

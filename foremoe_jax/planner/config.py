@@ -9,8 +9,14 @@ import pathlib
 import numpy as np
 
 from foremoe_jax.planner.pairs import BUCKETS_PER_OCTAVE, check_buckets
+from foremoe_jax.planner.slots import check_layout
 
 POLICIES = ("static", "eplb_step", "eplb_history", "eplb_microstep", "foremoe")
+# The pricing rule of each token exchange, by its name in `foremoe_jax.backends.DISPATCH` (a test keeps the
+# names equal). "capacity": every (source, destination) pair is padded to one capacity per micro-step (the
+# executor's rule), so each micro-step pays, in every layer, its layers' largest pair count, bucketed.
+# "rows": only the rows that exist move, so each (m, l) pays its busiest receiver.
+DISPATCH_COSTS = {"padded": "capacity", "ragged": "rows"}
 # Measured exposed transfer costs per card (`benchmarks/overlap.py --calibrate` writes them).
 CALIBRATION_DIR = pathlib.Path(__file__).parent / "calibration"
 # The card whose calibration the planner's default cost model loads: the NVLink cost measured on
@@ -47,16 +53,15 @@ class CostModel:
   # transfer time beyond it is exposed and counted as cost. 0: on 4 x H200 a prefetched refill hid
   # nothing (BENCHMARKS.md), and the executor refills right before each micro-step by default.
   overlap_fraction: float = 0.0
-  # True: the token all-to-all pads every (source, destination) pair to one capacity per micro-step
-  # (the executor's padded dispatch), so each micro-step pays, in every layer, its layers' largest pair
-  # count, bucketed. False: it moves only the rows that exist (a ragged exchange): each (m, l) pays its
-  # busiest receiver.
-  padded_a2a: bool = True
+  # The token exchange by its backend's name (`foremoe_jax.backends.DISPATCH`), priced per DISPATCH_COSTS.
+  dispatch: str = "padded"
   link_exposed_s: float | None = None
   host_exposed_s: float | None = None
   calibration: str = ""  # where the measured costs come from (card, file)
 
   def __post_init__(self):
+    if self.dispatch not in DISPATCH_COSTS:
+      raise ValueError(f"CostModel.dispatch={self.dispatch!r}: the planner prices {tuple(DISPATCH_COSTS)}")
     for name in ("link_exposed_s", "host_exposed_s"):
       value = getattr(self, name)
       if value is not None and not (np.isfinite(value) and value >= 0):
@@ -77,6 +82,11 @@ class CostModel:
     return dataclasses.replace(model, link_exposed_s=cal["link_exposed_ms"] * 1e-3 * scale,
                                host_exposed_s=None if host_ms is None else host_ms * 1e-3 * scale,
                                calibration=f"{cal['card']} ({cal['device']}, JAX {cal['jax']}): {path.name}")
+
+  @property
+  def padded_a2a(self) -> bool:
+    """Whether each micro-step's exchange pads every pair to one capacity (see DISPATCH_COSTS)."""
+    return DISPATCH_COSTS[self.dispatch] == "capacity"
 
   @property
   def expert_bytes(self) -> float:
@@ -177,13 +187,7 @@ class PlanConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"PlanConfig.{name} must be a positive int, got {value!r}")
-    if self.num_experts % self.num_devices:
-      raise ValueError(
-          f"num_experts={self.num_experts} is not divisible by num_devices={self.num_devices}")
-    if self.num_slots < self.num_experts:
-      raise ValueError(
-          f"num_devices*slots_per_device={self.num_slots} < num_experts={self.num_experts}: "
-          "some expert would have no slot")
+    check_layout(self.num_experts, self.num_devices, self.slots_per_device)
     if self.policy not in POLICIES:
       raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
     if min(self.max_moves_per_device, self.split_sweeps, self.pair_sweeps) < 0:

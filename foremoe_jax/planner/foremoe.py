@@ -287,7 +287,7 @@ def step_s(max_load_MxL: np.ndarray, need_MxL: np.ndarray, moves_MxL: np.ndarray
 
 def exchange_s(max_load_MxL: np.ndarray, need_MxL: np.ndarray, cfg: PlanConfig) -> float:
   """The step's token all-to-alls: padded, every layer of micro-step m ships D times m's capacity
-  (`pairs.micro_capacities` of the pair needs, the executor's rule); ragged (`CostModel.padded_a2a=False`),
+  (`pairs.micro_capacities` of the pair needs, the executor's rule); ragged (`CostModel(dispatch="ragged")`),
   each (m, l) its busiest receiver's rows."""
   if not cfg.cost.padded_a2a:
     return float(cfg.cost.a2a_s(max_load_MxL).sum())

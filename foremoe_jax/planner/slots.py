@@ -1,4 +1,5 @@
-"""Slot bookkeeping shared by all policies, and the dispatcher's rounding rule.
+"""The expert layout (its one check and the home placement), slot bookkeeping shared by all policies,
+and the dispatcher's rounding rule.
 
 Batched over B independent (micro-step, layer) problems. Shapes: D devices, S slots per device,
 G = D*S global slots (g = d*S + j), E experts. `slot_expert_BxG` holds -1 for an empty slot.
@@ -9,8 +10,25 @@ from __future__ import annotations
 import numpy as np
 
 
+def check_layout(num_experts: int, num_devices: int, slots_per_device: int | None = None,
+                 top_k: int | None = None) -> int:
+  """S (`slots_per_device`, default E/D) for E experts over D expert-parallel devices, or a ValueError
+  naming the broken rule: E divisible by D (the home layout), S*D >= E (every expert a slot),
+  1 <= top_k <= E. The one check the model, the MoE layer, the planner and the tables share."""
+  if num_experts % num_devices:
+    raise ValueError(f"num_experts={num_experts} is not divisible by the expert axis size D={num_devices}")
+  slots = slots_per_device or num_experts // num_devices
+  if slots * num_devices < num_experts:
+    raise ValueError(f"slots_per_device={slots} x D={num_devices} < num_experts={num_experts}: "
+                     "some expert would have no slot")
+  if top_k is not None and not 1 <= top_k <= num_experts:
+    raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+  return slots
+
+
 def home_placement(num_experts: int, num_devices: int, slots_per_device: int) -> np.ndarray:
   """int32 [D, S]: expert e on device e // (E/D), slot e % (E/D); redundant slots empty (-1)."""
+  check_layout(num_experts, num_devices, slots_per_device)
   per_device = num_experts // num_devices
   slot_expert_DxS = np.full((num_devices, slots_per_device), -1, np.int32)
   slot_expert_DxS[:, :per_device] = np.arange(num_experts, dtype=np.int32).reshape(num_devices, per_device)
@@ -33,8 +51,8 @@ def stable_argsort(keys_BxN: np.ndarray) -> np.ndarray:
   return np.argsort(keys_BxN, axis=1, kind="stable")
 
 
-# device_first_mask: pairwise comparisons up to this many slots per device, a sort beyond (measured
-# on one core: pairwise 0.3 ms at S=3 where the sort takes 13; 5.7 ms at S=65 where it takes 0.08).
+# device_first_mask: pairwise comparisons up to this many slots per device, a sort beyond: each is the
+# faster one on its side on one core (BENCHMARKS.md, numbers behind choices).
 PAIRWISE_MAX_SLOTS = 16
 
 

@@ -68,32 +68,55 @@ def _step_placement(w_LxE: np.ndarray, cfg: PlanConfig) -> np.ndarray:
 def plan_step(counts, cfg: PlanConfig, history=None) -> Plan:
   """Plans one optimizer step. counts: int [M, L, D, E]; history: the previous step's counts or None."""
   counts = check_counts(counts, cfg)
-  num_micro, num_layers = counts.shape[:2]
-  home = slots.home_placement(cfg.num_experts, cfg.num_devices, cfg.slots_per_device)
-  home_LxDxS = np.broadcast_to(home, (num_layers, *home.shape))
   policy = cfg.policy
   if policy == "eplb_history" and history is None:
     policy = "static"
   if cfg.num_devices == 1:  # one device holds every token: any placement is the home layout's load, and
     policy = "static"       # planning it anyway took the GIL from the RL step's dispatch (BENCHMARKS.md, RL step)
-  if policy == "static":
-    return _plan(counts, np.broadcast_to(home_LxDxS, (num_micro, *home_LxDxS.shape)), home_LxDxS, cfg)
-  if policy == "eplb_step":
-    base = _step_placement(counts.sum((0, 2)), cfg)
-    return _plan(counts, np.broadcast_to(base, (num_micro, *base.shape)), base, cfg)
-  if policy == "eplb_history":
-    history = check_counts(history, cfg, "history")
-    if history.shape[1] != num_layers:
-      raise ValueError(f"history has {history.shape[1]} layers, counts have {num_layers}")
-    base = _step_placement(history.sum((0, 2)), cfg)
-    return _plan(counts, np.broadcast_to(base, (num_micro, *base.shape)), base, cfg)
-  if policy == "eplb_microstep":
-    base = _step_placement(counts.sum((0, 2)), cfg)
-    w_BxE = counts.sum(2).reshape(num_micro * num_layers, -1).astype(np.float64)
-    placement = eplb.eplb_placement(w_BxE, cfg.num_devices, cfg.slots_per_device, cfg.eplb_groups, cfg.eplb_nodes)
-    reference = np.broadcast_to(base, (num_micro, *base.shape)).reshape(placement.shape)
-    placement = align.align_placement(placement, reference, cfg.num_experts, cfg.eplb_nodes)
-    return _plan(counts, placement.reshape(num_micro, num_layers, cfg.num_devices, -1), base, cfg)
+  return PLANNERS[policy](counts, cfg, history)
+
+
+def _repeated(base_LxDxS: np.ndarray, num_micro: int) -> np.ndarray:
+  """[M, L, D, S]: one placement per layer for every micro-step."""
+  return np.broadcast_to(base_LxDxS, (num_micro, *base_LxDxS.shape))
+
+
+def _static(counts, cfg: PlanConfig, history) -> Plan:
+  """The home layout in every (m, l)."""
+  home = slots.home_placement(cfg.num_experts, cfg.num_devices, cfg.slots_per_device)
+  home_LxDxS = np.broadcast_to(home, (counts.shape[1], *home.shape))
+  return _plan(counts, _repeated(home_LxDxS, counts.shape[0]), home_LxDxS, cfg)
+
+
+def _eplb_step(counts, cfg: PlanConfig, history) -> Plan:
+  """EPLB of the whole step's counts, applied to every micro-step, even split over replicas."""
+  base = _step_placement(counts.sum((0, 2)), cfg)
+  return _plan(counts, _repeated(base, counts.shape[0]), base, cfg)
+
+
+def _eplb_history(counts, cfg: PlanConfig, history) -> Plan:
+  """EPLB of the previous step's counts (what production systems do)."""
+  history = check_counts(history, cfg, "history")
+  if history.shape[1] != counts.shape[1]:
+    raise ValueError(f"history has {history.shape[1]} layers, counts have {counts.shape[1]}")
+  base = _step_placement(history.sum((0, 2)), cfg)
+  return _plan(counts, _repeated(base, counts.shape[0]), base, cfg)
+
+
+def _eplb_microstep(counts, cfg: PlanConfig, history) -> Plan:
+  """EPLB re-run on each micro-step, transfers ignored (an oracle), aligned to the step's EPLB placement."""
+  num_micro, num_layers = counts.shape[:2]
+  base = _step_placement(counts.sum((0, 2)), cfg)
+  w_BxE = counts.sum(2).reshape(num_micro * num_layers, -1).astype(np.float64)
+  placement = eplb.eplb_placement(w_BxE, cfg.num_devices, cfg.slots_per_device, cfg.eplb_groups, cfg.eplb_nodes)
+  placement = align.align_placement(placement, _repeated(base, num_micro).reshape(placement.shape), cfg.num_experts,
+                                    cfg.eplb_nodes)
+  return _plan(counts, placement.reshape(num_micro, num_layers, cfg.num_devices, -1), base, cfg)
+
+
+def _foremoe(counts, cfg: PlanConfig, history) -> Plan:
+  """Ours (docs/planner.md), never estimated slower than the eplb_step plan it is checked against."""
+  num_micro, num_layers = counts.shape[:2]
   # The eplb_step placement is one of foremoe's bases and its whole-step rival: computed once for both.
   step_base = None
   if cfg.eplb_base_candidate and cfg.redundant_per_device > 0:
@@ -108,7 +131,7 @@ def plan_step(counts, cfg: PlanConfig, history=None) -> Plan:
   # Last check on the whole step: water-filled splits balance devices but can concentrate (source,
   # destination) pairs, which the per-layer choice only bounds; EPLB's step placement with its even
   # split may then need smaller padded capacities. Keep whichever the cost model finds faster.
-  step_plan = _plan(counts, np.broadcast_to(step_base, (num_micro, *step_base.shape)), step_base, cfg)
+  step_plan = _plan(counts, _repeated(step_base, num_micro), step_base, cfg)
   no_moves = np.zeros((num_micro, num_layers), np.int64)
   step_level_s = foremoe.estimated_step_s(step_plan.slot_load, step_plan.pair_need, no_moves, step_base, cfg)
   moves = foremoe.new_tenures(slot_expert, base)
@@ -130,3 +153,9 @@ def plan_step(counts, cfg: PlanConfig, history=None) -> Plan:
   if slower(load.reshape(batch, cfg.num_devices, -1).sum(-1).max(-1), need):
     return step_plan
   return _make_plan(slot_expert, split.exact_shares(se_BxDxS, counts_BxDxE, pairs_BxGxD), base, cfg, load, need)
+
+
+# The policies (`config.POLICIES` names them for validation; a test keeps the two equal), each
+# `(counts int64 [M, L, D, E], cfg, history or None) -> Plan`.
+PLANNERS = {"static": _static, "eplb_step": _eplb_step, "eplb_history": _eplb_history,
+            "eplb_microstep": _eplb_microstep, "foremoe": _foremoe}

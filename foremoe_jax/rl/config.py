@@ -40,8 +40,8 @@ class RLConfig:
   # running policy (from its own plans) and static (the home layout) only.
   report_policies: bool = False
   # Plan in a spawned process instead of a thread: the planner's many small numpy calls take the GIL, and
-  # beside the loop that dispatches the recompute a thread ran them ~1.8x slower on the CI box. Off by
-  # default until it is timed on a GPU (BENCHMARKS.md, RL step).
+  # beside the loop that dispatches the recompute a thread ran them slower on the CI box. Off by
+  # default until it is timed on a GPU (BENCHMARKS.md, RL step; numbers behind choices).
   plan_in_process: bool = False
   # The planner's cost model (per device; the expert's shape comes from the model). Defaults: one H100
   # of an NVLink node. A move pays only where it saves ~bytes*flops/(3*link) pairs on the busiest device.
@@ -52,8 +52,8 @@ class RLConfig:
   # micro-step meets compiles its recompute and update programs; fewer buckets, fewer compiles, more rows.
   capacity_buckets: int = BUCKETS_PER_OCTAVE
   # A new capacity's programs compile before the stage that runs them, this many at a time (XLA compiles
-  # in threads; 0: each compiles when first called, one after another). On one H200 the first step of two
-  # new capacities (4 MoE layers) waited 25.5 s this way against 32.1 s (BENCHMARKS.md, compile time).
+  # in threads; 0: each compiles when first called, one after another): the first step of new capacities
+  # waits less (BENCHMARKS.md, compile time).
   compile_workers: int = 8
   prompt_file: str = ""  # "prompt<TAB>answer" lines; empty: arithmetic problems drawn on the fly
   ckpt_every: int = 1

@@ -50,7 +50,7 @@ def sample(key, logits_BxV: jax.Array, temperature, top_p) -> tuple[jax.Array, j
   """-> (token_B, logprob_B under the untempered distribution). temperature == 0 is greedy."""
   logits_BxV = logits_BxV.astype(jnp.float32)
   scaled_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
-  # The filter sorts the vocabulary per row: with 151k ids that was 5x the draw itself on CPU; skip it at 1.
+  # The filter sorts the vocabulary per row, which costs more than the draw itself on CPU: skip it at 1.
   scaled_BxV = jax.lax.cond(top_p < 1.0, lambda z: top_p_filter(z, top_p), lambda z: z, scaled_BxV)
   drawn_B = jax.random.categorical(key, scaled_BxV, axis=-1)
   token_B = jnp.where(temperature > 0, drawn_B, jnp.argmax(logits_BxV, axis=-1)).astype(jnp.int32)

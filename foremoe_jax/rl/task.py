@@ -43,13 +43,19 @@ class CharTokenizer:
 
   def decode(self, ids) -> str:
     """Text up to the first EOS or PAD; BOS is skipped."""
-    out = []
-    for i in np.asarray(ids).reshape(-1).tolist():
-      if i in (EOS, PAD):
-        break
-      if i != BOS:
-        out.append(self._char.get(i, "?"))
-    return "".join(out)
+    return "".join(self._char.get(i, "?") for i in content_ids(ids, self))
+
+
+def content_ids(ids, tokenizer) -> list[int]:
+  """The ids a tokenizer decodes: those before the first EOS or pad id, BOS dropped (the rule every
+  tokenizer's `decode` shares)."""
+  out = []
+  for i in np.asarray(ids).reshape(-1).tolist():
+    if i in (tokenizer.eos_id, tokenizer.pad_id):
+      break
+    if i != tokenizer.bos_id:
+      out.append(i)
+  return out
 
 
 def solve(prompt: str) -> str:

@@ -111,7 +111,7 @@ class GRPOTrainer:
                      bytes_per_param=jnp.dtype(cfg.model.param_dtype).itemsize,
                      matmul_flops_per_s=self.rl.plan_matmul_tflops * 1e12, link_bytes_per_s=self.rl.plan_link_gbs * 1e9,
                      a2a_bytes_per_s=self.rl.plan_a2a_gbs * 1e9,
-                     padded_a2a=backends.choose_dispatch(moe.cfg.dispatch) == "padded")
+                     dispatch=backends.choose_dispatch(moe.cfg.dispatch))
     self.plan_cfg = PlanConfig(num_experts=cfg.model.num_experts, num_devices=moe.num_devices,
                                slots_per_device=moe.slots, policy=self.rl.policy, cost=cost,
                                capacity_buckets=self.rl.capacity_buckets)

@@ -16,7 +16,7 @@ import logging
 import os
 import unicodedata
 
-import numpy as np
+from foremoe_jax.rl.task import content_ids
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,7 @@ class TextTokenizer:
 
   def decode(self, ids) -> str:
     """Text up to the first EOS or pad; BOS is skipped (as CharTokenizer.decode)."""
-    out = []
-    for i in np.asarray(ids).reshape(-1).tolist():
-      if i in (self.eos_id, self.pad_id):
-        break
-      if i != self.bos_id:
-        out.append(i)
-    return self._decode(out)
+    return self._decode(content_ids(ids, self))
 
   def chat(self, prompt: str, system: str = "") -> str:
     """The prompt as the model's chat format renders a user turn followed by an open assistant turn."""
