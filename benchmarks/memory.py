@@ -39,8 +39,8 @@ from common import abstract_model, expert_mesh, memory_stats, shard_bytes, with_
 PROGRAMS = ("first", "micro", "last", "forward")
 PARTS = ("weights", "adam", "acc", "slots", "batch", "tables")
 # Positional arguments of each executor program (Executor._micro_fn, _last_fn, _forward_fn), by state part.
-ARG_PARTS = {"micro": ("weights", "slots", "slots", "acc", "batch") + ("tables",) * 5,
-             "last": ("weights", "adam", "slots", "slots", "acc", "batch") + ("tables",) * 5,
+ARG_PARTS = {"micro": ("weights", "slots", "slots", "acc", "batch") + ("tables",) * 6,
+             "last": ("weights", "adam", "slots", "slots", "acc", "batch") + ("tables",) * 6,
              "forward": ("weights", "slots", "slots", "batch") + ("tables",) * 4}
 ARG_PARTS["first"] = ARG_PARTS["micro"]
 
@@ -82,7 +82,8 @@ def analytic(cfg, ep: int, rows: int, seq_len: int, capacity: int, tables_bytes:
   batch = n * (4 + 4 + 4 + 4 * pc["moe_layers"] * m.top_k) + 4 * rows + 4  # tokens, mask, logp_old, replay; adv
   parts = {"weights": pb * local,
            "adam": 2 * ab * local + 4,  # m and v, and optax's int32 step count
-           "acc": 4 * (local if plain else pc["dense"] + slot_params),
+           # float32: dense + base slots, and the working slots' held replica gradients (a step that fills)
+           "acc": 4 * (local if plain else pc["dense"] + 2 * slot_params),
            "slots": 0 if plain else 2 * pb * slot_params,  # the base and the working slots
            "batch": batch, "tables": tables_bytes}
   if rl.kl_coef > 0:
