@@ -123,13 +123,12 @@ class Executor:
   working=)` and `moe_layers()`) over micro-steps with changing placements.
 
   prefetch: refill the next micro-step's changed slots inside the current micro-step's program, where
-  XLA may overlap them with its compute, or (default) right before each micro-step. Measured on
-  4 x H200 (BENCHMARKS.md) about half of a refill hid either way; the prefetch added 0-24 points.
+  XLA may overlap them with its compute, or (default) right before each micro-step (on GPU about half
+  of a refill hid either way: BENCHMARKS.md, "numbers behind choices").
   exchange: how moved rows travel between devices (`transfer.EXCHANGES`): one "all_to_all" per move
   table (default), or "ppermute" rounds, every one ("ppermute_all") or the active ones, chosen by a
-  `lax.cond`. Measured on 4 x H200 (BENCHMARKS.md), the all_to_all step was 3% faster than the
-  ppermute rounds with the cond and 1.5% faster than without it: on GPU a cond waits for its
-  predicate on the host, which stalls the host's run-ahead.
+  `lax.cond`. all_to_all is the default because it was the fastest on GPU (BENCHMARKS.md): a cond waits
+  for its predicate on the host, which stalls the host's run-ahead.
   fused (default): the base transfer runs inside the first micro-step's program and the update inside
   the last one's, overlapped with their compute; False: in programs of their own, `begin` and `finish`
   (the baseline the fused schedule is measured against).
@@ -341,7 +340,7 @@ class Executor:
   def zero_accumulators(self, tree):
     """accumulators(tree), each array zero-filled on its own devices. Eagerly, jnp.zeros_like of a
     sharded array fills the whole array on one device and then copies the shards out: on 2 x H200,
-    48 peer copies of up to 818 MB (25 ms of GPU 0's copy engine) before each step's first micro-step."""
+    peer copies of every accumulator (on GPU 0's copy engine, BENCHMARKS.md) before each step's first micro-step."""
     return self._zeros_program(tree)(tree)
 
   def _zeros_program(self, tree):

@@ -78,10 +78,10 @@ class StepTables:
   def place(self, mesh) -> "StepTables":
     """The table trees replicated over `mesh` (arrays already there stay as they are). Tables left on
     one device would be resliced onto the mesh by every micro-step's call: on 2 x H200 those copies,
-    and the host slicing before them, left each GPU idle ~15 ms per step."""
+    and the host slicing before them, left each GPU idle between micro-steps (BENCHMARKS.md)."""
     sharding = NamedSharding(mesh, P())
     if getattr(self.base_moves[0], "sharding", None) == sharding:  # placed together: one leaf tells
-      return self  # a no-op device_put of every leaf still costs ~2 ms of host time before the step
+      return self  # a no-op device_put of every leaf still costs host time before the step
     trees = (self.tables_M, self.base_moves, self.fill_moves_M, self.refill_moves_M, self.flush_moves_M)
     tables_M, base_moves, fill_moves_M, refill_moves_M, flush_moves_M = jax.device_put(trees, sharding)
     return dataclasses.replace(self, tables_M=tables_M, base_moves=base_moves, fill_moves_M=fill_moves_M,

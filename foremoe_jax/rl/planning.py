@@ -1,9 +1,8 @@
 """The RL trainer's planning, beside the trainer: in a thread (default) or a spawned process.
 
-Planning is pure numpy, but made of many small calls that each take the GIL. In a thread beside the
-host loop that dispatches the recompute it ran 1.8x slower on the CI box (a plan of the `gpu_2` shape:
-7.5 ms alone, 13.7 ms in a thread beside a dispatch loop, 8.1 ms in a spawned process); on 2 x H200 the
-trainer's four plans took 107 ms against ~40 ms alone. `rl.plan_in_process` plans in a spawned process
+Planning is pure numpy, but made of many small calls that each take the GIL: in a thread beside the
+host loop that dispatches the recompute it runs slower than alone (BENCHMARKS.md, "numbers behind
+choices"). `rl.plan_in_process` plans in a spawned process
 (never forked: JAX runs threads); it stays opt-in until timed on a GPU. Either way the plans come back as
 numpy `Plan`s and their device tables are built on the trainer's thread.
 """
