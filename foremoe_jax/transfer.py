@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from foremoe_jax.dispatch import AXIS
+from foremoe_jax.mesh import EXPERT_AXIS as AXIS
 from foremoe_jax.placement import Tables
 
 
@@ -290,7 +290,7 @@ def flush_rows(held, d_src, moves: MoveTables, mesh: jax.sharding.Mesh, exchange
 def pad_home(home, mesh: jax.sharding.Mesh, slots: int):
   """Global: pytree of home `[E, ...]` arrays -> `[D*S, ...]`: each device's E/D home rows, then zero rows.
   A base that keeps an expert in its home row then costs one contiguous copy, not a gather and scatter
-  of every row (measured on H200: scatters of whole experts ran at ~270 GB/s)."""
+  of every row (scatters of whole experts are slow on GPU: BENCHMARKS.md)."""
   def local(h):
     return jnp.concatenate([h, jnp.zeros((slots - h.shape[0], *h.shape[1:]), h.dtype)])
   return jax.shard_map(lambda t: jax.tree.map(local, t), mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS))(home)
