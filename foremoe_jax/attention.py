@@ -15,6 +15,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+NEG = -1e30  # masked scores: finite, so a row or block with nothing visible never computes inf - inf
+
 
 class KVCache(NamedTuple):
   """One layer's cache."""
@@ -77,9 +79,122 @@ def gqa_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, segment_ids_BxT=No
     cols = jnp.arange(k_BxSxKxD.shape[1])
     visible_BxTxS = ((cols[None, None, :] <= cols[None, :, None])
                      & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]))
-  s_BxNxTxS = jnp.where(visible_BxTxS[:, None], s_BxNxTxS, -1e30)
+  s_BxNxTxS = jnp.where(visible_BxTxS[:, None], s_BxNxTxS, NEG)
   p_BxNxTxS = jax.nn.softmax(s_BxNxTxS, axis=-1).astype(v_BxSxNxD.dtype)
   return jnp.einsum("bnts,bsnd->btnd", p_BxNxTxS, v_BxSxNxD)
+
+
+# --- blockwise (flash-style) attention ------------------------------------------------------------------
+# Query blocks x key blocks with an online softmax; key blocks above the causal diagonal are never visited
+# (the inner loop's trip count is the query block's index + 1). The custom VJP keeps q, k, v, the output
+# and the per-row logsumexp, and recomputes each block's probabilities in the backward, so no program
+# holds more than [B, N, c, c] scores at a time.
+def blockwise_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None, *, block: int) -> jax.Array:
+  """Causal self-attention over the row's own columns (and, with `segment_ids_BxT`, within a segment),
+  equal to `gqa_attention` without a cache. T need not divide by `block`: the tail is padded with keys
+  that no real query sees (they lie after it) and padded queries are dropped."""
+  b, t, n, d = q_BxTxNxD.shape
+  kv = k_BxTxKxD.shape[2]
+  if k_BxTxKxD.shape != (b, t, kv, d) or v_BxTxKxD.shape != k_BxTxKxD.shape or n % kv:
+    raise ValueError(f"blockwise_attention: q {q_BxTxNxD.shape}, k {k_BxTxKxD.shape}, v {v_BxTxKxD.shape} are "
+                     "not [B, T, N, D], [B, T, K, D] x2 with N a multiple of K")
+  if not isinstance(block, int) or block < 1:
+    raise ValueError(f"blockwise_attention: block must be a positive int, got {block!r}")
+  c = min(block, t)
+  pad = -t % c
+  seg_BxT = jnp.zeros((b, t), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT.astype(jnp.int32)
+  if pad:
+    q_BxTxNxD, k_BxTxKxD, v_BxTxKxD = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+                                       for x in (q_BxTxNxD, k_BxTxKxD, v_BxTxKxD))
+    seg_BxT = jnp.pad(seg_BxT, ((0, 0), (0, pad)))
+  nb = (t + pad) // c
+  qb = _blocks(q_BxTxNxD.reshape(b, t + pad, kv, n // kv, d), nb)  # [nb, B, K, G, c, D]
+  kb, vb = _blocks(k_BxTxKxD, nb), _blocks(v_BxTxKxD, nb)  # [nb, B, K, c, D]
+  segb = seg_BxT.reshape(b, nb, c).swapaxes(0, 1)  # [nb, B, c]
+  ob = _flash(qb, kb, vb, segb)
+  o = jnp.moveaxis(ob, 4, 2).swapaxes(0, 1).reshape(b, t + pad, n, d)  # [nb,B,K,G,c,D] -> [B, T, N, D]
+  return o[:, :t]
+
+
+def _blocks(x_BxTxHxD, nb):
+  """[B, nb*c, H..., D] -> [nb, B, H..., c, D]."""
+  b, t = x_BxTxHxD.shape[:2]
+  x = x_BxTxHxD.reshape(b, nb, t // nb, *x_BxTxHxD.shape[2:])
+  return jnp.moveaxis(x, 2, -2).swapaxes(0, 1)
+
+
+def _scores(i, j, q_BxKxGxCxD, k_BxKxCxD, sq_BxC, sk_BxC):
+  """Scaled float32 scores of query block i against key block j and their visibility [B, 1, 1, c, c]."""
+  c = q_BxKxGxCxD.shape[-2]
+  s = jnp.einsum("bkgqd,bksd->bkgqs", q_BxKxGxCxD, k_BxKxCxD, preferred_element_type=jnp.float32)
+  cols = jnp.arange(c)
+  causal_CxC = (j * c + cols)[None, :] <= (i * c + cols)[:, None]
+  visible = (causal_CxC[None] & (sq_BxC[:, :, None] == sk_BxC[:, None, :]))[:, None, None]
+  return s * q_BxKxGxCxD.shape[-1] ** -0.5, visible
+
+
+def _forward(qb, kb, vb, segb):
+  """-> (output blocks like qb, logsumexp [nb, B, K, G, c] float32)."""
+  def query_block(args):
+    i, q, sq = args
+
+    def key_block(j, carry):
+      m, l, acc = carry
+      s, visible = _scores(i, j, q, kb[j], sq, segb[j])
+      m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, NEG), axis=-1))
+      p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+      corr = jnp.exp(m - m_new)
+      pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb[j], preferred_element_type=jnp.float32)
+      return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
+
+    acc = jnp.zeros_like(q, jnp.float32)
+    m0 = jnp.full_like(acc[..., 0], NEG)
+    m, l, acc = jax.lax.fori_loop(0, i + 1, key_block, (m0, jnp.zeros_like(m0), acc))
+    return (acc / l[..., None]).astype(qb.dtype), m + jnp.log(l)  # l >= 1: every query sees itself
+
+  return jax.lax.map(query_block, (jnp.arange(qb.shape[0]), qb, segb))
+
+
+@jax.custom_vjp
+def _flash(qb, kb, vb, segb):
+  return _forward(qb, kb, vb, segb)[0]
+
+
+def _flash_fwd(qb, kb, vb, segb):
+  ob, lse = _forward(qb, kb, vb, segb)
+  return ob, (qb, kb, vb, segb, ob, lse)
+
+
+def _flash_bwd(res, dob):
+  """FlashAttention-2's backward: per query block, the probabilities are recomputed from the logsumexp;
+  dK and dV accumulate in float32 over the query blocks that see them."""
+  qb, kb, vb, segb, ob, lse = res
+  delta = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1)  # [nb, B, K, G, c]
+  scale = qb.shape[-1] ** -0.5
+
+  def query_block(carry, args):
+    i, q, do, lse_i, delta_i, sq = args
+
+    def key_block(j, inner):
+      dq, dk, dv = inner
+      s, visible = _scores(i, j, q, kb[j], sq, segb[j])
+      p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
+      dp = jnp.einsum("bkgqd,bksd->bkgqs", do, vb[j], preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta_i[..., None]) * scale).astype(qb.dtype)
+      dq = dq + jnp.einsum("bkgqs,bksd->bkgqd", ds, kb[j], preferred_element_type=jnp.float32)
+      dk = dk.at[j].add(jnp.einsum("bkgqs,bkgqd->bksd", ds, q, preferred_element_type=jnp.float32))
+      dv = dv.at[j].add(jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do.dtype), do, preferred_element_type=jnp.float32))
+      return dq, dk, dv
+
+    dq, dk, dv = jax.lax.fori_loop(0, i + 1, key_block, (jnp.zeros_like(q, jnp.float32), *carry))
+    return (dk, dv), dq.astype(qb.dtype)
+
+  zeros = jnp.zeros_like(kb, jnp.float32)
+  (dk, dv), dqb = jax.lax.scan(query_block, (zeros, zeros), (jnp.arange(qb.shape[0]), qb, dob, lse, delta, segb))
+  return dqb, dk.astype(kb.dtype), dv.astype(vb.dtype), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 class Attention(nnx.Module):
