@@ -5,7 +5,15 @@ positions <= p, so the same mask serves the full forward (keys = the sequence it
 cache and one-token decode steps at per-row positions (right-padded prompts of different lengths).
 Packed rows (several sequences back to back, no cache) pass `segment_ids`: a query sees the earlier
 columns of its own segment only, and RoPE rotates by the per-token positions (restarting per sequence).
+
+Paths (`ModelConfig.attention`, chosen per call by `attention_path`, logged once per shape): "dense"
+materializes [B, N, T, S] float32 scores (`gqa_attention`; always with a KV cache: prefill and decode);
+"blockwise" never holds more than [B, N, c, c] (`blockwise_attention`, c = `attention_block`, forward
+and backward); "cudnn" is `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16, full
+causal rows only: its public API has no segment mask short of a materialized [B, 1, T, T] one); "auto"
+is blockwise from `AUTO_BLOCKWISE_MIN_LEN` tokens on, dense below.
 """
+import logging
 from typing import NamedTuple
 
 import jax
@@ -15,6 +23,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+log = logging.getLogger(__name__)
+
+ATTENTION = ("auto", "dense", "blockwise", "cudnn")
+AUTO_BLOCKWISE_MIN_LEN = 1024  # below, dense scores are small ([4 rows, 32 heads, 1K, 1K] f32: 512 MiB)
 NEG = -1e30  # masked scores: finite, so a row or block with nothing visible never computes inf - inf
 
 
@@ -82,6 +94,49 @@ def gqa_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, segment_ids_BxT=No
   s_BxNxTxS = jnp.where(visible_BxTxS[:, None], s_BxNxTxS, NEG)
   p_BxNxTxS = jax.nn.softmax(s_BxNxTxS, axis=-1).astype(v_BxSxNxD.dtype)
   return jnp.einsum("bnts,bsnd->btnd", p_BxNxTxS, v_BxSxNxD)
+
+
+def attention_path(kind: str, seq_len: int, cached: bool) -> str:
+  """The path one call takes: dense with a KV cache (keys are the cache), else `kind` ("auto": by length)."""
+  if kind not in ATTENTION:
+    raise ValueError(f"attention must be one of {ATTENTION}, got {kind!r}")
+  if cached:
+    return "dense"
+  if kind == "auto":
+    return "blockwise" if seq_len >= AUTO_BLOCKWISE_MIN_LEN else "dense"
+  return kind
+
+
+_logged = set()
+
+
+def attend(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, segment_ids_BxT=None, *, kind: str = "dense",
+           block: int = 512, cached: bool = False) -> jax.Array:
+  """Attention by `attention_path`; logs each (path, shape) the first time it is traced."""
+  b, t, n, d = q_BxTxNxD.shape
+  path = attention_path(kind, t, cached)
+  key = (path, kind, b, t, k_BxSxKxD.shape[1], n, d, segment_ids_BxT is not None, block)
+  if key not in _logged:
+    _logged.add(key)
+    log.info("attention: %s path (attention=%s, B=%d, T=%d, S=%d, heads=%d, packed=%s%s)", path, kind, b, t,
+             k_BxSxKxD.shape[1], n, segment_ids_BxT is not None, f", block={min(block, t)}" * (path == "blockwise"))
+  if path == "dense":
+    return gqa_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, segment_ids_BxT)
+  if path == "blockwise":
+    return blockwise_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT, block=block)
+  return cudnn_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT)
+
+
+def cudnn_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None) -> jax.Array:
+  """cuDNN flash attention, causal over the row. Raises where it does not apply (no silent fallback)."""
+  if segment_ids_BxT is not None:
+    raise ValueError("attention='cudnn' does not take packed rows (segment_ids): jax.nn.dot_product_attention "
+                     "has no segment mask short of a materialized [B, 1, T, T] one; use 'blockwise' or 'auto'")
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"attention='cudnn' needs a GPU, JAX's backend is {jax.default_backend()!r}")
+  if q_BxTxNxD.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention='cudnn' needs bfloat16 or float16 activations, got {q_BxTxNxD.dtype}")
+  return jax.nn.dot_product_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, is_causal=True, implementation="cudnn")
 
 
 # --- blockwise (flash-style) attention ------------------------------------------------------------------
@@ -205,6 +260,7 @@ class Attention(nnx.Module):
     h, n, kv, d = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = jnp.dtype(cfg.param_dtype)
     self.dtype, self.rope_theta, self.qk_norm_scope = jnp.dtype(cfg.dtype), cfg.rope_theta, cfg.qk_norm_scope
+    self.kind, self.block = cfg.attention, cfg.attention_block
     self.wq = init_param(rngs, (h, n, d), h, mesh, pd)
     self.wk = init_param(rngs, (h, kv, d), h, mesh, pd)
     self.wv = init_param(rngs, (h, kv, d), h, mesh, pd)
@@ -231,7 +287,8 @@ class Attention(nnx.Module):
     if cache is not None:
       cache = KVCache(write_cache(cache.k, k, start_B), write_cache(cache.v, v, start_B))
       k, v = cache.k.astype(dt), cache.v.astype(dt)
-    o_BxTxNxD = gqa_attention(q, k, v, positions_BxT, segment_ids_BxT)
+    o_BxTxNxD = attend(q, k, v, positions_BxT, segment_ids_BxT, kind=self.kind, block=self.block,
+                       cached=cache is not None)
     return jnp.einsum("btnd,ndh->bth", o_BxTxNxD, self.wo[...].astype(dt)), cache
 
   def _qk_norm(self, norm: RMSNorm, x_BxTxNxD):
