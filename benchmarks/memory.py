@@ -96,23 +96,32 @@ def analytic(cfg, ep: int, rows: int, seq_len: int, capacity: int, tables_bytes:
 
 def activations(m, rows: int, seq_len: int, ep: int, capacity: int, grad_bytes: int) -> dict:
   """Estimated live temporaries of one micro-step (per device), by their largest arrays:
-  attention materializes [rows, heads, T, T] scores (float32, probs in the activation dtype, a float32
-  gradient in the backward); the MoE exchange holds D x capacity rows of H (sent, received, out, back)
-  and the grouped matmul's 3F; the LM head float32 logits, log-softmax and gradient [rows, T, V];
-  remat="block" keeps each layer's input, remat="none" each layer's attention probabilities and MoE rows.
+  attention's scores (float32, probs in the activation dtype, a float32 gradient in the backward) are
+  [rows, heads, T, T] on the dense path, [rows, heads, c, c] on the blockwise one (c = attention_block,
+  plus float32 dK / dV accumulators) and cuDNN's own on the cudnn one (counted 0); the MoE exchange holds
+  D x capacity rows of H (sent, received, out, back) and the grouped matmul's 3F; the LM head
+  (`chunked_token_logprobs`) float32 logits, softmax and gradient of one [rows, logprob_chunk, V] chunk and
+  the head's float32 gradient [H, V]; remat="block" keeps each layer's input, remat="none" each layer's
+  attention probabilities (dense) or logsumexp (blockwise) and MoE rows.
   train = kept residuals + the parameter-dtype gradients before accumulation + max(one block, the head)."""
+  from foremoe_jax.attention import attention_path
   a, n, h = np.dtype(m.dtype).itemsize, rows * seq_len, m.d_model
-  scores = rows * m.num_heads * seq_len * seq_len
+  path = attention_path(m.attention, seq_len, cached=False)
+  c = {"dense": seq_len, "blockwise": min(m.attention_block, seq_len), "cudnn": 0}[path]
+  scores = rows * m.num_heads * c * c
+  flash_acc = 2 * n * m.num_kv_heads * m.head_dim * 4 if path == "blockwise" else 0
   exchanged = ep * capacity
-  attention = scores * (4 + a + 4) + 6 * n * h * a
+  attention = scores * (4 + a + 4) + 6 * n * h * a + flash_acc
   moe = 2 * exchanged * (4 * h + 3 * m.d_ff_expert) * a + n * m.num_experts * 4
-  head = n * m.vocab_size * (4 + 4 + 4 + a)
+  chunk = rows * min(m.logprob_chunk, seq_len) * m.vocab_size
+  head = chunk * (4 + 4 + 4 + a) + 4 * h * m.vocab_size
   routes = m.num_layers * n * m.top_k * 4
-  kept_block = scores * a + exchanged * (2 * h + 3 * m.d_ff_expert) * a + 6 * n * h * a
+  kept_attention = scores * a if path == "dense" else n * m.num_heads * 4
+  kept_block = kept_attention + exchanged * (2 * h + 3 * m.d_ff_expert) * a + 6 * n * h * a
   per_layer = n * h * a if m.remat == "block" else kept_block
   saved = m.num_layers * per_layer + routes
   block = max(attention, moe)
-  forward = max(scores * (4 + a) + 6 * n * h * a, moe // 2, n * m.vocab_size * 8)
+  forward = max(scores * (4 + a) + 6 * n * h * a, moe // 2, chunk * 8)
   return {"saved": saved, "grads": grad_bytes, "block": block, "head": head,
           "train": saved + grad_bytes + max(block, head), "forward": forward}
 
