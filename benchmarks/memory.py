@@ -39,8 +39,8 @@ from common import abstract_model, expert_mesh, memory_stats, shard_bytes, with_
 PROGRAMS = ("first", "micro", "last", "forward")
 PARTS = ("weights", "adam", "acc", "slots", "batch", "tables")
 # Positional arguments of each executor program (Executor._micro_fn, _last_fn, _forward_fn), by state part.
-ARG_PARTS = {"micro": ("weights", "slots", "slots", "acc", "batch") + ("tables",) * 5,
-             "last": ("weights", "adam", "slots", "slots", "acc", "batch") + ("tables",) * 5,
+ARG_PARTS = {"micro": ("weights", "slots", "slots", "acc", "batch") + ("tables",) * 6,
+             "last": ("weights", "adam", "slots", "slots", "acc", "batch") + ("tables",) * 6,
              "forward": ("weights", "slots", "slots", "batch") + ("tables",) * 4}
 ARG_PARTS["first"] = ARG_PARTS["micro"]
 
@@ -222,8 +222,8 @@ def lower_program(executor, step, batch, name: str):
   tables, kw = executor._micro_args(step, m, None)
   base, working, acc = ((), (), ()) if kw["first"] else executor._state(kw["layout"])
   if name == "forward":
-    kw.pop("filled")
-    args = (executor.params, base, working, batch, tables[0], *tables[2:])
+    kw.pop("filled"), kw.pop("flushed")
+    args = (executor.params, base, working, batch, tables[0], *tables[3:])  # no fill, no flush
     return executor._forward.lower(*args, **kw), args
   last = name == "last"
   args = (executor.params, *((executor.opt_state,) if last else ()), base, working, acc, batch, *tables)
@@ -257,7 +257,8 @@ def measure(cfg, ep: int, rows: int, seq_len: int, programs, skew: float, micro_
   from foremoe_jax.rl.trainer import grpo_objective
   mesh = expert_mesh(ep)
   step = step_tables(cfg, mesh, ep, rows, seq_len, micro_steps, skew)
-  tables = (step.tables_M[1], step.fill_moves_M[1], step.refill_moves_M[1], step.base_moves, step.refill_moves_M[0])
+  tables = (step.tables_M[1], step.fill_moves_M[1], step.flush_moves_M[1], step.refill_moves_M[1], step.base_moves,
+            step.refill_moves_M[0])
   result = {"ep": ep, "slots_per_device": cfg.model.slots_per_device, "capacity": step.capacity_M[1],
             "layout": "plain" if ep == 1 else "base + working slots",
             "analytic": analytic(cfg, ep, rows, seq_len, step.capacity_M[1], shard_bytes(tables)), "programs": {}}
