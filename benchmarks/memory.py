@@ -2,9 +2,9 @@
 
 For a preset (plus `--set` overrides, as train.py's) and each EP size D, per device:
 - analytic: weights (replicated dense parts + experts / D), Adam moments (`rl.adam_dtype`), float32 gradient
-  accumulators (dense + base slots; every parameter at EP 1, where the step is plain), base + working slot
-  copies, the micro-batch (`rl.rows_per_shard` rows of `--seq-len` tokens), the plan tables, and an
-  activation estimate of one micro-step under the preset's remat (`activations`);
+  accumulators (dense + base slots + the working slots' held gradients; every parameter at EP 1, where the
+  step is plain), base + working slot copies, the micro-batch (`rl.rows_per_shard` rows of `--seq-len`
+  tokens), the plan tables, and an activation estimate of one micro-step under the preset's remat (`activations`);
 - compiled: the executor's programs for that step, lowered for abstract inputs (`nnx.eval_shape` model,
   ShapeDtypeStructs with shardings on a mesh of D devices: no weight is allocated) and compiled, with
   `compiled.memory_analysis()` (argument, output, alias, temp, code bytes; per device) and each state
@@ -82,7 +82,8 @@ def analytic(cfg, ep: int, rows: int, seq_len: int, capacity: int, tables_bytes:
   batch = n * (4 + 4 + 4 + 4 * pc["moe_layers"] * m.top_k) + 4 * rows + 4  # tokens, mask, logp_old, replay; adv
   parts = {"weights": pb * local,
            "adam": 2 * ab * local + 4,  # m and v, and optax's int32 step count
-           "acc": 4 * (local if plain else pc["dense"] + slot_params),
+           # dense + base slots, and the working slots' held (per-tenure) gradients (executor._state)
+           "acc": 4 * (local if plain else pc["dense"] + 2 * slot_params),
            "slots": 0 if plain else 2 * pb * slot_params,  # the base and the working slots
            "batch": batch, "tables": tables_bytes}
   if rl.kl_coef > 0:
