@@ -2,9 +2,9 @@
 
 For a preset (plus `--set` overrides, as train.py's) and each EP size D, per device:
 - analytic: weights (replicated dense parts + experts / D), Adam moments (`rl.adam_dtype`), float32 gradient
-  accumulators (dense + base slots; every parameter at EP 1, where the step is plain), base + working slot
-  copies, the micro-batch (`rl.rows_per_shard` rows of `--seq-len` tokens), the plan tables, and an
-  activation estimate of one micro-step under the preset's remat (`activations`);
+  accumulators (dense + base slots + the working slots' held gradients; every parameter at EP 1, where the
+  step is plain), base + working slot copies, the micro-batch (`rl.rows_per_shard` rows of `--seq-len`
+  tokens), the plan tables, and an activation estimate of one micro-step under the preset's remat (`activations`);
 - compiled: the executor's programs for that step, lowered for abstract inputs (`nnx.eval_shape` model,
   ShapeDtypeStructs with shardings on a mesh of D devices: no weight is allocated) and compiled, with
   `compiled.memory_analysis()` (argument, output, alias, temp, code bytes; per device) and each state
@@ -97,23 +97,32 @@ def analytic(cfg, ep: int, rows: int, seq_len: int, capacity: int, tables_bytes:
 
 def activations(m, rows: int, seq_len: int, ep: int, capacity: int, grad_bytes: int) -> dict:
   """Estimated live temporaries of one micro-step (per device), by their largest arrays:
-  attention materializes [rows, heads, T, T] scores (float32, probs in the activation dtype, a float32
-  gradient in the backward); the MoE exchange holds D x capacity rows of H (sent, received, out, back)
-  and the grouped matmul's 3F; the LM head float32 logits, log-softmax and gradient [rows, T, V];
-  remat="block" keeps each layer's input, remat="none" each layer's attention probabilities and MoE rows.
+  attention's scores (float32, probs in the activation dtype, a float32 gradient in the backward) are
+  [rows, heads, T, T] on the dense path, [rows, heads, c, c] on the blockwise one (c = attention_block,
+  plus float32 dK / dV accumulators) and cuDNN's own on the cudnn one (counted 0); the MoE exchange holds
+  D x capacity rows of H (sent, received, out, back) and the grouped matmul's 3F; the LM head
+  (`chunked_token_logprobs`) float32 logits, softmax and gradient of one [rows, logprob_chunk, V] chunk and
+  the head's float32 gradient [H, V]; remat="block" keeps each layer's input, remat="none" each layer's
+  attention probabilities (dense) or logsumexp (blockwise) and MoE rows.
   train = kept residuals + the parameter-dtype gradients before accumulation + max(one block, the head)."""
+  from foremoe_jax.attention import attention_path
   a, n, h = np.dtype(m.dtype).itemsize, rows * seq_len, m.d_model
-  scores = rows * m.num_heads * seq_len * seq_len
+  path = attention_path(m.attention, seq_len, cached=False)
+  c = {"dense": seq_len, "blockwise": min(m.attention_block, seq_len), "cudnn": 0}[path]
+  scores = rows * m.num_heads * c * c
+  flash_acc = 2 * n * m.num_kv_heads * m.head_dim * 4 if path == "blockwise" else 0
   exchanged = ep * capacity
-  attention = scores * (4 + a + 4) + 6 * n * h * a
+  attention = scores * (4 + a + 4) + 6 * n * h * a + flash_acc
   moe = 2 * exchanged * (4 * h + 3 * m.d_ff_expert) * a + n * m.num_experts * 4
-  head = n * m.vocab_size * (4 + 4 + 4 + a)
+  chunk = rows * min(m.logprob_chunk, seq_len) * m.vocab_size
+  head = chunk * (4 + 4 + 4 + a) + 4 * h * m.vocab_size
   routes = m.num_layers * n * m.top_k * 4
-  kept_block = scores * a + exchanged * (2 * h + 3 * m.d_ff_expert) * a + 6 * n * h * a
+  kept_attention = scores * a if path == "dense" else n * m.num_heads * 4
+  kept_block = kept_attention + exchanged * (2 * h + 3 * m.d_ff_expert) * a + 6 * n * h * a
   per_layer = n * h * a if m.remat == "block" else kept_block
   saved = m.num_layers * per_layer + routes
   block = max(attention, moe)
-  forward = max(scores * (4 + a) + 6 * n * h * a, moe // 2, n * m.vocab_size * 8)
+  forward = max(scores * (4 + a) + 6 * n * h * a, moe // 2, chunk * 8)
   return {"saved": saved, "grads": grad_bytes, "block": block, "head": head,
           "train": saved + grad_bytes + max(block, head), "forward": forward}
 
@@ -215,8 +224,8 @@ def lower_program(executor, step, batch, name: str):
   tables, kw = executor._micro_args(step, m, None)
   base, working, acc = ((), (), ()) if kw["first"] else executor._state(kw["layout"])
   if name == "forward":
-    kw.pop("filled")
-    args = (executor.params, base, working, batch, tables[0], *tables[2:])
+    kw.pop("filled"), kw.pop("flushed")
+    args = (executor.params, base, working, batch, tables[0], *tables[3:])  # no fill, no flush
     return executor._forward.lower(*args, **kw), args
   last = name == "last"
   args = (executor.params, *((executor.opt_state,) if last else ()), base, working, acc, batch, *tables)
@@ -250,7 +259,8 @@ def measure(cfg, ep: int, rows: int, seq_len: int, programs, skew: float, micro_
   from foremoe_jax.rl.trainer import grpo_objective
   mesh = expert_mesh(ep)
   step = step_tables(cfg, mesh, ep, rows, seq_len, micro_steps, skew)
-  tables = (step.tables_M[1], step.fill_moves_M[1], step.refill_moves_M[1], step.base_moves, step.refill_moves_M[0])
+  tables = (step.tables_M[1], step.fill_moves_M[1], step.flush_moves_M[1], step.refill_moves_M[1], step.base_moves,
+            step.refill_moves_M[0])
   result = {"ep": ep, "slots_per_device": cfg.model.slots_per_device, "capacity": step.capacity_M[1],
             "layout": "plain" if ep == 1 else "base + working slots",
             "analytic": analytic(cfg, ep, rows, seq_len, step.capacity_M[1], shard_bytes(tables)), "programs": {}}

@@ -7,6 +7,11 @@ veRL / slime form them: whole sequences packed under a per-device token budget (
 veRL's `ppo_max_token_len_per_gpu`), several back to back in each of `rl.rows_per_shard` rows of the
 rollout's width (`rl.pack_sequences`, their "remove padding" at fixed shapes), `rl.num_minibatches`
 optimizer steps per rollout. Start from a Hugging Face checkpoint (`--init-from`, `--sft-steps 0`).
+
+Long rows: blockwise attention (no [rows, heads, T, T] scores) and per-block remat; the GRPO loss takes
+log-probs a chunk of columns at a time (`model.logprob_chunk`, no [rows, T, V] logits). `scan_layers` stays
+off: the HF converter loads and exports unrolled blocks only (`--set model.scan_layers=true` for runs
+that do not start from a checkpoint: one block body compiled instead of 48).
 """
 from configs import RLConfig, SFTConfig, TrainConfig
 from foremoe_jax.model import ModelConfig
@@ -20,7 +25,7 @@ def qwen3_model(num_layers: int, expert_devices: int, max_seq_len: int) -> Model
   return ModelConfig(vocab_size=151936, d_model=2048, num_layers=num_layers, num_heads=32, num_kv_heads=4,
                      head_dim=128, d_ff_dense=6144, num_experts=NUM_EXPERTS, top_k=8, d_ff_expert=768,
                      slots_per_device=slots, max_seq_len=max_seq_len, rope_theta=1e6, dtype="bfloat16",
-                     param_dtype="bfloat16")
+                     param_dtype="bfloat16", attention="blockwise", attention_block=512, remat="block")
 
 
 def qwen3_rl(adam_dtype: str, max_new_tokens: int = 8192) -> RLConfig:

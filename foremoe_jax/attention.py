@@ -5,7 +5,15 @@ positions <= p, so the same mask serves the full forward (keys = the sequence it
 cache and one-token decode steps at per-row positions (right-padded prompts of different lengths).
 Packed rows (several sequences back to back, no cache) pass `segment_ids`: a query sees the earlier
 columns of its own segment only, and RoPE rotates by the per-token positions (restarting per sequence).
+
+Paths (`ModelConfig.attention`, chosen per call by `attention_path`, logged once per shape): "dense"
+materializes [B, N, T, S] float32 scores (`gqa_attention`; always with a KV cache: prefill and decode);
+"blockwise" never holds more than [B, N, c, c] (`blockwise_attention`, c = `attention_block`, forward
+and backward); "cudnn" is `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16, full
+causal rows only: its public API has no segment mask short of a materialized [B, 1, T, T] one); "auto"
+is blockwise from `AUTO_BLOCKWISE_MIN_LEN` tokens on, dense below.
 """
+import logging
 from typing import NamedTuple
 
 import jax
@@ -14,6 +22,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+ATTENTION = ("auto", "dense", "blockwise", "cudnn")
+AUTO_BLOCKWISE_MIN_LEN = 1024  # below, dense scores are small ([4 rows, 32 heads, 1K, 1K] f32: 512 MiB)
+NEG = -1e30  # masked scores: finite, so a row or block with nothing visible never computes inf - inf
 
 
 class KVCache(NamedTuple):
@@ -77,9 +91,165 @@ def gqa_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, segment_ids_BxT=No
     cols = jnp.arange(k_BxSxKxD.shape[1])
     visible_BxTxS = ((cols[None, None, :] <= cols[None, :, None])
                      & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]))
-  s_BxNxTxS = jnp.where(visible_BxTxS[:, None], s_BxNxTxS, -1e30)
+  s_BxNxTxS = jnp.where(visible_BxTxS[:, None], s_BxNxTxS, NEG)
   p_BxNxTxS = jax.nn.softmax(s_BxNxTxS, axis=-1).astype(v_BxSxNxD.dtype)
   return jnp.einsum("bnts,bsnd->btnd", p_BxNxTxS, v_BxSxNxD)
+
+
+def attention_path(kind: str, seq_len: int, cached: bool) -> str:
+  """The path one call takes: dense with a KV cache (keys are the cache), else `kind` ("auto": by length)."""
+  if kind not in ATTENTION:
+    raise ValueError(f"attention must be one of {ATTENTION}, got {kind!r}")
+  if cached:
+    return "dense"
+  if kind == "auto":
+    return "blockwise" if seq_len >= AUTO_BLOCKWISE_MIN_LEN else "dense"
+  return kind
+
+
+_logged = set()
+
+
+def attend(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, segment_ids_BxT=None, *, kind: str = "dense",
+           block: int = 512, cached: bool = False) -> jax.Array:
+  """Attention by `attention_path`; logs each (path, shape) the first time it is traced."""
+  b, t, n, d = q_BxTxNxD.shape
+  path = attention_path(kind, t, cached)
+  key = (path, kind, b, t, k_BxSxKxD.shape[1], n, d, segment_ids_BxT is not None, block)
+  if key not in _logged:
+    _logged.add(key)
+    log.info("attention: %s path (attention=%s, B=%d, T=%d, S=%d, heads=%d, packed=%s%s)", path, kind, b, t,
+             k_BxSxKxD.shape[1], n, segment_ids_BxT is not None, f", block={min(block, t)}" * (path == "blockwise"))
+  if path == "dense":
+    return gqa_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, segment_ids_BxT)
+  if path == "blockwise":
+    return blockwise_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT, block=block)
+  return cudnn_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT)
+
+
+def cudnn_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None) -> jax.Array:
+  """cuDNN flash attention, causal over the row. Raises where it does not apply (no silent fallback)."""
+  if segment_ids_BxT is not None:
+    raise ValueError("attention='cudnn' does not take packed rows (segment_ids): jax.nn.dot_product_attention "
+                     "has no segment mask short of a materialized [B, 1, T, T] one; use 'blockwise' or 'auto'")
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"attention='cudnn' needs a GPU, JAX's backend is {jax.default_backend()!r}")
+  if q_BxTxNxD.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention='cudnn' needs bfloat16 or float16 activations, got {q_BxTxNxD.dtype}")
+  return jax.nn.dot_product_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, is_causal=True, implementation="cudnn")
+
+
+# --- blockwise (flash-style) attention ------------------------------------------------------------------
+# Query blocks x key blocks with an online softmax; key blocks above the causal diagonal are never visited
+# (the inner loop's trip count is the query block's index + 1). The custom VJP keeps q, k, v, the output
+# and the per-row logsumexp, and recomputes each block's probabilities in the backward, so no program
+# holds more than [B, N, c, c] scores at a time.
+def blockwise_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None, *, block: int) -> jax.Array:
+  """Causal self-attention over the row's own columns (and, with `segment_ids_BxT`, within a segment),
+  equal to `gqa_attention` without a cache. T need not divide by `block`: the tail is padded with keys
+  that no real query sees (they lie after it) and padded queries are dropped."""
+  b, t, n, d = q_BxTxNxD.shape
+  kv = k_BxTxKxD.shape[2]
+  if k_BxTxKxD.shape != (b, t, kv, d) or v_BxTxKxD.shape != k_BxTxKxD.shape or n % kv:
+    raise ValueError(f"blockwise_attention: q {q_BxTxNxD.shape}, k {k_BxTxKxD.shape}, v {v_BxTxKxD.shape} are "
+                     "not [B, T, N, D], [B, T, K, D] x2 with N a multiple of K")
+  if not isinstance(block, int) or block < 1:
+    raise ValueError(f"blockwise_attention: block must be a positive int, got {block!r}")
+  c = min(block, t)
+  pad = -t % c
+  seg_BxT = jnp.zeros((b, t), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT.astype(jnp.int32)
+  if pad:
+    q_BxTxNxD, k_BxTxKxD, v_BxTxKxD = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+                                       for x in (q_BxTxNxD, k_BxTxKxD, v_BxTxKxD))
+    seg_BxT = jnp.pad(seg_BxT, ((0, 0), (0, pad)))
+  nb = (t + pad) // c
+  qb = _blocks(q_BxTxNxD.reshape(b, t + pad, kv, n // kv, d), nb)  # [nb, B, K, G, c, D]
+  kb, vb = _blocks(k_BxTxKxD, nb), _blocks(v_BxTxKxD, nb)  # [nb, B, K, c, D]
+  segb = seg_BxT.reshape(b, nb, c).swapaxes(0, 1)  # [nb, B, c]
+  ob = _flash(qb, kb, vb, segb)
+  o = jnp.moveaxis(ob, 4, 2).swapaxes(0, 1).reshape(b, t + pad, n, d)  # [nb,B,K,G,c,D] -> [B, T, N, D]
+  return o[:, :t]
+
+
+def _blocks(x_BxTxHxD, nb):
+  """[B, nb*c, H..., D] -> [nb, B, H..., c, D]."""
+  b, t = x_BxTxHxD.shape[:2]
+  x = x_BxTxHxD.reshape(b, nb, t // nb, *x_BxTxHxD.shape[2:])
+  return jnp.moveaxis(x, 2, -2).swapaxes(0, 1)
+
+
+def _scores(i, j, q_BxKxGxCxD, k_BxKxCxD, sq_BxC, sk_BxC):
+  """Scaled float32 scores of query block i against key block j and their visibility [B, 1, 1, c, c]."""
+  c = q_BxKxGxCxD.shape[-2]
+  s = jnp.einsum("bkgqd,bksd->bkgqs", q_BxKxGxCxD, k_BxKxCxD, preferred_element_type=jnp.float32)
+  cols = jnp.arange(c)
+  causal_CxC = (j * c + cols)[None, :] <= (i * c + cols)[:, None]
+  visible = (causal_CxC[None] & (sq_BxC[:, :, None] == sk_BxC[:, None, :]))[:, None, None]
+  return s * q_BxKxGxCxD.shape[-1] ** -0.5, visible
+
+
+def _forward(qb, kb, vb, segb):
+  """-> (output blocks like qb, logsumexp [nb, B, K, G, c] float32)."""
+  def query_block(args):
+    i, q, sq = args
+
+    def key_block(j, carry):
+      m, l, acc = carry
+      s, visible = _scores(i, j, q, kb[j], sq, segb[j])
+      m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, NEG), axis=-1))
+      p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+      corr = jnp.exp(m - m_new)
+      pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb[j], preferred_element_type=jnp.float32)
+      return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
+
+    acc = jnp.zeros_like(q, jnp.float32)
+    m0 = jnp.full_like(acc[..., 0], NEG)
+    m, l, acc = jax.lax.fori_loop(0, i + 1, key_block, (m0, jnp.zeros_like(m0), acc))
+    return (acc / l[..., None]).astype(qb.dtype), m + jnp.log(l)  # l >= 1: every query sees itself
+
+  return jax.lax.map(query_block, (jnp.arange(qb.shape[0]), qb, segb))
+
+
+@jax.custom_vjp
+def _flash(qb, kb, vb, segb):
+  return _forward(qb, kb, vb, segb)[0]
+
+
+def _flash_fwd(qb, kb, vb, segb):
+  ob, lse = _forward(qb, kb, vb, segb)
+  return ob, (qb, kb, vb, segb, ob, lse)
+
+
+def _flash_bwd(res, dob):
+  """FlashAttention-2's backward: per query block, the probabilities are recomputed from the logsumexp;
+  dK and dV accumulate in float32 over the query blocks that see them."""
+  qb, kb, vb, segb, ob, lse = res
+  delta = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1)  # [nb, B, K, G, c]
+  scale = qb.shape[-1] ** -0.5
+
+  def query_block(carry, args):
+    i, q, do, lse_i, delta_i, sq = args
+
+    def key_block(j, inner):
+      dq, dk, dv = inner
+      s, visible = _scores(i, j, q, kb[j], sq, segb[j])
+      p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
+      dp = jnp.einsum("bkgqd,bksd->bkgqs", do, vb[j], preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta_i[..., None]) * scale).astype(qb.dtype)
+      dq = dq + jnp.einsum("bkgqs,bksd->bkgqd", ds, kb[j], preferred_element_type=jnp.float32)
+      dk = dk.at[j].add(jnp.einsum("bkgqs,bkgqd->bksd", ds, q, preferred_element_type=jnp.float32))
+      dv = dv.at[j].add(jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do.dtype), do, preferred_element_type=jnp.float32))
+      return dq, dk, dv
+
+    dq, dk, dv = jax.lax.fori_loop(0, i + 1, key_block, (jnp.zeros_like(q, jnp.float32), *carry))
+    return (dk, dv), dq.astype(qb.dtype)
+
+  zeros = jnp.zeros_like(kb, jnp.float32)
+  (dk, dv), dqb = jax.lax.scan(query_block, (zeros, zeros), (jnp.arange(qb.shape[0]), qb, dob, lse, delta, segb))
+  return dqb, dk.astype(kb.dtype), dv.astype(vb.dtype), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 class Attention(nnx.Module):
@@ -90,6 +260,7 @@ class Attention(nnx.Module):
     h, n, kv, d = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = jnp.dtype(cfg.param_dtype)
     self.dtype, self.rope_theta, self.qk_norm_scope = jnp.dtype(cfg.dtype), cfg.rope_theta, cfg.qk_norm_scope
+    self.kind, self.block = cfg.attention, cfg.attention_block
     self.wq = init_param(rngs, (h, n, d), h, mesh, pd)
     self.wk = init_param(rngs, (h, kv, d), h, mesh, pd)
     self.wv = init_param(rngs, (h, kv, d), h, mesh, pd)
@@ -116,7 +287,8 @@ class Attention(nnx.Module):
     if cache is not None:
       cache = KVCache(write_cache(cache.k, k, start_B), write_cache(cache.v, v, start_B))
       k, v = cache.k.astype(dt), cache.v.astype(dt)
-    o_BxTxNxD = gqa_attention(q, k, v, positions_BxT, segment_ids_BxT)
+    o_BxTxNxD = attend(q, k, v, positions_BxT, segment_ids_BxT, kind=self.kind, block=self.block,
+                       cached=cache is not None)
     return jnp.einsum("btnd,ndh->bth", o_BxTxNxD, self.wo[...].astype(dt)), cache
 
   def _qk_norm(self, norm: RMSNorm, x_BxTxNxD):

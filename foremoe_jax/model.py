@@ -4,6 +4,9 @@ SwiGLU otherwise. Attention and dense parts are plain jnp under jit (tokens shar
 only the MoE dispatch runs inside `shard_map`.
 
 Forward for training: `model(tokens_BxT, tables, replay)` -> `ModelOutput` (logits, per-layer routes).
+Long rows: `model(..., logits=False)` skips the float32 [B, T, V] logits and returns the final hidden states
+(`out.hidden`), from which `rl.grpo.chunked_token_logprobs(out.hidden, model.lm_head[...], tokens, ...,
+chunk=cfg.logprob_chunk)` computes the log-probs a chunk of columns at a time.
 Packed rows (several sequences back to back, `rl/packing.py`): `model(tokens_BxT, tables, replay,
 segment_ids=seg_BxT, positions=pos_BxT)`: attention stays within a segment, RoPE uses the per-token
 positions, and the MoE layers route padding (segment 0) nowhere.
@@ -28,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from foremoe_jax import backends
 from foremoe_jax import mesh as mesh_lib
-from foremoe_jax.attention import Attention, KVCache, RMSNorm, init_param
+from foremoe_jax.attention import ATTENTION, Attention, KVCache, RMSNorm, init_param
 from foremoe_jax.moe import MoE, MoEConfig, check_replay
 from foremoe_jax.placement import Tables
 from foremoe_jax.planner.slots import check_layout
@@ -65,6 +68,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False  # stack the blocks on a layer axis and run them under lax.scan (needs moe_every=1)
   remat: str = "none"  # "none" | "block": recompute each block's activations in the backward pass
+  attention: str = "auto"  # "auto" | "dense" | "blockwise" | "cudnn" (foremoe_jax/attention.py)
+  attention_block: int = 512  # query / key block of the blockwise path
+  logprob_chunk: int = 512  # columns per LM-head chunk of rl.grpo.chunked_token_logprobs
 
   @property
   def moe_layer_ids(self) -> tuple[int, ...]:
@@ -73,7 +79,8 @@ class ModelConfig:
   def validate(self, expert_devices: int | None = None) -> "ModelConfig":
     """Raises ValueError naming the first bad field; `expert_devices` also checks E against D."""
     positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff_dense",
-                "num_experts", "top_k", "d_ff_expert", "moe_every", "max_seq_len")
+                "num_experts", "top_k", "d_ff_expert", "moe_every", "max_seq_len", "attention_block",
+                "logprob_chunk")
     for name in positive:
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}")
@@ -98,6 +105,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig: norm_eps must be > 0, got {self.norm_eps}")
     if self.remat not in REMAT:
       raise ValueError(f"ModelConfig.remat must be one of {REMAT}, got {self.remat!r}")
+    if self.attention not in ATTENTION:
+      raise ValueError(f"ModelConfig.attention must be one of {ATTENTION}, got {self.attention!r}")
     if self.scan_layers and self.moe_every != 1:
       raise ValueError(f"ModelConfig: scan_layers needs moe_every=1 (every block MoE, one block body), got "
                        f"moe_every={self.moe_every}")
@@ -115,12 +124,13 @@ class ModelConfig:
 
 
 class ModelOutput(NamedTuple):
-  logits: jax.Array  # float32 [B, T, V]
+  logits: jax.Array | None  # float32 [B, T, V]; None when called with logits=False
   routes: jax.Array  # int32 [B, T, L_moe, k]
   aux_loss: jax.Array  # scalar: mean over MoE layers of the switch-style load-balance loss
   counts: jax.Array  # int32 [L_moe, E]
   slot_counts: jax.Array  # int32 [L_moe, D*S]
   dropped: jax.Array  # int32 scalar, summed over MoE layers
+  hidden: jax.Array  # [B, T, H] in the activation dtype: the final RMSNorm's output (the LM head's input)
 
 
 class DenseFFN(nnx.Module):
@@ -195,9 +205,10 @@ class Model(nnx.Module):
     return max(8, math.ceil(local / 8) * 8)
 
   def __call__(self, tokens_BxT, tables: Tables | None = None, replay=None, *, capacity=None,
-               working=None, segment_ids=None, positions=None) -> ModelOutput:
+               working=None, segment_ids=None, positions=None, logits: bool = True) -> ModelOutput:
     """`segment_ids` / `positions` int [B, T], both or neither: packed rows (0 = padding, 1.. = the row's
-    sequences; positions restart at 0 per sequence). None: one sequence per row at positions 0..T-1."""
+    sequences; positions restart at 0 per sequence). None: one sequence per row at positions 0..T-1.
+    `logits=False`: `out.logits` is None (no [B, T, V] buffer); use `out.hidden` with the LM head."""
     b, t = tokens_BxT.shape
     if (segment_ids is None) != (positions is None):
       raise ValueError("Model: pass segment_ids and positions together (packed rows) or neither")
@@ -208,7 +219,8 @@ class Model(nnx.Module):
         raise ValueError(f"segment_ids and positions must be [B, T] = {(b, t)}, got {tuple(segment_ids.shape)} "
                          f"and {tuple(positions.shape)}")
       positions_BxT = positions.astype(jnp.int32)
-    out, _ = self._run(tokens_BxT, positions_BxT, None, None, tables, replay, capacity, working, segment_ids)
+    out, _ = self._run(tokens_BxT, positions_BxT, None, None, tables, replay, capacity, working, segment_ids,
+                       logits=logits)
     return out
 
   def init_cache(self, batch: int, max_len: int) -> list[KVCache] | KVCache:
@@ -240,7 +252,8 @@ class Model(nnx.Module):
     out, cache = self._run(tokens_Bx1, positions_B[:, None], cache, positions_B, tables, None, capacity, None)
     return out.logits, out.routes, cache
 
-  def _run(self, tokens_BxT, positions_BxT, cache, start_B, tables, replay, capacity, working, segment_ids_BxT=None):
+  def _run(self, tokens_BxT, positions_BxT, cache, start_B, tables, replay, capacity, working, segment_ids_BxT=None,
+           logits=True):
     cfg = self.cfg
     num_moe = len(cfg.moe_layer_ids)
     if replay is not None and replay.shape != (*tokens_BxT.shape, num_moe, cfg.top_k):
@@ -265,10 +278,12 @@ class Model(nnx.Module):
       slot_counts = jnp.stack([o.slot_counts for o in moe_outs])
       dropped = sum(o.dropped for o in moe_outs)
     h_BxTxH = self.final_norm(x_BxTxH)
-    logits_BxTxV = jnp.einsum("bth,hv->btv", h_BxTxH, self.lm_head[...].astype(h_BxTxH.dtype),
-                              preferred_element_type=jnp.float32)
+    logits_BxTxV = None
+    if logits:
+      logits_BxTxV = jnp.einsum("bth,hv->btv", h_BxTxH, self.lm_head[...].astype(h_BxTxH.dtype),
+                                preferred_element_type=jnp.float32)
     out = ModelOutput(logits=logits_BxTxV, routes=routes.astype(jnp.int32), aux_loss=aux_loss, counts=counts,
-                      slot_counts=slot_counts, dropped=dropped)
+                      slot_counts=slot_counts, dropped=dropped, hidden=h_BxTxH)
     return out, (new_cache if cache is not None else None)
 
   def _unrolled(self, x_BxTxH, positions_BxT, cache, start_B, tables, replay, capacity, working, segment_ids_BxT):

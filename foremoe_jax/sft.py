@@ -22,7 +22,7 @@ from foremoe_jax import distributed
 from foremoe_jax.checkpoint import Checkpointer
 from foremoe_jax.mesh import batch_sharding, make_mesh
 from foremoe_jax.model import Model
-from foremoe_jax.rl.grpo import token_logprobs
+from foremoe_jax.rl.grpo import chunked_token_logprobs
 from foremoe_jax.rl.rollout import rollout
 from foremoe_jax.rl.task import ArithmeticTask
 
@@ -77,9 +77,10 @@ def build(cfg, model: Model | None = None) -> tuple[jax.sharding.Mesh, Model, nn
 
 
 def sft_loss(model: Model, tokens_BxT, loss_mask_BxT, aux_weight: float):
-  out = model(tokens_BxT)
+  out = model(tokens_BxT, logits=False)
+  logp_BxT = chunked_token_logprobs(out.hidden, model.lm_head[...], tokens_BxT, chunk=model.cfg.logprob_chunk)
   mask_BxT = loss_mask_BxT.astype(jnp.float32)
-  ce = -jnp.sum(token_logprobs(out.logits, tokens_BxT) * mask_BxT) / jnp.maximum(mask_BxT.sum(), 1.0)
+  ce = -jnp.sum(logp_BxT * mask_BxT) / jnp.maximum(mask_BxT.sum(), 1.0)
   return ce + aux_weight * out.aux_loss, {"ce": ce, "aux_loss": out.aux_loss, "dropped": out.dropped}
 
 

@@ -39,7 +39,7 @@ from foremoe_jax.load_monitor import expert_tokens, load_record
 from foremoe_jax.mesh import batch_sharding, batch_shards
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
 from foremoe_jax.planner.pairs import micro_capacities
-from foremoe_jax.rl.grpo import group_advantages, grpo_loss, token_logprobs
+from foremoe_jax.rl.grpo import chunked_token_logprobs, group_advantages, grpo_loss
 from foremoe_jax.rl.microbatch import build_step_batches, with_advantages
 from foremoe_jax.rl.optim import rl_optimizer
 from foremoe_jax.rl.planning import Planner, minibatches, timed_plan
@@ -52,9 +52,10 @@ __all__ = ["GRPOTrainer", "format_record", "grpo_objective"]
 
 def grpo_objective(model, batch, *, tables, working, capacity, clip_eps: float, kl_coef: float):
   """The executor's loss: clipped GRPO over this micro-batch, normalized by its mini-batch's tokens."""
-  out = model(batch["tokens"], tables, batch["replay"], capacity=capacity, working=working,
+  out = model(batch["tokens"], tables, batch["replay"], capacity=capacity, working=working, logits=False,
               segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))  # packed rows: both set
-  logp_BxT = token_logprobs(out.logits, batch["tokens"], batch.get("segment_ids"))
+  logp_BxT = chunked_token_logprobs(out.hidden, model.lm_head[...], batch["tokens"], batch.get("segment_ids"),
+                                    chunk=model.cfg.logprob_chunk)
   loss, metrics = grpo_loss(logp_BxT, batch["logp_old"], batch["adv"], batch["mask"], clip_eps=clip_eps,
                             kl_coef=kl_coef, logp_ref_BxT=batch.get("logp_ref"),
                             num_tokens_total=batch["num_tokens"])
