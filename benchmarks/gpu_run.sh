@@ -28,13 +28,19 @@
 #                                  #   grouped-matmul and dispatch backend and layer count, with JAX_LOG_COMPILES
 #   bash benchmarks/gpu_run.sh 18  # ~6 min, 1 GPU: the first step of two new capacities (EP=1, 4 layers): compiled
 #                                  #   inline, precompiled in 8 threads and in 1, and inline without XLA autotuning
+#   bash benchmarks/gpu_run.sh 19  # ~9 min, 1 GPU: RL step gpu_1 cut, static / foremoe / static in one process (the
+#                                  #   <= 1% overhead check), the dispatch thread's profile, attention paths at 8K
+#                                  #   tokens (cudnn test first), the L8 preset's compiled memory at EP 1
+#   bash benchmarks/gpu_run.sh 20  # ~9 min, 2+ GPUs: multi-GPU tests (masked ragged dispatch, bf16 executor step),
+#                                  #   MoE step EP=2 with the deferred gradient rows, RL step gpu_2 on trace routes
+#                                  #   (copy traces into .traces/ first and carry it) and live
 #   bash benchmarks/gpu_run.sh 5   # ~1.5 min: one foremoe step at EP=4 with XLA's optimized HLO of the micro-step
 #                                  #   program dumped (names the fusions in the trace summaries)
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
 # python benchmarks/moe_step.py --make-data --ep 2 4) and, for the tokamax anchor, .whl/ (wheels, see
 # BENCHMARKS.md). The limits below keep each phase inside one 10-minute call.
 set -u
-PHASE=${1:?phase 1 to 18}
+PHASE=${1:?phase 1 to 20}
 OUT=${OUT:-/tmp/foremoe_bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
@@ -193,6 +199,37 @@ case $PHASE in
     > "$OUT/rl_step.log" 2>&1
   note "rl_step exit $?"
   tail -n 3 "$OUT/pytest_gpu_multi.txt"; tail -n 4 "$OUT/planner_speed.log"; tail -n 8 "$OUT/rl_step.log"
+  ;;
+19)
+  timeout 240 $PY benchmarks/rl_step.py --config gpu_1 --repeats 3 --policies static,foremoe,static \
+    --set model.num_layers=4 --out "$OUT/rl_step_gpu1.json" > "$OUT/rl_step_gpu1.log" 2>&1
+  note "rl_step exit $?"
+  timeout 90 $PY benchmarks/rl_host.py --config gpu_1 --steps 3 --set model.num_layers=4 --out "$OUT/rl_host.json" \
+    > "$OUT/rl_host.log" 2>&1
+  note "rl_host exit $?"
+  timeout 60 $PY -m pytest -q -m gpu tests/test_attention_gpu.py -p no:cacheprovider > "$OUT/pytest_attention.txt" 2>&1
+  note "attention gpu tests exit $?"
+  timeout 90 $PY benchmarks/attention.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
+  note "attention exit $?"
+  timeout 120 $PY benchmarks/memory.py --preset qwen3_30b_a3b_L8 --ep 1 --set rl.adam_dtype=float32 --hbm-gb 80 \
+    --programs micro forward --out "$OUT/memory_L8_ep1.json" > "$OUT/memory.log" 2>&1
+  note "memory exit $?"
+  tail -n 6 "$OUT/rl_step_gpu1.log"; tail -n 3 "$OUT/pytest_attention.txt"; grep "^|" "$OUT/attention.log"
+  ;;
+20)
+  timeout 170 $PY -m pytest -q -m gpu tests/test_dispatch_gpu.py tests/test_executor_gpu.py -p no:cacheprovider \
+    > "$OUT/pytest_gpu_multi.txt" 2>&1
+  note "pytest (multi-GPU) exit $?"
+  timeout 180 $PY benchmarks/moe_step.py --ep 2 --policies static eplb_step foremoe --out "$OUT/moe_step_D2.json" \
+    > "$OUT/moe_step_D2.log" 2>&1
+  note "moe_step EP=2 exit $?"
+  for r in traces:.traces live; do
+    timeout 100 $PY benchmarks/rl_step.py --config gpu_2 --repeats 2 --policies static,eplb_step,foremoe \
+      --set model.num_layers=2 --set rl.prompts_per_step=32 --routes "$r" --out "$OUT/rl_step_gpu2_${r%%:*}.json" \
+      > "$OUT/rl_step_gpu2_${r%%:*}.log" 2>&1
+    note "rl_step routes=$r exit $?"
+  done
+  tail -n 3 "$OUT/pytest_gpu_multi.txt"; tail -n 5 "$OUT"/rl_step_gpu2_*.log
   ;;
 3)
   # The full gpu_4 preset (12 layers, 2,048 sequences) printed nothing within 330 s on 4 x H200
