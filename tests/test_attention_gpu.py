@@ -37,11 +37,10 @@ def test_cudnn_and_blockwise_equal_dense_in_bf16(t, heads, kv_heads, head_dim):
   q = jax.random.normal(keys[0], (2, t, heads, head_dim), jnp.bfloat16)
   k, v = (jax.random.normal(key, (2, t, kv_heads, head_dim), jnp.bfloat16) for key in keys[1:3])
   w = jax.random.normal(keys[3], q.shape, jnp.float32)
-  want, want_g = value_and_grads(dense_f32, q, k, v, w)
+  _, want_g = value_and_grads(dense_f32, q, k, v, w)
   for name, fn in (("cudnn", cudnn_attention), ("blockwise", lambda q, k, v: blockwise_attention(q, k, v, block=256))):
     np.testing.assert_allclose(np.asarray(fn(q, k, v), np.float32), dense_f32(q, k, v), atol=3e-2, err_msg=name)
-    got, got_g = value_and_grads(fn, q, k, v, w)
-    assert rel_err(got, want) <= 2e-2, name
+    _, got_g = value_and_grads(fn, q, k, v, w)  # the summed value cancels: compare the gradients elementwise
     for x, g, r in zip("qkv", got_g, want_g):
       assert rel_err(g, r) <= 3e-2, (name, x)
 
