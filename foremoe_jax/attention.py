@@ -11,7 +11,8 @@ materializes [B, N, T, S] float32 scores (`gqa_attention`; always with a KV cach
 "blockwise" never holds more than [B, N, c, c] (`blockwise_attention`, c = `attention_block`, forward
 and backward); "cudnn" is `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16, full
 causal rows only: its public API has no segment mask short of a materialized [B, 1, T, T] one); "auto"
-is blockwise from `AUTO_BLOCKWISE_MIN_LEN` tokens on, dense below.
+from `AUTO_BLOCKWISE_MIN_LEN` tokens on is cuDNN where it runs (GPU, half precision, unpacked) and blockwise
+elsewhere, dense below.
 """
 import logging
 from typing import NamedTuple
@@ -96,14 +97,21 @@ def gqa_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, segment_ids_BxT=No
   return jnp.einsum("bnts,bsnd->btnd", p_BxNxTxS, v_BxSxNxD)
 
 
-def attention_path(kind: str, seq_len: int, cached: bool) -> str:
-  """The path one call takes: dense with a KV cache (keys are the cache), else `kind` ("auto": by length)."""
+def attention_path(kind: str, seq_len: int, cached: bool, *, packed: bool = False, dtype=None,
+                   platform: str | None = None) -> str:
+  """The path one call takes: dense with a KV cache (keys are the cache), else `kind`. "auto", from
+  AUTO_BLOCKWISE_MIN_LEN tokens on: cuDNN on GPU for unpacked bf16/fp16 rows (tested against dense on an
+  H100: tests/test_attention_gpu.py), blockwise elsewhere; dense below."""
   if kind not in ATTENTION:
     raise ValueError(f"attention must be one of {ATTENTION}, got {kind!r}")
   if cached:
     return "dense"
   if kind == "auto":
-    return "blockwise" if seq_len >= AUTO_BLOCKWISE_MIN_LEN else "dense"
+    if seq_len < AUTO_BLOCKWISE_MIN_LEN:
+      return "dense"
+    half = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    on_gpu = (platform or jax.default_backend()) == "gpu"
+    return "cudnn" if on_gpu and half and not packed else "blockwise"
   return kind
 
 
@@ -114,7 +122,7 @@ def attend(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, q_pos_BxT, segment_ids_BxT=None, *, 
            block: int = 512, cached: bool = False) -> jax.Array:
   """Attention by `attention_path`; logs each (path, shape) the first time it is traced."""
   b, t, n, d = q_BxTxNxD.shape
-  path = attention_path(kind, t, cached)
+  path = attention_path(kind, t, cached, packed=segment_ids_BxT is not None, dtype=q_BxTxNxD.dtype)
   key = (path, kind, b, t, k_BxSxKxD.shape[1], n, d, segment_ids_BxT is not None, block)
   if key not in _logged:
     _logged.add(key)

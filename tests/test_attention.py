@@ -85,6 +85,11 @@ def test_blockwise_refuses_bad_input(bad, match):
 def test_path_choice_and_its_log(caplog):
   assert attention_path("auto", AUTO_BLOCKWISE_MIN_LEN - 1, cached=False) == "dense"
   assert attention_path("auto", AUTO_BLOCKWISE_MIN_LEN, cached=False) == "blockwise"
+  long = AUTO_BLOCKWISE_MIN_LEN
+  assert attention_path("auto", long, False, dtype=jnp.bfloat16, platform="gpu") == "cudnn"
+  assert attention_path("auto", long, False, packed=True, dtype=jnp.bfloat16, platform="gpu") == "blockwise"
+  assert attention_path("auto", long, False, dtype=jnp.float32, platform="gpu") == "blockwise"
+  assert attention_path("auto", long, False, dtype=jnp.bfloat16, platform="cpu") == "blockwise"
   assert attention_path("blockwise", 8, cached=True) == "dense"  # prefill / decode over the KV cache
   assert attention_path("cudnn", 8, cached=False) == "cudnn"
   with pytest.raises(ValueError, match="attention must be one of"):
