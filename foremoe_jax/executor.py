@@ -7,10 +7,11 @@ Two levels, as the plan has them:
    micro-steps all keep the base placement computes on the base itself: no copy, no second set of slots.
 2. each micro-step runs forward and backward on its working slots and adds the gradients to float32
    accumulators: those of a slot that holds its base row in the base layout, those of a slot the
-   base -> working fill wrote in a per-slot accumulator, where they stay while the slot keeps its
-   expert (its tenure); when the tenure ends (the next micro-step's fill differs there, or the step
-   ends) they go back to the base row it was copied from by the reverse exchange (`flush_rows`), so
-   a replica kept for n micro-steps is fetched once and sends its gradient once, not n times.
+   base -> working fill wrote in `held`, a few float32 rows per device (H, the most tenures alive at
+   once there: `StepTables.held_rows`), where they stay while the slot keeps its expert (its tenure,
+   one held row for its lifetime); when the tenure ends (the next micro-step's fill differs there, or
+   the step ends) they go back to the base row it was copied from by the reverse exchange
+   (`flush_rows`), so a replica kept for n micro-steps is fetched once and sends its gradient once.
    Between micro-steps only the slots whose expert changes are rewritten (`refill`), from the base; a
    micro-step whose placement equals the previous one in every layer skips it. With `prefetch` the
    next micro-step's refill runs inside the current micro-step's program, where it depends on nothing
@@ -143,7 +144,7 @@ class Executor:
     self.opt_state = init_sharded(tx, self.params, mesh)  # moments sharded as their parameters
     layer = model.moe_layers()[0]
     self.slots_per_device, self.home_rows = layer.slots, layer.cfg.num_experts // layer.num_devices
-    self.num_slots = layer.slots * layer.num_devices
+    self.num_slots, self.num_devices = layer.slots * layer.num_devices, layer.num_devices
     self._is_expert = expert_weight_filter(model)
     self._state_abstract = _abstract((self.params, self.opt_state))
     # Built here, eagerly: inside a trace a scanned model's per-layer slices are tracers without a sharding.
@@ -220,24 +221,27 @@ class Executor:
       working = self._refill(base, working, refill_moves, prefetch=True)
     return out, working
 
-  def _state(self, layout):
-    """Abstract (base, working, acc) that a micro-step's program hands the next one, for `layout`."""
+  def _state(self, layout, held_rows: int):
+    """Abstract (base, working, acc) that a micro-step's program hands the next one, for `layout` and
+    `held_rows` (H) rows of `held` per device."""
     if layout == PLAIN:
       return (), (), _f32_abstract(self._state_abstract[0])
     slots = self._slots_abstract
     dense = _abstract(self._split(self.params)[0])
-    held = slots if layout[1] else ()  # the fill's slots' gradients, waiting for their tenure's end
+    # The fill's slots' gradients, waiting for their tenure's end: H rows per device, sharded as the slots.
+    held = [tuple(jax.ShapeDtypeStruct((held_rows * self.num_devices, *w.shape[1:]), w.dtype, sharding=w.sharding)
+                  for w in pair) for pair in slots] if layout[1] else ()
     return (slots if layout[1] else ()), slots, _f32_abstract((dense, slots, held))
 
-  def _grads(self, params, base, working, acc, batch, tables, fill, flush, refill_moves, base_moves, first_refill,
+  def _grads(self, params, base, working, acc, batch, tables, hold, flush, refill_moves, base_moves, first_refill,
              *, capacity, refill, filled, flushed, first, layout):
     """One micro-step's gradients added to acc = (dense, base layout, held); `first`: the step's first
     program, which also builds the base and the first working slots (`_begin_fn`) and starts acc.
-    filled: this placement differs from the base (else the working slots' gradients are the base's):
-    the gradients of the slots its `fill` wrote are held in per-slot float32 accumulators; flushed: some
-    of them end their tenure here (`flush`): they go back to their base rows and leave `held` zeroed.
+    filled: some slot's gradient waits in `held` (else the working slots' gradients are the base's):
+    `hold` names those slots and their held rows (its K is H); flushed: some tenures end here (`flush`):
+    their held rows go back to their base rows and are zeroed.
     Returns (acc, base, working, loss, metrics): base is () but in the first program."""
-    state = self._state(layout)
+    state = self._state(layout, hold.held_DxK.shape[-1])
     if layout == PLAIN:
       (loss, metrics), grads = jax.value_and_grad(self._plain_loss, has_aux=True)(params, batch, tables, capacity)
       return _constrain(_add(accumulators(grads) if first else acc, grads), state[2]), (), (), loss, metrics
@@ -247,15 +251,15 @@ class Executor:
     def compute(working):
       grad_fn = jax.value_and_grad(self._loss, argnums=(0, 2), has_aux=True)
       (loss, metrics), (grad_dense, grad_slots) = grad_fn(*self._split(params), working, batch, tables, capacity)
-      dense, grad_base, held = (accumulators((grad_dense, grad_slots, grad_slots if layout[1] else ())) if first
-                                else acc)
+      held_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state[2][2])
+      dense, grad_base, held = (*accumulators((grad_dense, grad_slots)), held_zeros) if first else acc
       # Layer by layer (each waits only for its own gradients, so XLA may overlap its flush with the
       # backward of the layers before it): the fill's slots' gradients wait in `held`, the rest are
       # the base rows' own; the tenures that end here go back to their base rows.
       grad_base, held = list(grad_base), (list(held) if layout[1] else ())
       for l, g in enumerate(grad_slots):
         if filled:
-          g, held[l] = hold_rows(g, held[l], index(fill, l), self.mesh)
+          g, held[l] = hold_rows(g, held[l], index(hold, l), self.mesh)
         grad_base[l] = _add(grad_base[l], g)
         if flushed:
           grad_base[l], held[l] = flush_rows(held[l], grad_base[l], index(flush, l), self.mesh, self.exchange)
@@ -265,17 +269,17 @@ class Executor:
     # The base goes out of the program that built it only: returning an input would copy it.
     return acc, (_constrain(base, state[0]) if first else ()), _constrain(working, state[1]), loss, metrics
 
-  def _micro_fn(self, params, base, working, acc, batch, tables, fill, flush, refill_moves, base_moves, first_refill,
+  def _micro_fn(self, params, base, working, acc, batch, tables, hold, flush, refill_moves, base_moves, first_refill,
                 **static):
-    return self._grads(params, base, working, acc, batch, tables, fill, flush, refill_moves, base_moves,
+    return self._grads(params, base, working, acc, batch, tables, hold, flush, refill_moves, base_moves,
                        first_refill, **static)
 
-  def _last_fn(self, params, opt_state, base, working, acc, batch, tables, fill, flush, refill_moves, base_moves,
+  def _last_fn(self, params, opt_state, base, working, acc, batch, tables, hold, flush, refill_moves, base_moves,
                first_refill, *, layout, **static):
     """The last micro-step and the update in one program: its flush sends every tenure left home to the
     base, the base gradients go home, and the optimizer runs, while XLA still schedules this micro-step's
     backward. Returns (params, opt_state, grad_norm, loss, metrics)."""
-    acc, _, _, loss, metrics = self._grads(params, base, working, acc, batch, tables, fill, flush, refill_moves,
+    acc, _, _, loss, metrics = self._grads(params, base, working, acc, batch, tables, hold, flush, refill_moves,
                                            base_moves, first_refill, layout=layout, **static)
     return *self._finish_fn(params, opt_state, acc, base_moves, layout=layout), loss, metrics
 
@@ -330,11 +334,11 @@ class Executor:
 
   def _micro_args(self, step: StepTables, m: int, prefetch: bool | None):
     """(tables, static keywords) of micro-step m's program: `_micro_fn` after its (params, base, working,
-    acc, batch); `_forward_fn` takes the tables without `fill` and `flush`."""
+    acc, batch); `_forward_fn` takes the tables without `hold` and `flush`."""
     refill, moves = self._schedule(step, m, prefetch)
-    tables = (step.tables_M[m], step.fill_moves_M[m], step.flush_moves_M[m], moves, step.base_moves,
+    tables = (step.tables_M[m], step.hold_tables_M[m], step.flush_moves_M[m], moves, step.base_moves,
               step.refill_moves_M[0])
-    return tables, dict(capacity=step.capacity_M[m], refill=refill, filled=bool(step.fill_M[m]),
+    return tables, dict(capacity=step.capacity_M[m], refill=refill, filled=bool(step.hold_M[m]),
                         flushed=bool(step.flush_M[m]), first=self.fused and m == 0, layout=self.layout(step))
 
   def zero_accumulators(self, tree):
@@ -361,7 +365,7 @@ class Executor:
     base, working = (), ()
     if layout != PLAIN:
       base, working = self._begin(self.params, step.base_moves, step.refill_moves_M[0], layout=layout)
-    return base, working, self.zero_accumulators(self._state(layout)[2])
+    return base, working, self.zero_accumulators(self._state(layout, step.held_rows)[2])
 
   def accumulate(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
                  stage_done: Callable[[str, Any], None] | None = None):
@@ -410,7 +414,7 @@ class Executor:
       raise ValueError(f"precompile programs must be 'train' and/or 'forward', got {sorted(unknown)}")
     step, tic = step.place(self.mesh), time.perf_counter()
     layout = self.layout(step)
-    state = self._state(layout)  # what one micro-step's program hands the next (sharding-constrained)
+    state = self._state(layout, step.held_rows)  # what one micro-step's program hands the next (constrained)
     train, lowered, seen = "train" in programs, [], set()
     if not self.fused:
       if layout != PLAIN:

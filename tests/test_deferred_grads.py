@@ -8,11 +8,10 @@ import pytest
 from flax import nnx
 
 from foremoe_jax.executor import Executor
-from foremoe_jax.step_tables import prepare_step
 from foremoe_jax.planner import PlanConfig
 from foremoe_jax.planner.plan import Plan
 from foremoe_jax.planner.split import plan_shares
-from foremoe_jax.step_tables import flush_moves
+from foremoe_jax.step_tables import Tenure, assign_held_rows, capacity_power_of_two, flush_moves, prepare_step
 from foremoe_jax.transfer import fill_moves
 from moe_reference import cpu_mesh, random_placement
 from test_executor import D, E, L, M, S, loss_fn, make_model, skewed_micro_batches
@@ -78,6 +77,57 @@ def test_flush_tables_send_each_tenure_back_once(seed, unfilled, held):
     d, j = divmod(int(movable_slots(plan.base[0])[0]), S)
     ends = [m for m in range(M) for mv in flushes[m][0] if mv[2:] == (d, j)]
     assert ends == [M - 1] and all(any(mv[2:] == (d, j) for mv in fills[m][0]) for m in range(M))
+
+
+def live_rows(step, m, l):
+  """{(device, slot row): held row} of micro-step m's hold table in layer l."""
+  slot, held = (np.asarray(t)[l] for t in step.hold_tables_M[m])
+  return {(d, int(j)): int(h) for d in range(D) for j, h in zip(slot[d], held[d]) if j >= 0}
+
+
+@pytest.mark.parametrize("seed,unfilled,held", [(0, (2,), False), (1, (), True), (2, (0, 3), False)])
+def test_held_rows_are_compact_and_kept_per_tenure(seed, unfilled, held):
+  """Host side: every fill's written slot waits in a held row of its device; no two tenures alive at once
+  share one; a tenure keeps its row from start to end, and its flush reads that row; H is the most
+  tenures alive at once on one device (counted from the placements), rounded up to a power of two."""
+  counts = skewed_counts(seed)
+  plan = random_plan(counts, seed, unfilled, held)
+  step = prepare_step(plan, counts, E, capacity=64)
+  fills = [[fill_moves(plan.slot_expert[m, l], plan.base[l]) for l in range(L)] for m in range(M)]
+  off = (plan.slot_expert >= 0) & (plan.slot_expert != plan.base[None])  # [M, L, D, S]
+  need = int(off.sum(-1).max())
+  assert step.held_rows == capacity_power_of_two(need) < S and all(t.held_DxK.shape[-1] == step.held_rows
+                                                                   for t in step.hold_tables_M)
+  for l in range(L):
+    for m in range(M):
+      rows = live_rows(step, m, l)
+      assert sorted(rows) == sorted((d, j) for _, _, d, j in fills[m][l])
+      assert len({(d, h) for (d, _), h in rows.items()}) == len(rows)  # no shared row
+      assert all(0 <= h < step.held_rows for h in rows.values())
+      if m:  # a slot that keeps its (expert, source) keeps its row
+        before = {mv[2:]: mv for mv in fills[m - 1][l]}
+        kept = [mv[2:] for mv in fills[m][l] if before.get(mv[2:]) == mv]
+        assert all(rows[k] == live_rows(step, m - 1, l)[k] for k in kept)
+      flushed = step.flush_moves_M[m]
+      ends = {mv[2:] for mv in flush_moves(fills)[m][l]}
+      local = {(d, int(h)) for d in range(D) for h in np.asarray(flushed.local_dst_DxL)[l, d] if h >= 0}
+      recv = {(d, int(h)) for d in range(D) for h in np.asarray(flushed.recv_DxRxK)[l, d].ravel() if h >= 0}
+      assert local | recv == {(d, rows[d, j]) for d, j in ends} and not local & recv
+
+
+def test_interval_assignment_reuses_freed_rows():
+  """Tenures [0, 1], [1, 2], [2, 3] and [3, 3] on one device need 2 rows: the third takes the first's row
+  once it ended; another device's or layer's tenures count apart; a fixed capacity below the need fails."""
+  spans = [Tenure(0, (0, 0, 1, 0), 0, 1), Tenure(0, (0, 1, 1, 1), 1, 2), Tenure(0, (0, 2, 1, 2), 2, 3),
+           Tenure(0, (0, 0, 1, 0), 3, 3), Tenure(0, (0, 0, 2, 0), 1, 2), Tenure(1, (0, 0, 1, 0), 1, 2)]
+  rows, need = assign_held_rows(spans)
+  assert need == 2 and [rows[t] for t in spans] == [0, 1, 0, 1, 0, 0]
+  counts = skewed_counts(0)
+  plan = random_plan(counts, 0, (2,))
+  need = prepare_step(plan, counts, E, capacity=64).held_rows
+  assert prepare_step(plan, counts, E, capacity=64, held_capacity=2 * need).held_rows == 2 * need
+  with pytest.raises(ValueError, match="held_capacity"):
+    prepare_step(plan, counts, E, capacity=64, held_capacity=need // 2)
 
 
 def skewed_counts(seed):
