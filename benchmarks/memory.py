@@ -40,8 +40,8 @@ from common import abstract_model, expert_mesh, memory_stats, shard_bytes, with_
 PROGRAMS = ("first", "micro", "last", "forward")
 PARTS = ("weights", "adam", "acc", "slots", "batch", "tables")
 # Positional arguments of each executor program (Executor._micro_fn, _last_fn, _forward_fn), by state part.
-ARG_PARTS = {"micro": ("weights", "slots", "slots", "acc", "batch") + ("tables",) * 6,
-             "last": ("weights", "adam", "slots", "slots", "acc", "batch") + ("tables",) * 6,
+ARG_PARTS = {"micro": ("weights", "slots", "slots", "acc", "batch") + ("tables",) * 7,
+             "last": ("weights", "adam", "slots", "slots", "acc", "batch") + ("tables",) * 7,
              "forward": ("weights", "slots", "slots", "batch") + ("tables",) * 4}
 ARG_PARTS["first"] = ARG_PARTS["micro"]
 
@@ -82,10 +82,11 @@ def analytic(cfg, ep: int, rows: int, seq_len: int, capacity: int, tables_bytes:
   slot_params = pc["moe_layers"] * m.slots_per_device * pc["one_expert"]
   n = rows * seq_len
   batch = n * (4 + 4 + 4 + 4 * pc["moe_layers"] * m.top_k) + 4 * rows + 4  # tokens, mask, logp_old, replay; adv
+  held = 0 if plain else 4 * pc["moe_layers"] * held_rows * pc["one_expert"]  # H float32 rows per layer
   parts = {"weights": pb * local,
            "adam": 2 * ab * local + 4,  # m and v, and optax's int32 step count
-           # float32: dense + base slots, and H rows per layer of held replica gradients (a step that fills)
-           "acc": 4 * (local if plain else pc["dense"] + slot_params + pc["moe_layers"] * held_rows * pc["one_expert"]),
+           # float32: dense + base slots, and the held replica gradients (a step that fills)
+           "acc": 4 * (local if plain else pc["dense"] + slot_params) + held,
            "slots": 0 if plain else 2 * pb * slot_params,  # the base and the working slots
            "batch": batch, "tables": tables_bytes}
   if rl.kl_coef > 0:
@@ -93,7 +94,7 @@ def analytic(cfg, ep: int, rows: int, seq_len: int, capacity: int, tables_bytes:
   act = activations(m, rows, seq_len, ep, capacity, pb * (local if plain else pc["dense"] + slot_params))
   state = sum(parts.values())
   peaks = {"train": state + act["train"], "forward": state + act["forward"]}
-  return {"params_per_device": local, "slot_params": slot_params, "parts": parts, "activations": act,
+  return {"params_per_device": local, "slot_params": slot_params, "parts": parts, "held": held, "activations": act,
           "peak": max(peaks.values()), "peaks": peaks}
 
 
@@ -211,18 +212,20 @@ def abstract_batch(m, mesh, rows: int, seq_len: int) -> dict:
 
 
 def lower_program(executor, step, batch, name: str):
-  """(lowered, positional args) of one executor program, as `Executor.precompile` lowers it."""
+  """(lowered, positional args, whether it reads `held`) of one executor program, as `Executor.precompile`
+  lowers it. A micro-step that holds no slot and flushes nothing never reads `held`: XLA prunes it."""
   num = step.num_micro_steps
   m = {"first": 0, "micro": 1, "last": num - 1, "forward": 1}[name]
   tables, kw = executor._micro_args(step, m, None)
   base, working, acc = ((), (), ()) if kw["first"] else executor._state(kw["layout"], step.held_rows)
+  reads_held = not kw["first"] and (kw["filled"] or kw["flushed"])
   if name == "forward":
-    kw.pop("filled"), kw.pop("flushed")
-    args = (executor.params, base, working, batch, tables[0], *tables[3:])
-    return executor._forward.lower(*args, **kw), args
+    forward_tables, kw = executor.forward_args(tables, kw)
+    args = (executor.params, base, working, batch, *forward_tables)
+    return executor._forward.lower(*args, **kw), args, False
   last = name == "last"
   args = (executor.params, *((executor.opt_state,) if last else ()), base, working, acc, batch, *tables)
-  return (executor._last if last else executor._micro).lower(*args, **kw), args
+  return (executor._last if last else executor._micro).lower(*args, **kw), args, reads_held
 
 
 def compiled_program(executor, step, batch, name: str, state_bytes: dict) -> dict:
@@ -230,7 +233,7 @@ def compiled_program(executor, step, batch, name: str, state_bytes: dict) -> dic
   argument) and its peak: the state alive during it + non-aliased outputs + temp."""
   import jax
   tic = time.perf_counter()
-  lowered, args = lower_program(executor, step, batch, name)
+  lowered, args, reads_held = lower_program(executor, step, batch, name)
   compiled = lowered.compile()
   stats = memory_stats(compiled)
   used = dict.fromkeys(PARTS, 0)
@@ -241,7 +244,8 @@ def compiled_program(executor, step, batch, name: str, state_bytes: dict) -> dic
     used[part] += shard_bytes([a for a, _ in kept], [s for _, s in kept])
   alive = {k: v for k, v in state_bytes.items() if name != "first" or k not in ("acc", "slots")}
   peak = sum(alive.values()) + stats["output"] - stats["alias"] + stats["temp"]
-  return {"memory": stats, "argument_parts": used, "peak": peak, "seconds": time.perf_counter() - tic}
+  return {"memory": stats, "argument_parts": used, "reads_held": reads_held, "peak": peak,
+          "seconds": time.perf_counter() - tic}
 
 
 def measure(cfg, ep: int, rows: int, seq_len: int, programs, skew: float, micro_steps: int = 3) -> dict:
@@ -253,8 +257,8 @@ def measure(cfg, ep: int, rows: int, seq_len: int, programs, skew: float, micro_
   mesh = expert_mesh(ep)
   step = step_tables(cfg, mesh, ep, rows, seq_len, micro_steps, skew)
   # micro-step 1's tables, as `Executor._micro_args` passes them (its refill's where it has one)
-  tables = (step.tables_M[1], step.hold_tables_M[1], step.flush_moves_M[1], step.refill_moves_M[1],
-            step.base_moves, step.refill_moves_M[0])
+  tables = (step.tables_M[1], step.hold_tables_M[1], step.direct_moves_M[1], step.flush_moves_M[1],
+            step.refill_moves_M[1], step.base_moves, step.refill_moves_M[0])
   result = {"ep": ep, "slots_per_device": cfg.model.slots_per_device, "capacity": step.capacity_M[1],
             "held_rows": step.held_rows, "layout": "plain" if ep == 1 else "base + working slots",
             "analytic": analytic(cfg, ep, rows, seq_len, step.capacity_M[1], shard_bytes(tables), step.held_rows),
@@ -287,10 +291,12 @@ def checks(result: dict) -> list[dict]:
     rel = (compiled_bytes - analytic_bytes) / analytic_bytes if analytic_bytes else float(compiled_bytes != 0)
     rows.append({"part": part, "analytic": analytic_bytes, "compiled": compiled_bytes, "rel_diff": rel,
                  "where": where})
+  def read(name, part):  # a program that reads no held row gets `held` pruned: it stays resident
+    return progs[name]["argument_parts"][part] + (part == "acc" and not progs[name]["reads_held"]) * an["held"]
   for part in PARTS:
     if progs:
-      name = max(progs, key=lambda p: progs[p]["argument_parts"][part])
-      add(part, an["parts"][part], progs[name]["argument_parts"][part], f"{name} argument")
+      name = max(progs, key=lambda p: read(p, part))
+      add(part, an["parts"][part], read(name, part), f"{name} argument")
   for name, key in (("micro", "train"), ("forward", "forward")):
     if name in progs:
       add(f"activations ({key})", an["activations"][key], progs[name]["memory"]["temp"], f"{name} temp")

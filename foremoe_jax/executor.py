@@ -43,8 +43,8 @@ from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.opt_state import init_sharded
 from foremoe_jax.step_tables import StepTables
-from foremoe_jax.transfer import (apply_moves, check_exchange, flush_rows, hold_rows, home_to_base,
-                                  home_to_base_transpose, pad_home)
+from foremoe_jax.transfer import (apply_moves, apply_moves_transpose, check_exchange, flush_rows, hold_rows,
+                                  home_to_base, home_to_base_transpose, pad_home)
 
 # loss_fn(model, batch, *, tables, working, capacity) -> (scalar loss, metrics dict)
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -150,7 +150,7 @@ class Executor:
     # Built here, eagerly: inside a trace a scanned model's per-layer slices are tracers without a sharding.
     self._slots_abstract = [tuple(jax.ShapeDtypeStruct((self.num_slots, *w.shape[1:]), w.dtype, sharding=w.sharding)
                                   for w in h) for h in expert_weights(model)]
-    micro_static = ("capacity", "refill", "filled", "flushed", "first", "layout")
+    micro_static = ("capacity", "refill", "filled", "direct", "flushed", "first", "layout")
     self._begin = jax.jit(self._begin_fn, static_argnames="layout")
     self._micro = jax.jit(self._micro_fn, static_argnames=micro_static, donate_argnames=("working", "acc"))
     self._forward = jax.jit(self._forward_fn, static_argnames=("capacity", "refill", "first", "layout"),
@@ -233,13 +233,15 @@ class Executor:
                   for w in pair) for pair in slots] if layout[1] else ()
     return (slots if layout[1] else ()), slots, _f32_abstract((dense, slots, held))
 
-  def _grads(self, params, base, working, acc, batch, tables, hold, flush, refill_moves, base_moves, first_refill,
-             *, capacity, refill, filled, flushed, first, layout):
+  def _grads(self, params, base, working, acc, batch, tables, hold, direct_moves, flush, refill_moves, base_moves,
+             first_refill, *, capacity, refill, filled, direct, flushed, first, layout):
     """One micro-step's gradients added to acc = (dense, base layout, held); `first`: the step's first
     program, which also builds the base and the first working slots (`_begin_fn`) and starts acc.
-    filled: some slot's gradient waits in `held` (else the working slots' gradients are the base's):
-    `hold` names those slots and their held rows (its K is H); flushed: some tenures end here (`flush`):
-    their held rows go back to their base rows and are zeroed.
+    filled: some slot's gradient waits in `held` (a tenure of two micro-steps or more): `hold` names
+    those slots and their held rows (its K is H); direct: some tenure lasts this micro-step only
+    (`direct_moves`, its fill moves): its gradient goes straight back to its base row, in the weights'
+    dtype (half a float32 sum's bytes for bf16 weights); flushed: some held tenures end here (`flush`):
+    their held rows go back to their base rows and are zeroed. Neither: the slots' gradients are the base's.
     Returns (acc, base, working, loss, metrics): base is () but in the first program."""
     state = self._state(layout, hold.held_DxK.shape[-1])
     if layout == PLAIN:
@@ -254,12 +256,16 @@ class Executor:
       held_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state[2][2])
       dense, grad_base, held = (*accumulators((grad_dense, grad_slots)), held_zeros) if first else acc
       # Layer by layer (each waits only for its own gradients, so XLA may overlap its flush with the
-      # backward of the layers before it): the fill's slots' gradients wait in `held`, the rest are
-      # the base rows' own; the tenures that end here go back to their base rows.
+      # backward of the layers before it): the fill's slots' gradients wait in `held` or (one-micro-step
+      # tenures) go back at once, the rest are the base rows' own; the held tenures that end here go
+      # back to their base rows. Held rows leave `g` first: a direct return may add to a base row whose
+      # slot the fill overwrote with a held replica.
       grad_base, held = list(grad_base), (list(held) if layout[1] else ())
       for l, g in enumerate(grad_slots):
         if filled:
           g, held[l] = hold_rows(g, held[l], index(hold, l), self.mesh)
+        if direct:
+          g = apply_moves_transpose(g, None, index(direct_moves, l), self.mesh, self.exchange)
         grad_base[l] = _add(grad_base[l], g)
         if flushed:
           grad_base[l], held[l] = flush_rows(held[l], grad_base[l], index(flush, l), self.mesh, self.exchange)
@@ -269,19 +275,15 @@ class Executor:
     # The base goes out of the program that built it only: returning an input would copy it.
     return acc, (_constrain(base, state[0]) if first else ()), _constrain(working, state[1]), loss, metrics
 
-  def _micro_fn(self, params, base, working, acc, batch, tables, hold, flush, refill_moves, base_moves, first_refill,
-                **static):
-    return self._grads(params, base, working, acc, batch, tables, hold, flush, refill_moves, base_moves,
-                       first_refill, **static)
+  def _micro_fn(self, params, base, working, acc, batch, *tables, **static):
+    return self._grads(params, base, working, acc, batch, *tables, **static)
 
-  def _last_fn(self, params, opt_state, base, working, acc, batch, tables, hold, flush, refill_moves, base_moves,
-               first_refill, *, layout, **static):
+  def _last_fn(self, params, opt_state, base, working, acc, batch, *tables, layout, **static):
     """The last micro-step and the update in one program: its flush sends every tenure left home to the
     base, the base gradients go home, and the optimizer runs, while XLA still schedules this micro-step's
     backward. Returns (params, opt_state, grad_norm, loss, metrics)."""
-    acc, _, _, loss, metrics = self._grads(params, base, working, acc, batch, tables, hold, flush, refill_moves,
-                                           base_moves, first_refill, layout=layout, **static)
-    return *self._finish_fn(params, opt_state, acc, base_moves, layout=layout), loss, metrics
+    acc, _, _, loss, metrics = self._grads(params, base, working, acc, batch, *tables, layout=layout, **static)
+    return *self._finish_fn(params, opt_state, acc, tables[-2], layout=layout), loss, metrics
 
   def _forward_fn(self, params, base, working, batch, tables, refill_moves, base_moves, first_refill, *,
                   capacity, refill, first, layout):
@@ -334,12 +336,19 @@ class Executor:
 
   def _micro_args(self, step: StepTables, m: int, prefetch: bool | None):
     """(tables, static keywords) of micro-step m's program: `_micro_fn` after its (params, base, working,
-    acc, batch); `_forward_fn` takes the tables without `hold` and `flush`."""
+    acc, batch); `_forward_fn` takes them as `forward_args` leaves them."""
     refill, moves = self._schedule(step, m, prefetch)
-    tables = (step.tables_M[m], step.hold_tables_M[m], step.flush_moves_M[m], moves, step.base_moves,
-              step.refill_moves_M[0])
+    tables = (step.tables_M[m], step.hold_tables_M[m], step.direct_moves_M[m], step.flush_moves_M[m], moves,
+              step.base_moves, step.refill_moves_M[0])
     return tables, dict(capacity=step.capacity_M[m], refill=refill, filled=bool(step.hold_M[m]),
-                        flushed=bool(step.flush_M[m]), first=self.fused and m == 0, layout=self.layout(step))
+                        direct=bool(step.direct_M[m]), flushed=bool(step.flush_M[m]), first=self.fused and m == 0,
+                        layout=self.layout(step))
+
+  @staticmethod
+  def forward_args(tables, kw):
+    """`_micro_args`' (tables, static keywords) as `_forward_fn` takes them: without the gradients' own
+    (hold, direct and flush tables, and their flags)."""
+    return (tables[0], *tables[4:]), {k: v for k, v in kw.items() if k not in ("filled", "direct", "flushed")}
 
   def zero_accumulators(self, tree):
     """accumulators(tree), each array zero-filled on its own devices. Eagerly, jnp.zeros_like of a
@@ -426,10 +435,10 @@ class Executor:
       tables, kw = self._micro_args(step, m, prefetch)
       base, working, acc = ((), (), ()) if kw["first"] else state
       last = self.fused and m == step.num_micro_steps - 1
-      forward_kw = {k: v for k, v in kw.items() if k not in ("filled", "flushed")}
+      forward_tables, forward_kw = self.forward_args(tables, kw)
       if "forward" in programs and ("forward", *forward_kw.values()) not in seen:
         seen.add(("forward", *forward_kw.values()))
-        lowered.append(self._forward.lower(self.params, base, working, batch, tables[0], *tables[3:], **forward_kw))
+        lowered.append(self._forward.lower(self.params, base, working, batch, *forward_tables, **forward_kw))
       if train and ("train", last, *kw.values()) not in seen:
         seen.add(("train", last, *kw.values()))
         args = (self.params, *((self.opt_state,) if last else ()), base, working, acc, batch, *tables)
@@ -454,9 +463,8 @@ class Executor:
     base, working, _ = self._start(micro_batches, step)
     outs = []
     for m, batch in enumerate(micro_batches):
-      tables, kw = self._micro_args(step, m, prefetch)
-      kw.pop("filled"), kw.pop("flushed")
-      out, built, working = self._forward(self.params, base, working, batch, tables[0], *tables[3:], **kw)
+      tables, kw = self.forward_args(*self._micro_args(step, m, prefetch))
+      out, built, working = self._forward(self.params, base, working, batch, *tables, **kw)
       base = built if kw["first"] else base
       outs.append(out)
     return outs
