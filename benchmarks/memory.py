@@ -2,9 +2,10 @@
 
 For a preset (plus `--set` overrides, as train.py's) and each EP size D, per device:
 - analytic: weights (replicated dense parts + experts / D), Adam moments (`rl.adam_dtype`), float32 gradient
-  accumulators (dense + base slots + the working slots' held gradients; every parameter at EP 1, where the
-  step is plain), base + working slot copies, the micro-batch (`rl.rows_per_shard` rows of `--seq-len`
-  tokens), the plan tables, and an activation estimate of one micro-step under the preset's remat (`activations`);
+  accumulators (dense + base slots + the held replica gradients, H rows per device and layer with H the
+  synthetic plan's `StepTables.held_rows`; every parameter at EP 1, where the step is plain), base + working slot
+  copies, the micro-batch (`rl.rows_per_shard` rows of `--seq-len` tokens), the plan tables, and an
+  activation estimate of one micro-step under the preset's remat (`activations`);
 - compiled: the executor's programs for that step, lowered for abstract inputs (`nnx.eval_shape` model,
   ShapeDtypeStructs with shardings on a mesh of D devices: no weight is allocated) and compiled, with
   `compiled.memory_analysis()` (argument, output, alias, temp, code bytes; per device) and each state
@@ -39,8 +40,8 @@ from common import abstract_model, expert_mesh, memory_stats, shard_bytes, with_
 PROGRAMS = ("first", "micro", "last", "forward")
 PARTS = ("weights", "adam", "acc", "slots", "batch", "tables")
 # Positional arguments of each executor program (Executor._micro_fn, _last_fn, _forward_fn), by state part.
-ARG_PARTS = {"micro": ("weights", "slots", "slots", "acc", "batch") + ("tables",) * 6,
-             "last": ("weights", "adam", "slots", "slots", "acc", "batch") + ("tables",) * 6,
+ARG_PARTS = {"micro": ("weights", "slots", "slots", "acc", "batch") + ("tables",) * 7,
+             "last": ("weights", "adam", "slots", "slots", "acc", "batch") + ("tables",) * 7,
              "forward": ("weights", "slots", "slots", "batch") + ("tables",) * 4}
 ARG_PARTS["first"] = ARG_PARTS["micro"]
 
@@ -70,8 +71,9 @@ def param_counts(m) -> dict[str, int]:
           "one_expert": 3 * h * m.d_ff_expert, "moe_layers": num_moe}
 
 
-def analytic(cfg, ep: int, rows: int, seq_len: int, capacity: int, tables_bytes: int) -> dict:
-  """Bytes per device of every state part, the activation estimate's components and the peak."""
+def analytic(cfg, ep: int, rows: int, seq_len: int, capacity: int, tables_bytes: int, held_rows: int) -> dict:
+  """Bytes per device of every state part, the activation estimate's components and the peak; `held_rows`:
+  H, the held replica gradients' rows per device and layer (`StepTables.held_rows`)."""
   m, rl = cfg.model, cfg.rl
   pc = param_counts(m)
   pb, ab = np.dtype(m.param_dtype).itemsize, np.dtype(rl.adam_dtype).itemsize
@@ -80,10 +82,11 @@ def analytic(cfg, ep: int, rows: int, seq_len: int, capacity: int, tables_bytes:
   slot_params = pc["moe_layers"] * m.slots_per_device * pc["one_expert"]
   n = rows * seq_len
   batch = n * (4 + 4 + 4 + 4 * pc["moe_layers"] * m.top_k) + 4 * rows + 4  # tokens, mask, logp_old, replay; adv
+  held = 0 if plain else 4 * pc["moe_layers"] * held_rows * pc["one_expert"]  # H float32 rows per layer
   parts = {"weights": pb * local,
            "adam": 2 * ab * local + 4,  # m and v, and optax's int32 step count
-           # float32: dense + base slots, and the working slots' held replica gradients (a step that fills)
-           "acc": 4 * (local if plain else pc["dense"] + 2 * slot_params),
+           # float32: dense + base slots, and the held replica gradients (a step that fills)
+           "acc": 4 * (local if plain else pc["dense"] + slot_params) + held,
            "slots": 0 if plain else 2 * pb * slot_params,  # the base and the working slots
            "batch": batch, "tables": tables_bytes}
   if rl.kl_coef > 0:
@@ -91,7 +94,7 @@ def analytic(cfg, ep: int, rows: int, seq_len: int, capacity: int, tables_bytes:
   act = activations(m, rows, seq_len, ep, capacity, pb * (local if plain else pc["dense"] + slot_params))
   state = sum(parts.values())
   peaks = {"train": state + act["train"], "forward": state + act["forward"]}
-  return {"params_per_device": local, "slot_params": slot_params, "parts": parts, "activations": act,
+  return {"params_per_device": local, "slot_params": slot_params, "parts": parts, "held": held, "activations": act,
           "peak": max(peaks.values()), "peaks": peaks}
 
 
@@ -218,18 +221,20 @@ def abstract_batch(m, mesh, rows: int, seq_len: int) -> dict:
 
 
 def lower_program(executor, step, batch, name: str):
-  """(lowered, positional args) of one executor program, as `Executor.precompile` lowers it."""
+  """(lowered, positional args, whether it reads `held`) of one executor program, as `Executor.precompile`
+  lowers it. A micro-step that holds no slot and flushes nothing never reads `held`: XLA prunes it."""
   num = step.num_micro_steps
   m = {"first": 0, "micro": 1, "last": num - 1, "forward": 1}[name]
   tables, kw = executor._micro_args(step, m, None)
-  base, working, acc = ((), (), ()) if kw["first"] else executor._state(kw["layout"])
+  base, working, acc = ((), (), ()) if kw["first"] else executor._state(kw["layout"], step.held_rows)
+  reads_held = not kw["first"] and (kw["filled"] or kw["flushed"])
   if name == "forward":
-    kw.pop("filled"), kw.pop("flushed")
-    args = (executor.params, base, working, batch, tables[0], *tables[3:])  # no fill, no flush
-    return executor._forward.lower(*args, **kw), args
+    forward_tables, kw = executor.forward_args(tables, kw)
+    args = (executor.params, base, working, batch, *forward_tables)
+    return executor._forward.lower(*args, **kw), args, False
   last = name == "last"
   args = (executor.params, *((executor.opt_state,) if last else ()), base, working, acc, batch, *tables)
-  return (executor._last if last else executor._micro).lower(*args, **kw), args
+  return (executor._last if last else executor._micro).lower(*args, **kw), args, reads_held
 
 
 def compiled_program(executor, step, batch, name: str, state_bytes: dict) -> dict:
@@ -237,7 +242,7 @@ def compiled_program(executor, step, batch, name: str, state_bytes: dict) -> dic
   argument) and its peak: the state alive during it + non-aliased outputs + temp."""
   import jax
   tic = time.perf_counter()
-  lowered, args = lower_program(executor, step, batch, name)
+  lowered, args, reads_held = lower_program(executor, step, batch, name)
   compiled = lowered.compile()
   stats = memory_stats(compiled)
   used = dict.fromkeys(PARTS, 0)
@@ -248,7 +253,8 @@ def compiled_program(executor, step, batch, name: str, state_bytes: dict) -> dic
     used[part] += shard_bytes([a for a, _ in kept], [s for _, s in kept])
   alive = {k: v for k, v in state_bytes.items() if name != "first" or k not in ("acc", "slots")}
   peak = sum(alive.values()) + stats["output"] - stats["alias"] + stats["temp"]
-  return {"memory": stats, "argument_parts": used, "peak": peak, "seconds": time.perf_counter() - tic}
+  return {"memory": stats, "argument_parts": used, "reads_held": reads_held, "peak": peak,
+          "seconds": time.perf_counter() - tic}
 
 
 def measure(cfg, ep: int, rows: int, seq_len: int, programs, skew: float, micro_steps: int = 3) -> dict:
@@ -259,17 +265,19 @@ def measure(cfg, ep: int, rows: int, seq_len: int, programs, skew: float, micro_
   from foremoe_jax.rl.trainer import grpo_objective
   mesh = expert_mesh(ep)
   step = step_tables(cfg, mesh, ep, rows, seq_len, micro_steps, skew)
-  tables = (step.tables_M[1], step.fill_moves_M[1], step.flush_moves_M[1], step.refill_moves_M[1], step.base_moves,
-            step.refill_moves_M[0])
+  # micro-step 1's tables, as `Executor._micro_args` passes them (its refill's where it has one)
+  tables = (step.tables_M[1], step.hold_tables_M[1], step.direct_moves_M[1], step.flush_moves_M[1],
+            step.refill_moves_M[1], step.base_moves, step.refill_moves_M[0])
   result = {"ep": ep, "slots_per_device": cfg.model.slots_per_device, "capacity": step.capacity_M[1],
-            "layout": "plain" if ep == 1 else "base + working slots",
-            "analytic": analytic(cfg, ep, rows, seq_len, step.capacity_M[1], shard_bytes(tables)), "programs": {}}
+            "held_rows": step.held_rows, "layout": "plain" if ep == 1 else "base + working slots",
+            "analytic": analytic(cfg, ep, rows, seq_len, step.capacity_M[1], shard_bytes(tables), step.held_rows),
+            "programs": {}}
   if not programs:
     return result
   loss = functools.partial(grpo_objective, clip_eps=cfg.rl.clip_eps, kl_coef=0.0)
   executor = abstract_executor(cfg.model, mesh, rl_optimizer(cfg.rl.lr, cfg.rl.adam_dtype), loss)
   batch = abstract_batch(cfg.model, mesh, rows, seq_len)
-  base, working, acc = executor._state(executor.layout(step))
+  base, working, acc = executor._state(executor.layout(step), step.held_rows)
   state_bytes = {"weights": shard_bytes(executor.params), "adam": shard_bytes(executor.opt_state),
                  "acc": shard_bytes(acc), "slots": shard_bytes((base, working)), "batch": shard_bytes(batch),
                  "tables": shard_bytes(tables)}
@@ -292,10 +300,12 @@ def checks(result: dict) -> list[dict]:
     rel = (compiled_bytes - analytic_bytes) / analytic_bytes if analytic_bytes else float(compiled_bytes != 0)
     rows.append({"part": part, "analytic": analytic_bytes, "compiled": compiled_bytes, "rel_diff": rel,
                  "where": where})
+  def read(name, part):  # a program that reads no held row gets `held` pruned: it stays resident
+    return progs[name]["argument_parts"][part] + (part == "acc" and not progs[name]["reads_held"]) * an["held"]
   for part in PARTS:
     if progs:
-      name = max(progs, key=lambda p: progs[p]["argument_parts"][part])
-      add(part, an["parts"][part], progs[name]["argument_parts"][part], f"{name} argument")
+      name = max(progs, key=lambda p: read(p, part))
+      add(part, an["parts"][part], read(name, part), f"{name} argument")
   for name, key in (("micro", "train"), ("forward", "forward")):
     if name in progs:
       add(f"activations ({key})", an["activations"][key], progs[name]["memory"]["temp"], f"{name} temp")
@@ -315,14 +325,15 @@ def print_tables(out: dict, unit: str = "GiB") -> None:
   print(f"\n{out['preset']} {' '.join('--set ' + s for s in out['overrides'])}: {out['shapes']['rows']} rows x "
         f"{out['shapes']['seq_len']} tokens per device, remat {out['shapes']['remat']}, scan_layers "
         f"{out['shapes']['scan_layers']}; {unit} per device; HBM {out['hbm_gb']} GB")
-  print(f"| EP | slots / device | params / device | weights | Adam ({adam}) | grad acc. f32 | base + working slots | "
-        "batch | tables | state | activations (est.) | total | fits |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print(f"| EP | slots / device | held rows (H) | params / device | weights | Adam ({adam}) | grad acc. f32 | "
+        "base + working slots | batch | tables | state | activations (est.) | total | fits |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in out["results"]:
     a = r["analytic"]
     p = a["parts"]
     fits = "yes" if a["peak"] <= out["hbm_gb"] * 1e9 else "no"
-    print(f"| {r['ep']} | {r['slots_per_device']} | {a['params_per_device'] / 1e9:.3f}B | {gib(p['weights'])} | "
+    print(f"| {r['ep']} | {r['slots_per_device']} | {r.get('held_rows', '-')} | {a['params_per_device'] / 1e9:.3f}B | "
+          f"{gib(p['weights'])} | "
           f"{gib(p['adam'])} | {gib(p['acc'])} | {gib(p['slots'])} | {gib(p['batch'])} | {gib(p['tables'])} | "
           f"{gib(sum(p.values()))} | "
           f"{gib(max(a['activations']['train'], a['activations']['forward']))} | **{gib(a['peak'])}** | {fits} |")

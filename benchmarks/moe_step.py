@@ -133,6 +133,7 @@ def run(args, num_devices: int) -> dict:
   live_capacity_M = [s.capacity for s in live_loose]
   live_base_moves = [home_to_base_moves(p.base[l], E) for p in live_plans for l in range(num_layers)]
   live_caps = dict(fill_capacity=max(s.fill_moves_M[0].send_DxRxK.shape[-1] for s in live_loose),
+                   held_capacity=max(s.held_rows for s in live_loose),
                    base_capacity=table_rows(moves_needed, live_base_moves, num_devices),
                    base_local_capacity=table_rows(local_copies_needed, live_base_moves, num_devices))
 

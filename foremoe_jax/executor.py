@@ -7,10 +7,11 @@ Two levels, as the plan has them:
    micro-steps all keep the base placement computes on the base itself: no copy, no second set of slots.
 2. each micro-step runs forward and backward on its working slots and adds the gradients to float32
    accumulators: those of a slot that holds its base row in the base layout, those of a slot the
-   base -> working fill wrote in a per-slot accumulator, where they stay while the slot keeps its
-   expert (its tenure); when the tenure ends (the next micro-step's fill differs there, or the step
-   ends) they go back to the base row it was copied from by the reverse exchange (`flush_rows`), so
-   a replica kept for n micro-steps is fetched once and sends its gradient once, not n times.
+   base -> working fill wrote in `held`, a few float32 rows per device (H, the most tenures alive at
+   once there: `StepTables.held_rows`), where they stay while the slot keeps its expert (its tenure,
+   one held row for its lifetime); when the tenure ends (the next micro-step's fill differs there, or
+   the step ends) they go back to the base row it was copied from by the reverse exchange
+   (`flush_rows`), so a replica kept for n micro-steps is fetched once and sends its gradient once.
    Between micro-steps only the slots whose expert changes are rewritten (`refill`), from the base; a
    micro-step whose placement equals the previous one in every layer skips it. With `prefetch` the
    next micro-step's refill runs inside the current micro-step's program, where it depends on nothing
@@ -42,8 +43,8 @@ from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.opt_state import init_sharded
 from foremoe_jax.step_tables import StepTables
-from foremoe_jax.transfer import (apply_moves, check_exchange, flush_rows, hold_rows, home_to_base,
-                                  home_to_base_transpose, pad_home)
+from foremoe_jax.transfer import (apply_moves, apply_moves_transpose, check_exchange, flush_rows, hold_rows,
+                                  home_to_base, home_to_base_transpose, pad_home)
 
 # loss_fn(model, batch, *, tables, working, capacity) -> (scalar loss, metrics dict)
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -143,13 +144,13 @@ class Executor:
     self.opt_state = init_sharded(tx, self.params, mesh)  # moments sharded as their parameters
     layer = model.moe_layers()[0]
     self.slots_per_device, self.home_rows = layer.slots, layer.cfg.num_experts // layer.num_devices
-    self.num_slots = layer.slots * layer.num_devices
+    self.num_slots, self.num_devices = layer.slots * layer.num_devices, layer.num_devices
     self._is_expert = expert_weight_filter(model)
     self._state_abstract = _abstract((self.params, self.opt_state))
     # Built here, eagerly: inside a trace a scanned model's per-layer slices are tracers without a sharding.
     self._slots_abstract = [tuple(jax.ShapeDtypeStruct((self.num_slots, *w.shape[1:]), w.dtype, sharding=w.sharding)
                                   for w in h) for h in expert_weights(model)]
-    micro_static = ("capacity", "refill", "filled", "flushed", "first", "layout")
+    micro_static = ("capacity", "refill", "filled", "direct", "flushed", "first", "layout")
     self._begin = jax.jit(self._begin_fn, static_argnames="layout")
     self._micro = jax.jit(self._micro_fn, static_argnames=micro_static, donate_argnames=("working", "acc"))
     self._forward = jax.jit(self._forward_fn, static_argnames=("capacity", "refill", "first", "layout"),
@@ -220,24 +221,29 @@ class Executor:
       working = self._refill(base, working, refill_moves, prefetch=True)
     return out, working
 
-  def _state(self, layout):
-    """Abstract (base, working, acc) that a micro-step's program hands the next one, for `layout`."""
+  def _state(self, layout, held_rows: int):
+    """Abstract (base, working, acc) that a micro-step's program hands the next one, for `layout` and
+    `held_rows` (H) rows of `held` per device."""
     if layout == PLAIN:
       return (), (), _f32_abstract(self._state_abstract[0])
     slots = self._slots_abstract
     dense = _abstract(self._split(self.params)[0])
-    held = slots if layout[1] else ()  # the fill's slots' gradients, waiting for their tenure's end
+    # The fill's slots' gradients, waiting for their tenure's end: H rows per device, sharded as the slots.
+    held = [tuple(jax.ShapeDtypeStruct((held_rows * self.num_devices, *w.shape[1:]), w.dtype, sharding=w.sharding)
+                  for w in pair) for pair in slots] if layout[1] else ()
     return (slots if layout[1] else ()), slots, _f32_abstract((dense, slots, held))
 
-  def _grads(self, params, base, working, acc, batch, tables, fill, flush, refill_moves, base_moves, first_refill,
-             *, capacity, refill, filled, flushed, first, layout):
+  def _grads(self, params, base, working, acc, batch, tables, hold, direct_moves, flush, refill_moves, base_moves,
+             first_refill, *, capacity, refill, filled, direct, flushed, first, layout):
     """One micro-step's gradients added to acc = (dense, base layout, held); `first`: the step's first
     program, which also builds the base and the first working slots (`_begin_fn`) and starts acc.
-    filled: this placement differs from the base (else the working slots' gradients are the base's):
-    the gradients of the slots its `fill` wrote are held in per-slot float32 accumulators; flushed: some
-    of them end their tenure here (`flush`): they go back to their base rows and leave `held` zeroed.
+    filled: some slot's gradient waits in `held` (a tenure of two micro-steps or more): `hold` names
+    those slots and their held rows (its K is H); direct: some tenure lasts this micro-step only
+    (`direct_moves`, its fill moves): its gradient goes straight back to its base row, in the weights'
+    dtype (half a float32 sum's bytes for bf16 weights); flushed: some held tenures end here (`flush`):
+    their held rows go back to their base rows and are zeroed. Neither: the slots' gradients are the base's.
     Returns (acc, base, working, loss, metrics): base is () but in the first program."""
-    state = self._state(layout)
+    state = self._state(layout, hold.held_DxK.shape[-1])
     if layout == PLAIN:
       (loss, metrics), grads = jax.value_and_grad(self._plain_loss, has_aux=True)(params, batch, tables, capacity)
       return _constrain(_add(accumulators(grads) if first else acc, grads), state[2]), (), (), loss, metrics
@@ -247,15 +253,19 @@ class Executor:
     def compute(working):
       grad_fn = jax.value_and_grad(self._loss, argnums=(0, 2), has_aux=True)
       (loss, metrics), (grad_dense, grad_slots) = grad_fn(*self._split(params), working, batch, tables, capacity)
-      dense, grad_base, held = (accumulators((grad_dense, grad_slots, grad_slots if layout[1] else ())) if first
-                                else acc)
+      held_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state[2][2])
+      dense, grad_base, held = (*accumulators((grad_dense, grad_slots)), held_zeros) if first else acc
       # Layer by layer (each waits only for its own gradients, so XLA may overlap its flush with the
-      # backward of the layers before it): the fill's slots' gradients wait in `held`, the rest are
-      # the base rows' own; the tenures that end here go back to their base rows.
+      # backward of the layers before it): the fill's slots' gradients wait in `held` or (one-micro-step
+      # tenures) go back at once, the rest are the base rows' own; the held tenures that end here go
+      # back to their base rows. Held rows leave `g` first: a direct return may add to a base row whose
+      # slot the fill overwrote with a held replica.
       grad_base, held = list(grad_base), (list(held) if layout[1] else ())
       for l, g in enumerate(grad_slots):
         if filled:
-          g, held[l] = hold_rows(g, held[l], index(fill, l), self.mesh)
+          g, held[l] = hold_rows(g, held[l], index(hold, l), self.mesh)
+        if direct:
+          g = apply_moves_transpose(g, None, index(direct_moves, l), self.mesh, self.exchange)
         grad_base[l] = _add(grad_base[l], g)
         if flushed:
           grad_base[l], held[l] = flush_rows(held[l], grad_base[l], index(flush, l), self.mesh, self.exchange)
@@ -265,19 +275,15 @@ class Executor:
     # The base goes out of the program that built it only: returning an input would copy it.
     return acc, (_constrain(base, state[0]) if first else ()), _constrain(working, state[1]), loss, metrics
 
-  def _micro_fn(self, params, base, working, acc, batch, tables, fill, flush, refill_moves, base_moves, first_refill,
-                **static):
-    return self._grads(params, base, working, acc, batch, tables, fill, flush, refill_moves, base_moves,
-                       first_refill, **static)
+  def _micro_fn(self, params, base, working, acc, batch, *tables, **static):
+    return self._grads(params, base, working, acc, batch, *tables, **static)
 
-  def _last_fn(self, params, opt_state, base, working, acc, batch, tables, fill, flush, refill_moves, base_moves,
-               first_refill, *, layout, **static):
+  def _last_fn(self, params, opt_state, base, working, acc, batch, *tables, layout, **static):
     """The last micro-step and the update in one program: its flush sends every tenure left home to the
     base, the base gradients go home, and the optimizer runs, while XLA still schedules this micro-step's
     backward. Returns (params, opt_state, grad_norm, loss, metrics)."""
-    acc, _, _, loss, metrics = self._grads(params, base, working, acc, batch, tables, fill, flush, refill_moves,
-                                           base_moves, first_refill, layout=layout, **static)
-    return *self._finish_fn(params, opt_state, acc, base_moves, layout=layout), loss, metrics
+    acc, _, _, loss, metrics = self._grads(params, base, working, acc, batch, *tables, layout=layout, **static)
+    return *self._finish_fn(params, opt_state, acc, tables[-2], layout=layout), loss, metrics
 
   def _forward_fn(self, params, base, working, batch, tables, refill_moves, base_moves, first_refill, *,
                   capacity, refill, first, layout):
@@ -330,12 +336,19 @@ class Executor:
 
   def _micro_args(self, step: StepTables, m: int, prefetch: bool | None):
     """(tables, static keywords) of micro-step m's program: `_micro_fn` after its (params, base, working,
-    acc, batch); `_forward_fn` takes the tables without `fill` and `flush`."""
+    acc, batch); `_forward_fn` takes them as `forward_args` leaves them."""
     refill, moves = self._schedule(step, m, prefetch)
-    tables = (step.tables_M[m], step.fill_moves_M[m], step.flush_moves_M[m], moves, step.base_moves,
-              step.refill_moves_M[0])
-    return tables, dict(capacity=step.capacity_M[m], refill=refill, filled=bool(step.fill_M[m]),
-                        flushed=bool(step.flush_M[m]), first=self.fused and m == 0, layout=self.layout(step))
+    tables = (step.tables_M[m], step.hold_tables_M[m], step.direct_moves_M[m], step.flush_moves_M[m], moves,
+              step.base_moves, step.refill_moves_M[0])
+    return tables, dict(capacity=step.capacity_M[m], refill=refill, filled=bool(step.hold_M[m]),
+                        direct=bool(step.direct_M[m]), flushed=bool(step.flush_M[m]), first=self.fused and m == 0,
+                        layout=self.layout(step))
+
+  @staticmethod
+  def forward_args(tables, kw):
+    """`_micro_args`' (tables, static keywords) as `_forward_fn` takes them: without the gradients' own
+    (hold, direct and flush tables, and their flags)."""
+    return (tables[0], *tables[4:]), {k: v for k, v in kw.items() if k not in ("filled", "direct", "flushed")}
 
   def zero_accumulators(self, tree):
     """accumulators(tree), each array zero-filled on its own devices. Eagerly, jnp.zeros_like of a
@@ -361,7 +374,7 @@ class Executor:
     base, working = (), ()
     if layout != PLAIN:
       base, working = self._begin(self.params, step.base_moves, step.refill_moves_M[0], layout=layout)
-    return base, working, self.zero_accumulators(self._state(layout)[2])
+    return base, working, self.zero_accumulators(self._state(layout, step.held_rows)[2])
 
   def accumulate(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
                  stage_done: Callable[[str, Any], None] | None = None):
@@ -410,7 +423,7 @@ class Executor:
       raise ValueError(f"precompile programs must be 'train' and/or 'forward', got {sorted(unknown)}")
     step, tic = step.place(self.mesh), time.perf_counter()
     layout = self.layout(step)
-    state = self._state(layout)  # what one micro-step's program hands the next (sharding-constrained)
+    state = self._state(layout, step.held_rows)  # what one micro-step's program hands the next (constrained)
     train, lowered, seen = "train" in programs, [], set()
     if not self.fused:
       if layout != PLAIN:
@@ -422,10 +435,10 @@ class Executor:
       tables, kw = self._micro_args(step, m, prefetch)
       base, working, acc = ((), (), ()) if kw["first"] else state
       last = self.fused and m == step.num_micro_steps - 1
-      forward_kw = {k: v for k, v in kw.items() if k not in ("filled", "flushed")}
+      forward_tables, forward_kw = self.forward_args(tables, kw)
       if "forward" in programs and ("forward", *forward_kw.values()) not in seen:
         seen.add(("forward", *forward_kw.values()))
-        lowered.append(self._forward.lower(self.params, base, working, batch, tables[0], *tables[3:], **forward_kw))
+        lowered.append(self._forward.lower(self.params, base, working, batch, *forward_tables, **forward_kw))
       if train and ("train", last, *kw.values()) not in seen:
         seen.add(("train", last, *kw.values()))
         args = (self.params, *((self.opt_state,) if last else ()), base, working, acc, batch, *tables)
@@ -450,9 +463,8 @@ class Executor:
     base, working, _ = self._start(micro_batches, step)
     outs = []
     for m, batch in enumerate(micro_batches):
-      tables, kw = self._micro_args(step, m, prefetch)
-      kw.pop("filled"), kw.pop("flushed")
-      out, built, working = self._forward(self.params, base, working, batch, tables[0], *tables[3:], **kw)
+      tables, kw = self.forward_args(*self._micro_args(step, m, prefetch))
+      out, built, working = self._forward(self.params, base, working, batch, *tables, **kw)
       base = built if kw["first"] else base
       outs.append(out)
     return outs

@@ -2,16 +2,25 @@
 and flags every micro-step's program takes. Only `StepTables.place` touches devices (one device_put).
 
 Per micro-step m and layer the tables hold:
-- fill: base -> m's working slots, every slot that differs from the base. Its rows are where m's working
-  gradients wait (the executor's per-slot float32 accumulators) instead of going home at once.
+- fill: base -> m's working slots, every slot that differs from the base (host only: sizes, counts).
 - refill: m-1's working slots -> m's (m = 0: the base), only the slots whose expert changes.
-- flush: the fill's moves whose tenure ends after m: the slot's (expert, base source) is not in fill
-  m+1, or m is the last micro-step. A replica kept for n micro-steps is fetched once and its
+- A slot keeps its (expert, base source) for a run of micro-steps, its tenure (`tenures`).
+- hold: the slots of tenures of two micro-steps or more, whose gradients wait in the executor's float32
+  accumulator `held`, and their rows there: each such tenure gets one of H held rows on its device for its
+  lifetime (`assign_held_rows`), H = the most of them alive at once on one device, a power of two: `held`
+  is [D*H, ...] per layer, not the slots' [D*S, ...].
+- direct: the fill's moves of one-micro-step tenures: their gradient goes back at once from the
+  micro-step's gradient, in the weights' dtype (a float32 sum of one term would ship twice a bf16's bytes).
+- flush: the held tenures that end after m (the slot's (expert, base source) is not in fill m+1, or m is
+  the last micro-step): held row -> base row. A replica kept for n micro-steps is fetched once and its
   accumulated gradient goes back to its base row once, at the end of its tenure.
 Move-table row counts are powers of two of the plan's need (or fixed by the caller), so a new plan
 with the same needs runs the programs compiled for the last one.
 """
 import dataclasses
+import heapq
+from collections import defaultdict
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -20,8 +29,8 @@ from jax.sharding import PartitionSpec as P
 
 from foremoe_jax.placement import Tables, plan_tables
 from foremoe_jax.planner.pairs import micro_capacities
-from foremoe_jax.transfer import (MoveTables, fill_moves, home_to_base_moves, local_copies_needed, move_tables,
-                                  moves_needed)
+from foremoe_jax.transfer import (HoldTables, MoveTables, fill_moves, hold_tables, home_to_base_moves,
+                                  local_copies_needed, move_tables, moves_needed)
 
 
 def capacity_power_of_two(n: int) -> int:
@@ -34,13 +43,53 @@ def table_rows(needed, moves_lists, num_devices: int) -> int:
   return capacity_power_of_two(max(1, max((needed(m, num_devices) for m in moves_lists), default=0)))
 
 
-def flush_moves(fills_MxL):
-  """Per (m, l): the moves of fill m whose tenure ends after m, i.e. that fill m+1 does not repeat (a
-  move names the slot and the base row it was read from). A micro-step that keeps the base has no fill,
-  so the one before it flushes everything; the last micro-step flushes what is left."""
+class Tenure(NamedTuple):
+  """Micro-steps start ... end (inclusive) during which layer `layer`'s fill repeats `move` (src_dev,
+  src_row, dst_dev, dst_row): the slot keeps that expert, read from that base row."""
+  layer: int
+  move: tuple[int, int, int, int]
+  start: int
+  end: int
+
+
+def tenures(fills_MxL) -> list[Tenure]:
+  """Every tenure of a step's fills, by (start, layer, fill order)."""
   num_micro = len(fills_MxL)
-  return [[[mv for mv in fill if m + 1 == num_micro or mv not in set(fills_MxL[m + 1][l])]
-           for l, fill in enumerate(row)] for m, row in enumerate(fills_MxL)]
+  sets = [[set(f) for f in row] for row in fills_MxL]
+  out = []
+  for m, row in enumerate(fills_MxL):
+    for l, fill in enumerate(row):
+      for mv in fill:
+        if m and mv in sets[m - 1][l]:
+          continue  # it continues a tenure
+        end = m
+        while end + 1 < num_micro and mv in sets[end + 1][l]:
+          end += 1
+        out.append(Tenure(l, mv, m, end))
+  return out
+
+
+def assign_held_rows(spans: list[Tenure]) -> tuple[dict[Tenure, int], int]:
+  """(held row of each tenure on its slot's device, the most rows one device needs): per (layer, device)
+  interval assignment by start, the lowest free row first; a row frees after its tenure's last
+  micro-step. Greedy by start needs exactly the most tenures alive at once there."""
+  groups = defaultdict(list)
+  for t in spans:
+    groups[t.layer, t.move[2]].append(t)
+  rows, need = {}, 0
+  for group in groups.values():
+    busy, free, allocated = [], [], 0  # busy: (end, row) heap; free: row heap
+    for t in sorted(group, key=lambda t: t.start):
+      while busy and busy[0][0] < t.start:
+        heapq.heappush(free, heapq.heappop(busy)[1])
+      if free:
+        row = heapq.heappop(free)
+      else:
+        row, allocated = allocated, allocated + 1
+      heapq.heappush(busy, (t.end, row))
+      rows[t] = row
+    need = max(need, allocated)
+  return rows, need
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,16 +98,22 @@ class StepTables:
   one per micro-step, so the host loop never slices a device array between micro-steps."""
   tables_M: list[Tables]  # per micro-step: [L, ...] dispatch tables
   base_moves: MoveTables  # [L, ...] home -> base
-  fill_moves_M: list[MoveTables]  # per micro-step: [L, ...] base -> its working slots (their gradients wait)
+  fill_moves_M: list[MoveTables]  # per micro-step: [L, ...] base -> its working slots (host facts, sizes)
   refill_moves_M: list[MoveTables]  # per micro-step m: [L, ...] m-1's working slots -> m's (m = 0: the base)
-  flush_moves_M: list[MoveTables]  # per micro-step m: [L, ...] the fill moves whose tenure ends after m
+  hold_tables_M: list[HoldTables]  # per micro-step m: [L, D, H] its held slots -> their held rows
+  direct_moves_M: list[MoveTables]  # per micro-step m: [L, ...] base -> the slots of its one-micro-step tenures
+  flush_moves_M: list[MoveTables]  # per micro-step m: [L, ...] base row <- held row of the tenures ending at m
   refill_M: np.ndarray  # bool [M] (host): micro-step m's refill writes a slot in some layer
   fill_M: np.ndarray  # bool [M] (host): micro-step m's placement differs from the base in some layer
-  flush_M: np.ndarray  # bool [M] (host): some slot's tenure ends after micro-step m
+  hold_M: np.ndarray  # bool [M] (host): micro-step m holds some slot's gradient
+  direct_M: np.ndarray  # bool [M] (host): some tenure lasts micro-step m only
+  flush_M: np.ndarray  # bool [M] (host): some held tenure ends after micro-step m
   capacity_M: tuple[int, ...]  # padded rows per (source, destination) of each micro-step: its need, bucketed
+  held_rows: int  # H: rows of `held` per device and layer (a power of two, or the caller's capacity)
   moved_slots: int  # slots that differ from the base, summed over (m, l): gradient rows if each went back at once
   refilled_slots: int  # slots rewritten between consecutive micro-steps, summed over (m, l)
   flushed_slots: int  # tenures: gradient rows sent back to the base in the step
+  held_tenures: int  # of them, those of two micro-steps or more: sent as float32 sums
   home_L: np.ndarray | None = None  # bool [L] (host): layer l's base is its home layout (no base transfer)
 
   @property
@@ -82,10 +137,10 @@ class StepTables:
     sharding = NamedSharding(mesh, P())
     if getattr(self.base_moves[0], "sharding", None) == sharding:  # placed together: one leaf tells
       return self  # a no-op device_put of every leaf still costs host time before the step
-    trees = (self.tables_M, self.base_moves, self.fill_moves_M, self.refill_moves_M, self.flush_moves_M)
-    tables_M, base_moves, fill_moves_M, refill_moves_M, flush_moves_M = jax.device_put(trees, sharding)
-    return dataclasses.replace(self, tables_M=tables_M, base_moves=base_moves, fill_moves_M=fill_moves_M,
-                               refill_moves_M=refill_moves_M, flush_moves_M=flush_moves_M)
+    names = ("tables_M", "base_moves", "fill_moves_M", "refill_moves_M", "hold_tables_M", "direct_moves_M",
+             "flush_moves_M")
+    placed = jax.device_put([getattr(self, name) for name in names], sharding)
+    return dataclasses.replace(self, **dict(zip(names, placed)))
 
 
 def stack_moves(tables: list[MoveTables]) -> MoveTables:
@@ -112,20 +167,30 @@ def pair_need(plan, counts_MxLxDxE: np.ndarray) -> np.ndarray:
   return slot_pairs.reshape(*slot_pairs.shape[:3], num_devices, -1).sum(-1).max((2, 3), initial=0)
 
 
+def _by_micro_step(spans: list[Tenure], entry, num_micro: int, num_layers: int, live: bool):
+  """[M][L] lists of entry(tenure): in every micro-step of each tenure (live) or at its end."""
+  out = [[[] for _ in range(num_layers)] for _ in range(num_micro)]
+  for t in spans:
+    for m in (range(t.start, t.end + 1) if live else (t.end,)):
+      out[m][t.layer].append(entry(t))
+  return out
+
+
 def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity: int | None = None,
                  fill_capacity: int | None = None, base_capacity: int | None = None,
-                 base_local_capacity: int | None = None, mesh=None) -> StepTables:
+                 base_local_capacity: int | None = None, held_capacity: int | None = None, mesh=None) -> StepTables:
   """Host: a planner `Plan` plus the step's routed counts -> StepTables.
 
   `capacity` fixes the padded rows per (source, destination) of every micro-step (default: each
   micro-step's exact need, bucketed by the plan's `capacity_buckets`: `pairs.micro_capacities`); it must
   cover the need, since dropping tokens would change the math. `fill_capacity` / `base_capacity`: rows
-  one device may send another per micro-step fill (and flush: a flush is part of a fill) / in the base
-  transfer; by default the plan's need rounded up to a power of two (1 for "foremoe", whose budget is one
-  slot per device); `base_local_capacity`: rows one device copies within itself in the base transfer
-  (default: the plan's need, a power of two). Passing them fixes the tables' shapes across plans.
-  `mesh`: place the tables on it now, ahead of the step (else they stay on the host until the executor
-  places them when the step starts).
+  one device may send another per micro-step fill (and direct return and flush: parts of a fill) / in the
+  base transfer; by default the plan's need rounded up to a power of two (1 for "foremoe", whose budget is
+  one slot per device); `base_local_capacity`: rows one device copies within itself in the base transfer
+  (default: the plan's need, a power of two); `held_capacity`: held rows per device and layer (H; default:
+  the most tenures of two micro-steps or more alive at once on one device, a power of two). Passing them
+  fixes the tables' shapes across plans. `mesh`: place the tables on it now, ahead of the step (else they
+  stay on the host until the executor places them when the step starts).
   """
   num_micro, num_layers, num_devices, slots = plan.slot_expert.shape
   base_list = [home_to_base_moves(plan.base[l], num_experts) for l in range(num_layers)]
@@ -134,10 +199,22 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   previous = [plan.base] + [plan.slot_expert[m] for m in range(num_micro - 1)]
   refills = [[fill_moves(plan.slot_expert[m, l], plan.base[l], previous[m][l]) for l in range(num_layers)]
              for m in range(num_micro)]
-  flushes = flush_moves(fills)
   every = [f for row in fills + refills for f in row]
   fill_cap = fill_capacity or table_rows(moves_needed, every, num_devices)
   local_cap = table_rows(local_copies_needed, every, num_devices)
+  spans = tenures(fills)
+  held = [t for t in spans if t.end > t.start]  # one-micro-step tenures go back from the gradient at once
+  held_row, need_held = assign_held_rows(held)
+  held_rows = capacity_power_of_two(max(1, need_held)) if held_capacity is None else held_capacity
+  if held_rows < need_held:
+    raise ValueError(f"held_capacity={held_rows} rows per device is below this step's {need_held} live tenures")
+  holds = _by_micro_step(held, lambda t: (t.move[2], t.move[3], held_row[t]), num_micro, num_layers, True)
+  directs = _by_micro_step([t for t in spans if t.end == t.start], lambda t: t.move, num_micro, num_layers, False)
+  direct_list = [f for row in directs for f in row]
+  direct_cap = fill_capacity or table_rows(moves_needed, direct_list, num_devices)
+  direct_local = table_rows(local_copies_needed, direct_list, num_devices)
+  # A flush reads held rows: the fill's moves with the held row as the written row.
+  flushes = _by_micro_step(held, lambda t: (*t.move[:3], held_row[t]), num_micro, num_layers, False)
   # The flushes get their own (smaller) sizes: a slot kept over micro-steps sends its gradient once.
   flush_list = [f for row in flushes for f in row]
   flush_cap = fill_capacity or table_rows(moves_needed, flush_list, num_devices)
@@ -151,24 +228,29 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   capacity_M = (capacity,) * num_micro if capacity else tuple(
       int(c) for c in micro_capacities(need_MxL, plan.config.capacity_buckets))
   tables = plan_tables(plan.slot_expert, plan.slot_share, num_experts)
+  hold_M = [HoldTables(*map(np.stack, zip(*(hold_tables(h, num_devices, held_rows) for h in row)))) for row in holds]
   step = StepTables([Tables(*(a[m] for a in tables)) for m in range(num_micro)], base_moves,
                     _tables_M(fills, num_devices, fill_cap, local_cap),
-                    _tables_M(refills, num_devices, fill_cap, local_cap),
+                    _tables_M(refills, num_devices, fill_cap, local_cap), hold_M,
+                    _tables_M(directs, num_devices, direct_cap, direct_local),
                     _tables_M(flushes, num_devices, flush_cap, flush_local),
-                    _any_M(refills), _any_M(fills), _any_M(flushes), capacity_M, _total(fills), _total(refills),
-                    _total(flushes), np.array([not m for m in base_list]))
+                    _any_M(refills), _any_M(fills), _any_M(holds), _any_M(directs), _any_M(flushes), capacity_M,
+                    held_rows, _total(fills), _total(refills), len(spans), len(held),
+                    np.array([not m for m in base_list]))
   return step if mesh is None else step.place(mesh)
 
 
 def gradient_rows(plan, num_experts: int) -> dict:
   """Host count of the expert-gradient rows a step sends back to its base (one row = one expert of one
   layer): "per_micro_step", every slot off the base after every micro-step (the schedule before
-  deferred gradients); "per_tenure", once per tenure (this executor's flushes); "_remote": those whose
+  deferred gradients); "per_tenure", once per tenure (this executor's returns); "held", those of tenures
+  of two micro-steps or more (float32 sums; the others go in the weights' dtype); "_remote": those whose
   base row is on another device (the rest are local copies)."""
   num_micro, num_layers = plan.slot_expert.shape[:2]
   fills = [[fill_moves(plan.slot_expert[m, l], plan.base[l]) for l in range(num_layers)] for m in range(num_micro)]
+  spans = tenures(fills)
   rows = {}
-  for name, moves_MxL in (("per_micro_step", fills), ("per_tenure", flush_moves(fills))):
-    moves = [mv for row in moves_MxL for f in row for mv in f]
+  for name, moves in (("per_micro_step", [mv for row in fills for f in row for mv in f]),
+                      ("per_tenure", [t.move for t in spans]), ("held", [t.move for t in spans if t.end > t.start])):
     rows[name], rows[f"{name}_remote"] = len(moves), sum(mv[0] != mv[2] for mv in moves)
   return rows

@@ -5,8 +5,8 @@ The working layout is `[D*S, ...]` sharded over "expert": slot j of device d hol
 `slot_expert[d*S + j]`. Everything is differentiable (the transpose of the all-gather is a reduce-scatter,
 that of a `ppermute` the reverse `ppermute`, that of an `all_to_all` the reverse `all_to_all`). The executor
 maps gradients back with explicit transposes written out so that they touch only the moved rows
-(`apply_moves_transpose`; `hold_rows` and `flush_rows`, which keep a fill's gradients in per-slot
-accumulators and send them back once): autodiff of a row copy materializes gradients of the whole
+(`apply_moves_transpose`; `hold_rows` and `flush_rows`, which keep a fill's gradients in a few
+accumulator rows per device and send them back once): autodiff of a row copy materializes gradients of the whole
 array (a scatter-add of whole experts into zeros, then a full add), which cost more than the moves.
 """
 from typing import NamedTuple
@@ -254,26 +254,47 @@ def _written_rows(local_dst_L, recv_RxK):
   return jnp.concatenate([local_dst_L, recv_RxK.reshape(-1)])
 
 
-def hold_rows(grad, held, moves: MoveTables, mesh: jax.sharding.Mesh):
-  """Global, no communication: the rows `moves` wrote (a fill's working slots, whose base rows are
-  elsewhere) leave `grad` and are added to `held` at the same rows. Pytrees of `[D*rows, ...]` arrays;
-  returns (grad with those rows zeroed, held plus them)."""
-  def local(grad, held, local_dst, recv):
-    rows = _written_rows(local_dst[0], recv[0])
-    out = [(_zero_rows(g, rows), _add_rows(h, rows, _read_rows(g, rows)))
+class HoldTables(NamedTuple):
+  """Working-slot rows whose gradients wait in the held accumulator, and the held row each waits in, per
+  device (-1 = nothing); leading axes may be stacked ([L, ...]). K = the held rows per device (H): at most
+  H tenures are alive on one device at once. slot_DxK, held_DxK int32."""
+  slot_DxK: jax.Array
+  held_DxK: jax.Array
+
+
+def hold_tables(holds, num_devices: int, held_rows: int) -> HoldTables:
+  """Host: (device, slot row, held row) triples -> numpy HoldTables of K = held_rows per device."""
+  slot = np.full((num_devices, held_rows), -1, np.int32)
+  held = np.full((num_devices, held_rows), -1, np.int32)
+  used = np.zeros(num_devices, np.int64)
+  for dev, slot_row, held_row in holds:
+    if used[dev] >= held_rows or not 0 <= held_row < held_rows:
+      raise ValueError(f"device {dev} holds more than held_rows={held_rows} rows")
+    slot[dev, used[dev]], held[dev, used[dev]] = slot_row, held_row
+    used[dev] += 1
+  return HoldTables(slot, held)
+
+
+def hold_rows(grad, held, holds: HoldTables, mesh: jax.sharding.Mesh):
+  """Global, no communication: the working-slot rows `holds` names leave `grad` (`[D*S, ...]`) and are
+  added to their rows of `held` (`[D*H, ...]`, H rows per device). Pytrees; returns (grad with those
+  rows zeroed, held plus them)."""
+  def local(grad, held, slot, held_row):
+    out = [(_zero_rows(g, slot[0]), _add_rows(h, held_row[0], _read_rows(g, slot[0])))
            for g, h in zip(jax.tree.leaves(grad), jax.tree.leaves(held))]
     return (jax.tree.unflatten(jax.tree.structure(grad), [g for g, _ in out]),
             jax.tree.unflatten(jax.tree.structure(held), [h for _, h in out]))
 
   specs = (jax.tree.map(lambda _: P(AXIS), grad), jax.tree.map(lambda _: P(AXIS), held))
   return jax.shard_map(local, mesh=mesh, in_specs=(*specs, P(AXIS), P(AXIS)), out_specs=specs)(
-      grad, held, moves.local_dst_DxL, moves.recv_DxRxK)
+      grad, held, holds.slot_DxK, holds.held_DxK)
 
 
 def flush_rows(held, d_src, moves: MoveTables, mesh: jax.sharding.Mesh, exchange: str = "all_to_all"):
-  """Global: the rows `moves` wrote, as accumulated in `held`, go back to the rows they were read from
-  and are added to `d_src` (`apply_moves_transpose` with a source), and are zeroed in `held`; several
-  rows read from one source row sum there. Returns (d_src, held)."""
+  """Global: `moves` names, as its written rows, rows of `held` (their tenures' sums, `[D*H, ...]`); they
+  go back to the rows they were read from and are added to `d_src` (`apply_moves_transpose` with a
+  source), and are zeroed in `held`; several rows read from one source row sum there. Returns
+  (d_src, held)."""
   check_exchange(exchange)
 
   def local(held, d_src, local_src, local_dst, send, recv, active):

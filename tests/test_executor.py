@@ -150,9 +150,11 @@ def test_new_plans_do_not_recompile(step_inputs):
   steps = [prepare_step(p, counts, E, capacity=64, base_capacity=2) for p in plans]
   assert jax.tree.map(np.shape, steps[0].base_moves) == jax.tree.map(np.shape, steps[1].base_moves)
   assert Executor.layout(steps[0]) == Executor.layout(steps[1]) == (False, True)
-  for flags in ("refill_M", "fill_M", "flush_M"):
+  for flags in ("refill_M", "fill_M", "hold_M", "flush_M"):
     assert (getattr(steps[0], flags) == getattr(steps[1], flags)).all()
-  assert jax.tree.map(np.shape, steps[0].flush_moves_M) == jax.tree.map(np.shape, steps[1].flush_moves_M)
+  assert steps[0].held_rows == steps[1].held_rows
+  for tables in ("hold_tables_M", "flush_moves_M"):
+    assert jax.tree.map(np.shape, getattr(steps[0], tables)) == jax.tree.map(np.shape, getattr(steps[1], tables))
   assert any((a.slot_expert_G != b.slot_expert_G).any() for a, b in zip(steps[0].tables_M, steps[1].tables_M))
   initial = jax.tree.map(jnp.copy, (executor.params, executor.opt_state))
   try:  # the shared executor gets its parameters back even when the assertion fails
@@ -288,7 +290,8 @@ def test_a_step_at_home_is_the_plain_step(step_inputs, monkeypatch):
     return loss_fn(model, batch, tables=tables, working=working, capacity=64)
 
   tables, kw = executor._micro_args(step, 1, None)
-  program = executor._micro.lower(executor.params, (), (), executor._state(PLAIN)[2], batches[1], *tables, **kw)
+  acc = executor._state(PLAIN, step.held_rows)[2]
+  program = executor._micro.lower(executor.params, (), (), acc, batches[1], *tables, **kw)
   plain_grad = jax.jit(jax.value_and_grad(plain_loss, has_aux=True))
   want_ops = collectives(plain_grad.lower(params, batches[1], step.tables_M[1]).as_text())
   assert want_ops["all_to_all"] > 0 and collectives(program.as_text()) == want_ops
@@ -348,23 +351,24 @@ def test_ppermute_exchange_step_equals_static(step_inputs):
 
 def test_a_step_that_keeps_the_base_computes_on_it_without_a_copy(step_inputs):
   """A plain step (base at home, never left) keeps no slot arrays at all, only home-layout accumulators;
-  with per-micro-step moves a base, working slots, the base's accumulators and the working slots' held
-  gradients exist (after micro-step 0, whose program builds them)."""
+  with per-micro-step moves a base, working slots and the base's accumulators exist (after micro-step 0,
+  whose program builds them), and the held gradients' H rows per device, not a slot-shaped copy."""
   _, batches, counts, executor = step_inputs
-  slot_shape = (D * S, *executor.params["layers"][0]["w_gate_up"][...].shape[1:])
+  expert_shape = executor.params["layers"][0]["w_gate_up"][...].shape[1:]
   seen = []
 
-  def count_slot_arrays(name, _):
+  def count_slot_arrays(name, acc):
     if name == "micro" and not seen:
-      seen.append(sum(a.shape == slot_shape for a in jax.live_arrays()))
+      held = [] if len(acc) < 3 else [leaf.shape for leaf in jax.tree.leaves(acc[2])[::2]]
+      seen.append((sum(a.shape == (D * S, *expert_shape) for a in jax.live_arrays()), held))
 
-  for policy, sets in (("static", 0), ("foremoe", 4)):
+  for policy, sets in (("static", 0), ("foremoe", 3)):
     plan = plan_step(counts, PlanConfig(E, D, S, policy=policy, cost=CostModel(link_bytes_per_s=1e18)))
     step = prepare_step(plan, counts, E, capacity=64)
-    assert step.fill_M.any() == (policy == "foremoe")
+    assert step.fill_M.any() == (policy == "foremoe") and step.held_rows < S
     seen.clear()
     executor.accumulate(batches, step, stage_done=count_slot_arrays)
-    assert seen == [sets * L]
+    assert seen == [(sets * L, [(D * step.held_rows, *expert_shape)] * L if sets else [])]
 
 
 def test_the_host_loop_hands_programs_arrays_already_on_the_mesh(step_inputs):

@@ -51,9 +51,14 @@ def test_tables_print(run, capsys):
 @pytest.mark.parametrize("part", ["weights", "acc", "slots", "batch"])
 def test_analytic_state_equals_compiled_arguments(run, part):
   """The last micro-step's program (with the update) reads every parameter, accumulator, slot and the
-  batch: its argument bytes per part are the analytic ones, to the byte (EP 2: base and working slots)."""
+  batch: its argument bytes per part are the analytic ones, to the byte (EP 2: base and working slots),
+  but for the held replica gradients where it reads none (no tenure of two micro-steps or more is alive
+  in it), which XLA prunes; they stay resident: the executor's state has them."""
   result = run[0]["results"][0]
-  assert result["programs"]["last"]["argument_parts"][part] == result["analytic"]["parts"][part]
+  last = result["programs"]["last"]
+  pruned = part == "acc" and not last["reads_held"]
+  assert result["analytic"]["held"] > 0 and result["analytic"]["held"] % 4 == 0
+  assert last["argument_parts"][part] + pruned * result["analytic"]["held"] == result["analytic"]["parts"][part]
   assert result["state_bytes"][part] == result["analytic"]["parts"][part]
 
 

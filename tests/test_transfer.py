@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from foremoe_jax.placement import make_tables
-from foremoe_jax.transfer import (apply_moves, apply_moves_transpose, fill_moves, flush_rows, hold_rows, home_to_base,
-                                  home_to_base_moves, home_to_base_transpose, local_copies_needed, materialize,
-                                  move_tables, moves_needed)
+from foremoe_jax.transfer import (apply_moves, apply_moves_transpose, fill_moves, flush_rows, hold_rows, hold_tables,
+                                  home_to_base, home_to_base_moves, home_to_base_transpose, local_copies_needed,
+                                  materialize, move_tables, moves_needed)
 from moe_reference import cpu_mesh, random_placement
 
 E, D, S, X = 16, 8, 3, 5
@@ -161,9 +161,10 @@ def test_explicit_transposes_equal_autodiff(seed, exchange):
 
 @pytest.mark.parametrize("exchange", ["ppermute", "all_to_all"])
 def test_held_rows_wait_and_flush_to_their_sources(exchange):
-  """hold_rows moves a fill's written rows from a gradient into the held accumulator (same rows, no
-  exchange); flush_rows adds held rows to the base rows they were read from (replicas of one expert on
-  several devices sum into one row, local copies and remote rows) and zeroes them."""
+  """hold_rows moves a fill's written rows from a gradient into their rows of the compact held
+  accumulator (H rows per device, no exchange); flush_rows adds held rows to the base rows they were read
+  from (replicas of one expert on several devices sum into one row, local copies and remote rows) and
+  zeroes them."""
   mesh = cpu_mesh(1, D)
   rng = np.random.default_rng(4)
   base, _ = random_placement(rng, E, D, S, empty_fraction=0.0)
@@ -171,18 +172,25 @@ def test_held_rows_wait_and_flush_to_their_sources(exchange):
   micro[:, 2] = 0  # expert 0 on every device: seven replicas read from one base row, one local
   micro[1, 1] = base[1, 0]  # a copy within device 1
   fill = fill_moves(micro, base)
-  tables = move_tables(fill, D, max(1, moves_needed(fill, D)), max(1, local_copies_needed(fill, D)))
-  grad, held, d_base = (np.asarray(random_weights(seed, D * S)) for seed in (8, 9, 10))
-  got_grad, got_held = jax.jit(lambda g, h: hold_rows(g, h, tables, mesh))(grad, held)
+  held_rows = 4  # each device's written slots in its held rows from the last one down (not the slot order)
+  row = {mv: held_rows - 1 - sum(other[2] == mv[2] for other in fill[:k]) for k, mv in enumerate(fill)}
+  holds = hold_tables([(mv[2], mv[3], row[mv]) for mv in fill], D, held_rows)
+  flush_list = [(*mv[:3], row[mv]) for mv in fill]
+  tables = move_tables(flush_list, D, max(1, moves_needed(fill, D)), max(1, local_copies_needed(fill, D)))
+  grad, d_base = (np.asarray(random_weights(seed, D * S)) for seed in (8, 10))
+  held = np.asarray(random_weights(9, D * held_rows))
+  got_grad, got_held = jax.jit(lambda g, h: hold_rows(g, h, holds, mesh))(grad, held)
   dst = np.array([d * S + j for _, _, d, j in fill])
+  held_at = np.array([mv[2] * held_rows + row[mv] for mv in fill])
+  assert len(set(held_at)) == len(fill) == len(set(dst))
   want_grad, want_held = grad.copy(), held.copy()
-  want_held[dst] += grad[dst]
+  want_held[held_at] += grad[dst]
   want_grad[dst] = 0
   np.testing.assert_array_equal(got_grad, want_grad)
   np.testing.assert_allclose(got_held, want_held, rtol=1e-6)
   got_base, flushed = jax.jit(lambda h, b: flush_rows(h, b, tables, mesh, exchange))(held, d_base)
   want_base, want_flushed = d_base.copy(), held.copy()
-  np.add.at(want_base, [d * S + j for d, j, _, _ in fill], held[dst])
-  want_flushed[dst] = 0
+  np.add.at(want_base, [d * S + j for d, j, _, _ in fill], held[held_at])
+  want_flushed[held_at] = 0
   np.testing.assert_allclose(got_base, want_base, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(flushed, want_flushed)

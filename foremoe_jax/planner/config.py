@@ -33,7 +33,8 @@ class CostModel:
   A benchmark calibrates it by passing measured rates (`benchmarks/planner.py --flops ... --link ...`).
 
   Moves are priced per tenure: the micro-steps a slot keeps one replica (the executor fetches it once
-  and holds its gradients in a float32 accumulator until the tenure ends, then sends them back once).
+  and holds its gradients in a float32 accumulator until the tenure ends, then sends them back once;
+  a one-micro-step tenure's go back in the weights' dtype, but every return is priced in float32).
   A tenure's fetch takes one of two paths: "link" (from another device's base slot over NVLink) or
   "host" (from the pinned-host copy over the device's own host link, `foremoe_jax.host_transfer`);
   its gradient goes back over the link either way. The two links run concurrently, so a device's

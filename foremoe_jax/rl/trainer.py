@@ -94,9 +94,10 @@ def _key(tables, batches) -> tuple:
   (capacities, which micro-steps fill and refill, the layout) and the arguments' structure, shapes,
   dtypes and shardings."""
   leaves, treedef = jax.tree.flatten((batches, tables.tables_M, tables.base_moves, tables.fill_moves_M,
-                                      tables.refill_moves_M))
-  return (tables.capacity_M, tables.at_home, np.asarray(tables.fill_M).tobytes(),
-          np.asarray(tables.refill_M).tobytes(), treedef,
+                                      tables.refill_moves_M, tables.hold_tables_M, tables.direct_moves_M,
+                                      tables.flush_moves_M))
+  flags = (tables.fill_M, tables.refill_M, tables.hold_M, tables.direct_M, tables.flush_M)
+  return (tables.capacity_M, tables.at_home, *(np.asarray(f).tobytes() for f in flags), treedef,
           tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
 
 
