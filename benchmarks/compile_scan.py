@@ -4,9 +4,11 @@ The step: forward + backward (value_and_grad of next-token cross-entropy, replay
 Qwen3-30B-A3B-shaped model (configs/qwen3_30b_a3b.py) on one device (EP 1), one micro-step of `--tokens`
 tokens. Each program is lowered for abstract inputs (`nnx.eval_shape` model, ShapeDtypeStructs: no weights)
 and compiled; the unrolled model is compiled at a few depths only and its 48-layer time extrapolated
-linearly (labelled so). Then both 4-layer programs run with real (identical) weights: step time.
+linearly (labelled so). Then both 4-layer programs run with real (identical) weights: step time, and
+with `--scan-unroll 2 4` the scanned one at those blocks per loop iteration too; `--profile` adds each timed
+program's device kernels by time (benchmarks/kernel_profile.py), to see where a layout loses.
 
-    python benchmarks/compile_scan.py --out benchmarks/results/compile_scan_<card>.json
+    python benchmarks/compile_scan.py --out benchmarks/results/compile_scan_<card>.json [--scan-unroll 2 4] [--profile]
     JAX_PLATFORMS=cpu python benchmarks/compile_scan.py --smoke   # CPU, tiny shapes
 """
 from __future__ import annotations
@@ -25,17 +27,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import parse_with_smoke  # noqa: E402
 
-SMOKE = dict(tokens=64, scan_depths=[2, 8], unrolled_depths=[2, 4], step_layers=2, repeats=2)
+SMOKE = dict(tokens=64, scan_depths=[2, 8], unrolled_depths=[2, 4], step_layers=2, repeats=2, scan_unroll=[2])
 
 
-def model_config(args, num_layers: int, scan_layers: bool):
+def model_config(args, num_layers: int, scan_layers: bool, unroll: int = 1):
   from configs import qwen3_30b_a3b
   cfg = qwen3_30b_a3b.get_config().model
   if args.smoke:
     cfg = dataclasses.replace(cfg, vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
                               num_experts=8, top_k=2, d_ff_expert=16, dtype="float32", param_dtype="float32")
-  return dataclasses.replace(cfg, num_layers=num_layers, scan_layers=scan_layers, slots_per_device=None,
-                             max_seq_len=args.tokens, remat=args.remat)
+  return dataclasses.replace(cfg, num_layers=num_layers, scan_layers=scan_layers, scan_unroll=unroll,
+                             slots_per_device=None, max_seq_len=args.tokens, remat=args.remat)
 
 
 def step_fn(graphdef, capacity):
@@ -50,7 +52,7 @@ def step_fn(graphdef, capacity):
   return jax.jit(jax.value_and_grad(loss))
 
 
-def compile_step(args, mesh, num_layers: int, scan_layers: bool):
+def compile_step(args, mesh, num_layers: int, scan_layers: bool, unroll: int = 1):
   """-> (record, compiled program, graphdef) for abstract inputs."""
   import jax
   import jax.numpy as jnp
@@ -59,7 +61,7 @@ def compile_step(args, mesh, num_layers: int, scan_layers: bool):
   from foremoe_jax.mesh import batch_sharding
   from foremoe_jax.model import Model
 
-  cfg = model_config(args, num_layers, scan_layers)
+  cfg = model_config(args, num_layers, scan_layers, unroll)
   abstract = nnx.eval_shape(lambda: Model(cfg, mesh=mesh, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract)
   capacity = abstract.no_drop_capacity(1, args.tokens)
@@ -72,9 +74,9 @@ def compile_step(args, mesh, num_layers: int, scan_layers: bool):
   start = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  record = dict(layers=num_layers, scan_layers=scan_layers, lower_s=lower_s, compile_s=compile_s,
-                hlo_chars=len(lowered.as_text()))
-  print(f"  {'scan' if scan_layers else 'unrolled'} L={num_layers}: lower {lower_s:.1f} s, compile {compile_s:.1f} s",
+  record = dict(layers=num_layers, scan_layers=scan_layers, scan_unroll=unroll, lower_s=lower_s,
+                compile_s=compile_s, hlo_chars=len(lowered.as_text()))
+  print(f"  {layout_name(scan_layers, unroll)} L={num_layers}: lower {lower_s:.1f} s, compile {compile_s:.1f} s",
         flush=True)
   return record, compiled, cfg
 
@@ -129,15 +131,37 @@ def run(args) -> dict:
     result["unrolled_extrapolated"] = dict(layers=target, lower_plus_compile_s=float(intercept + slope * target),
                                            note=f"linear fit over unrolled depths {depths.astype(int).tolist()}")
   if len(programs) == 2:
+    for unroll in args.scan_unroll:
+      if unroll != 1:
+        record, compiled, cfg = compile_step(args, mesh, args.step_layers, True, unroll)
+        result["compiles"].append(record)
+        programs[("scan", unroll)] = (compiled, cfg)
     inputs = real_inputs(programs[False][1], mesh, args.tokens)
-    unrolled_ms, unrolled_loss = time_step(programs[False][0], inputs, args.repeats)
     scanned_params = jax.jit(lambda: _scanned_params(programs[True][1], mesh))()
-    scanned_ms, scanned_loss = time_step(programs[True][0], (scanned_params, *inputs[1:]), args.repeats)
-    result["step"] = dict(layers=args.step_layers, unrolled_ms=unrolled_ms, scanned_ms=scanned_ms,
-                          scanned_over_unrolled=scanned_ms / unrolled_ms, unrolled_loss=unrolled_loss,
-                          scanned_loss=scanned_loss)
+    result["steps"] = []
+    for key, (compiled, _) in programs.items():
+      scan_layers, unroll = (key, 1) if isinstance(key, bool) else (True, key[1])
+      step_inputs = (scanned_params, *inputs[1:]) if scan_layers else inputs
+      ms, loss = time_step(compiled, step_inputs, args.repeats)
+      row = dict(layout=layout_name(scan_layers, unroll), scan_unroll=unroll, ms=ms, loss=loss)
+      if args.profile:
+        from kernel_profile import device_ms, kernel_table, print_table
+        kernels = kernel_table(compiled, step_inputs)
+        print_table(row["layout"], kernels)
+        row.update(device_ms=device_ms(kernels), kernels=kernels[:40])
+      result["steps"].append(row)
+      save(args, result)
+    by_layout = {r["layout"]: r for r in result["steps"]}
+    unrolled, scanned = by_layout["unrolled"], by_layout["scan"]
+    result["step"] = dict(layers=args.step_layers, unrolled_ms=unrolled["ms"], scanned_ms=scanned["ms"],
+                          scanned_over_unrolled=scanned["ms"] / unrolled["ms"], unrolled_loss=unrolled["loss"],
+                          scanned_loss=scanned["loss"])
   save(args, result)
   return result
+
+
+def layout_name(scan_layers: bool, unroll: int = 1) -> str:
+  return "unrolled" if not scan_layers else "scan" if unroll == 1 else f"scan_unroll{unroll}"
 
 
 def _scanned_params(cfg, mesh):
@@ -159,6 +183,9 @@ def main():
   ap.add_argument("--scan-depths", type=int, nargs="+", default=[4, 48])
   ap.add_argument("--unrolled-depths", type=int, nargs="+", default=[4, 8])
   ap.add_argument("--step-layers", type=int, default=4, help="depth whose step time is measured (real weights)")
+  ap.add_argument("--scan-unroll", type=int, nargs="+", default=[1],
+                  help="blocks per scan iteration of the timed scanned step (1 always runs)")
+  ap.add_argument("--profile", action="store_true", help="device kernels of each timed program, by time")
   ap.add_argument("--remat", default="none", choices=("none", "block"))
   ap.add_argument("--repeats", type=int, default=10)
   ap.add_argument("--out", default=None, help="JSON to write")
@@ -168,11 +195,13 @@ def main():
   print("| layers | layout | lower s | compile s | HLO chars |")
   print("|---|---|---|---|---|")
   for r in result["compiles"]:
-    print(f"| {r['layers']} | {'scan' if r['scan_layers'] else 'unrolled'} | {r['lower_s']:.1f} | "
+    print(f"| {r['layers']} | {layout_name(r['scan_layers'], r.get('scan_unroll', 1))} | {r['lower_s']:.1f} | "
           f"{r['compile_s']:.1f} | {r['hlo_chars']} |")
   if "unrolled_extrapolated" in result:
     e = result["unrolled_extrapolated"]
     print(f"| {e['layers']} | unrolled (extrapolated) | {e['lower_plus_compile_s']:.1f} (lower + compile) | | |")
+  for r in result.get("steps", []):
+    print(f"step at {args.step_layers} layers, {r['layout']}: {r['ms']:.2f} ms, loss {r['loss']:.6f}")
   if "step" in result:
     s = result["step"]
     print(f"step at {s['layers']} layers: unrolled {s['unrolled_ms']:.2f} ms, scanned {s['scanned_ms']:.2f} ms "

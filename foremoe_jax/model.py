@@ -15,7 +15,8 @@ Decoding: `cache = model.init_cache(B, S)`, `model.prefill(prompt_BxP, cache)` w
 
 `scan_layers`: the blocks' parameters are stacked on a leading layer axis (`model.layers`, one `Block`) and
 run under `jax.lax.scan`, so one block body is lowered and compiled whatever the depth; per-layer tables,
-replay, working slots and the KV cache are scanned inputs. `remat="block"` recomputes each block's
+replay, working slots and the KV cache are scanned inputs; `scan_unroll` blocks run per loop iteration
+(lax.scan's unroll). `remat="block"` recomputes each block's
 activations in the backward pass (`jax.checkpoint` of the block body).
 """
 import dataclasses
@@ -67,6 +68,7 @@ class ModelConfig:
   dtype: str = "float32"  # activations and matmuls
   param_dtype: str = "float32"
   scan_layers: bool = False  # stack the blocks on a layer axis and run them under lax.scan (needs moe_every=1)
+  scan_unroll: int = 1  # blocks per scan iteration (lax.scan's unroll): compile time for scheduling freedom
   remat: str = "none"  # "none" | "block": recompute each block's activations in the backward pass
   attention: str = "auto"  # "auto" | "dense" | "blockwise" | "cudnn" (foremoe_jax/attention.py)
   attention_block: int = 512  # query / key block of the blockwise path
@@ -80,7 +82,7 @@ class ModelConfig:
     """Raises ValueError naming the first bad field; `expert_devices` also checks E against D."""
     positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff_dense",
                 "num_experts", "top_k", "d_ff_expert", "moe_every", "max_seq_len", "attention_block",
-                "logprob_chunk")
+                "logprob_chunk", "scan_unroll")
     for name in positive:
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}")
@@ -321,7 +323,7 @@ class Model(nnx.Module):
                                                   remat=self.cfg.remat, prevent_cse=False)
       return x_BxTxH, (moe_out._replace(y=None), layer_cache)
 
-    x_BxTxH, (moe_out, new_cache) = jax.lax.scan(body, x_BxTxH, xs)
+    x_BxTxH, (moe_out, new_cache) = jax.lax.scan(body, x_BxTxH, xs, unroll=self.cfg.scan_unroll)
     return x_BxTxH, moe_out, new_cache
 
 

@@ -101,11 +101,12 @@ def test_scanned_layout_stacks_the_unrolled_weights(models):
   assert moe[0].w_gate_up[...].sharding.spec == P(None, "expert")
 
 
-def test_remat_scanned_forward_and_gradients_equal_unrolled(models, mesh):
-  """Scanned with remat="block" against the unrolled model without it: the executor test below covers the
-  scanned model without remat."""
+@pytest.mark.parametrize("remat,unroll", [("block", 1), ("none", 2)])
+def test_remat_or_unrolled_scan_forward_and_gradients_equal_unrolled(models, mesh, remat, unroll):
+  """Scanned with remat="block", or two blocks per scan iteration, against the unrolled model without
+  remat: the executor test below covers the plain scanned model."""
   unrolled, scanned = models
-  cfg = dataclasses.replace(scanned.cfg, remat="block")
+  cfg = dataclasses.replace(scanned.cfg, remat=remat, scan_unroll=unroll)
   scanned = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Model(cfg, mesh=mesh, rngs=nnx.Rngs(0)))),
                       nnx.state(scanned))
   x, tables, replay, working = inputs(unrolled, mesh)
