@@ -139,3 +139,21 @@ def true_on_every_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   return bool(np.asarray(multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))).min())
+
+
+def gather_over_processes(arrays) -> list[np.ndarray]:
+  """Each array stacked over the processes, `[processes, ...]` in process order (one all-gather; a single
+  process only adds the axis). Every process must call it at the same point, with arrays of the same
+  shapes and dtypes: e.g. the counts each host's rows send, summed into the step's planning input."""
+  import jax  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  arrays = [np.asarray(a) for a in arrays]
+  if jax.process_count() == 1:
+    return [a[None] for a in arrays]
+  return [np.asarray(x) for x in multihost_utils.process_allgather(arrays)]
+
+
+def max_over_processes(value: int) -> int:
+  """The largest of every process's `value` (one tiny all-gather; a single process returns it): a size
+  that every process must use alike, e.g. the micro-steps of a step or a batch's padded width."""
+  return int(gather_over_processes([np.asarray(value, np.int64)])[0].max())
