@@ -130,7 +130,7 @@ class GRPOTrainer:
       self.reference.params = jax.tree.map(jnp.copy, self.reference.params)
     self.ckpt = Checkpointer(os.path.join(run_dir, "rl_ckpt"))
     self.history = None
-    self.route_hook = None  # fn(host Rollout of this process's rows) -> Rollout: benchmarks' trace routes
+    self.route_hook = None  # fn(Rollout of rows `rows` of num_rows, rows, num_rows) -> Rollout: trace routes
     self.capacities = set()  # the padded capacities met so far: each compiled its programs once
     self.compiled = set()  # (program, _key) of the groups compile_ahead compiled so far
     self.home = {}  # micro-steps -> (home plan, its placed StepTables)
@@ -164,7 +164,7 @@ class GRPOTrainer:
     times = {}
     with self._timed(times, "rollout"):
       rows, pairs, roll = self.generate(step)
-    roll = roll if self.route_hook is None else self.route_hook(roll)
+    roll = roll if self.route_hook is None else self.route_hook(roll, rows, self.num_rows)
     with self._timed(times, "postprocess"):
       work = self.postprocess(step, rows, pairs, roll)
     with self._timed(times, "recompute", work):
