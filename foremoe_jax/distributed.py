@@ -150,7 +150,12 @@ def gather_over_processes(arrays) -> list[np.ndarray]:
   arrays = [np.asarray(a) for a in arrays]
   if jax.process_count() == 1:
     return [a[None] for a in arrays]
-  return [np.asarray(x) for x in multihost_utils.process_allgather(arrays)]
+  if not jax.config.jax_enable_x64:  # the all-gather would narrow 64-bit values to 32 bits
+    wide = [a for a in arrays if a.dtype.kind in "iu" and a.dtype.itemsize == 8 and a.size and np.abs(a).max() >= 2**31]
+    if wide:
+      raise ValueError(f"gather_over_processes: values up to {np.abs(wide[0]).max()} do not fit the 32 bits "
+                       "jax gathers without jax_enable_x64")
+  return [np.asarray(x).astype(a.dtype) for x, a in zip(multihost_utils.process_allgather(arrays), arrays)]
 
 
 def max_over_processes(value: int) -> int:
