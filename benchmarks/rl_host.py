@@ -21,9 +21,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Main-thread calls worth naming (function names as cProfile sees them; cumulative seconds per step).
-CALLS = ("rollout", "to_host", "build_step_batches", "device_batch", "score", "result", "prepare_step",
-         "home_tables", "check_same_across_processes", "true_on_every_process", "compile_ahead", "precompile",
-         "attach_logprobs", "forward", "train_step", "policy_loads", "plan_step", "device_load")
+CALLS = ("local_rollout", "pack_host", "build_step_batches", "gather_inputs", "gather_rows", "device_batch", "score",
+         "result", "prepare_step", "home_tables", "check_same_across_processes", "true_on_every_process",
+         "compile_ahead", "precompile", "attach_logprobs", "forward", "train_step", "policy_loads", "plan_step",
+         "device_load")
 
 
 def parse_args(argv=None):

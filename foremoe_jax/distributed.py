@@ -139,3 +139,26 @@ def true_on_every_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   return bool(np.asarray(multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))).min())
+
+
+def gather_over_processes(arrays) -> list[np.ndarray]:
+  """Each array stacked over the processes, `[processes, ...]` in process order (one all-gather; a single
+  process only adds the axis). Every process must call it at the same point, with arrays of the same
+  shapes and dtypes: e.g. the counts each host's rows send, summed into the step's planning input."""
+  import jax  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  arrays = [np.asarray(a) for a in arrays]
+  if jax.process_count() == 1:
+    return [a[None] for a in arrays]
+  if not jax.config.jax_enable_x64:  # the all-gather would narrow 64-bit values to 32 bits
+    wide = [a for a in arrays if a.dtype.kind in "iu" and a.dtype.itemsize == 8 and a.size and np.abs(a).max() >= 2**31]
+    if wide:
+      raise ValueError(f"gather_over_processes: values up to {np.abs(wide[0]).max()} do not fit the 32 bits "
+                       "jax gathers without jax_enable_x64")
+  return [np.asarray(x).astype(a.dtype) for x, a in zip(multihost_utils.process_allgather(arrays), arrays)]
+
+
+def max_over_processes(value: int) -> int:
+  """The largest of every process's `value` (one tiny all-gather; a single process returns it): a size
+  that every process must use alike, e.g. the micro-steps of a step or a batch's padded width."""
+  return int(gather_over_processes([np.asarray(value, np.int64)])[0].max())

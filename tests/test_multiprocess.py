@@ -1,6 +1,7 @@
 """train.py as two jax.distributed processes on CPU (4 virtual devices each, gloo collectives) against the
-one-process 8-device run of the same seed: same SFT loss, rewards, losses, plans and imbalance per step;
-then `--resume` in two processes continues from the checkpoints. Plus the launch helpers' unit checks."""
+one-process 8-device run of the same seed: same SFT loss, rewards, losses, plans and imbalance per step,
+with each process building only its own rows; then `--resume` in two processes continues from the
+checkpoints. Plus the launch helpers' unit checks."""
 import json
 import os
 import signal
@@ -59,7 +60,9 @@ def _records(run_dir):
 def test_two_processes_match_one_and_resume(tmp_path):
   env = _env(tmp_path / "cache")
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  _run([sys.executable, "train.py", "--rl-steps", "2", "--run-dir", one, *TINY], env, "one process")
+  # Packed in two groups like the two processes' (one each): rl.pack_groups decides the packing.
+  _run([sys.executable, "train.py", "--rl-steps", "2", "--run-dir", one, *TINY, "--set", "rl.pack_groups=2"], env,
+       "one process")
   out = _two(["--rl-steps", "1", "--run-dir", two, *TINY], env, "two processes")
   assert "[p0]" in out and "[p1]" in out and "process 1 (env launch): 2 processes x 4 local devices (cpu)" in out
   out = _two(["--rl-steps", "2", "--resume", "--run-dir", two, *TINY], env, "two processes, resumed")
@@ -70,6 +73,10 @@ def test_two_processes_match_one_and_resume(tmp_path):
   assert len(sft_2) == 1 and [r["step"] for r in rl_2] == [0, 1]  # one writer: no line twice
   np.testing.assert_allclose(sft_2, sft_1, rtol=1e-4)
   for a, b in zip(rl_1, rl_2, strict=True):
+    # Host-local data: each process built its own half of the 32 rows, none another's.
+    assert a["host_rows"] == [[0, 32]] and b["host_rows"] == [[0, 16], [16, 32]]
+    assert b["response_length"] == a["response_length"] and b["real_token_share"] == a["real_token_share"]
+    assert b["load"]["expert_tokens_LxE"] == a["load"]["expert_tokens_LxE"]
     assert b["plan_digests"] == a["plan_digests"] and b["micro_steps"] == a["micro_steps"]
     assert b["reward"] == a["reward"] and b["imbalance"] == a["imbalance"]
     assert b["imbalance_per_micro_step"] == a["imbalance_per_micro_step"]

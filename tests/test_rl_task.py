@@ -93,3 +93,11 @@ def test_prompt_file(tmp_path):
   path.write_text("1+x=\t3\n")
   with pytest.raises(ValueError, match=r"p.tsv:1: .*not in the vocabulary"):
     T.load_prompt_file(path)
+
+
+def test_a_rows_prompt_depends_on_seed_step_and_row_only():
+  task = T.ArithmeticTask(num_digits=3)
+  every = T.sample_rows(task.sample, range(6), seed=0, step=2)
+  assert T.sample_rows(task.sample, range(3, 6), seed=0, step=2) == every[3:]  # whoever draws rows 3..5
+  assert len(set(every)) == 6 and T.sample_rows(task.sample, range(6), seed=0, step=3) != every
+  assert T.row_rng(0, 2, 4).integers(1 << 30) == T.row_rng(0, 2, 4).integers(1 << 30)

@@ -10,7 +10,7 @@ from flax import nnx
 from foremoe_jax.mesh import make_mesh
 from foremoe_jax.model import Model
 from foremoe_jax.rl.grpo import token_logprobs
-from foremoe_jax.rl.rollout import rollout, top_p_filter
+from foremoe_jax.rl.rollout import local_rollout, local_rows, rollout, top_p_filter
 from foremoe_jax.rl.task import EOS, PAD, ArithmeticTask, encode_prompts
 from test_model import CFG, T, jit_forward
 
@@ -68,6 +68,21 @@ def test_zero_temperature_is_greedy(setup):
   argmax = np.asarray(forward(nnx.state(model), greedy.tokens, replay=greedy.routes).logits).argmax(-1)
   np.testing.assert_array_equal(argmax[:, :-1][mask[:, :-1]], tokens[:, 1:][mask[:, :-1]])
   np.testing.assert_array_equal(tokens[0::2], tokens[1::2])  # Copies of a prompt agree when greedy.
+
+
+def test_local_rollout_of_this_process_rows_equals_the_global_rollout(setup):
+  """One process holds every row: local_rollout (prompt rows already repeated, numpy back) is the global
+  rollout (tests/test_multiprocess.py splits the rows over two processes)."""
+  model, prompts, lens, _ = setup
+  assert local_rows(model.mesh, 8) == range(8)
+  ref = rollout(model, prompts, lens, jax.random.key(3), max_new_tokens=NEW, group_size=2)
+  out = local_rollout(model, np.repeat(prompts, 2, 0), np.repeat(lens, 2), jax.random.key(3), num_rows=8,
+                      max_new_tokens=NEW)
+  assert isinstance(out.tokens, np.ndarray) and out.tokens.shape[0] == 8
+  for a, b in zip(out, ref):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  with pytest.raises(ValueError, match=r"holds batch rows \[0, 8\) of 8, so it needs 8 prompt rows"):
+    local_rollout(model, prompts, lens, jax.random.key(3), num_rows=8, max_new_tokens=NEW)
 
 
 def test_top_p_keeps_the_smallest_covering_set():

@@ -102,6 +102,17 @@ def test_windows_share_the_prompt_within_a_group_and_stop_at_the_length():
   assert index.max() < 1000
 
 
+def test_a_block_of_rows_gets_its_windows_in_the_whole_batch():
+  """A process replays trace routes on its own rows only: its block's windows are the whole batch's, also
+  when the block splits a group."""
+  prompt_B, lengths_B = np.array([3, 3, 3, 5, 5, 5]), np.array([7, 4, 3, 9, 5, 10])
+  whole = tr.stream_index(lengths_B, prompt_B, 10, 3, 1000, seed=1)
+  for rows in (range(0, 2), range(2, 6)):
+    part = tr.stream_index(lengths_B[rows.start:rows.stop], prompt_B[rows.start:rows.stop], 10, 3, 1000, seed=1,
+                           rows=rows, num_rows=6)
+    np.testing.assert_array_equal(part, whole[rows.start:rows.stop])
+
+
 def test_trace_routes_replace_real_positions_and_keep_the_rest():
   rng = np.random.default_rng(3)
   ids, weights = random_trace(rng, 64, 2, 6, 64)

@@ -21,6 +21,11 @@ class RLConfig:
   # Pack several sequences back to back into each row (veRL / slime "remove padding", fixed shapes):
   # attention masked per sequence, padding routed nowhere. Off: one sequence per row, right-padded.
   pack_sequences: bool = False
+  # Packing groups: each packs its contiguous block of the batch rows into its block of the batch shards
+  # (rl/host_batches.py), so every process packs only the rows it built. 0: one group per process; else a
+  # multiple of the processes dividing the batch shards. The packing, hence every number of a step,
+  # depends on it: a 1-process run equals a P-process run only with the same groups (rl.pack_groups=P).
+  pack_groups: int = 0
   num_minibatches: int = 2  # optimizer steps per epoch over the rollout
   ppo_epochs: int = 1
   clip_eps: float = 0.2
@@ -65,6 +70,8 @@ class RLConfig:
       raise ValueError(f"rl.recompute_layout={self.recompute_layout!r} is not one of {RECOMPUTE_LAYOUTS}")
     if self.adam_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"rl.adam_dtype={self.adam_dtype!r} must be 'float32' or 'bfloat16'")
+    if self.pack_groups < 0:
+      raise ValueError(f"rl.pack_groups={self.pack_groups} must be >= 0 (0: one packing group per process)")
     if self.compile_workers < 0:
       raise ValueError(f"rl.compile_workers={self.compile_workers} must be >= 0 (0: compile when first called)")
     positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "rows_per_shard",

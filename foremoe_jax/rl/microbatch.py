@@ -36,11 +36,11 @@ def spread_routes(shape_NxTxLxK: tuple[int, ...], num_experts: int) -> np.ndarra
 
 
 def counts_of(replay_MxBxTxLxK: np.ndarray, expert_devices: int, rows_per_shard: int, num_experts: int,
-              routed_MxBxT: np.ndarray | None = None):
-  """int64 [M, L, D, E]: pairs each source expert rank sends to each expert (shard i is rank i % D);
-  `routed_MxBxT`: only these positions (None: all)."""
+              routed_MxBxT: np.ndarray | None = None, first_shard: int = 0):
+  """int64 [M, L, D, E]: pairs each source expert rank sends to each expert (shard i is rank i % D; the
+  rows are shards `first_shard`, `first_shard + 1`, ...); `routed_MxBxT`: only these positions (None: all)."""
   m, b, t, l, k = replay_MxBxTxLxK.shape
-  source_B = (np.arange(b) // rows_per_shard) % expert_devices
+  source_B = (first_shard + np.arange(b) // rows_per_shard) % expert_devices
   flat = ((np.arange(m)[:, None, None, None, None] * l + np.arange(l)[None, None, None, :, None]) * expert_devices
           + source_B[None, :, None, None, None]) * num_experts + replay_MxBxTxLxK
   if routed_MxBxT is not None:
@@ -49,29 +49,40 @@ def counts_of(replay_MxBxTxLxK: np.ndarray, expert_devices: int, rows_per_shard:
   return counts.reshape(m, l, expert_devices, num_experts).astype(np.int64)
 
 
+def step_packing(lengths_N, *, num_shards: int, rows_per_shard: int, tokens_per_shard: int, num_minibatches: int,
+                 row_len: int | None = None, seed=0, num_micro_steps: int | None = None) -> Packing:
+  """`pack_micro_batches` into exactly `num_micro_steps`, or (None) the fewest that fit rounded up to whole
+  mini-batches (padded with empty micro-steps)."""
+  pack = functools.partial(pack_micro_batches, lengths_N, num_shards, tokens_per_device=tokens_per_shard,
+                           rows_per_bin=rows_per_shard, row_len=row_len, seed=seed)
+  packing = pack(num_micro_steps)
+  m = packing.num_micro_steps
+  if num_micro_steps is None and m % num_minibatches:
+    packing = pack(m + num_minibatches - m % num_minibatches)
+  return packing
+
+
 def build_step_batches(tokens_NxT, routes_NxTxLxK, mask_NxT, lengths_N, *, num_shards: int,
                        expert_devices: int, rows_per_shard: int, tokens_per_shard: int, num_experts: int,
-                       num_minibatches: int, seed: int = 0, pack_sequences: bool = False) -> StepBatches:
+                       num_minibatches: int, seed=0, pack_sequences: bool = False, packing: Packing | None = None,
+                       first_shard: int = 0) -> StepBatches:
   """Packs whole sequences into micro-steps; each micro-batch holds `tokens`, `replay`, `mask` and
   `num_tokens` (the masked tokens of its mini-batch: the GRPO loss denominator), and packed
   (`pack_sequences`) `segment_ids` and `positions`. `with_advantages` adds the advantages once rewards
-  are known (the planner runs meanwhile)."""
+  are known (the planner runs meanwhile). `packing`: one made already (`step_packing`); `first_shard`:
+  the global index of the first of the `num_shards` shards these rows fill (it sets their expert ranks)."""
   tokens_NxT, routes, mask_NxT = (np.asarray(a) for a in (tokens_NxT, routes_NxTxLxK, mask_NxT))
   lengths_N = np.asarray(lengths_N)
   n, t = tokens_NxT.shape
-  pack = functools.partial(pack_micro_batches, lengths_N, num_shards, tokens_per_device=tokens_per_shard,
-                           rows_per_bin=rows_per_shard, row_len=t if pack_sequences else None, seed=seed)
-  packing = pack(None)
+  if packing is None:
+    packing = step_packing(lengths_N, num_shards=num_shards, rows_per_shard=rows_per_shard,
+                           tokens_per_shard=tokens_per_shard, num_minibatches=num_minibatches,
+                           row_len=t if pack_sequences else None, seed=seed)
   m = packing.num_micro_steps
-  if m % num_minibatches:
-    packing = pack(m + num_minibatches - m % num_minibatches)  # whole mini-batches: pad with empty micro-steps
-    m = packing.num_micro_steps
   share = float(lengths_N.sum() / (m * num_shards * rows_per_shard * t))
   pad_routes = spread_routes((1, t, *routes.shape[2:]), num_experts)[0]
-  if pack_sequences:
-    batches, counts = _packed_batches(tokens_NxT, routes, mask_NxT, packing, pad_routes, expert_devices, num_experts)
-  else:
-    batches, counts = _row_batches(tokens_NxT, routes, mask_NxT, packing, pad_routes, expert_devices, num_experts)
+  build = _packed_batches if pack_sequences else _row_batches
+  batches, counts = build(tokens_NxT, routes, mask_NxT, packing, pad_routes, expert_devices, num_experts, first_shard)
   per_mb = m // num_minibatches
   mb_tokens = np.array([b["mask"].sum() for b in batches]).reshape(num_minibatches, per_mb).sum(axis=1)
   for i, batch in enumerate(batches):
@@ -79,7 +90,7 @@ def build_step_batches(tokens_NxT, routes_NxTxLxK, mask_NxT, lengths_N, *, num_s
   return StepBatches(batches, counts, packing, share)
 
 
-def _row_batches(tokens_NxT, routes, mask_NxT, packing, pad_routes, expert_devices, num_experts):
+def _row_batches(tokens_NxT, routes, mask_NxT, packing, pad_routes, expert_devices, num_experts, first_shard):
   """One sequence per row: rows `[n*R, T]` and their counts, padding positions and rows included."""
   m, (num_shards, rows) = packing.num_micro_steps, packing.seq_idx_MxDxR.shape[1:]
   past_end_NxT = np.arange(tokens_NxT.shape[1])[None, :] >= packing.length_N[:, None]
@@ -94,10 +105,10 @@ def _row_batches(tokens_NxT, routes, mask_NxT, packing, pad_routes, expert_devic
   tokens, mask = packed(tokens_NxT, 0), packed(mask_NxT, 0)
   batches = [{"tokens": tokens[i].astype(np.int32), "replay": replay[i].astype(np.int32),
               "mask": mask[i].astype(np.int32)} for i in range(m)]
-  return batches, counts_of(replay, expert_devices, rows, num_experts)
+  return batches, counts_of(replay, expert_devices, rows, num_experts, first_shard=first_shard)
 
 
-def _packed_batches(tokens_NxT, routes, mask_NxT, packing, pad_routes, expert_devices, num_experts):
+def _packed_batches(tokens_NxT, routes, mask_NxT, packing, pad_routes, expert_devices, num_experts, first_shard):
   """Several sequences per row: rows `[n*R, T]` with segment ids and positions; counts of real tokens."""
   m, num_shards, rows, t = packing.num_micro_steps, packing.tokens_MxD.shape[1], packing.num_rows, packing.row_len
   # A sequence's last token predicts nothing of its own; packed, the next column is another sequence's.
@@ -116,7 +127,8 @@ def _packed_batches(tokens_NxT, routes, mask_NxT, packing, pad_routes, expert_de
   batches = [{"tokens": tokens[i].astype(np.int32), "replay": replay[i].astype(np.int32),
               "mask": mask[i].astype(np.int32), "segment_ids": segment[i], "positions": positions[i]}
              for i in range(m)]
-  return batches, counts_of(replay, expert_devices, rows, num_experts, routed_MxBxT=segment > 0)
+  return batches, counts_of(replay, expert_devices, rows, num_experts, routed_MxBxT=segment > 0,
+                            first_shard=first_shard)
 
 
 def with_advantages(step: StepBatches, advantages_N) -> list[dict]:

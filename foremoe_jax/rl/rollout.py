@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from foremoe_jax import distributed
 from foremoe_jax.mesh import batch_sharding, batch_shards
 from foremoe_jax.rl.task import EOS, PAD
 
@@ -101,6 +102,18 @@ def _rollout(graphdef, state, prompts_BxP, prompt_lens_B, key, temperature, top_
   return Rollout(c["tokens"], c["routes"], c["mask"], c["logprobs"], lengths_B, prompt_lens_B)
 
 
+def _check(model, b: int, p: int, prompt_lens, max_new_tokens: int, temperature, top_p) -> None:
+  if prompt_lens.size and (prompt_lens.min() < 1 or prompt_lens.max() > p):
+    raise ValueError(f"prompt_lens must be [N] = [{prompt_lens.size}] with values in [1, {p}]")
+  if b % batch_shards(model.mesh):
+    raise ValueError(f"rollout batch N * group_size = {b} is not divisible by the {batch_shards(model.mesh)} "
+                     "devices of the batch axes")
+  if p + max_new_tokens > model.cfg.max_seq_len:
+    raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} > max_seq_len={model.cfg.max_seq_len}")
+  if not 0.0 < top_p <= 1.0 or temperature < 0:
+    raise ValueError(f"need 0 < top_p <= 1 and temperature >= 0, got top_p={top_p}, temperature={temperature}")
+
+
 def rollout(model, prompts_NxP, prompt_lens_N, key, *, max_new_tokens: int, group_size: int = 1,
             temperature: float = 1.0, top_p: float = 1.0, eos_id: int = EOS, pad_id: int = PAD) -> Rollout:
   """Samples `group_size` completions per prompt (copies adjacent): B = N * group_size rows.
@@ -112,16 +125,9 @@ def rollout(model, prompts_NxP, prompt_lens_N, key, *, max_new_tokens: int, grou
   prompts_NxP = np.asarray(prompts_NxP, np.int32)
   prompt_lens_N = np.asarray(prompt_lens_N, np.int32)
   n, p = prompts_NxP.shape
-  b = n * group_size
-  if prompt_lens_N.shape != (n,) or prompt_lens_N.min() < 1 or prompt_lens_N.max() > p:
+  if prompt_lens_N.shape != (n,):
     raise ValueError(f"prompt_lens must be [N] = [{n}] with values in [1, {p}]")
-  if b % batch_shards(model.mesh):
-    raise ValueError(f"rollout batch N * group_size = {b} is not divisible by the {batch_shards(model.mesh)} "
-                     "devices of the batch axes")
-  if p + max_new_tokens > model.cfg.max_seq_len:
-    raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} > max_seq_len={model.cfg.max_seq_len}")
-  if not 0.0 < top_p <= 1.0 or temperature < 0:
-    raise ValueError(f"need 0 < top_p <= 1 and temperature >= 0, got top_p={top_p}, temperature={temperature}")
+  _check(model, n * group_size, p, prompt_lens_N, max_new_tokens, temperature, top_p)
   sharding = batch_sharding(model.mesh)
   prompts_BxP = jax.device_put(np.repeat(prompts_NxP, group_size, axis=0), sharding)
   lens_B = jax.device_put(np.repeat(prompt_lens_N, group_size), sharding)
@@ -130,11 +136,85 @@ def rollout(model, prompts_NxP, prompt_lens_N, key, *, max_new_tokens: int, grou
                   max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
 
-def length_stats(tokens_BxT, lengths_B, prompt_lengths_B, *, eos_id: int, max_new_tokens: int) -> dict:
-  """Response lengths (generated tokens, EOS included): mean, max, and the share of rows clipped at
-  `max_new_tokens` without an EOS (host arrays)."""
+def process_rows(sharding, num_rows: int) -> dict[int, range]:
+  """process -> the global batch rows its devices hold under `sharding` (the batch sharding of a
+  `[num_rows, ...]` array): one contiguous block per process, which host-local data relies on."""
+  held = {}
+  for device, index in sharding.devices_indices_map((num_rows,)).items():
+    held.setdefault(device.process_index, set()).update(range(*index[0].indices(num_rows)))
+  blocks = {}
+  for process, rows in sorted(held.items()):
+    lo, hi = min(rows), max(rows) + 1
+    if len(rows) != hi - lo:
+      runs = [r for r in range(lo, hi + 1) if (r in rows) != (r - 1 in rows)]
+      raise ValueError(f"process {process} holds batch rows {list(zip(runs[::2], runs[1::2]))} (as [start, stop)) "
+                       f"of {num_rows}, not one contiguous block: host-local rollouts need each process's devices "
+                       "to be one contiguous run of the mesh's batch axes (jax.make_mesh orders them so)")
+    blocks[process] = range(lo, hi)
+  return blocks
+
+
+def local_rows(mesh, num_rows: int) -> range:
+  """This process's contiguous block of the global batch rows (`process_rows` under the batch sharding)."""
+  return process_rows(batch_sharding(mesh), num_rows)[jax.process_index()]
+
+
+def local_prompts(sample_rows, rows: range, group_size: int) -> list:
+  """The (prompt, answer) of each batch row in `rows` (row b is a copy of prompt b // group_size): only the
+  prompts of these rows are drawn, by `sample_rows(prompt_indices)` (`task.sample_rows`: per-row
+  generators, so a prompt is the same whichever process draws it; a group split between two processes
+  draws its prompt on both)."""
+  first = rows.start // group_size
+  pairs = sample_rows(range(first, (rows.stop - 1) // group_size + 1))
+  return [pairs[b // group_size - first] for b in rows]
+
+
+def _local_part(x: jax.Array, sharding) -> np.ndarray:
+  """The rows of a batch-sharded global array this process holds, in order, as numpy."""
+  if not x.sharding.is_equivalent_to(sharding, x.ndim):
+    x = jax.jit(lambda a: a, out_shardings=sharding)(x)
+  shards = {s.index[0].indices(x.shape[0])[0]: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+
+def local_rollout(model, prompts_BxP, prompt_lens_B, key, *, num_rows: int, max_new_tokens: int,
+                  temperature: float = 1.0, top_p: float = 1.0, eos_id: int = EOS, pad_id: int = PAD) -> Rollout:
+  """`rollout` of a batch whose rows are built where they run: this process passes only its own rows
+  (`local_rows(model.mesh, num_rows)`, one per sample: prompts already repeated per group) and gets only
+  those back, as numpy. The program is the global one, so a row's tokens do not depend on how many
+  processes share the batch. Prompts are padded to the widest of any process's (one tiny all-gather)."""
+  rows = local_rows(model.mesh, num_rows)
+  prompts_BxP, prompt_lens_B = np.asarray(prompts_BxP, np.int32), np.asarray(prompt_lens_B, np.int32)
+  if prompts_BxP.shape[0] != len(rows) or prompt_lens_B.shape != (len(rows),):
+    raise ValueError(f"local_rollout: this process (index {jax.process_index()}) holds batch rows [{rows.start}, "
+                     f"{rows.stop}) of {num_rows}, so it needs {len(rows)} prompt rows and lengths; got "
+                     f"{prompts_BxP.shape} and {prompt_lens_B.shape}")
+  width = distributed.max_over_processes(prompts_BxP.shape[1])
+  prompts_BxP = np.pad(prompts_BxP, ((0, 0), (0, width - prompts_BxP.shape[1])), constant_values=pad_id)
+  _check(model, num_rows, width, prompt_lens_B, max_new_tokens, temperature, top_p)
+  sharding = batch_sharding(model.mesh)
+  prompts = jax.make_array_from_process_local_data(sharding, prompts_BxP, (num_rows, width))
+  lens = jax.make_array_from_process_local_data(sharding, prompt_lens_B, (num_rows,))
+  graphdef, state = nnx.split(model)
+  out = _rollout(graphdef, state, prompts, lens, key, jnp.float32(temperature), jnp.float32(top_p),
+                 max_new_tokens=max_new_tokens, eos_id=int(eos_id), pad_id=int(pad_id))
+  return Rollout(*(_local_part(x, sharding) for x in out))
+
+
+def response_rows(tokens_BxT, lengths_B, prompt_lengths_B, *, eos_id: int, max_new_tokens: int):
+  """Per row: generated tokens (EOS included) and whether it was clipped at `max_new_tokens` without an EOS."""
   tokens_BxT, lengths_B = np.asarray(tokens_BxT), np.asarray(lengths_B)
   new_B = lengths_B - np.asarray(prompt_lengths_B)
   last_B = tokens_BxT[np.arange(len(lengths_B)), np.maximum(lengths_B - 1, 0)]
-  clipped_B = (new_B >= max_new_tokens) & (last_B != eos_id)
-  return {"mean": float(new_B.mean()), "max": int(new_B.max()), "clipped_share": float(clipped_B.mean())}
+  return new_B, (new_B >= max_new_tokens) & (last_B != eos_id)
+
+
+def length_stats(tokens_BxT, lengths_B, prompt_lengths_B, *, eos_id: int, max_new_tokens: int) -> dict:
+  """Response lengths (generated tokens, EOS included): mean, max, and the share of rows clipped at
+  `max_new_tokens` without an EOS (host arrays)."""
+  return summarize_lengths(*response_rows(tokens_BxT, lengths_B, prompt_lengths_B, eos_id=eos_id,
+                                          max_new_tokens=max_new_tokens))
+
+
+def summarize_lengths(new_B, clipped_B) -> dict:
+  return {"mean": float(np.mean(new_B)), "max": int(np.max(new_B)), "clipped_share": float(np.mean(clipped_B))}

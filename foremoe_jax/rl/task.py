@@ -58,6 +58,18 @@ def content_ids(ids, tokenizer) -> list[int]:
   return out
 
 
+def row_rng(seed: int, step: int, row: int) -> np.random.Generator:
+  """The generator of prompt row `row` of RL step `step`: a row's prompt depends on (seed, step, row) only,
+  so any process can build exactly the rows it owns and gets the rows another split of the batch gets."""
+  return np.random.default_rng([seed, step, row])
+
+
+def sample_rows(sample, rows, *, seed: int, step: int) -> list:
+  """One item per row of `rows` (global prompt indices), each drawn by `sample(rng, 1)` from its own
+  `row_rng`: the same whichever process, or how many, build it."""
+  return [sample(row_rng(seed, step, row), 1)[0] for row in rows]
+
+
 def solve(prompt: str) -> str:
   """The answer of an arithmetic prompt `"<int><op><int>="`."""
   body = prompt.strip().removesuffix("=")

@@ -80,20 +80,25 @@ def map_experts(ids_SxLxK, weights_SxLxK, trace_experts: int, num_experts: int, 
 
 
 def stream_index(lengths_B, prompt_lengths_B, seq_len: int, group_size: int, stream_len: int,
-                 seed: int) -> np.ndarray:
-  """int64 [B, T]: the stream token each position replays, -1 at or past a row's length (live value)."""
+                 seed: int, rows: range | None = None, num_rows: int | None = None) -> np.ndarray:
+  """int64 [B, T]: the stream token each position replays, -1 at or past a row's length (live value).
+  `rows` of `num_rows` (default: all B): these are rows `rows` of a larger batch (one process's block),
+  and get the windows they get in the whole batch."""
   lengths_B, prompt_B = np.asarray(lengths_B, np.int64), np.asarray(prompt_lengths_B, np.int64)
   (b,) = lengths_B.shape
-  if prompt_B.shape != (b,) or b % group_size:
-    raise ValueError(f"lengths {lengths_B.shape} and prompt_lengths {prompt_B.shape} must be [B] with B a "
-                     f"multiple of group_size={group_size}")
+  rows = range(b) if rows is None else rows
+  num_rows = b if num_rows is None else num_rows
+  if prompt_B.shape != (b,) or num_rows % group_size or len(rows) != b or rows.stop > num_rows:
+    raise ValueError(f"lengths {lengths_B.shape} and prompt_lengths {prompt_B.shape} must be [B] = rows "
+                     f"[{rows.start}, {rows.stop}) of a batch of {num_rows}, a multiple of group_size={group_size}")
   if ((prompt_B < 0) | (prompt_B > lengths_B) | (lengths_B > seq_len)).any():
     raise ValueError(f"need 0 <= prompt_length <= length <= T={seq_len} in every row")
   if stream_len < seq_len:
     raise ValueError(f"the trace stream has {stream_len} tokens, fewer than one row of T={seq_len}")
   rng = np.random.default_rng(seed)
-  prompt_start_B = np.repeat(rng.integers(0, stream_len - seq_len + 1, b // group_size), group_size)
-  completion_start_B = rng.integers(0, stream_len - seq_len + 1, b)
+  prompt_start_B = np.repeat(rng.integers(0, stream_len - seq_len + 1, num_rows // group_size), group_size)[
+      rows.start:rows.stop]
+  completion_start_B = rng.integers(0, stream_len - seq_len + 1, num_rows)[rows.start:rows.stop]
   t_T = np.arange(seq_len)
   index = np.where(t_T < prompt_B[:, None], prompt_start_B[:, None] + t_T,
                    completion_start_B[:, None] + t_T - prompt_B[:, None])
@@ -112,18 +117,19 @@ class TraceRoutes:
     self.mapped_SxLxK = mapped[:, np.arange(num_layers) % l_t]
     self.group_size, self.seed, self.source = group_size, seed, source
 
-  def routes(self, routes_BxTxLxK, lengths_B, prompt_lengths_B) -> np.ndarray:
+  def routes(self, routes_BxTxLxK, lengths_B, prompt_lengths_B, rows=None, num_rows=None) -> np.ndarray:
     routes = np.asarray(routes_BxTxLxK)
     if routes.ndim != 4 or routes.shape[2:] != self.mapped_SxLxK.shape[1:]:
       raise ValueError(f"rollout routes have shape {routes.shape}; the trace routes were built for "
                        f"[B, T, L, k] with (L, k) = {self.mapped_SxLxK.shape[1:]}")
     index_BxT = stream_index(lengths_B, prompt_lengths_B, routes.shape[1], self.group_size,
-                             len(self.mapped_SxLxK), self.seed)
+                             len(self.mapped_SxLxK), self.seed, rows, num_rows)
     return np.where((index_BxT >= 0)[..., None, None], self.mapped_SxLxK[np.maximum(index_BxT, 0)],
                     routes).astype(routes.dtype)
 
-  def __call__(self, roll):
-    return roll._replace(routes=self.routes(roll.routes, roll.lengths, roll.prompt_lengths))
+  def __call__(self, roll, rows: range | None = None, num_rows: int | None = None):
+    """`roll` holds rows `rows` of `num_rows` (one process's block; default: the whole batch)."""
+    return roll._replace(routes=self.routes(roll.routes, roll.lengths, roll.prompt_lengths, rows, num_rows))
 
 
 def resolve(spec: str) -> tuple[pathlib.Path | None, str]:

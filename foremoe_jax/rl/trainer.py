@@ -1,10 +1,12 @@
 """GRPO post-training with foresight: rollout (routes captured) -> plan -> recompute -> micro-stepped update.
 
 Per RL step (`GRPOTrainer.step`, one method per stage):
-1. `generate`: G samples per prompt with the KV cache; every position's routes are captured (R3).
-2. `postprocess`: sequences are packed into micro-steps (static shapes); the routed counts of every
-   (micro-step, layer) are known now, so one plan per mini-batch goes to the planner (a thread, or with
-   `rl.plan_in_process` a process: `planning.py`) while rewards, advantages and device batches are made.
+1. `generate`: G samples per prompt with the KV cache; every position's routes are captured (R3). Each
+   process draws and rolls out only the batch rows its devices hold (host-local data: `host_batches.py`).
+2. `postprocess`: each process packs its rows into its shards' micro-steps (static shapes); the routed
+   counts of every (micro-step, layer), summed over the processes (one gather), are known now, so one plan
+   per mini-batch goes to the planner (a thread, or with `rl.plan_in_process` a process: `planning.py`)
+   while rewards (gathered per row), advantages and device batches are made.
 3. `recompute`: old log-probs, forward only, routes replayed; mini-batch i in its plan's layout if that
    plan is ready when i is dispatched, else in the home layout (`rl.recompute_layout`): the same log-probs.
 4. `update`: `ppo_epochs` x `num_minibatches` optimizer steps, each over its micro-steps with gradient
@@ -26,8 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -36,15 +36,16 @@ from foremoe_jax.checkpoint import Checkpointer
 from foremoe_jax.executor import Executor, replicate_unsharded
 from foremoe_jax.step_tables import pair_need, prepare_step
 from foremoe_jax.load_monitor import expert_tokens, load_record
-from foremoe_jax.mesh import batch_sharding, batch_shards
+from foremoe_jax.mesh import batch_shards
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
 from foremoe_jax.planner.pairs import micro_capacities
 from foremoe_jax.rl.grpo import chunked_token_logprobs, group_advantages, grpo_loss
-from foremoe_jax.rl.microbatch import build_step_batches, with_advantages
+from foremoe_jax.rl import host_batches
 from foremoe_jax.rl.optim import rl_optimizer
 from foremoe_jax.rl.planning import Planner, minibatches, timed_plan
 from foremoe_jax.rl.report import STAGES, format_record, home_device_load, imbalance_report, policy_loads, throughput
-from foremoe_jax.rl.rollout import length_stats, rollout
+from foremoe_jax.rl.rollout import local_prompts, local_rollout, local_rows, response_rows, summarize_lengths
+from foremoe_jax.rl.task import sample_rows
 
 log = logging.getLogger(__name__)
 __all__ = ["GRPOTrainer", "format_record", "grpo_objective"]
@@ -65,17 +66,15 @@ def grpo_objective(model, batch, *, tables, working, capacity, clip_eps: float, 
 @dataclasses.dataclass
 class StepWork:
   """One RL step's state between its stages; lists run over its mini-batches."""
-  pairs: list[tuple[str, str]]  # (prompt, answer) per prompt
-  roll: Any  # the rollout, numpy
-  answers: list[str]  # per row
-  completions: list[str]  # per row, decoded
-  rewards_N: np.ndarray
+  host_rows: list[list[int]]  # [start, stop) of the batch rows each process built
+  per_row: dict[str, np.ndarray]  # every row's reward, response length and clipped flag (gathered)
+  samples: list[dict]  # the first few groups built here, for the record
+  inputs: host_batches.StepInputs  # the step's counts and token totals, summed over processes
   counts: list[np.ndarray]  # [M_i, L, D, E]: what mini-batch i's plan is made from
   futures: list  # the planner's (plan, seconds, device load [M_i, L, D]) per mini-batch
   minibatches: list[list[dict]]  # device micro-batches per mini-batch
-  experts: Any  # future: expert tokens [L, E] (load monitor)
+  experts: Any  # future: expert tokens [L, E] of this process's rows (load monitor)
   report: Any  # future: every policy's device load (rl.report_policies), else None
-  real_token_share: float  # real (prompt + response) tokens over the step's row positions
   tables: list = dataclasses.field(init=False)  # StepTables under mini-batch i's plan, once it is in
   plan_loads: list = dataclasses.field(init=False)  # device load [M_i, L, D] of mini-batch i's plan
   digests: list = dataclasses.field(init=False)  # hash of mini-batch i's plan (compared across processes)
@@ -106,6 +105,8 @@ class GRPOTrainer:
 
   def __init__(self, cfg, model, mesh, task, run_dir: str):
     self.cfg, self.rl, self.mesh, self.task = cfg, cfg.rl.validate(batch_shards(mesh)), mesh, task
+    self.num_rows = self.rl.prompts_per_step * self.rl.group_size
+    self.groups = host_batches.num_groups(self.rl.pack_groups, jax.process_count(), batch_shards(mesh))
     self.tok = task.tokenizer
     moe = model.moe_layers()[0]
     self.expert_devices = moe.num_devices
@@ -129,7 +130,7 @@ class GRPOTrainer:
       self.reference.params = jax.tree.map(jnp.copy, self.reference.params)
     self.ckpt = Checkpointer(os.path.join(run_dir, "rl_ckpt"))
     self.history = None
-    self.route_hook = None  # fn(host Rollout) -> Rollout, applied after the rollout: benchmarks' trace routes
+    self.route_hook = None  # fn(Rollout of rows `rows` of num_rows, rows, num_rows) -> Rollout: trace routes
     self.capacities = set()  # the padded capacities met so far: each compiled its programs once
     self.compiled = set()  # (program, _key) of the groups compile_ahead compiled so far
     self.home = {}  # micro-steps -> (home plan, its placed StepTables)
@@ -162,10 +163,10 @@ class GRPOTrainer:
   def step(self, step: int) -> dict:
     times = {}
     with self._timed(times, "rollout"):
-      pairs, roll = self.generate(step)
-    roll = roll if self.route_hook is None else self.route_hook(roll)
+      rows, pairs, roll = self.generate(step)
+    roll = roll if self.route_hook is None else self.route_hook(roll, rows, self.num_rows)
     with self._timed(times, "postprocess"):
-      work = self.postprocess(step, pairs, roll)
+      work = self.postprocess(step, rows, pairs, roll)
     with self._timed(times, "recompute", work):
       self.recompute(step, work)
     with self._timed(times, "update", work):
@@ -183,47 +184,53 @@ class GRPOTrainer:
     yield
     times[stage] = time.perf_counter() - tic - ((work.waited - waited) if work else 0.0)
 
-  def sample_prompts(self, rng: np.random.Generator) -> list[tuple[str, str]]:
-    n = self.rl.prompts_per_step
-    if self.prompts is None:
-      return self.task.sample(rng, n)
-    return [self.prompts[i] for i in rng.integers(0, len(self.prompts), size=n)]
+  def sample_prompts(self, step: int, rows) -> list[tuple[str, str]]:
+    """(prompt, answer) of prompt rows `rows` of the step, each from its own generator (`task.row_rng`)."""
+    def from_file(rng, n):
+      return [self.prompts[i] for i in rng.integers(0, len(self.prompts), size=n)]
+    return sample_rows(self.task.sample if self.prompts is None else from_file, rows, seed=self.cfg.seed, step=step)
 
   def generate(self, step: int):
-    """(prompt, answer) pairs and their rollout, on the host (multi-process: one gather, routes included)."""
-    rl, rng = self.rl, np.random.default_rng([self.cfg.seed, step])
-    pairs = self.sample_prompts(rng)
-    prompts_NxP, lens_N = self.task.prompt_batch([p for p, _ in pairs])
-    roll = rollout(self.executor.model(), prompts_NxP, lens_N, jax.random.key(step + 7919 * self.cfg.seed),
-                   max_new_tokens=rl.max_new_tokens, group_size=rl.group_size, temperature=rl.temperature,
-                   top_p=rl.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
-    return pairs, distributed.to_host(roll._replace(logprobs=None))
+    """This process's batch rows, their (prompt, answer) pairs and their rollout (numpy): no process draws
+    or holds another's rows."""
+    rl, rows = self.rl, local_rows(self.mesh, self.num_rows)
+    pairs = local_prompts(functools.partial(self.sample_prompts, step), rows, rl.group_size)
+    prompts_BxP, lens_B = self.task.prompt_batch([p for p, _ in pairs])
+    roll = local_rollout(self.executor.model(), prompts_BxP, lens_B, jax.random.key(step + 7919 * self.cfg.seed),
+                         num_rows=self.num_rows, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                         top_p=rl.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
+    return rows, pairs, roll._replace(logprobs=None)
 
-  def postprocess(self, step: int, pairs, roll) -> StepWork:
-    """Packs the rollout and submits one plan per mini-batch, in order (mini-batch i recomputes while the
-    later ones are planned), then scores the samples and makes the device batches meanwhile."""
+  def postprocess(self, step: int, rows: range, pairs, roll) -> StepWork:
+    """Packs this process's rows, gathers the step's counts and submits one plan per mini-batch, in order
+    (mini-batch i recomputes while the later ones are planned), then scores the samples and makes the
+    device batches meanwhile."""
     rl = self.rl
-    packed = build_step_batches(roll.tokens, roll.routes, roll.completion_mask, roll.lengths,
-                                num_shards=batch_shards(self.mesh), expert_devices=self.expert_devices,
-                                rows_per_shard=rl.rows_per_shard, tokens_per_shard=rl.tokens_per_shard,
-                                num_experts=self.plan_cfg.num_experts, num_minibatches=rl.num_minibatches,
-                                seed=step, pack_sequences=rl.pack_sequences)
-    planned = minibatches(packed.counts_MxLxDxE, rl.num_minibatches, self.history)
+    host = host_batches.pack_host(roll, rows, step=step, num_rows=self.num_rows, num_shards=batch_shards(self.mesh),
+                                  groups=self.groups, expert_devices=self.expert_devices,
+                                  num_experts=self.plan_cfg.num_experts, rl=rl)
+    inputs = host_batches.gather_inputs(host, rl.num_minibatches)
+    planned = minibatches(inputs.counts_MxLxDxE, rl.num_minibatches, self.history)
     futures = [self.planner.submit(timed_plan, c, self.plan_cfg, h) for c, h in planned]
     # Queued behind the plans: they run while recompute and update do, collected in `record`.
-    report = (self.planner.submit(policy_loads, packed.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg,
+    report = (self.planner.submit(policy_loads, inputs.counts_MxLxDxE, rl.num_minibatches, self.plan_cfg,
                                   self.history) if rl.report_policies else None)
     experts = self.planner.submit(expert_tokens, roll.routes, roll.lengths, self.plan_cfg.num_experts)
-    answers = [a for _, a in pairs for _ in range(rl.group_size)]
     completions = [self.tok.decode(row[start:]) for row, start in zip(roll.tokens, roll.prompt_lengths)]
-    rewards_N = np.array([self.task.score(c, a) for c, a in zip(completions, answers)], np.float32)
-    advantages_N = np.asarray(group_advantages(jnp.asarray(rewards_N), rl.group_size))
-    batches = [self.device_batch(b) for b in with_advantages(packed, advantages_N)]
+    rewards_B = np.array([self.task.score(c, a) for c, (_, a) in zip(completions, pairs)], np.float32)
+    new_B, clipped_B = response_rows(roll.tokens, roll.lengths, roll.prompt_lengths, eos_id=self.tok.eos_id,
+                                     max_new_tokens=rl.max_new_tokens)
+    per_row, host_rows = host_batches.gather_rows(rows, self.num_rows, {"reward": rewards_B, "new_tokens": new_B,
+                                                                        "clipped": clipped_B.astype(np.int32)})
+    advantages_B = np.asarray(group_advantages(jnp.asarray(per_row["reward"]), rl.group_size))[rows.start:rows.stop]
+    batches = [self.device_batch(b) for b in host_batches.host_micro_batches(host, advantages_B, inputs.num_tokens_M)]
     self.history = planned[-1][0]
     per_mb = len(batches) // rl.num_minibatches
-    return StepWork(pairs, roll, answers, completions, rewards_N, [c for c, _ in planned], futures,
-                    [batches[i * per_mb:(i + 1) * per_mb] for i in range(rl.num_minibatches)], experts, report,
-                    packed.real_token_share)
+    first = -rows.start % rl.group_size  # the first row here that starts a group
+    samples = [{"prompt": pairs[b][0], "answer": pairs[b][1], "response": completions[b], "reward": float(rewards_B[b])}
+               for b in range(first, len(completions), rl.group_size)][:4]
+    return StepWork(host_rows, per_row, samples, inputs, [c for c, _ in planned], futures,
+                    [batches[i * per_mb:(i + 1) * per_mb] for i in range(rl.num_minibatches)], experts, report)
 
   def recompute(self, step: int, work: StepWork) -> None:
     """Old (and reference) log-probs of each mini-batch, forward only: under its plan's tables when
@@ -301,38 +308,30 @@ class GRPOTrainer:
     return {self.plan_cfg.policy: np.concatenate(work.plan_loads), "static": static}
 
   def record(self, step: int, work: StepWork, updates: list[dict], loads: dict, seconds: dict) -> dict:
-    rl, roll = self.rl, work.roll
+    rl, per_row = self.rl, work.per_row
+    expert_LxE = distributed.gather_over_processes([work.experts.result()])[0].sum(0)  # every process's rows
     capacity_M = [c for tables in work.tables for c in tables.capacity_M]
     new_capacities = sorted(set(work.compiled) - self.capacities)  # their programs compiled in this step
     self.capacities.update(work.compiled)
-    return {"step": step, "reward": float(work.rewards_N.mean()),
+    return {"step": step, "reward": float(per_row["reward"].mean()),
             "kl": float(np.mean([u["metrics"]["approx_kl"].sum() for u in updates])),
             "loss": float(np.mean([u["loss"] for u in updates])),
             "clip_frac": float(np.mean([u["metrics"]["clip_frac"].sum() for u in updates])),
-            "seconds": seconds, **throughput(seconds, int(np.sum(roll.lengths)), rl.ppo_epochs, self.cfg.model),
+            "seconds": seconds, **throughput(seconds, work.inputs.real_tokens, rl.ppo_epochs, self.cfg.model),
             "planner_ms": 1e3 * work.planner_s, "micro_steps": sum(len(mb) for mb in work.minibatches),
-            "recompute_at_home": work.at_home, "real_token_share": work.real_token_share, **imbalance_report(loads),
+            "recompute_at_home": work.at_home, "real_token_share": work.inputs.real_token_share,
+            **imbalance_report(loads),
             "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates)),
             "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.capacities),
             "new_capacities": new_capacities,
-            "load": load_record(work.experts.result(), {p: x.sum(1) for p, x in loads.items()}),
-            "response_length": length_stats(roll.tokens, roll.lengths, roll.prompt_lengths, eos_id=self.tok.eos_id,
-                                            max_new_tokens=rl.max_new_tokens),
-            "samples": [{"prompt": work.pairs[b // rl.group_size][0], "answer": work.answers[b],
-                         "response": work.completions[b], "reward": float(work.rewards_N[b])}
-                        for b in range(0, len(work.completions), rl.group_size)][:4],
-            "plan_digests": work.digests}
+            "load": load_record(expert_LxE, {p: x.sum(1) for p, x in loads.items()}),
+            "response_length": summarize_lengths(per_row["new_tokens"], per_row["clipped"]),
+            "samples": work.samples, "host_rows": work.host_rows, "plan_digests": work.digests}
 
   # --- helpers of the stages -----------------------------------------------------------------------
   def device_batch(self, batch: dict) -> dict:
-    """Host arrays (the same on every process) -> global arrays sharded over the batch axes."""
-    shard, replicated = batch_sharding(self.mesh), NamedSharding(self.mesh, P())
-
-    def put(v):
-      v = np.asarray(v)
-      sharding = replicated if v.ndim == 0 else shard
-      return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
-    return {k: put(v) for k, v in batch.items()}
+    """This process's part of a micro-batch -> global arrays sharded over the batch axes."""
+    return host_batches.device_batch(batch, self.mesh)
 
   def compile_ahead(self, step: int, micro_batches: list[dict], tables, programs, met_this_step: list) -> None:
     """The programs a stage will run for `tables` compile before it, `rl.compile_workers` at a time
