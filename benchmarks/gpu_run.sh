@@ -35,8 +35,8 @@
 #                                  #   MoE step EP=2 with the deferred gradient rows, RL step gpu_2 on trace routes
 #                                  #   (copy traces into .traces/ first and carry it) and live
 #   bash benchmarks/gpu_run.sh 21  # ~7 min, 1 GPU: where the scanned step loses (issue 23): the 4-layer step
-#                                  #   unrolled / scan / scan_unroll 2, 4 with kernel tables and optimized HLO, the
-#                                  #   same with remat=block, then the RL step gpu_1 cut scanned and unrolled
+#                                  #   unrolled / scan / scan_unroll 2, 4 with kernel tables and optimized HLO,
+#                                  #   then the RL step gpu_1 cut scanned and unrolled
 #   bash benchmarks/gpu_run.sh 5   # ~1.5 min: one foremoe step at EP=4 with XLA's optimized HLO of the micro-step
 #                                  #   program dumped (names the fusions in the trace summaries)
 # Writes under $OUT (env.txt and each benchmark's json/log). Needs .bench_data/ (made on the host:
@@ -240,16 +240,13 @@ case $PHASE in
     --out "$OUT/compile_scan_unroll.json" > "$OUT/compile_scan_unroll.log" 2>&1
   note "compile_scan unroll exit $?"
   ( cd "$OUT" && tar czf hlo.tgz hlo && rm -r hlo )
-  timeout 120 $PY benchmarks/compile_scan.py --scan-depths 4 --unrolled-depths 4 --remat block --profile \
-    --out "$OUT/compile_scan_remat.json" > "$OUT/compile_scan_remat.log" 2>&1
-  note "compile_scan remat exit $?"
   for scan in false true; do
-    timeout 150 $PY benchmarks/rl_step.py --config gpu_1 --repeats 3 --policies static,foremoe \
+    timeout 110 $PY benchmarks/rl_step.py --config gpu_1 --repeats 3 --policies static,foremoe \
       --set model.num_layers=4 --set model.scan_layers=$scan --out "$OUT/rl_step_gpu1_scan_$scan.json" \
       > "$OUT/rl_step_gpu1_scan_$scan.log" 2>&1
     note "rl_step scan_layers=$scan exit $?"
   done
-  grep -h "L=\|ms of device\|^  " "$OUT"/compile_scan_*.log | cut -c1-160; tail -n 4 "$OUT"/rl_step_gpu1_scan_*.log
+  grep -h "L=\\|ms of device\\|^  " "$OUT"/compile_scan_*.log | cut -c1-160; tail -n 4 "$OUT"/rl_step_gpu1_scan_*.log
   ;;
 3)
   # The full gpu_4 preset (12 layers, 2,048 sequences) printed nothing within 330 s on 4 x H200
