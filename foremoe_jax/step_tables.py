@@ -56,20 +56,28 @@ class TableSizes(NamedTuple):
   layout: tuple[bool, bool]  # (base is home everywhere, micro-steps leave the base)
 
 
-def table_sizes(cfg) -> TableSizes:
+def table_sizes(cfg, base_rows: int = 0) -> TableSizes:
   """The bounds a `PlanConfig`'s plans never exceed. Per (micro-step, layer) and device, "foremoe" changes
   at most `max_moves_per_device` slots off the base and "eplb_microstep" any of its S; a refill also writes
   back the slots returning to the base (local copies): twice that, at most S. A base may move any slot:
-  S rows per (source, destination) pair and per device. The layout: the static policy (or one device)
-  never leaves home; the step-level EPLB policies never leave their base; the others run every step with
-  base and working slots, a home base as an empty base transfer."""
+  S rows per (source, destination) pair and per device; `base_rows` > 0 pads the base's remote rows to
+  that instead (a plan that needs more is refused: `base_pair_need` tells ahead). The layout: the static
+  policy (or one device) never leaves home; the step-level EPLB policies never leave their base; the
+  others run every step with base and working slots, a home base as an empty base transfer."""
   slots = cfg.slots_per_device
   if cfg.policy == "static" or cfg.num_devices == 1:
     return TableSizes(1, 1, 1, 1, 1, 1, (True, False))
+  base = min(slots, base_rows or slots)
   moves = {"foremoe": min(slots, cfg.max_moves_per_device), "eplb_microstep": slots}.get(cfg.policy, 0)
   if not moves:
-    return TableSizes(1, 1, 1, 1, slots, slots, (False, False))
-  return TableSizes(moves, min(slots, 2 * moves), moves, moves, slots, slots, (False, True))
+    return TableSizes(1, 1, 1, 1, base, slots, (False, False))
+  return TableSizes(moves, min(slots, 2 * moves), moves, moves, base, slots, (False, True))
+
+
+def base_pair_need(plan, num_experts: int) -> int:
+  """The most rows one device sends another in the plan's base transfer (over layers)."""
+  num_devices = plan.base.shape[1]
+  return max(moves_needed(home_to_base_moves(b, num_experts), num_devices) for b in plan.base)
 
 
 class Tenure(NamedTuple):

@@ -55,6 +55,11 @@ class RLConfig:
   # in threads; 0: each compiles when first called, one after another): the first step of new capacities
   # waits less (BENCHMARKS.md, compile time).
   compile_workers: int = 8
+  # Rows per (source, destination) pair of the base transfer, fixed for the run like every table's
+  # (`step_tables.TableSizes`); 0: S, which no base exceeds, so no plan ever compiles new programs. Fewer
+  # pad the base's all_to_all less (each row is an expert); a plan that needs more raises it to the need's
+  # power of two for the rest of the run (logged; its programs compile then).
+  base_rows: int = 0
   prompt_file: str = ""  # "prompt<TAB>answer" lines; empty: arithmetic problems drawn on the fly
   ckpt_every: int = 1
 
@@ -65,6 +70,8 @@ class RLConfig:
       raise ValueError(f"rl.recompute_layout={self.recompute_layout!r} is not one of {RECOMPUTE_LAYOUTS}")
     if self.adam_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"rl.adam_dtype={self.adam_dtype!r} must be 'float32' or 'bfloat16'")
+    if self.base_rows < 0:
+      raise ValueError(f"rl.base_rows={self.base_rows} must be >= 0 (0: the slots per device, no base needs more)")
     if self.compile_workers < 0:
       raise ValueError(f"rl.compile_workers={self.compile_workers} must be >= 0 (0: compile when first called)")
     positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "rows_per_shard",

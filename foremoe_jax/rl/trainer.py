@@ -34,7 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from foremoe_jax import backends, distributed
 from foremoe_jax.checkpoint import Checkpointer
 from foremoe_jax.executor import Executor, replicate_unsharded
-from foremoe_jax.step_tables import pair_need, prepare_step, table_sizes
+from foremoe_jax.step_tables import base_pair_need, capacity_power_of_two, pair_need, prepare_step, table_sizes
 from foremoe_jax.load_monitor import expert_tokens, load_record
 from foremoe_jax.mesh import batch_sharding, batch_shards
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
@@ -117,7 +117,7 @@ class GRPOTrainer:
                                slots_per_device=moe.slots, policy=self.rl.policy, cost=cost,
                                capacity_buckets=self.rl.capacity_buckets)
     # One table shape and layout for the whole run (the planner's bounds): no plan compiles new programs.
-    self.sizes = table_sizes(self.plan_cfg)
+    self.sizes = table_sizes(self.plan_cfg, self.rl.base_rows)
     self.planner = Planner(self.rl.plan_in_process)  # a process starts now: its imports are paid early
     weakref.finalize(self, self.planner.close)
     self.prompts = task.load_prompts(self.rl.prompt_file) if self.rl.prompt_file else None
@@ -267,6 +267,7 @@ class GRPOTrainer:
       # silently mix placements, so compare hashes (one tiny all-gather) and fail loudly.
       work.digests[i] = distributed.check_same_across_processes(
           (plan.slot_expert, plan.slot_share, plan.base), f"rl step {step}: the plan of mini-batch {i}")
+      self.fit_base(step, plan)
       home_plan, _ = self.home_layout(work.counts[i])
       at_home = all(np.array_equal(getattr(plan, f), getattr(home_plan, f)) for f in ("slot_expert", "slot_share",
                                                                                       "base"))
@@ -275,6 +276,16 @@ class GRPOTrainer:
                                      mesh=self.mesh))
       work.planner_s += plan_s + time.perf_counter() - prepare
     return work.tables[i]
+
+  def fit_base(self, step: int, plan) -> None:
+    """Raises the run's base rows (`rl.base_rows`) to a plan's need (a power of two) where it needs more;
+    the home tables are remade at the new size."""
+    need = base_pair_need(plan, self.plan_cfg.num_experts)
+    if need > self.sizes.base:
+      rows = min(self.plan_cfg.slots_per_device, capacity_power_of_two(need))
+      log.warning("rl step %d: a base needs %d rows per device pair, rl.base_rows allows %d: %d from now on (its "
+                  "programs compile)", step, need, self.sizes.base, rows)
+      self.sizes, self.home = self.sizes._replace(base=rows), {}
 
   def home_layout(self, counts_MxLxDxE):
     """(home plan, its placed StepTables) for this many micro-steps, made once: neither depends on the
