@@ -31,8 +31,9 @@ class RLConfig:
   adam_dtype: str = "float32"
   policy: str = "foremoe"  # placement policy of the recompute and update stages
   # The layout each mini-batch's recompute runs in (any gives the same log-probs: routes are replayed):
-  # "ready": its plan's if that plan is ready when the recompute is dispatched, else the home layout (no
-  # wait; every process makes the same choice); "plan": always its plan's (waits for it); "home": always
+  # "ready": its plan's if that plan is ready when the recompute is dispatched or the home layout would
+  # compile a program, else the home layout (no wait; every process makes the same choice); "plan":
+  # always its plan's (waits for it); "home": always
   # the home layout. "plan" and "home" are deterministic: runs compared bit for bit need one of them.
   recompute_layout: str = "ready"
   # Also plan every policy on each step's counts for the report (imbalance, load): that re-planning runs on

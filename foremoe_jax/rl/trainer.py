@@ -133,6 +133,7 @@ class GRPOTrainer:
     self.route_hook = None  # fn(host Rollout) -> Rollout, applied after the rollout: benchmarks' trace routes
     self.capacities = set()  # the padded capacities met so far: each compiled its programs once
     self.compiled = set()  # (program, _key) of the groups compile_ahead compiled so far
+    self.forwards = set()  # (first micro-step, padded capacity) of every forward program run so far
     self.home = {}  # micro-steps -> (home plan, its placed StepTables)
     self.zeros = {}  # (shape, sharding) -> the recompute's log-prob placeholder
 
@@ -230,18 +231,23 @@ class GRPOTrainer:
     """Old (and reference) log-probs of each mini-batch, forward only: under its plan's tables when
     `use_plan` (its update's programs then compile here too), else under the home layout's."""
     for i, micro_batches in enumerate(work.minibatches):
-      if self.use_plan(work.futures[i]):
+      if self.use_plan(work.futures[i], work.counts[i]):
         tables, programs = self.plan_tables(step, work, i), ("forward", "train")
       else:
         tables, programs = self.home_tables(work.counts[i]), ("forward",)
         work.at_home += 1
       self.compile_ahead(step, micro_batches, tables, programs, work.compiled)
       self.attach_logprobs(micro_batches, tables)
+      self.forwards.update((m == 0, c) for m, c in enumerate(tables.capacity_M))
 
-  def use_plan(self, future) -> bool:
-    """rl.recompute_layout: recompute this mini-batch under its plan ("ready": if it is in by now)."""
+  def use_plan(self, future, counts_MxLxDxE) -> bool:
+    """rl.recompute_layout: recompute this mini-batch under its plan ("ready": if it is in by now, or if
+    the home layout would compile a forward program: a padded capacity no recompute met; the plan's
+    programs compile anyway, for the update, and planning takes less than a compile)."""
     if self.rl.recompute_layout == "ready":  # timing differs between processes; their programs must not
-      return distributed.true_on_every_process(future.done())
+      home = self.home_tables(counts_MxLxDxE).capacity_M
+      return (not self.forwards.issuperset((m == 0, c) for m, c in enumerate(home))
+              or distributed.true_on_every_process(future.done()))
     return self.rl.recompute_layout == "plan"
 
   def update(self, step: int, work: StepWork) -> list[dict]:
