@@ -235,7 +235,8 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   """
   num_micro, num_layers, num_devices, slots = plan.slot_expert.shape
   fixed = sizes or TableSizes(*(None,) * 7)
-  fill_capacity, held_capacity = fill_capacity or fixed.fill, held_capacity or fixed.held
+  fill_capacity = fill_capacity or fixed.fill
+  held_capacity = fixed.held if held_capacity is None else held_capacity
   base_capacity, base_local_capacity = base_capacity or fixed.base, base_local_capacity or fixed.base_local
   base_list = [home_to_base_moves(plan.base[l], num_experts) for l in range(num_layers)]
   base_cap = base_capacity or table_rows(moves_needed, base_list, num_devices)
