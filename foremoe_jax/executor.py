@@ -25,7 +25,10 @@ differentiated by the home weights, accumulators in the home layout, no transfer
 `Executor(fused=False)` runs the base transfer and the update in programs of their own (the measured
 baseline of the fused schedule).
 Placements are traced table values: a new plan never recompiles (the move tables' row counts are
-powers of two), except between the three layouts above (a handful of programs, compiled once each).
+powers of two), except between the three layouts above and the micro-step variants (which of refill,
+hold, direct return and flush it runs). Tables made with `TableSizes` (what the RL trainer passes) fix
+all of it for a run: one layout, one table shape, and every micro-step runs its layout's full program,
+empty tables moving nothing, so the only programs a run meets are per position and padded capacity.
 Each micro-step's padded all_to_all is sized to that micro-step's exact need, bucketed:
 the routes are known before the step runs, so a balanced micro-step ships fewer rows; each bucket a
 micro-step meets compiles its program once (jit's cache), a handful over a run.
@@ -322,27 +325,32 @@ class Executor:
   # --- host loop -----------------------------------------------------------------------------------
   @staticmethod
   def layout(step: StepTables) -> tuple[bool, bool]:
-    """(base is home in every layer, some micro-step leaves the base): which programs a step runs."""
-    return step.at_home, bool(step.fill_M.any())
+    """(base is home in every layer, some micro-step leaves the base): which programs a step runs; fixed
+    by the step's `TableSizes` when it has them."""
+    return step.layout or (step.at_home, bool(step.fill_M.any()))
 
   def _schedule(self, step: StepTables, m: int, prefetch: bool | None):
     """The refill micro-step m runs and its tables: the next micro-step's behind this compute (prefetch)
-    or this one's before it; None where that placement equals its predecessor in every layer."""
+    or this one's before it; None where that placement equals its predecessor in every layer (with fixed
+    sizes: only where the layout never leaves the base)."""
     prefetch = self.prefetch if prefetch is None else prefetch
     target = m + 1 if prefetch else m
-    if not 0 < target < step.num_micro_steps or not step.refill_M[target]:
+    runs = self.layout(step)[1] if step.layout else 0 < target < step.num_micro_steps and step.refill_M[target]
+    if not (0 < target < step.num_micro_steps and runs):
       return None, step.refill_moves_M[0]  # right shapes, never read
     return ("after" if prefetch else "before"), step.refill_moves_M[target]
 
   def _micro_args(self, step: StepTables, m: int, prefetch: bool | None):
     """(tables, static keywords) of micro-step m's program: `_micro_fn` after its (params, base, working,
-    acc, batch); `_forward_fn` takes them as `forward_args` leaves them."""
+    acc, batch); `_forward_fn` takes them as `forward_args` leaves them. With fixed sizes a micro-step
+    holds, returns and flushes wherever its layout leaves the base: no per-plan variants."""
     refill, moves = self._schedule(step, m, prefetch)
     tables = (step.tables_M[m], step.hold_tables_M[m], step.direct_moves_M[m], step.flush_moves_M[m], moves,
               step.base_moves, step.refill_moves_M[0])
-    return tables, dict(capacity=step.capacity_M[m], refill=refill, filled=bool(step.hold_M[m]),
-                        direct=bool(step.direct_M[m]), flushed=bool(step.flush_M[m]), first=self.fused and m == 0,
-                        layout=self.layout(step))
+    layout = self.layout(step)
+    flags = (layout[1],) * 3 if step.layout else (step.hold_M[m], step.direct_M[m], step.flush_M[m])
+    return tables, dict(capacity=step.capacity_M[m], refill=refill, filled=bool(flags[0]), direct=bool(flags[1]),
+                        flushed=bool(flags[2]), first=self.fused and m == 0, layout=layout)
 
   @staticmethod
   def forward_args(tables, kw):

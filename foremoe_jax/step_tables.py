@@ -14,8 +14,10 @@ Per micro-step m and layer the tables hold:
 - flush: the held tenures that end after m (the slot's (expert, base source) is not in fill m+1, or m is
   the last micro-step): held row -> base row. A replica kept for n micro-steps is fetched once and its
   accumulated gradient goes back to its base row once, at the end of its tenure.
-Move-table row counts are powers of two of the plan's need (or fixed by the caller), so a new plan
-with the same needs runs the programs compiled for the last one.
+Move-table row counts are powers of two of the plan's need, or fixed by the caller: `TableSizes`
+(`table_sizes`: the planner's bounds) fixes them and the layout for a whole run, so every plan's tables
+have one shape and every micro-step runs its layout's full program (empty tables where it moves nothing):
+a run then compiles one program per (position, padded capacity), whatever its plans.
 """
 import dataclasses
 import heapq
@@ -41,6 +43,41 @@ def table_rows(needed, moves_lists, num_devices: int) -> int:
   """Rows a move table needs to hold every list of moves: the largest `needed(moves, D)`
   (`moves_needed` or `local_copies_needed`), at least 1, up to a power of two (few compiled shapes)."""
   return capacity_power_of_two(max(1, max((needed(m, num_devices) for m in moves_lists), default=0)))
+
+
+class TableSizes(NamedTuple):
+  """A run's move-table row counts and the layout (`Executor.layout`) every step runs in, fixed up front."""
+  fill: int  # rows one device sends another per micro-step fill, refill, direct return and flush
+  fill_local: int  # rows one device copies within itself per fill or refill
+  return_local: int  # ... per direct return or flush (within one device)
+  held: int  # H: held rows per device and layer
+  base: int  # rows one device sends another in the base transfer
+  base_local: int  # rows one device copies within itself in the base transfer
+  layout: tuple[bool, bool]  # (base is home everywhere, micro-steps leave the base)
+
+
+def table_sizes(cfg, base_rows: int = 0) -> TableSizes:
+  """The bounds a `PlanConfig`'s plans never exceed. Per (micro-step, layer) and device, "foremoe" changes
+  at most `max_moves_per_device` slots off the base and "eplb_microstep" any of its S; a refill also writes
+  back the slots returning to the base (local copies): twice that, at most S. A base may move any slot:
+  S rows per (source, destination) pair and per device; `base_rows` > 0 pads the base's remote rows to
+  that instead (a plan that needs more is refused: `base_pair_need` tells ahead). The layout: the static
+  policy (or one device) never leaves home; the step-level EPLB policies never leave their base; the
+  others run every step with base and working slots, a home base as an empty base transfer."""
+  slots = cfg.slots_per_device
+  if cfg.policy == "static" or cfg.num_devices == 1:
+    return TableSizes(1, 1, 1, 1, 1, 1, (True, False))
+  base = min(slots, base_rows or slots)
+  moves = {"foremoe": min(slots, cfg.max_moves_per_device), "eplb_microstep": slots}.get(cfg.policy, 0)
+  if not moves:
+    return TableSizes(1, 1, 1, 1, base, slots, (False, False))
+  return TableSizes(moves, min(slots, 2 * moves), moves, moves, base, slots, (False, True))
+
+
+def base_pair_need(plan, num_experts: int) -> int:
+  """The most rows one device sends another in the plan's base transfer (over layers)."""
+  num_devices = plan.base.shape[1]
+  return max(moves_needed(home_to_base_moves(b, num_experts), num_devices) for b in plan.base)
 
 
 class Tenure(NamedTuple):
@@ -115,6 +152,8 @@ class StepTables:
   flushed_slots: int  # tenures: gradient rows sent back to the base in the step
   held_tenures: int  # of them, those of two micro-steps or more: sent as float32 sums
   home_L: np.ndarray | None = None  # bool [L] (host): layer l's base is its home layout (no base transfer)
+  # TableSizes.layout when the caller fixed the sizes: every micro-step runs that layout's full program
+  layout: tuple[bool, bool] | None = None
 
   @property
   def num_micro_steps(self) -> int:
@@ -177,7 +216,7 @@ def _by_micro_step(spans: list[Tenure], entry, num_micro: int, num_layers: int, 
 
 
 def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity: int | None = None,
-                 fill_capacity: int | None = None, base_capacity: int | None = None,
+                 sizes: TableSizes | None = None, fill_capacity: int | None = None, base_capacity: int | None = None,
                  base_local_capacity: int | None = None, held_capacity: int | None = None, mesh=None) -> StepTables:
   """Host: a planner `Plan` plus the step's routed counts -> StepTables.
 
@@ -189,19 +228,27 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   one slot per device); `base_local_capacity`: rows one device copies within itself in the base transfer
   (default: the plan's need, a power of two); `held_capacity`: held rows per device and layer (H; default:
   the most tenures of two micro-steps or more alive at once on one device, a power of two). Passing them
-  fixes the tables' shapes across plans. `mesh`: place the tables on it now, ahead of the step (else they
-  stay on the host until the executor places them when the step starts).
+  fixes the tables' shapes across plans. `sizes` (`TableSizes`, e.g. `table_sizes(plan.config)`) fixes
+  all of them and the layout: a plan they cannot hold is refused (ValueError). `mesh`: place the tables
+  on it now, ahead of the step (else they stay on the host until the executor places them when the step
+  starts).
   """
   num_micro, num_layers, num_devices, slots = plan.slot_expert.shape
+  fixed = sizes or TableSizes(*(None,) * 7)
+  fill_capacity = fill_capacity or fixed.fill
+  held_capacity = fixed.held if held_capacity is None else held_capacity
+  base_capacity, base_local_capacity = base_capacity or fixed.base, base_local_capacity or fixed.base_local
   base_list = [home_to_base_moves(plan.base[l], num_experts) for l in range(num_layers)]
   base_cap = base_capacity or table_rows(moves_needed, base_list, num_devices)
   fills = [[fill_moves(plan.slot_expert[m, l], plan.base[l]) for l in range(num_layers)] for m in range(num_micro)]
+  if sizes is not None:
+    _check_layout(sizes.layout, base_list, fills)
   previous = [plan.base] + [plan.slot_expert[m] for m in range(num_micro - 1)]
   refills = [[fill_moves(plan.slot_expert[m, l], plan.base[l], previous[m][l]) for l in range(num_layers)]
              for m in range(num_micro)]
   every = [f for row in fills + refills for f in row]
   fill_cap = fill_capacity or table_rows(moves_needed, every, num_devices)
-  local_cap = table_rows(local_copies_needed, every, num_devices)
+  local_cap = fixed.fill_local or table_rows(local_copies_needed, every, num_devices)
   spans = tenures(fills)
   held = [t for t in spans if t.end > t.start]  # one-micro-step tenures go back from the gradient at once
   held_row, need_held = assign_held_rows(held)
@@ -212,13 +259,13 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
   directs = _by_micro_step([t for t in spans if t.end == t.start], lambda t: t.move, num_micro, num_layers, False)
   direct_list = [f for row in directs for f in row]
   direct_cap = fill_capacity or table_rows(moves_needed, direct_list, num_devices)
-  direct_local = table_rows(local_copies_needed, direct_list, num_devices)
+  direct_local = fixed.return_local or table_rows(local_copies_needed, direct_list, num_devices)
   # A flush reads held rows: the fill's moves with the held row as the written row.
   flushes = _by_micro_step(held, lambda t: (*t.move[:3], held_row[t]), num_micro, num_layers, False)
   # The flushes get their own (smaller) sizes: a slot kept over micro-steps sends its gradient once.
   flush_list = [f for row in flushes for f in row]
   flush_cap = fill_capacity or table_rows(moves_needed, flush_list, num_devices)
-  flush_local = table_rows(local_copies_needed, flush_list, num_devices)
+  flush_local = fixed.return_local or table_rows(local_copies_needed, flush_list, num_devices)
   base_local = base_local_capacity or table_rows(local_copies_needed, base_list, num_devices)
   base_moves = stack_moves([move_tables(m, num_devices, base_cap, base_local) for m in base_list])
   need_MxL = pair_need(plan, counts_MxLxDxE)
@@ -236,8 +283,18 @@ def prepare_step(plan, counts_MxLxDxE: np.ndarray, num_experts: int, *, capacity
                     _tables_M(flushes, num_devices, flush_cap, flush_local),
                     _any_M(refills), _any_M(fills), _any_M(holds), _any_M(directs), _any_M(flushes), capacity_M,
                     held_rows, _total(fills), _total(refills), len(spans), len(held),
-                    np.array([not m for m in base_list]))
+                    np.array([not m for m in base_list]), fixed.layout)
   return step if mesh is None else step.place(mesh)
+
+
+def _check_layout(layout: tuple[bool, bool], base_list, fills_MxL) -> None:
+  """A fixed layout must hold the plan: a home base moves nothing into its base, a base never left has
+  no fills."""
+  at_home, filled = layout
+  if at_home and any(base_list):
+    raise ValueError(f"TableSizes.layout={layout} keeps the base at home, but this plan's base moves experts")
+  if not filled and any(f for row in fills_MxL for f in row):
+    raise ValueError(f"TableSizes.layout={layout} never leaves the base, but this plan's micro-steps do")
 
 
 def gradient_rows(plan, num_experts: int) -> dict:

@@ -4,7 +4,8 @@ memory must stay flat and nothing may compile once the capacities have been met.
   python scripts/soak.py --steps 200 --ckpt-every 10 --out benchmarks/results/soak_cpu.json
 
 Prints one line per checkpoint (RSS, compiles so far) and a verdict: RSS growth after warm-up (the
-first `--warmup` steps) and the compiles after warm-up. Exits 1 when either target is missed.
+first `--warmup` steps) and the compiles after warm-up, each named (step, program, the padded
+capacities the step met first). Exits 1 when either target is missed.
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
   p.add_argument("--ckpt-every", type=int, default=10)
   p.add_argument("--warmup", type=int, default=20, help="steps before the RSS baseline is taken")
   p.add_argument("--out", default=None, help="JSON result file")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as train.py's")
   args = p.parse_args(argv)
   distributed.setup_cpu_devices()
   import jax
@@ -36,19 +38,27 @@ def main(argv=None) -> int:
   from foremoe_jax.rl.trainer import GRPOTrainer
   from foremoe_jax.sft import run_sft
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-  from compile_count import count_compiles
+  from compile_count import BACKEND_COMPILE, count_compiles
 
-  cfg = configs.apply_overrides(configs.get_config("cpu_tiny"), [f"rl.steps={args.steps}",
-                                                                 f"rl.ckpt_every={args.ckpt_every}"]).validate()
+  overrides = [f"rl.steps={args.steps}", f"rl.ckpt_every={args.ckpt_every}", *args.set]
+  cfg = configs.apply_overrides(configs.get_config("cpu_tiny"), overrides).validate()
   run_dir = tempfile.mkdtemp(prefix="soak_")
   state = run_sft(cfg, run_dir)
   trainer = GRPOTrainer(cfg, state.model, state.mesh, state.task, run_dir)
-  rows, baseline, tic = [], None, time.perf_counter()
+  rows, baseline, tic, named, step = [], None, time.perf_counter(), [], 0
+
+  def name(event, duration_s, fun_name="?", **_):
+    if event == BACKEND_COMPILE:
+      named.append((step, fun_name))
+  jax.monitoring.register_event_duration_secs_listener(name)
+  late = []
   with count_compiles() as compiles:
     for step in range(args.steps):
       record = trainer.step(step)
       if (step + 1) % args.ckpt_every == 0:
         trainer.save(step + 1, {"reward": record["reward"]})
+      if step >= args.warmup:
+        late += [{"step": s, "program": f, "new_capacities": record["new_capacities"]} for s, f in named if s == step]
       if step + 1 == args.warmup:
         baseline = (rss_mib(), len(compiles))
       if (step + 1) % args.ckpt_every == 0:
@@ -58,11 +68,13 @@ def main(argv=None) -> int:
               f"reward {record['reward']:.3f}", flush=True)
   growth = rows[-1]["rss_mib"] / baseline[0] - 1
   late_compiles = rows[-1]["compiles"] - baseline[1]
+  jax.monitoring.unregister_event_duration_listener(name)
   result = {"steps": args.steps, "ckpt_every": args.ckpt_every, "warmup": args.warmup, "rows": rows,
-            "rss_growth_after_warmup": growth, "compiles_after_warmup": late_compiles,
-            "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count()}
+            "rss_growth_after_warmup": growth, "compiles_after_warmup": late_compiles, "late_compiles": late,
+            "overrides": args.set, "jax": jax.__version__, "backend": jax.default_backend(),
+            "devices": jax.device_count()}
   print(f"RSS growth after step {args.warmup}: {100 * growth:+.1f}% (target < 5%); compiles after it: "
-        f"{late_compiles} (target 0)")
+        f"{late_compiles} (target 0){''.join(f'; step {c}' for c in late)}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from foremoe_jax import MoEConfig
 from foremoe_jax import executor as executor_module
 from foremoe_jax.executor import PLAIN, Executor, accumulators
-from foremoe_jax.step_tables import prepare_step
+from foremoe_jax.step_tables import prepare_step, table_sizes
 from foremoe_jax.moe_stack import MoEStack
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
 from foremoe_jax.planner.pairs import bucket
@@ -72,14 +72,14 @@ def home_placement(num_experts, num_devices, slots):
   return np.array([[d * per + j if j < per else -1 for j in range(slots)] for d in range(num_devices)])
 
 
-def run(executor, batches, counts, policy, prefetch=True, at_home=False):
+def run(executor, batches, counts, policy, prefetch=True, at_home=False, sizes=None):
   """Gradients and one update from the same initial parameters, under `policy`'s plan (its base
-  replaced by the home layout when `at_home`)."""
+  replaced by the home layout when `at_home`), its tables sized by `sizes` if given."""
   # These micro-steps are tiny: a near-free link makes per-micro-step moves pay off in the cost model.
   cost = CostModel(link_bytes_per_s=1e18)
   plan = plan_step(counts, PlanConfig(num_experts=E, num_devices=D, slots_per_device=S, policy=policy, cost=cost))
   plan = home_base(plan) if at_home else plan
-  step = prepare_step(plan, counts, E, capacity=64)
+  step = prepare_step(plan, counts, E, capacity=64, sizes=sizes)
   initial = jax.tree.map(jnp.copy, (executor.params, executor.opt_state))
   grads = executor.gradients(batches, step, prefetch=prefetch)
   metrics = executor.train_step(batches, step, prefetch=prefetch)
@@ -119,6 +119,46 @@ def test_step_under_changing_placements_equals_static(step_inputs, separate_prog
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
   for p, r in zip(jax.tree.leaves(params), jax.tree.leaves(params_ref)):
     np.testing.assert_allclose(p, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["foremoe", "static"])
+def test_fixed_table_sizes_change_no_number(step_inputs, policy):
+  """A run's `TableSizes` (foremoe's bounds: one layout, base and working slots, every micro-step's full
+  program, empty tables moving nothing) give the static layout's loss, gradients and update: for a plan
+  that moves slots, and for the home plan run in that layout (an empty base transfer)."""
+  _, batches, counts, executor = step_inputs
+  _, _, grads_ref, metrics_ref, params_ref = run(executor, batches, counts, "static")
+  sizes = table_sizes(PlanConfig(num_experts=E, num_devices=D, slots_per_device=S))
+  _, step, grads, metrics, params = run(executor, batches, counts, policy, prefetch=False, sizes=sizes)
+  assert Executor.layout(step) == sizes.layout == (False, True) and step.layout == sizes.layout
+  assert step.base_moves.send_DxRxK.shape[-1] == S and step.held_rows == 1
+  assert (policy == "static") == (not step.fill_M.any())
+  np.testing.assert_allclose(metrics["loss"], metrics_ref["loss"], rtol=1e-5)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+  for p, r in zip(jax.tree.leaves(params), jax.tree.leaves(params_ref)):
+    np.testing.assert_allclose(p, r, rtol=1e-4, atol=1e-6)
+
+
+def test_table_sizes_hold_every_plan_of_their_policy():
+  """The bounds of `table_sizes` hold any plan of the policy (prepare_step refuses tables that overflow),
+  and give every plan one table shape; a layout that cannot hold a plan is refused."""
+  rng = np.random.default_rng(3)
+  for policy in ("foremoe", "eplb_microstep", "eplb_step", "static"):
+    cfg = PlanConfig(E, D, S, policy=policy, cost=CostModel(link_bytes_per_s=1e18))
+    sizes, shapes, moving = table_sizes(cfg), set(), []
+    for seed in range(6):
+      weights = (rng.random(E) < 0.3 + 0.1 * seed) * (1 + 20 * rng.random(E))
+      counts = (rng.integers(0, 50, (M, L, D, E)) * weights).astype(np.int64)
+      plan = plan_step(counts, cfg)
+      step = prepare_step(plan, counts, E, sizes=sizes)
+      shapes.add(str(jax.tree.map(np.shape, (step.base_moves, step.fill_moves_M, step.refill_moves_M,
+                                             step.hold_tables_M, step.direct_moves_M, step.flush_moves_M))))
+      moving += [(plan, counts)] if step.fill_M.any() else []
+    assert len(shapes) == 1 and bool(moving) == (policy in ("foremoe", "eplb_microstep")), policy
+    if moving:
+      with pytest.raises(ValueError, match="never leaves the base"):
+        prepare_step(*moving[0], E, sizes=table_sizes(PlanConfig(E, D, S, policy="eplb_step")))
 
 
 def count_calls(monkeypatch, *names):

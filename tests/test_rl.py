@@ -211,7 +211,7 @@ def test_home_tables_are_cached_and_equal_fresh_ones(tmp_path):
   static = dataclasses.replace(trainer.plan_cfg, policy="static")
   for scale in (1, 40, 3):
     counts = rng.integers(0, scale + 1, size=(2, 2, 8, 16)) * (rng.random((2, 2, 8, 16)) < 0.7)
-    want = prepare_step(timed_plan(counts, static, None)[0], counts, 16)
+    want = prepare_step(timed_plan(counts, static, None)[0], counts, 16, sizes=trainer.sizes)
     got = trainer.home_tables(counts)
     assert got.capacity_M == want.capacity_M and got.moved_slots == want.moved_slots == 0
     for a, b in zip(jax.tree.leaves((want.tables_M, want.base_moves, want.fill_moves_M, want.refill_moves_M)),

@@ -36,8 +36,9 @@ class RLConfig:
   adam_dtype: str = "float32"
   policy: str = "foremoe"  # placement policy of the recompute and update stages
   # The layout each mini-batch's recompute runs in (any gives the same log-probs: routes are replayed):
-  # "ready": its plan's if that plan is ready when the recompute is dispatched, else the home layout (no
-  # wait; every process makes the same choice); "plan": always its plan's (waits for it); "home": always
+  # "ready": its plan's if that plan is ready when the recompute is dispatched or the home layout would
+  # compile a program, else the home layout (no wait; every process makes the same choice); "plan":
+  # always its plan's (waits for it); "home": always
   # the home layout. "plan" and "home" are deterministic: runs compared bit for bit need one of them.
   recompute_layout: str = "ready"
   # Also plan every policy on each step's counts for the report (imbalance, load): that re-planning runs on
@@ -60,6 +61,11 @@ class RLConfig:
   # in threads; 0: each compiles when first called, one after another): the first step of new capacities
   # waits less (BENCHMARKS.md, compile time).
   compile_workers: int = 8
+  # Rows per (source, destination) pair of the base transfer, fixed for the run like every table's
+  # (`step_tables.TableSizes`); 0: S, which no base exceeds, so no plan ever compiles new programs. Fewer
+  # pad the base's all_to_all less (each row is an expert); a plan that needs more raises it to the need's
+  # power of two for the rest of the run (logged; its programs compile then).
+  base_rows: int = 0
   prompt_file: str = ""  # "prompt<TAB>answer" lines; empty: arithmetic problems drawn on the fly
   ckpt_every: int = 1
 
@@ -72,6 +78,8 @@ class RLConfig:
       raise ValueError(f"rl.adam_dtype={self.adam_dtype!r} must be 'float32' or 'bfloat16'")
     if self.pack_groups < 0:
       raise ValueError(f"rl.pack_groups={self.pack_groups} must be >= 0 (0: one packing group per process)")
+    if self.base_rows < 0:
+      raise ValueError(f"rl.base_rows={self.base_rows} must be >= 0 (0: the slots per device, no base needs more)")
     if self.compile_workers < 0:
       raise ValueError(f"rl.compile_workers={self.compile_workers} must be >= 0 (0: compile when first called)")
     positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "rows_per_shard",

@@ -34,7 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from foremoe_jax import backends, distributed
 from foremoe_jax.checkpoint import Checkpointer
 from foremoe_jax.executor import Executor, replicate_unsharded
-from foremoe_jax.step_tables import pair_need, prepare_step
+from foremoe_jax.step_tables import base_pair_need, capacity_power_of_two, pair_need, prepare_step, table_sizes
 from foremoe_jax.load_monitor import expert_tokens, load_record
 from foremoe_jax.mesh import batch_shards
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
@@ -89,14 +89,13 @@ class StepWork:
 
 
 def _key(tables, batches) -> tuple:
-  """What decides the programs a group runs (jit's cache keys, with the program): the tables' host facts
-  (capacities, which micro-steps fill and refill, the layout) and the arguments' structure, shapes,
-  dtypes and shardings."""
+  """What decides the programs a group runs (jit's cache keys, with the program): its capacities and
+  layout (tables with fixed `TableSizes` run every micro-step's full program) and the arguments'
+  structure, shapes, dtypes and shardings."""
   leaves, treedef = jax.tree.flatten((batches, tables.tables_M, tables.base_moves, tables.fill_moves_M,
                                       tables.refill_moves_M, tables.hold_tables_M, tables.direct_moves_M,
                                       tables.flush_moves_M))
-  flags = (tables.fill_M, tables.refill_M, tables.hold_M, tables.direct_M, tables.flush_M)
-  return (tables.capacity_M, tables.at_home, *(np.asarray(f).tobytes() for f in flags), treedef,
+  return (tables.capacity_M, Executor.layout(tables), treedef,
           tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
 
 
@@ -118,6 +117,8 @@ class GRPOTrainer:
     self.plan_cfg = PlanConfig(num_experts=cfg.model.num_experts, num_devices=moe.num_devices,
                                slots_per_device=moe.slots, policy=self.rl.policy, cost=cost,
                                capacity_buckets=self.rl.capacity_buckets)
+    # One table shape and layout for the whole run (the planner's bounds): no plan compiles new programs.
+    self.sizes = table_sizes(self.plan_cfg, self.rl.base_rows)
     self.planner = Planner(self.rl.plan_in_process)  # a process starts now: its imports are paid early
     weakref.finalize(self, self.planner.close)
     self.prompts = task.load_prompts(self.rl.prompt_file) if self.rl.prompt_file else None
@@ -133,6 +134,7 @@ class GRPOTrainer:
     self.route_hook = None  # fn(Rollout of rows `rows` of num_rows, rows, num_rows) -> Rollout: trace routes
     self.capacities = set()  # the padded capacities met so far: each compiled its programs once
     self.compiled = set()  # (program, _key) of the groups compile_ahead compiled so far
+    self.forwards = set()  # (first micro-step, padded capacity) of every forward program run so far
     self.home = {}  # micro-steps -> (home plan, its placed StepTables)
     self.zeros = {}  # (shape, sharding) -> the recompute's log-prob placeholder
 
@@ -236,18 +238,23 @@ class GRPOTrainer:
     """Old (and reference) log-probs of each mini-batch, forward only: under its plan's tables when
     `use_plan` (its update's programs then compile here too), else under the home layout's."""
     for i, micro_batches in enumerate(work.minibatches):
-      if self.use_plan(work.futures[i]):
+      if self.use_plan(work.futures[i], work.counts[i]):
         tables, programs = self.plan_tables(step, work, i), ("forward", "train")
       else:
         tables, programs = self.home_tables(work.counts[i]), ("forward",)
         work.at_home += 1
       self.compile_ahead(step, micro_batches, tables, programs, work.compiled)
       self.attach_logprobs(micro_batches, tables)
+      self.forwards.update((m == 0, c) for m, c in enumerate(tables.capacity_M))
 
-  def use_plan(self, future) -> bool:
-    """rl.recompute_layout: recompute this mini-batch under its plan ("ready": if it is in by now)."""
+  def use_plan(self, future, counts_MxLxDxE) -> bool:
+    """rl.recompute_layout: recompute this mini-batch under its plan ("ready": if it is in by now, or if
+    the home layout would compile a forward program: a padded capacity no recompute met; the plan's
+    programs compile anyway, for the update, and planning takes less than a compile)."""
     if self.rl.recompute_layout == "ready":  # timing differs between processes; their programs must not
-      return distributed.true_on_every_process(future.done())
+      home = self.home_tables(counts_MxLxDxE).capacity_M
+      return (not self.forwards.issuperset((m == 0, c) for m, c in enumerate(home))
+              or distributed.true_on_every_process(future.done()))
     return self.rl.recompute_layout == "plan"
 
   def update(self, step: int, work: StepWork) -> list[dict]:
@@ -273,22 +280,36 @@ class GRPOTrainer:
       # silently mix placements, so compare hashes (one tiny all-gather) and fail loudly.
       work.digests[i] = distributed.check_same_across_processes(
           (plan.slot_expert, plan.slot_share, plan.base), f"rl step {step}: the plan of mini-batch {i}")
+      self.fit_base(step, plan)
       home_plan, _ = self.home_layout(work.counts[i])
       at_home = all(np.array_equal(getattr(plan, f), getattr(home_plan, f)) for f in ("slot_expert", "slot_share",
                                                                                       "base"))
       work.tables[i] = (self.home_tables(work.counts[i]) if at_home else
-                        prepare_step(plan, work.counts[i], self.plan_cfg.num_experts, mesh=self.mesh))
+                        prepare_step(plan, work.counts[i], self.plan_cfg.num_experts, sizes=self.sizes,
+                                     mesh=self.mesh))
       work.planner_s += plan_s + time.perf_counter() - prepare
     return work.tables[i]
 
+  def fit_base(self, step: int, plan) -> None:
+    """Raises the run's base rows (`rl.base_rows`) to a plan's need (a power of two) where it needs more;
+    the home tables are remade at the new size."""
+    need = base_pair_need(plan, self.plan_cfg.num_experts)
+    if need > self.sizes.base:
+      rows = min(self.plan_cfg.slots_per_device, capacity_power_of_two(need))
+      log.warning("rl step %d: a base needs %d rows per device pair, rl.base_rows allows %d: %d from now on (its "
+                  "programs compile)", step, need, self.sizes.base, rows)
+      self.sizes, self.home = self.sizes._replace(base=rows), {}
+
   def home_layout(self, counts_MxLxDxE):
     """(home plan, its placed StepTables) for this many micro-steps, made once: neither depends on the
-    counts but through the padded capacities, which `home_tables` sets."""
+    counts but through the padded capacities, which `home_tables` sets. The tables have the run's sizes
+    and layout, so a home recompute runs the programs of the plans' (empty moves)."""
     num_micro = counts_MxLxDxE.shape[0]
     if num_micro not in self.home:
       cfg = dataclasses.replace(self.plan_cfg, policy="static")
       plan = plan_step(counts_MxLxDxE, cfg)
-      self.home[num_micro] = plan, prepare_step(plan, counts_MxLxDxE, cfg.num_experts, mesh=self.mesh)
+      self.home[num_micro] = plan, prepare_step(plan, counts_MxLxDxE, cfg.num_experts, sizes=self.sizes,
+                                                mesh=self.mesh)
     return self.home[num_micro]
 
   def home_tables(self, counts_MxLxDxE):
@@ -337,7 +358,7 @@ class GRPOTrainer:
     """The programs a stage will run for `tables` compile before it, `rl.compile_workers` at a time
     (`Executor.precompile`), instead of one by one inside the stage: each recompute or update program of
     a new padded capacity takes tens of seconds for a large model on a GPU. A known capacity can still
-    meet a new variant (refill, fill), so every group is checked, by what decides its programs (`_key`):
+    meet a new variant (another micro-step count), so every group is checked, by what decides its programs (`_key`):
     a group seen before is skipped, since precompiling known programs still lowers them (~15 ms a group
     on the CI box, on the dispatch thread). New capacities are named before the wait."""
     new = sorted(set(tables.capacity_M) - self.capacities - set(met_this_step))
