@@ -20,4 +20,4 @@ def gpu_config(num_gpus: int) -> TrainConfig:
                      sft=SFTConfig(steps=1000, batch_size=64 * num_gpus, lr=1e-3, warmup_steps=50,
                                    eval_prompts=128 * num_gpus),
                      rl=RLConfig(steps=20, prompts_per_step=64 * num_gpus, group_size=8, rows_per_shard=16,
-                                 tokens_per_shard=512, max_new_tokens=6, num_minibatches=4))
+                                 tokens_per_shard=512, max_new_tokens=6, num_minibatches=4, table_sizes="plan"))

@@ -34,7 +34,7 @@ def qwen3_rl(adam_dtype: str, max_new_tokens: int = 8192) -> RLConfig:
   is routed to no expert), 4 optimizer steps per rollout; 2 capacity buckets per octave (few compiles)."""
   return RLConfig(steps=100, prompts_per_step=32, group_size=8, max_new_tokens=max_new_tokens, lr=1e-6,
                   rows_per_shard=4, tokens_per_shard=16384, pack_sequences=True, num_minibatches=4,
-                  capacity_buckets=2, adam_dtype=adam_dtype)
+                  capacity_buckets=2, adam_dtype=adam_dtype, table_sizes="plan")
 
 
 def get_config() -> TrainConfig:

@@ -20,6 +20,7 @@ CASES = [
     (["--set", "rl.prompts_per_step=3", "--set", "rl.group_size=1"], ValueError,
      r"rl.prompts_per_step \* rl.group_size = 3 is not divisible by the 8 devices"),
     (["--set", "rl.policy=magic"], ValueError, r"rl.policy='magic' is not one of"),
+    (["--set", "rl.table_sizes=big"], ValueError, r"rl.table_sizes='big' must be 'fixed' or 'plan'"),
     (["--set", "model.gmm_backend=cuda"], ValueError, r"ModelConfig.gmm_backend='cuda': known backends of gmm/tgmm"),
     (["--set", "rl.prompt_file=missing.tsv"], FileNotFoundError, r"rl.prompt_file 'missing.tsv' does not exist"),
     (["--set", "model"], ValueError, r"--set expects key=value, got 'model'"),

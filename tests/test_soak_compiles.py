@@ -45,6 +45,10 @@ def test_base_rows_pad_the_base_less_and_grow_to_a_plan_that_needs_more(tmp_path
   assert trainer.sizes.base == 2 and not trainer.home
   trainer.fit_base(1, types.SimpleNamespace(base=np.stack([home, home])))
   assert trainer.sizes.base == 2
+  # rl.table_sizes="plan" (the GPU presets'): each plan sizes its own tables, so nothing is fixed or raised
+  trainer = make_trainer(tmp_path, [*SETTINGS, "rl.table_sizes=plan"])
+  trainer.fit_base(0, types.SimpleNamespace(base=np.stack([home, base])))
+  assert trainer.sizes is None
 
 
 def test_a_grpo_run_compiles_nothing_after_its_first_step(tmp_path):

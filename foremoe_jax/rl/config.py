@@ -66,6 +66,11 @@ class RLConfig:
   # pad the base's all_to_all less (each row is an expert); a plan that needs more raises it to the need's
   # power of two for the rest of the run (logged; its programs compile then).
   base_rows: int = 0
+  # "fixed": the move tables' row counts and layout above, fixed for the run (nothing compiles after the
+  # first steps; micro-steps that move nothing still run empty transfer collectives). "plan": each plan's
+  # own power-of-two sizes and program variants (fewer rows shipped; a variant compiles the first time a
+  # plan needs it). The GPU presets use "plan" until the fixed sizes' padded transfers are measured there.
+  table_sizes: str = "fixed"
   prompt_file: str = ""  # "prompt<TAB>answer" lines; empty: arithmetic problems drawn on the fly
   ckpt_every: int = 1
 
@@ -78,6 +83,8 @@ class RLConfig:
       raise ValueError(f"rl.adam_dtype={self.adam_dtype!r} must be 'float32' or 'bfloat16'")
     if self.pack_groups < 0:
       raise ValueError(f"rl.pack_groups={self.pack_groups} must be >= 0 (0: one packing group per process)")
+    if self.table_sizes not in ("fixed", "plan"):
+      raise ValueError(f"rl.table_sizes={self.table_sizes!r} must be 'fixed' or 'plan'")
     if self.base_rows < 0:
       raise ValueError(f"rl.base_rows={self.base_rows} must be >= 0 (0: the slots per device, no base needs more)")
     if self.compile_workers < 0:

@@ -118,7 +118,7 @@ class GRPOTrainer:
                                slots_per_device=moe.slots, policy=self.rl.policy, cost=cost,
                                capacity_buckets=self.rl.capacity_buckets)
     # One table shape and layout for the whole run (the planner's bounds): no plan compiles new programs.
-    self.sizes = table_sizes(self.plan_cfg, self.rl.base_rows)
+    self.sizes = table_sizes(self.plan_cfg, self.rl.base_rows) if self.rl.table_sizes == "fixed" else None
     self.planner = Planner(self.rl.plan_in_process)  # a process starts now: its imports are paid early
     weakref.finalize(self, self.planner.close)
     self.prompts = task.load_prompts(self.rl.prompt_file) if self.rl.prompt_file else None
@@ -294,7 +294,7 @@ class GRPOTrainer:
     """Raises the run's base rows (`rl.base_rows`) to a plan's need (a power of two) where it needs more;
     the home tables are remade at the new size."""
     need = base_pair_need(plan, self.plan_cfg.num_experts)
-    if need > self.sizes.base:
+    if self.sizes is not None and need > self.sizes.base:
       rows = min(self.plan_cfg.slots_per_device, capacity_power_of_two(need))
       log.warning("rl step %d: a base needs %d rows per device pair, rl.base_rows allows %d: %d from now on (its "
                   "programs compile)", step, need, self.sizes.base, rows)
