@@ -348,7 +348,8 @@ def stack_blocks(blocks: list[Block], mesh) -> Block:
   experts = contracts.expert_paths(blocks[0], [blocks[0].ffn]) if blocks[0].is_moe else set()
 
   def stack(path, *leaves):
-    expert = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path) in experts
+    names = (getattr(k, "key", getattr(k, "idx", None)) for k in path)  # the Variable's own `.value` key: None
+    expert = tuple(n for n in names if n is not None) in experts
     return jax.device_put(jnp.stack(leaves), NamedSharding(mesh, P(None, mesh_lib.EXPERT_AXIS) if expert else P()))
   states = [nnx.state(b) for b in blocks]
   return nnx.merge(nnx.graphdef(blocks[0]), jax.tree_util.tree_map_with_path(stack, *states))

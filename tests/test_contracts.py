@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from foremoe_jax import contracts, trees
 from foremoe_jax.executor import Executor
@@ -103,6 +104,7 @@ def test_layer_weights_round_trip(mesh, scan):
   for pair, want in zip(got, contracts.layer_weights(unrolled), strict=True):
     for a, b in zip(pair, want, strict=True):
       np.testing.assert_array_equal(a, b)
+  assert all(w.sharding.spec == P("expert") for pair in got for w in pair)  # home layout: E over "expert"
   for pair, abstract in zip(got, contracts.layer_abstract(model), strict=True):
     assert [(a.shape, a.dtype, a.sharding) for a in pair] == [(a.shape, a.dtype, a.sharding) for a in abstract]
   new = [tuple(w + 1.0 + l for w in pair) for l, pair in enumerate(got)]
