@@ -124,7 +124,7 @@ def main(argv=None):
     if args.rl_steps != 0:
       trainer = GRPOTrainer(cfg, state.model, state.mesh, state.task, run_dir)
       records = trainer.run(logger, resume=args.resume)
-      policy = trainer.executor.model()
+      policy = trainer.policy()
       if records:
         summary.update(summarize(records, cfg.rl.policy))
         summary["response_length"] = records[-1]["response_length"]

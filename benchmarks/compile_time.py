@@ -32,7 +32,8 @@ SMOKE = dict(hidden=64, expert_hidden=64, tokens=32, layers=2, micro_steps=4)
 
 
 def build(args):
-  """(executor, micro-batches, step tables) for one step of ideal routes at the requested capacities."""
+  """(executor, (params, opt_state), micro-batches, step tables) for one step of ideal routes at the requested
+  capacities."""
   import dataclasses
 
   import jax
@@ -65,13 +66,13 @@ def build(args):
                                        shard),
               "replay": jax.device_put(routes[i].reshape(d, args.tokens, l, K).astype(np.int32), shard)}
              for i in range(m)]
-  return executor, batches, step
+  return executor, executor.init(model), batches, step
 
 
 def run(args) -> dict:
   import jax
 
-  executor, batches, step = build(args)
+  executor, (params, opt_state), batches, step = build(args)
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, secs, **_: compiles.append(secs) if event == "/jax/core/compile/backend_compile_duration" else None)
@@ -82,16 +83,16 @@ def run(args) -> dict:
     result.update(executor.precompile(batches, step, workers=args.workers))
   compiles.clear()
   start = time.perf_counter()
-  executor.train_step(batches, step)
-  jax.block_until_ready(executor.params)
+  params, opt_state, _ = executor.train_step(params, opt_state, batches, step)
+  jax.block_until_ready(params)
   result["first_step_s"] = time.perf_counter() - start
   result["compiles_in_first_step"] = len(compiles)
   result["until_first_step_done_s"] = time.perf_counter() - tic
   samples = []
   for _ in range(args.repeats):
     start = time.perf_counter()
-    executor.train_step(batches, step)
-    jax.block_until_ready(executor.params)
+    params, opt_state, _ = executor.train_step(params, opt_state, batches, step)
+    jax.block_until_ready(params)
     samples.append((time.perf_counter() - start) * 1e3)
   result["step_ms"] = float(np.median(samples))
   return result

@@ -132,46 +132,21 @@ def activations(m, rows: int, seq_len: int, ep: int, capacity: int, grad_bytes: 
 
 # --- compiled ------------------------------------------------------------------------------------------
 def abstract_executor(m, mesh, tx, loss_fn):
-  """An Executor whose parameters and optimizer state are ShapeDtypeStructs with shardings.
-
-  `Executor.__init__` runs `jax.jit(tx.init)` on the parameters and slices the expert weights, neither of
-  which an abstract model allows; so it is built on a donor: the same model at tiny widths (same layers,
-  experts, slots, tree structure and shardings), whose graph and state are then swapped for the full
-  model's abstract ones, with the donor's shardings (`nnx.eval_shape` drops them). The programs trace
-  the swapped attributes."""
+  """An Executor of the full model built on its abstract form (`nnx.eval_shape`: no weight allocated); its
+  `abstract_state` is what the programs lower for. `nnx.eval_shape` drops shardings, so the parameters
+  take those of the same model at tiny widths (same layers, experts, slots, tree structure and shardings)."""
   import jax
   from flax import nnx
 
-  from foremoe_jax import executor as ex_lib
+  from foremoe_jax.executor import Executor
   from foremoe_jax.model import Model
-  donor_cfg = dataclasses.replace(m, vocab_size=8, d_model=8, num_heads=m.num_heads // m.num_kv_heads,
-                                  num_kv_heads=1, head_dim=2, d_ff_dense=4, d_ff_expert=2)
-  executor = ex_lib.Executor(Model(donor_cfg, mesh=mesh, rngs=nnx.Rngs(0)), tx, loss_fn, mesh)
-  model = abstract_model(m, mesh)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tiny_cfg = dataclasses.replace(m, vocab_size=8, d_model=8, num_heads=m.num_heads // m.num_kv_heads,
+                                 num_kv_heads=1, head_dim=2, d_ff_dense=4, d_ff_expert=2)
+  tiny = nnx.state(Model(tiny_cfg, mesh=mesh, rngs=nnx.Rngs(0)), nnx.Param)
+  graphdef, params, rest = nnx.split(abstract_model(m, mesh), nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise ValueError("the model has non-parameter state; abstract_executor does not handle it")
-  params = with_shardings(params, executor.params)
-  opt_state = with_shardings(jax.eval_shape(tx.init, params), executor.opt_state)
-  executor._slots_abstract = [
-      tuple(jax.ShapeDtypeStruct((executor.num_slots, *w.shape[1:]), w.dtype, sharding=d.sharding)
-            for w, d in zip(pair, donor_pair))
-      for pair, donor_pair in zip(_layer_experts(model), executor._slots_abstract, strict=True)]
-  executor.graphdef, executor.params, executor.rest, executor.opt_state = graphdef, params, rest, opt_state
-  executor._state_abstract = ex_lib._abstract((params, opt_state))
-  return executor
-
-
-def _layer_experts(model) -> list:
-  """Per MoE layer (w_gate_up [E, H, 2F], w_down [E, F, H]) as ShapeDtypeStructs (`executor.expert_weights`
-  for an abstract model: a scanned model's stacked [L, E, ...] weights come per layer)."""
-  import jax
-  pairs = []
-  for layer in model.moe_layers():
-    gate_up, down = layer.w_gate_up.get_value(), layer.w_down.get_value()
-    per = tuple(jax.ShapeDtypeStruct(w.shape[-3:], w.dtype) for w in (gate_up, down))
-    pairs += [per] * (gate_up.shape[0] if len(gate_up.shape) == 4 else 1)
-  return pairs
+  return Executor(nnx.merge(graphdef, with_shardings(params, tiny), rest), tx, loss_fn, mesh)
 
 
 def step_tables(cfg, mesh, ep: int, rows: int, seq_len: int, micro_steps: int, skew: float, seed: int = 0):
@@ -228,12 +203,13 @@ def lower_program(executor, step, batch, name: str):
   tables, kw = executor._micro_args(step, m, None)
   base, working, acc = ((), (), ()) if kw["first"] else executor._state(kw["layout"], step.held_rows)
   reads_held = not kw["first"] and (kw["filled"] or kw["flushed"])
+  params, opt_state = executor.abstract_state
   if name == "forward":
     forward_tables, kw = executor.forward_args(tables, kw)
-    args = (executor.params, base, working, batch, *forward_tables)
+    args = (params, base, working, batch, *forward_tables)
     return executor._forward.lower(*args, **kw), args, False
   last = name == "last"
-  args = (executor.params, *((executor.opt_state,) if last else ()), base, working, acc, batch, *tables)
+  args = (params, *((opt_state,) if last else ()), base, working, acc, batch, *tables)
   return (executor._last if last else executor._micro).lower(*args, **kw), args, reads_held
 
 
@@ -278,7 +254,8 @@ def measure(cfg, ep: int, rows: int, seq_len: int, programs, skew: float, micro_
   executor = abstract_executor(cfg.model, mesh, rl_optimizer(cfg.rl.lr, cfg.rl.adam_dtype), loss)
   batch = abstract_batch(cfg.model, mesh, rows, seq_len)
   base, working, acc = executor._state(executor.layout(step), step.held_rows)
-  state_bytes = {"weights": shard_bytes(executor.params), "adam": shard_bytes(executor.opt_state),
+  params, opt_state = executor.abstract_state
+  state_bytes = {"weights": shard_bytes(params), "adam": shard_bytes(opt_state),
                  "acc": shard_bytes(acc), "slots": shard_bytes((base, working)), "batch": shard_bytes(batch),
                  "tables": shard_bytes(tables)}
   result["state_bytes"] = state_bytes

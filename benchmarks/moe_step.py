@@ -96,7 +96,7 @@ def run(args, num_devices: int) -> dict:
   tokens = num_tokens // num_devices
   slots = E // num_devices + 1
   mesh, cfg, loss_fn = stack_setup(args, num_devices)
-  executors = {}  # one per exchange, made when first needed, each with its own (donated) parameters
+  executors = {}  # exchange -> (executor, [params, opt_state]): made when first needed, each its own state
   shard = NamedSharding(mesh, P(("data", "expert")))
   keys = jax.random.split(jax.random.key(1), 2 * num_micro)
 
@@ -154,11 +154,16 @@ def run(args, num_devices: int) -> dict:
       start = time.perf_counter()
       plan = plan_step(counts[m:m + 1], pcfg("eplb_microstep"))
       ms += (time.perf_counter() - start) * 1e3
-      grads = ex.gradients([batch], prepare_step(plan, counts[m:m + 1], E, mesh=mesh, **live_caps))
+      grads = ex.gradients(state[0], [batch], prepare_step(plan, counts[m:m + 1], E, mesh=mesh, **live_caps))
       total = grads if total is None else jax.tree.map(jnp.add, total, grads)
-    ex.params, ex.opt_state = update(ex.params, ex.opt_state, total)
-    jax.block_until_ready(ex.params)
+    state[:] = update(*state, total)
+    jax.block_until_ready(state[0])
     return ms
+
+  def train(step, batches_, prefetch, **kw):
+    """One optimizer step from the current executor's state, which it replaces; returns its metrics."""
+    state[0], state[1], out = ex.train_step(*state, batches_, step, prefetch=prefetch, **kw)
+    return out
 
   def profile(step, batches_, prefetch):
     """Stage times of one step with a sync after each stage (ms): begin, micro-steps, finish."""
@@ -167,7 +172,7 @@ def run(args, num_devices: int) -> dict:
     def stage_done(name, value):
       jax.block_until_ready(value)
       t.append(time.perf_counter())
-    ex.train_step(batches_, step, prefetch=prefetch, stage_done=stage_done)
+    train(step, batches_, prefetch, stage_done=stage_done)
     d = np.diff(t) * 1e3
     return {"begin_ms": float(d[0]), "micro_ms": [float(x) for x in d[1:-1]], "finish_ms": float(d[-1])}
 
@@ -177,8 +182,8 @@ def run(args, num_devices: int) -> dict:
       import trace_summary
       directory = pathlib.Path(args.trace_dir) / f"D{num_devices}_{name}"
       with jax.profiler.trace(str(directory), create_perfetto_trace=True):
-        ex.train_step(batches_, step, prefetch=prefetch)
-        jax.block_until_ready(ex.params)
+        train(step, batches_, prefetch)
+        jax.block_until_ready(state[0])
       summary = trace_summary.summarize(directory)
     except Exception as err:  # the timing rows matter more than the trace
       return {"error": repr(err)[:300]}
@@ -208,8 +213,9 @@ def run(args, num_devices: int) -> dict:
       continue
     if exchange not in executors:
       model = MoEStack(cfg, num_layers, mesh=mesh, rngs=nnx.Rngs(0))
-      executors[exchange] = Executor(model, optax.sgd(1e-4), loss_fn, mesh, exchange=exchange)
-    ex = executors[exchange]
+      executor = Executor(model, optax.sgd(1e-4), loss_fn, mesh, exchange=exchange)
+      executors[exchange] = executor, list(executor.init(model))
+    ex, state = executors[exchange]
     t0 = time.perf_counter()
     if name == "live":
       for _ in range(args.warmup):
@@ -229,11 +235,11 @@ def run(args, num_devices: int) -> dict:
     else:
       step, batches_, prefetch = jobs[name]
       for _ in range(args.warmup):
-        out = ex.train_step(batches_, step, prefetch=prefetch)
+        out = train(step, batches_, prefetch)
       samples = []
       for _ in range(args.repeats):
         start = time.perf_counter()
-        out = ex.train_step(batches_, step, prefetch=prefetch)
+        out = train(step, batches_, prefetch)
         samples.append(time.perf_counter() - start)
       policy = "foremoe" if name == "foremoe_prefetch" else name
       plan, c = plans[policy], step_counts[policy]

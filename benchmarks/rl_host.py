@@ -65,21 +65,21 @@ def main(argv=None):
   mesh = make_mesh(cfg.mesh_data, cfg.mesh_expert)
   model = Model(cfg.model, mesh=mesh, rngs=nnx.Rngs(cfg.seed))
   trainer = GRPOTrainer(cfg, model, mesh, make_task(cfg), f"/tmp/rl_host_bench_{os.getpid()}")
-  initial = jax.tree.map(lambda a: a.copy(), (trainer.executor.params, trainer.executor.opt_state))
+  initial = jax.tree.map(lambda a: a.copy(), (trainer.params, trainer.opt_state))
   rows = []
   for policy in args.policies.split(","):
     trainer.rl = dataclasses.replace(trainer.rl, policy=policy)
     trainer.plan_cfg = dataclasses.replace(trainer.plan_cfg, policy=policy)
-    trainer.executor.params, trainer.executor.opt_state = jax.tree.map(lambda a: a.copy(), initial)
+    trainer.params, trainer.opt_state = jax.tree.map(lambda a: a.copy(), initial)
     trainer.history = None
     trainer.step(0)  # compiles
-    jax.block_until_ready(trainer.executor.params)
+    jax.block_until_ready(trainer.params)
     profile, walls, records = cProfile.Profile(), [], []
     for step in range(1, args.steps + 1):
       tic = time.perf_counter()
       profile.enable()
       records.append(trainer.step(step))
-      jax.block_until_ready(trainer.executor.params)
+      jax.block_until_ready(trainer.params)
       profile.disable()
       walls.append(time.perf_counter() - tic)
     calls = per_call_seconds(profile, args.steps)

@@ -66,17 +66,17 @@ def main(argv=None):
         tasks=args.trace_tasks.split(",") if args.trace_tasks else trace_routes.traces.ESFT_TASKS)
     routes_note = f"traces ({trainer.route_hook.source}, {trace_root})"
   print(f"routes: {routes_note}", flush=True)
-  initial = jax.tree.map(lambda a: a.copy(), (trainer.executor.params, trainer.executor.opt_state))
+  initial = jax.tree.map(lambda a: a.copy(), (trainer.params, trainer.opt_state))
   policies = args.policies.split(",")
   runs = {p: [] for p in policies}
   for repeat in range(args.repeats + 1):  # pass 0 compiles
     for policy in policies:
       trainer.plan_cfg = dataclasses.replace(trainer.plan_cfg, policy=policy)
-      trainer.executor.params, trainer.executor.opt_state = jax.tree.map(lambda a: a.copy(), initial)
+      trainer.params, trainer.opt_state = jax.tree.map(lambda a: a.copy(), initial)
       trainer.history = None
       tic = time.perf_counter()
       record = trainer.step(0)
-      jax.block_until_ready(trainer.executor.params)
+      jax.block_until_ready(trainer.params)
       record["seconds"]["total"] = time.perf_counter() - tic
       print(f"pass {repeat} {policy}: " + " ".join(f"{k} {v:.3f}s" for k, v in record["seconds"].items()),
             flush=True)  # partial results survive a time limit

@@ -172,11 +172,12 @@ def overlap(args, mesh, num_devices):
   from jax.sharding import PartitionSpec as P
 
   from foremoe_jax import MoEConfig
-  from foremoe_jax.executor import Executor, index
+  from foremoe_jax.executor import Executor
   from foremoe_jax.step_tables import prepare_step
   from foremoe_jax.moe_stack import MoEStack
   from foremoe_jax.planner import Plan, PlanConfig, home_placement
   from foremoe_jax.transfer import apply_moves, apply_moves_transpose
+  from foremoe_jax.trees import index
 
   slots = E // num_devices + max(args.moves)
   cfg = MoEConfig(d_model=args.hidden, d_ff=args.expert_hidden, num_experts=E, top_k=K, slots_per_device=slots,
@@ -186,8 +187,9 @@ def overlap(args, mesh, num_devices):
     out = model(batch["x"], tables, batch["replay"], capacity=capacity, working=working)
     return jnp.mean(out.y.astype(jnp.float32) ** 2), {}
 
-  ex = Executor(MoEStack(cfg, args.layers, mesh=mesh, rngs=nnx.Rngs(0)), optax.sgd(1e-4), loss_fn, mesh,
-                exchange=args.exchange)
+  model = MoEStack(cfg, args.layers, mesh=mesh, rngs=nnx.Rngs(0))
+  ex = Executor(model, optax.sgd(1e-4), loss_fn, mesh, exchange=args.exchange)
+  state = list(ex.init(model))  # (params, opt_state), stepped in place below
   slot_rows = NamedSharding(mesh, P("expert"))
   weights = [(jnp.zeros((num_devices * slots, args.hidden, 2 * args.expert_hidden), jnp.bfloat16, device=slot_rows),
               jnp.zeros((num_devices * slots, args.expert_hidden, args.hidden), jnp.bfloat16, device=slot_rows))
@@ -223,8 +225,8 @@ def overlap(args, mesh, num_devices):
                      step.fill_moves_M[1], repeats=args.repeats) * 1e3 if moves else 0.0
     for prefetch in (True, False) if moves else (True,):
       def one_step():
-        ex.train_step(batches, step, prefetch=prefetch)
-        return ex.params
+        state[0], state[1], _ = ex.train_step(*state, batches, step, prefetch=prefetch)
+        return state[0]
       ms = bench(one_step, repeats=args.repeats) * 1e3 / args.micro_steps
       rows[f"{moves}{'' if prefetch else '_serial'}"] = dict(
           moves=moves, prefetch=prefetch, micro_ms=ms, fill_k=fill_k, active_rounds=rounds,

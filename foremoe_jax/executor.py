@@ -44,88 +44,26 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from foremoe_jax.opt_state import init_sharded
+from foremoe_jax import contracts
+from foremoe_jax.opt_state import init_sharded, state_shardings
 from foremoe_jax.step_tables import StepTables
 from foremoe_jax.transfer import (apply_moves, apply_moves_transpose, check_exchange, flush_rows, hold_rows,
                                   home_to_base, home_to_base_transpose, pad_home)
+from foremoe_jax.trees import abstract, accumulators, accumulators_abstract, add, constrain, index
 
 # loss_fn(model, batch, *, tables, working, capacity) -> (scalar loss, metrics dict)
 LossFn = Callable[..., tuple[jax.Array, dict]]
-
-def expert_weights(model) -> list[tuple[jax.Array, jax.Array]]:
-  """(w_gate_up [E, H, 2F], w_down [E, F, H]) per MoE layer; a scanned model's module stacks its layers'
-  weights ([L, E, H, 2F]): they come sliced."""
-  pairs = []
-  for layer in model.moe_layers():
-    gate_up, down = layer.w_gate_up[...], layer.w_down[...]
-    pairs += [(gate_up, down)] if gate_up.ndim == 3 else [(gate_up[l], down[l]) for l in range(gate_up.shape[0])]
-  return pairs
-
-
-def expert_weight_filter(model):
-  """nnx filter of the MoE layers' home expert weights. The loss reads working slots instead, so their
-  gradients come only through the base transfer's transpose: a float32 accumulator for the loss's zeros
-  would double the accumulators' memory."""
-  layers = {id(layer) for layer in model.moe_layers()}
-  paths = {(*path, name) for path, node in nnx.iter_graph(model) if id(node) in layers
-           for name in ("w_gate_up", "w_down")}
-  return lambda path, _: tuple(path) in paths
-
-
-def replicate_unsharded(tree, mesh):
-  """Puts leaves that live on fewer devices than the mesh (e.g. optimizer step counts) on all of it,
-  so a restored or freshly initialized state mixes with mesh-sharded parameters in one jit."""
-  devices = set(mesh.devices.flat)
-
-  def place(x):
-    if set(x.sharding.device_set) == devices:
-      return x
-    return jax.device_put(x, NamedSharding(mesh, P()))
-  return jax.tree.map(place, tree)
-
-
-def accumulators(tree):
-  """Zeros like `tree`, float32 (or wider) for floating leaves: micro-step gradients of bf16 weights
-  summed in bf16 would lose bits with every micro-step, and differently per placement."""
-  def zeros(a):
-    dtype = jnp.promote_types(a.dtype, jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype
-    return jnp.zeros_like(a, dtype=dtype)
-  return jax.tree.map(zeros, tree)
-
-
-def _abstract(tree):
-  """Shape, dtype and sharding of each leaf: what a program is lowered for."""
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
-
-
-def index(tree, i):
-  return jax.tree.map(lambda a: a[i], tree)
-
 
 # Executor.layout of a step whose base is home everywhere and never left: the plain step's programs.
 PLAIN = (True, False)
 
 
-def _f32_abstract(tree):
-  """`_abstract` of `accumulators(tree)`."""
-  def one(a):
-    dtype = jnp.promote_types(a.dtype, jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype
-    return jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding)
-  return jax.tree.map(one, tree)
-
-
-def _add(acc, grads):
-  return jax.tree.map(lambda a, g: a + g, acc, grads)
-
-
-def _constrain(tree, abstract):
-  return jax.lax.with_sharding_constraint(tree, jax.tree.map(lambda a: a.sharding, abstract))
-
-
 class Executor:
-  """Runs optimizer steps and forward-only passes of a model (`__call__(..., tables, replay, capacity=,
-  working=)` and `moe_layers()`) over micro-steps with changing placements.
+  """Runs optimizer steps and forward-only passes of a model over micro-steps with changing placements.
 
+  The model meets `contracts.ExpertParallelModel` (checked here); the executor keeps its graph, never
+  its state: `init(model)` gives (params, opt_state), and every step takes them and hands back new ones
+  (`train_step` donates them), so the caller owns the state.
   prefetch: refill the next micro-step's changed slots inside the current micro-step's program, where
   XLA may overlap them with its compute, or (default) right before each micro-step (on GPU about half
   of a refill hid either way: BENCHMARKS.md, "numbers behind choices").
@@ -136,23 +74,28 @@ class Executor:
   fused (default): the base transfer runs inside the first micro-step's program and the update inside
   the last one's, overlapped with their compute; False: in programs of their own, `begin` and `finish`
   (the baseline the fused schedule is measured against).
+  The model may be abstract (ShapeDtypeStruct values with shardings): `abstract_state` and `precompile`
+  need no weights.
   """
 
   def __init__(self, model, tx: optax.GradientTransformation, loss_fn: LossFn, mesh, *, prefetch: bool = False,
                exchange: str = "all_to_all", fused: bool = True):
     check_exchange(exchange)
-    self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+    contracts.check_model(model)
+    self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
     self.tx, self.loss_fn, self.mesh, self.prefetch, self.exchange = tx, loss_fn, mesh, prefetch, exchange
     self.fused = fused
-    self.opt_state = init_sharded(tx, self.params, mesh)  # moments sharded as their parameters
     layer = model.moe_layers()[0]
     self.slots_per_device, self.home_rows = layer.slots, layer.cfg.num_experts // layer.num_devices
     self.num_slots, self.num_devices = layer.slots * layer.num_devices, layer.num_devices
-    self._is_expert = expert_weight_filter(model)
-    self._state_abstract = _abstract((self.params, self.opt_state))
-    # Built here, eagerly: inside a trace a scanned model's per-layer slices are tracers without a sharding.
+    self._is_expert = contracts.expert_weight_filter(model)
+    params = abstract(params)
+    opt_abstract = jax.eval_shape(tx.init, params)
+    opt_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract,
+                                state_shardings(opt_abstract, params, mesh))
+    self.abstract_state = (params, opt_abstract)  # (params, opt_state) as `init` makes them: shapes, shardings
     self._slots_abstract = [tuple(jax.ShapeDtypeStruct((self.num_slots, *w.shape[1:]), w.dtype, sharding=w.sharding)
-                                  for w in h) for h in expert_weights(model)]
+                                  for w in h) for h in contracts.layer_abstract(model)]
     micro_static = ("capacity", "refill", "filled", "direct", "flushed", "first", "layout")
     self._begin = jax.jit(self._begin_fn, static_argnames="layout")
     self._micro = jax.jit(self._micro_fn, static_argnames=micro_static, donate_argnames=("working", "acc"))
@@ -160,20 +103,29 @@ class Executor:
                             donate_argnames="working")
     # The update hands back parameters and optimizer state sharded as it got them: left to XLA, a leaf
     # could come back sharded otherwise, and the next step's update would compile a second program.
-    state_shardings = jax.tree.map(lambda a: a.sharding, (self.params, self.opt_state))
+    shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
     replicated = NamedSharding(mesh, P())
     self._finish = jax.jit(self._finish_fn, static_argnames="layout", donate_argnums=(0, 1, 2),
-                           out_shardings=(*state_shardings, replicated))
+                           out_shardings=(*shardings, replicated))
     # The last micro-step's program updates too: parameters and optimizer state are handed over to it
     # (the loss and metrics come out replicated, as `finish`'s norm).
     self._last = jax.jit(self._last_fn, static_argnames=micro_static,
                          donate_argnames=("params", "opt_state", "base", "working", "acc"),
-                         out_shardings=(*state_shardings, replicated, replicated, replicated))
+                         out_shardings=(*shardings, replicated, replicated, replicated))
     self._home_grads = jax.jit(self._home_grads_fn)
     self._zeros = {}  # one zero-fill program per (tree structure, shardings)
 
-  def model(self):
-    return nnx.merge(self.graphdef, self.params, self.rest)
+  def init(self, model) -> tuple[Any, Any]:
+    """(params, opt_state) of `model` (a model of this executor's graph): its parameters and a fresh
+    optimizer state, each moment sharded as its parameter."""
+    graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+    if graphdef != self.graphdef:
+      raise ValueError("Executor.init: the model's graph differs from the one the executor was built for")
+    return params, init_sharded(self.tx, params, self.mesh)
+
+  def model(self, params):
+    """The model with `params` (sharing their arrays): for rollout or evaluation."""
+    return nnx.merge(self.graphdef, params, self.rest)
 
   # --- traced pieces -------------------------------------------------------------------------------
   def _split(self, params):
@@ -199,7 +151,7 @@ class Executor:
     """(base, first working slots). A base equal to home everywhere is the padded home weights (no
     transfer); when no micro-step leaves the base, the slots are the base itself and base is ()."""
     at_home, filled = layout
-    home = expert_weights(nnx.merge(self.graphdef, params, self.rest))
+    home = contracts.layer_weights(nnx.merge(self.graphdef, params, self.rest))
     base = [self._pad(h) for h in home] if at_home else self._to_base(home, base_moves)
     return (base, self._refill(base, base, first_refill)) if filled else ((), base)
 
@@ -211,7 +163,7 @@ class Executor:
     """The loss differentiated by the home weights themselves: the step of a base that is home everywhere
     and never left (`PLAIN`). Gradients land in the home layout, nothing moves."""
     model = nnx.merge(self.graphdef, params, self.rest)
-    working = [self._pad(h) for h in expert_weights(model)]
+    working = [self._pad(h) for h in contracts.layer_weights(model)]
     return self.loss_fn(model, batch, tables=tables, working=working, capacity=capacity)
 
   def _around_refill(self, base, working, refill_moves, refill, compute):
@@ -228,13 +180,13 @@ class Executor:
     """Abstract (base, working, acc) that a micro-step's program hands the next one, for `layout` and
     `held_rows` (H) rows of `held` per device."""
     if layout == PLAIN:
-      return (), (), _f32_abstract(self._state_abstract[0])
+      return (), (), accumulators_abstract(self.abstract_state[0])
     slots = self._slots_abstract
-    dense = _abstract(self._split(self.params)[0])
+    dense = self._split(self.abstract_state[0])[0]
     # The fill's slots' gradients, waiting for their tenure's end: H rows per device, sharded as the slots.
     held = [tuple(jax.ShapeDtypeStruct((held_rows * self.num_devices, *w.shape[1:]), w.dtype, sharding=w.sharding)
                   for w in pair) for pair in slots] if layout[1] else ()
-    return (slots if layout[1] else ()), slots, _f32_abstract((dense, slots, held))
+    return (slots if layout[1] else ()), slots, accumulators_abstract((dense, slots, held))
 
   def _grads(self, params, base, working, acc, batch, tables, hold, direct_moves, flush, refill_moves, base_moves,
              first_refill, *, capacity, refill, filled, direct, flushed, first, layout):
@@ -249,7 +201,7 @@ class Executor:
     state = self._state(layout, hold.held_DxK.shape[-1])
     if layout == PLAIN:
       (loss, metrics), grads = jax.value_and_grad(self._plain_loss, has_aux=True)(params, batch, tables, capacity)
-      return _constrain(_add(accumulators(grads) if first else acc, grads), state[2]), (), (), loss, metrics
+      return constrain(add(accumulators(grads) if first else acc, grads), state[2]), (), (), loss, metrics
     if first:
       base, working = self._begin_fn(params, base_moves, first_refill, layout=layout)
 
@@ -269,14 +221,14 @@ class Executor:
           g, held[l] = hold_rows(g, held[l], index(hold, l), self.mesh)
         if direct:
           g = apply_moves_transpose(g, None, index(direct_moves, l), self.mesh, self.exchange)
-        grad_base[l] = _add(grad_base[l], g)
+        grad_base[l] = add(grad_base[l], g)
         if flushed:
           grad_base[l], held[l] = flush_rows(held[l], grad_base[l], index(flush, l), self.mesh, self.exchange)
-      return _constrain((_add(dense, grad_dense), grad_base, held), state[2]), loss, metrics
+      return constrain((add(dense, grad_dense), grad_base, held), state[2]), loss, metrics
 
     (acc, loss, metrics), working = self._around_refill(base, working, refill_moves, refill, compute)
     # The base goes out of the program that built it only: returning an input would copy it.
-    return acc, (_constrain(base, state[0]) if first else ()), _constrain(working, state[1]), loss, metrics
+    return acc, (constrain(base, state[0]) if first else ()), constrain(working, state[1]), loss, metrics
 
   def _micro_fn(self, params, base, working, acc, batch, *tables, **static):
     return self._grads(params, base, working, acc, batch, *tables, **static)
@@ -306,15 +258,9 @@ class Executor:
     grad_dense, grad_base = acc[:2]
     grad_home = [home_to_base_transpose(g, index(base_moves, l), self.mesh, self.home_rows, self.exchange)
                  for l, g in enumerate(grad_base)]
-    # merge shares Variables with its states: a copy of the experts' keeps set_value below off `params`
+    # merge shares Variables with its states: a copy of the experts' keeps set_layer_weights off `params`
     grad_model = nnx.merge(self.graphdef, grad_dense, jax.tree.map(lambda w: w, self._split(params)[1]), self.rest)
-    grad_home = iter(grad_home)
-    for layer in grad_model.moe_layers():
-      stacked = layer.w_gate_up.ndim == 4  # a scanned model's layers: stack their gradients back
-      g_gate_up, g_down = (map(jnp.stack, zip(*(next(grad_home) for _ in range(layer.w_gate_up.shape[0]))))
-                           if stacked else next(grad_home))
-      layer.w_gate_up.set_value(g_gate_up)
-      layer.w_down.set_value(g_down)
+    contracts.set_layer_weights(grad_model, grad_home)
     return nnx.state(grad_model, nnx.Param)
 
   def _finish_fn(self, params, opt_state, acc, base_moves, *, layout):
@@ -371,7 +317,7 @@ class Executor:
       self._zeros[key] = jax.jit(accumulators, out_shardings=shardings)
     return self._zeros[key]
 
-  def _start(self, micro_batches, step: StepTables):
+  def _start(self, params, micro_batches, step: StepTables):
     """(base, working slots, acc) before the first micro-step: () when the first micro-step's program
     builds them (fused) or the step is plain; else `begin`'s output and zero accumulators."""
     if len(micro_batches) != step.num_micro_steps:
@@ -381,64 +327,66 @@ class Executor:
       return (), (), ()
     base, working = (), ()
     if layout != PLAIN:
-      base, working = self._begin(self.params, step.base_moves, step.refill_moves_M[0], layout=layout)
+      base, working = self._begin(params, step.base_moves, step.refill_moves_M[0], layout=layout)
     return base, working, self.zero_accumulators(self._state(layout, step.held_rows)[2])
 
-  def accumulate(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
+  def accumulate(self, params, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
                  stage_done: Callable[[str, Any], None] | None = None):
     """Forward and backward of every micro-step; returns (accumulators, losses, metrics): (dense, base
     layout) gradients (the last micro-step flushed every held slot), or the home-layout parameters' for a
     plain step (`layout(step) == PLAIN`). `stage_done(name, value)`, if given, sees each stage's output
     ("begin", "micro") as it is issued."""
-    acc, losses, metrics, _ = self._accumulate(micro_batches, step.place(self.mesh), prefetch, stage_done, False)
+    *_, acc, losses, metrics, _ = self._accumulate(params, None, micro_batches, step.place(self.mesh), prefetch,
+                                                   stage_done)
     return (acc if self.layout(step) == PLAIN else acc[:2]), losses, metrics
 
-  def _accumulate(self, micro_batches, step, prefetch, stage_done, update):
-    """The step's micro-steps; with `update`, the optimizer update too (in the last micro-step's program
-    when fused). Returns (acc, losses, metrics, grad_norm): acc is () and grad_norm set after an update."""
-    stage_done = stage_done or (lambda name, value: None)
-    base, working, acc = self._start(micro_batches, step)
+  def _accumulate(self, params, opt_state, micro_batches, step, prefetch, stage_done):
+    """The step's micro-steps; given `opt_state`, the optimizer update too (in the last micro-step's
+    program when fused). Returns (params, opt_state, acc, losses, metrics, grad_norm): acc is () and
+    (params, opt_state, grad_norm) the updated ones after an update."""
+    stage_done, update = stage_done or (lambda name, value: None), opt_state is not None
+    base, working, acc = self._start(params, micro_batches, step)
     stage_done("begin", working)  # () when fused: the first micro-step's program builds them
     losses, metrics, grad_norm, last = [], [], None, step.num_micro_steps - 1
     for m, batch in enumerate(micro_batches):
       tables, kw = self._micro_args(step, m, prefetch)
       if update and self.fused and m == last:
-        self.params, self.opt_state, grad_norm, loss, met = self._last(self.params, self.opt_state, base, working,
-                                                                       acc, batch, *tables, **kw)
+        params, opt_state, grad_norm, loss, met = self._last(params, opt_state, base, working, acc, batch, *tables,
+                                                             **kw)
         acc = ()
       else:
-        acc, built, working, loss, met = self._micro(self.params, base, working, acc, batch, *tables, **kw)
+        acc, built, working, loss, met = self._micro(params, base, working, acc, batch, *tables, **kw)
         base = built if kw["first"] else base
       stage_done("micro", acc)
       losses.append(loss)
       metrics.append(met)
     if update and not self.fused:
-      self.params, self.opt_state, grad_norm = self._finish(self.params, self.opt_state, acc, step.base_moves,
-                                                            layout=self.layout(step))
+      params, opt_state, grad_norm = self._finish(params, opt_state, acc, step.base_moves, layout=self.layout(step))
       acc = ()
     if update:
-      stage_done("finish", self.params)
-    return acc, losses, metrics, grad_norm
+      stage_done("finish", params)
+    return params, opt_state, acc, losses, metrics, grad_norm
 
   def precompile(self, micro_batches: list[Any], step: StepTables, *, programs=("train",),
                  prefetch: bool | None = None, workers: int = 8) -> dict:
     """Compiles, before `step` runs, the programs that `train_step` ("train") and `forward` ("forward")
-    run for it, `workers` at a time. A step's capacities are known ahead, so a new one need not compile
-    inside the step, one program after another. Lowering runs here (it holds the GIL); XLA compiles in
-    threads. Compiled programs land in jit's caches, so the step itself compiles nothing; programs
-    compiled before cost a cache lookup. Returns {"programs", "lower_s", "compile_s"}."""
+    run for it, `workers` at a time, lowered for `abstract_state`: no weights needed. A step's capacities
+    are known ahead, so a new one need not compile inside the step, one program after another. Lowering
+    runs here (it holds the GIL); XLA compiles in threads. Compiled programs land in jit's caches, so the
+    step itself compiles nothing; programs compiled before cost a cache lookup.
+    Returns {"programs", "lower_s", "compile_s"}."""
     if unknown := set(programs) - {"train", "forward"}:
       raise ValueError(f"precompile programs must be 'train' and/or 'forward', got {sorted(unknown)}")
     step, tic = step.place(self.mesh), time.perf_counter()
-    layout = self.layout(step)
+    layout, (params, opt_state) = self.layout(step), self.abstract_state
     state = self._state(layout, step.held_rows)  # what one micro-step's program hands the next (constrained)
     train, lowered, seen = "train" in programs, [], set()
     if not self.fused:
       if layout != PLAIN:
-        lowered.append(self._begin.lower(self.params, step.base_moves, step.refill_moves_M[0], layout=layout))
+        lowered.append(self._begin.lower(params, step.base_moves, step.refill_moves_M[0], layout=layout))
       if train:
         lowered += [self._zeros_program(state[2]).lower(state[2]),
-                    self._finish.lower(self.params, self.opt_state, state[2], step.base_moves, layout=layout)]
+                    self._finish.lower(params, opt_state, state[2], step.base_moves, layout=layout)]
     for m, batch in enumerate(micro_batches):
       tables, kw = self._micro_args(step, m, prefetch)
       base, working, acc = ((), (), ()) if kw["first"] else state
@@ -446,39 +394,42 @@ class Executor:
       forward_tables, forward_kw = self.forward_args(tables, kw)
       if "forward" in programs and ("forward", *forward_kw.values()) not in seen:
         seen.add(("forward", *forward_kw.values()))
-        lowered.append(self._forward.lower(self.params, base, working, batch, *forward_tables, **forward_kw))
+        lowered.append(self._forward.lower(params, base, working, batch, *forward_tables, **forward_kw))
       if train and ("train", last, *kw.values()) not in seen:
         seen.add(("train", last, *kw.values()))
-        args = (self.params, *((self.opt_state,) if last else ()), base, working, acc, batch, *tables)
+        args = (params, *((opt_state,) if last else ()), base, working, acc, batch, *tables)
         lowered.append((self._last if last else self._micro).lower(*args, **kw))
     lower_s, tic = time.perf_counter() - tic, time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
       list(pool.map(lambda program: program.compile(), lowered))
     return {"programs": len(lowered), "lower_s": lower_s, "compile_s": time.perf_counter() - tic}
 
-  def train_step(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
-                 stage_done: Callable[[str, Any], None] | None = None) -> dict:
-    """One optimizer step: M micro-steps (micro-step m under placement m), one update."""
-    _, losses, metrics, grad_norm = self._accumulate(micro_batches, step.place(self.mesh), prefetch, stage_done,
-                                                     True)
-    return {"loss": sum(map(float, losses)), "grad_norm": float(grad_norm),  # host sums: nothing to compile
-            "metrics": jax.tree.map(lambda *x: jnp.stack(x), *metrics)}  # global arrays: multi-process safe
+  def train_step(self, params, opt_state, micro_batches: list[Any], step: StepTables, *,
+                 prefetch: bool | None = None, stage_done: Callable[[str, Any], None] | None = None):
+    """One optimizer step: M micro-steps (micro-step m under placement m), one update. Returns (params,
+    opt_state, metrics); `params` and `opt_state` are donated (their buffers become the new ones'): keep
+    a copy (`trees.copy`) to step from them again."""
+    params, opt_state, _, losses, metrics, grad_norm = self._accumulate(
+        params, opt_state, micro_batches, step.place(self.mesh), prefetch, stage_done)
+    return params, opt_state, {"loss": sum(map(float, losses)),  # host sums: nothing to compile
+                               "grad_norm": float(grad_norm),
+                               "metrics": jax.tree.map(lambda *x: jnp.stack(x), *metrics)}  # multi-process safe
 
-  def forward(self, micro_batches: list[Any], step: StepTables, *,
+  def forward(self, params, micro_batches: list[Any], step: StepTables, *,
               prefetch: bool | None = None) -> list[tuple[jax.Array, dict]]:
     """Forward only (the recompute stage): (loss, metrics) of every micro-step under its placement."""
     step = step.place(self.mesh)
-    base, working, _ = self._start(micro_batches, step)
+    base, working, _ = self._start(params, micro_batches, step)
     outs = []
     for m, batch in enumerate(micro_batches):
       tables, kw = self.forward_args(*self._micro_args(step, m, prefetch))
-      out, built, working = self._forward(self.params, base, working, batch, *tables, **kw)
+      out, built, working = self._forward(params, base, working, batch, *tables, **kw)
       base = built if kw["first"] else base
       outs.append(out)
     return outs
 
-  def gradients(self, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None):
+  def gradients(self, params, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None):
     """The step's accumulated gradients of the home-layout parameters, without an update."""
     step = step.place(self.mesh)
-    acc, _, _, _ = self._accumulate(micro_batches, step, prefetch, None, False)
-    return acc if self.layout(step) == PLAIN else self._home_grads(self.params, acc, step.base_moves)
+    acc = self._accumulate(params, None, micro_batches, step, prefetch, None)[2]
+    return acc if self.layout(step) == PLAIN else self._home_grads(params, acc, step.base_moves)

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from foremoe_jax import backends
+from foremoe_jax import backends, contracts
 from foremoe_jax import mesh as mesh_lib
 from foremoe_jax.attention import ATTENTION, Attention, KVCache, RMSNorm, init_param
 from foremoe_jax.moe import MoE, MoEConfig, check_replay
@@ -345,9 +345,11 @@ def stack_blocks(blocks: list[Block], mesh) -> Block:
   if len({b.is_moe for b in blocks}) != 1:
     raise ValueError("stack_blocks needs blocks of one kind (all MoE or all dense)")
 
+  experts = contracts.expert_paths(blocks[0], [blocks[0].ffn]) if blocks[0].is_moe else set()
+
   def stack(path, *leaves):
-    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-    expert = blocks[0].is_moe and names[:1] == ["ffn"] and names[1] in ("w_gate_up", "w_down")
+    names = (getattr(k, "key", getattr(k, "idx", None)) for k in path)  # the Variable's own `.value` key: None
+    expert = tuple(n for n in names if n is not None) in experts
     return jax.device_put(jnp.stack(leaves), NamedSharding(mesh, P(None, mesh_lib.EXPERT_AXIS) if expert else P()))
   states = [nnx.state(b) for b in blocks]
   return nnx.merge(nnx.graphdef(blocks[0]), jax.tree_util.tree_map_with_path(stack, *states))

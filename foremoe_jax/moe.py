@@ -95,6 +95,11 @@ class MoE(nnx.Module):
     self.w_gate_up = nnx.Param(init((e, h, 2 * f), h, home))
     self.w_down = nnx.Param(init((e, f, h), f, home))
 
+  def expert_weights(self) -> tuple[nnx.Param, nnx.Param]:
+    """The home expert weights (w_gate_up [E, H, 2F], w_down [E, F, H]; a scanned model's stacked
+    [L, E, ...]), in the order the transfer and `working=` take them (`contracts.ExpertLayer`)."""
+    return self.w_gate_up, self.w_down
+
   def __call__(self, x_BxTxH: jax.Array, tables: Tables | None = None, replay: jax.Array | None = None,
                *, capacity: int | None = None, working=None, token_mask: jax.Array | None = None) -> MoEOutput:
     """`capacity`: rows per (source, destination), static (each exchange of `backends.DISPATCH` says how it

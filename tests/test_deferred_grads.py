@@ -1,7 +1,6 @@
 """Deferred replica gradients: a slot's gradients wait in a per-slot float32 accumulator while it keeps
 its expert and go back to the base once per tenure; the step still equals the plain home-layout step."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -182,13 +181,11 @@ def setting():
 
 
 def run(executor, batches, step):
-  """(gradients, loss, updated parameters) of one step from the executor's parameters, which it keeps."""
-  initial = jax.tree.map(jnp.copy, (executor.params, executor.opt_state))
-  grads = executor.gradients(batches, step)
-  loss = executor.train_step(batches, step)["loss"]
-  updated = executor.params
-  executor.params, executor.opt_state = initial
-  return grads, loss, updated
+  """(gradients, loss, updated parameters) of one step from a fresh model's parameters."""
+  params, opt_state = executor.init(make_model(executor.mesh))
+  grads = executor.gradients(params, batches, step)
+  updated, _, metrics = executor.train_step(params, opt_state, batches, step)
+  return grads, metrics["loss"], updated
 
 
 def assert_close(got, want):

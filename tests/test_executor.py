@@ -13,9 +13,10 @@ from jax.sharding import PartitionSpec as P
 
 from foremoe_jax import MoEConfig
 from foremoe_jax import executor as executor_module
-from foremoe_jax.executor import PLAIN, Executor, accumulators
+from foremoe_jax.executor import PLAIN, Executor
 from foremoe_jax.step_tables import prepare_step, table_sizes
 from foremoe_jax.moe_stack import MoEStack
+from foremoe_jax.trees import accumulators
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
 from foremoe_jax.planner.pairs import bucket
 from foremoe_jax.planner.split import plan_shares
@@ -80,12 +81,15 @@ def run(executor, batches, counts, policy, prefetch=True, at_home=False, sizes=N
   plan = plan_step(counts, PlanConfig(num_experts=E, num_devices=D, slots_per_device=S, policy=policy, cost=cost))
   plan = home_base(plan) if at_home else plan
   step = prepare_step(plan, counts, E, capacity=64, sizes=sizes)
-  initial = jax.tree.map(jnp.copy, (executor.params, executor.opt_state))
-  grads = executor.gradients(batches, step, prefetch=prefetch)
-  metrics = executor.train_step(batches, step, prefetch=prefetch)
-  updated = executor.params
-  executor.params, executor.opt_state = initial
+  params, opt_state = fresh_state(executor)
+  grads = executor.gradients(params, batches, step, prefetch=prefetch)
+  updated, _, metrics = executor.train_step(params, opt_state, batches, step, prefetch=prefetch)
   return plan, step, grads, metrics, updated
+
+
+def fresh_state(executor):
+  """(params, opt_state) of a new `make_model` (seeded: the same each time) for `executor`."""
+  return executor.init(make_model(executor.mesh))
 
 
 @pytest.fixture(scope="module")
@@ -196,12 +200,8 @@ def test_new_plans_do_not_recompile(step_inputs):
   for tables in ("hold_tables_M", "flush_moves_M"):
     assert jax.tree.map(np.shape, getattr(steps[0], tables)) == jax.tree.map(np.shape, getattr(steps[1], tables))
   assert any((a.slot_expert_G != b.slot_expert_G).any() for a, b in zip(steps[0].tables_M, steps[1].tables_M))
-  initial = jax.tree.map(jnp.copy, (executor.params, executor.opt_state))
-  try:  # the shared executor gets its parameters back even when the assertion fails
-    executor.train_step(batches, steps[0])
-    assert _backend_compiles(lambda: executor.train_step(batches, steps[1])) == 0
-  finally:
-    executor.params, executor.opt_state = initial
+  params, opt_state, _ = executor.train_step(*fresh_state(executor), batches, steps[0])
+  assert _backend_compiles(lambda: executor.train_step(params, opt_state, batches, steps[1])) == 0
 
 
 def test_capacity_below_need_is_refused(step_inputs):
@@ -249,8 +249,8 @@ def test_each_micro_step_gets_its_own_capacity_and_each_compiles_once(step_input
   pairs_MxLxSrcxDst = plan.slot_pairs(counts).reshape(M, L, D, D, -1).sum(-1)
   assert step.capacity_M == tuple(bucket(int(n)) for n in pairs_MxLxSrcxDst.max((1, 2, 3)))
   assert len(set(step.capacity_M)) > 1 and step.capacity == max(step.capacity_M)
-  grads = executor.gradients(batches, step)  # a dropped pair would show here
-  want = reference.gradients(batches, prepare_step(plan, counts, E, capacity=step.capacity))
+  grads = executor.gradients(fresh_state(executor)[0], batches, step)  # a dropped pair would show here
+  want = reference.gradients(fresh_state(reference)[0], batches, prepare_step(plan, counts, E, capacity=step.capacity))
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
   # one program per capacity and position (the first micro-step's program starts the accumulators)
@@ -260,12 +260,13 @@ def test_each_micro_step_gets_its_own_capacity_and_each_compiles_once(step_input
 def test_accumulators_are_zero_filled_where_they_live(step_inputs):
   """No device-to-device copy: each shard is filled on its own device (eager zeros_like is not)."""
   _, _, _, executor = step_inputs
+  params, _ = fresh_state(executor)
   with jax.transfer_guard_device_to_device("disallow"):
-    acc = executor.zero_accumulators(executor.params)
+    acc = executor.zero_accumulators(params)
     jax.block_until_ready(acc)
     with pytest.raises(Exception, match="Disallowed device-to-device transfer"):
-      jax.block_until_ready(accumulators(executor.params))
-  for a, p in zip(jax.tree.leaves(acc), jax.tree.leaves(executor.params)):
+      jax.block_until_ready(accumulators(params))
+  for a, p in zip(jax.tree.leaves(acc), jax.tree.leaves(params)):
     assert a.sharding == p.sharding and a.dtype == jnp.promote_types(p.dtype, jnp.float32) and not a.any()
 
 
@@ -281,8 +282,9 @@ def test_static_step_equals_plain_autodiff(step_inputs):
   micro-step losses of the plain model (home layout, no tables, no working slots)."""
   mesh, batches, counts, executor = step_inputs
   plan = plan_step(counts, PlanConfig(E, D, S, policy="foremoe", cost=CostModel(link_bytes_per_s=1e18)))
-  grads = executor.gradients(batches, prepare_step(plan, counts, E, capacity=64))
-  graphdef, params, rest = nnx.split(executor.model(), nnx.Param, ...)
+  params, opt_state = fresh_state(executor)
+  grads = executor.gradients(params, batches, prepare_step(plan, counts, E, capacity=64))
+  graphdef, _, rest = nnx.split(executor.model(params), nnx.Param, ...)
 
   def total_loss(params):
     model = nnx.merge(graphdef, params, rest)
@@ -293,15 +295,14 @@ def test_static_step_equals_plain_autodiff(step_inputs):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
   # The home expert weights' gradients come from the base accumulators alone: none are kept for them.
   step = prepare_step(plan, counts, E, capacity=64)
-  (dense_acc, base_acc), _, _ = executor.accumulate(batches, step)
+  (dense_acc, base_acc), _, _ = executor.accumulate(params, batches, step)
   assert len(jax.tree.leaves(dense_acc)) == len(jax.tree.leaves(params)) - 2 * L == L  # the routers
   # The update is plain SGD on those gradients (lr 0.5), in the parameters' own dtypes.
-  initial = jax.tree.map(jnp.copy, (executor.params, executor.opt_state))
-  executor.train_step(batches, step)
-  for new, old, g in zip(jax.tree.leaves(executor.params), jax.tree.leaves(initial[0]), jax.tree.leaves(want)):
+  initial = jax.tree.map(np.asarray, params)
+  new_params, _, _ = executor.train_step(params, opt_state, batches, step)
+  for new, old, g in zip(jax.tree.leaves(new_params), jax.tree.leaves(initial), jax.tree.leaves(want)):
     assert new.dtype == old.dtype
     np.testing.assert_allclose(new, old - 0.5 * g, rtol=1e-4, atol=1e-6)
-  executor.params, executor.opt_state = initial
 
 
 def collectives(text: str) -> dict:
@@ -322,16 +323,18 @@ def test_a_step_at_home_is_the_plain_step(step_inputs, monkeypatch):
   executor = Executor(model, optax.sgd(0.5), loss_fn, mesh)
   step = prepare_step(plan_step(counts, PlanConfig(E, D, slots, policy="static")), counts, E, capacity=64, mesh=mesh)
   assert step.at_home and Executor.layout(step) == PLAIN
-  graphdef, params, rest = nnx.split(executor.model(), nnx.Param, ...)
+  params, opt_state = executor.init(model)
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
 
   def plain_loss(params, batch, tables):
     model = nnx.merge(graphdef, params, rest)
-    working = [(layer.w_gate_up[...], layer.w_down[...]) for layer in model.moe_layers()]
+    working = [layer.expert_weights() for layer in model.moe_layers()]
+    working = [(w_gate_up[...], w_down[...]) for w_gate_up, w_down in working]
     return loss_fn(model, batch, tables=tables, working=working, capacity=64)
 
   tables, kw = executor._micro_args(step, 1, None)
   acc = executor._state(PLAIN, step.held_rows)[2]
-  program = executor._micro.lower(executor.params, (), (), acc, batches[1], *tables, **kw)
+  program = executor._micro.lower(params, (), (), acc, batches[1], *tables, **kw)
   plain_grad = jax.jit(jax.value_and_grad(plain_loss, has_aux=True))
   want_ops = collectives(plain_grad.lower(params, batches[1], step.tables_M[1]).as_text())
   assert want_ops["all_to_all"] > 0 and collectives(program.as_text()) == want_ops
@@ -341,12 +344,12 @@ def test_a_step_at_home_is_the_plain_step(step_inputs, monkeypatch):
     return sum(loss_fn(model, b, tables=None, working=None, capacity=64)[0] for b in batches)
 
   want = jax.jit(jax.grad(total_loss))(params)
-  grads = executor.gradients(batches, step)
+  grads = executor.gradients(params, batches, step)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
-  initial = jax.tree.map(jnp.copy, executor.params)
-  executor.train_step(batches, step)
-  for new, old, g in zip(jax.tree.leaves(executor.params), jax.tree.leaves(initial), jax.tree.leaves(want)):
+  initial = jax.tree.map(np.asarray, params)
+  new_params, _, _ = executor.train_step(params, opt_state, batches, step)
+  for new, old, g in zip(jax.tree.leaves(new_params), jax.tree.leaves(initial), jax.tree.leaves(want)):
     np.testing.assert_allclose(new, old - 0.5 * g, rtol=1e-5, atol=1e-7)
   assert calls == []
 
@@ -370,9 +373,10 @@ def test_refills_write_only_changed_slots_and_skip_repeated_placements(step_inpu
   assert (np.asarray(step.refill_moves_M[2].local_src_DxL) >= 0).sum() == restored.sum()
   static = prepare_step(plan_step(counts, PlanConfig(E, D, S, policy="static")), counts, E, capacity=64)
   step = prepare_step(plan, counts, E, capacity=64)
-  want = [float(loss) for loss, _ in executor.forward(batches, static)]
+  params, _ = fresh_state(executor)
+  want = [float(loss) for loss, _ in executor.forward(params, batches, static)]
   for prefetch in (True, False):
-    got = [float(loss) for loss, _ in executor.forward(batches, step, prefetch=prefetch)]
+    got = [float(loss) for loss, _ in executor.forward(params, batches, step, prefetch=prefetch)]
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -394,7 +398,8 @@ def test_a_step_that_keeps_the_base_computes_on_it_without_a_copy(step_inputs):
   with per-micro-step moves a base, working slots and the base's accumulators exist (after micro-step 0,
   whose program builds them), and the held gradients' H rows per device, not a slot-shaped copy."""
   _, batches, counts, executor = step_inputs
-  expert_shape = executor.params["layers"][0]["w_gate_up"][...].shape[1:]
+  params, _ = fresh_state(executor)
+  expert_shape = params["layers"][0]["w_gate_up"][...].shape[1:]
   seen = []
 
   def count_slot_arrays(name, acc):
@@ -407,7 +412,7 @@ def test_a_step_that_keeps_the_base_computes_on_it_without_a_copy(step_inputs):
     step = prepare_step(plan, counts, E, capacity=64)
     assert step.fill_M.any() == (policy == "foremoe") and step.held_rows < S
     seen.clear()
-    executor.accumulate(batches, step, stage_done=count_slot_arrays)
+    executor.accumulate(params, batches, step, stage_done=count_slot_arrays)
     assert seen == [(sets * L, [(D * step.held_rows, *expert_shape)] * L if sets else [])]
 
 
@@ -417,11 +422,12 @@ def test_the_host_loop_hands_programs_arrays_already_on_the_mesh(step_inputs):
   mesh, batches, counts, executor = step_inputs
   on_mesh = jax.device_put(batches, NamedSharding(mesh, P(("data", "expert"))))
   plan = plan_step(counts, PlanConfig(E, D, S, policy="foremoe", cost=CostModel(link_bytes_per_s=1e18)))
+  params, _ = fresh_state(executor)
   for step in (prepare_step(plan, counts, E, capacity=64), prepare_step(plan, counts, E, capacity=64, mesh=mesh)):
     assert step.fill_M.any()
-    jax.block_until_ready(executor.accumulate(on_mesh, step))  # compiles
+    jax.block_until_ready(executor.accumulate(params, on_mesh, step))  # compiles
     with jax.transfer_guard("disallow"):
-      jax.block_until_ready(executor.accumulate(on_mesh, step))
+      jax.block_until_ready(executor.accumulate(params, on_mesh, step))
 
 
 def _backend_compiles(run_step) -> int:
@@ -440,10 +446,11 @@ def test_precompile_leaves_the_step_nothing_to_compile(step_inputs):
   step = prepare_step(plan, counts, E, mesh=mesh)
   step = dataclasses.replace(step, capacity_M=(step.capacity, 2 * step.capacity) * (M // 2))  # two programs
   plain = Executor(make_model(mesh), optax.sgd(0.5), loss_fn, mesh)
-  assert _backend_compiles(lambda: plain.train_step(on_mesh, step)) > 0
+  assert _backend_compiles(lambda: plain.train_step(*fresh_state(plain), on_mesh, step)) > 0
   ahead = Executor(make_model(mesh), optax.sgd(0.5), loss_fn, mesh)
-  report = ahead.precompile(on_mesh, step, programs=("forward", "train"))
+  report = ahead.precompile(on_mesh, step, programs=("forward", "train"))  # before any state exists
   # forward: first, middle and last capacities with their refills (3); train: first, two middle, last (4)
   assert report["programs"] == 3 + 4
-  assert _backend_compiles(lambda: ahead.forward(on_mesh, step)) == 0
-  assert _backend_compiles(lambda: ahead.train_step(on_mesh, step)) == 0
+  params, opt_state = fresh_state(ahead)
+  assert _backend_compiles(lambda: ahead.forward(params, on_mesh, step)) == 0
+  assert _backend_compiles(lambda: ahead.train_step(params, opt_state, on_mesh, step)) == 0

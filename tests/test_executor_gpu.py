@@ -57,10 +57,12 @@ def test_bf16_step_under_changing_placements_equals_static():
     plan = plan_step(counts, PlanConfig(num_experts, num_devices, slots, policy=policy,
                                         cost=CostModel(link_bytes_per_s=1e18)))
     step = prepare_step(plan, counts, num_experts, capacity=T * K)
-    ex = Executor(make(), optax.sgd(0.1), loss_fn, mesh, prefetch=prefetch)
-    grads = ex.gradients(batches, step)
-    out = ex.train_step(batches, step)
-    results[policy, prefetch] = (plan, step, out, grads, ex.params)
+    model = make()
+    ex = Executor(model, optax.sgd(0.1), loss_fn, mesh, prefetch=prefetch)
+    params, opt_state = ex.init(model)
+    grads = ex.gradients(params, batches, step)
+    params, _, out = ex.train_step(params, opt_state, batches, step)
+    results[policy, prefetch] = (plan, step, out, grads, params)
   static_plan, _, want, want_grads, want_params = results["static", True]
   for key in (("foremoe", True), ("foremoe", False)):
     plan, step, out, grads, params = results[key]

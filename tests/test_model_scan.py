@@ -159,9 +159,10 @@ def test_executor_step_equals_unrolled(models, mesh):
   results = []
   for model in (unrolled, scanned):
     executor = Executor(model, optax.sgd(0.5), step_loss, mesh)
-    grads = executor.gradients(batches, step)
-    metrics = executor.train_step(batches, step)
-    results.append((grads, executor.params, metrics["loss"]))
+    params, opt_state = executor.init(model)
+    grads = executor.gradients(params, batches, step)
+    params, _, metrics = executor.train_step(params, opt_state, batches, step)
+    results.append((grads, params, metrics["loss"]))
   (g_u, p_u, loss_u), (g_s, p_s, loss_s) = results
   np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
   assert_trees_close(g_s, to_scanned(g_u), 1e-5)

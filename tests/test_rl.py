@@ -65,7 +65,7 @@ def test_recompute_under_foremoe_equals_static(tmp_path):
   rng = np.random.default_rng(1)
   n, t = 32, 12
   tokens = rng.integers(3, 18, size=(n, t)).astype(np.int32)
-  model = trainer.executor.model()
+  model = trainer.policy()
   routes = np.asarray(jax.jit(lambda m, x: m(x).routes)(model, tokens))
   step = build_step_batches(tokens, routes, np.ones((n, t), np.int32), np.full(n, t), num_shards=8,
                             expert_devices=8, rows_per_shard=2, tokens_per_shard=2 * t, num_experts=16,
@@ -88,11 +88,11 @@ def test_resume_gives_the_same_next_step(tmp_path):
   """Restoring the checkpoint after step 0 and running step 1 again reproduces the uninterrupted run."""
   trainer = tiny_setup(tmp_path, steps=2)
   trainer.run()
-  straight = jax.tree.map(np.asarray, trainer.executor.params)
+  straight = jax.tree.map(np.asarray, trainer.params)
   assert trainer.ckpt.all_steps() == [1, 2]
   assert trainer.restore(1) == 1
   trainer.step(1)
-  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(trainer.executor.params)):
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(trainer.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -113,16 +113,16 @@ def test_planning_in_a_process_gives_the_same_step(tmp_path):
   """rl.plan_in_process: the plans come from a spawned process (another pid); the step (loss, imbalance
   report, updated parameters) equals the one planned in a thread."""
   trainer = tiny_setup(tmp_path, steps=1, recompute_layout="plan")
-  initial = jax.tree.map(jnp.copy, (trainer.executor.params, trainer.executor.opt_state))
+  initial = jax.tree.map(jnp.copy, (trainer.params, trainer.opt_state))
   records, params = [], []
   for in_process in (False, True):
     trainer.planner.close()
     trainer.planner = Planner(in_process)
     assert (trainer.planner.submit(os.getpid).result() != os.getpid()) == in_process
-    trainer.executor.params, trainer.executor.opt_state = jax.tree.map(jnp.copy, initial)
+    trainer.params, trainer.opt_state = jax.tree.map(jnp.copy, initial)
     trainer.history = None
     records.append(trainer.step(0))
-    params.append(jax.tree.map(np.asarray, trainer.executor.params))
+    params.append(jax.tree.map(np.asarray, trainer.params))
   trainer.planner.close()
   assert records[0]["imbalance"] == records[1]["imbalance"]
   np.testing.assert_allclose(records[0]["loss"], records[1]["loss"], rtol=1e-6)
@@ -166,15 +166,15 @@ def test_recompute_layouts_give_the_same_step(tmp_path):
   step (loss, parameters, imbalance, plans) is the same; the home tables are built once. plan_wait counts
   the time blocked on a plan, whichever stage blocks."""
   trainer = tiny_setup(tmp_path, steps=1)
-  initial = jax.tree.map(jnp.copy, (trainer.executor.params, trainer.executor.opt_state))
+  initial = jax.tree.map(jnp.copy, (trainer.params, trainer.opt_state))
   records, params = [], []
   for layout, lazy in (("home", False), ("plan", True), ("ready", True), ("ready", False)):
     trainer.rl = dataclasses.replace(trainer.rl, recompute_layout=layout)
     trainer.planner = InlinePlanner(lazy)
-    trainer.executor.params, trainer.executor.opt_state = jax.tree.map(jnp.copy, initial)
+    trainer.params, trainer.opt_state = jax.tree.map(jnp.copy, initial)
     trainer.history = None
     records.append(trainer.step(0))
-    params.append(jax.tree.map(np.asarray, trainer.executor.params))
+    params.append(jax.tree.map(np.asarray, trainer.params))
   assert [r["recompute_at_home"] for r in records] == [2, 0, 2, 0]
   assert len(trainer.home) == 1  # both mini-batches have as many micro-steps
   assert records[0]["new_capacities"] and all(r["new_capacities"] == [] for r in records[1:])  # compiled once
@@ -224,11 +224,11 @@ def test_the_record_carries_speed_and_the_running_policy_report(tmp_path):
   """Default: the running policy's and static's imbalance, from its own plans and the home layout; with
   rl.report_policies every policy, the same values where both report. Throughput entries per formula."""
   trainer = tiny_setup(tmp_path, steps=1, recompute_layout="plan")
-  initial = jax.tree.map(jnp.copy, (trainer.executor.params, trainer.executor.opt_state))
+  initial = jax.tree.map(jnp.copy, (trainer.params, trainer.opt_state))
   records = []
   for report in (False, True):
     trainer.rl = dataclasses.replace(trainer.rl, report_policies=report)
-    trainer.executor.params, trainer.executor.opt_state = jax.tree.map(jnp.copy, initial)
+    trainer.params, trainer.opt_state = jax.tree.map(jnp.copy, initial)
     trainer.history = None
     records.append(trainer.step(0))
   off, on = records
@@ -293,8 +293,9 @@ def test_compiled_ahead_the_recompute_and_update_compile_nothing(tmp_path):
       return out
     return wrapped
 
-  for executor in (trainer.executor, trainer.reference):
-    executor.forward, executor.train_step = counted(executor.forward, "forward"), counted(executor.train_step, "update")
+  executor = trainer.executor  # the reference's log-probs run its programs too (trainer.reference_params)
+  assert trainer.reference_params is not None
+  executor.forward, executor.train_step = counted(executor.forward, "forward"), counted(executor.train_step, "update")
   record = trainer.step(0)
   assert record["new_capacities"] and compiles == []
 

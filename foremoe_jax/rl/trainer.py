@@ -27,13 +27,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from foremoe_jax import backends, distributed
+from foremoe_jax import backends, distributed, trees
 from foremoe_jax.checkpoint import Checkpointer
-from foremoe_jax.executor import Executor, replicate_unsharded
+from foremoe_jax.executor import Executor
 from foremoe_jax.step_tables import base_pair_need, capacity_power_of_two, pair_need, prepare_step, table_sizes
 from foremoe_jax.load_monitor import expert_tokens, load_record
 from foremoe_jax.mesh import batch_shards
@@ -100,7 +99,8 @@ def _key(tables, batches) -> tuple:
 
 
 class GRPOTrainer:
-  """Holds the executor (parameters, optimizer state) and runs RL steps."""
+  """Owns the policy's state (`params`, `opt_state`; `reference_params`, the frozen KL reference) and runs
+  RL steps through the executor, which holds none: each update hands the state in and takes the new one."""
 
   def __init__(self, cfg, model, mesh, task, run_dir: str):
     self.cfg, self.rl, self.mesh, self.task = cfg, cfg.rl.validate(batch_shards(mesh)), mesh, task
@@ -125,10 +125,9 @@ class GRPOTrainer:
     objective = functools.partial(grpo_objective, clip_eps=self.rl.clip_eps, kl_coef=self.rl.kl_coef)
     tx = rl_optimizer(self.rl.lr, self.rl.adam_dtype)
     self.executor = Executor(model, tx, objective, mesh)
-    self.reference = None
-    if self.rl.kl_coef > 0:  # a frozen copy: the policy's update donates its parameter buffers
-      self.reference = Executor(model, optax.identity(), objective, mesh)
-      self.reference.params = jax.tree.map(jnp.copy, self.reference.params)
+    self.params, self.opt_state = self.executor.init(model)
+    # A frozen copy: the policy's update donates its parameter buffers.
+    self.reference_params = trees.copy(self.params) if self.rl.kl_coef > 0 else None
     self.ckpt = Checkpointer(os.path.join(run_dir, "rl_ckpt"))
     self.history = None
     self.route_hook = None  # fn(Rollout of rows `rows` of num_rows, rows, num_rows) -> Rollout: trace routes
@@ -141,12 +140,12 @@ class GRPOTrainer:
   # --- checkpoints ---------------------------------------------------------------------------------
   def save(self, step: int, record: dict) -> None:
     history = None if self.history is None else self.history.tolist()
-    self.ckpt.save(step, {"params": self.executor.params, "opt": self.executor.opt_state},
+    self.ckpt.save(step, {"params": self.params, "opt": self.opt_state},
                    {"history": history, "record": record})
 
   def restore(self, step: int | None = None) -> int:
     """Loads checkpoint `step` (default: the last); returns the next step to run (0 without one)."""
-    target = {"params": self.executor.params, "opt": self.executor.opt_state}
+    target = {"params": self.params, "opt": self.opt_state}
     if step is None:
       restored = self.ckpt.restore_latest(target)
       distributed.check_same_across_processes([np.asarray(-1 if restored is None else restored[0])],
@@ -156,10 +155,14 @@ class GRPOTrainer:
       last, state, extra = restored
     else:
       last, (state, extra) = step, self.ckpt.restore(step, target)
-    state = replicate_unsharded(state, self.mesh)
-    self.executor.params, self.executor.opt_state = state["params"], state["opt"]
+    state = trees.replicate_unsharded(state, self.mesh)
+    self.params, self.opt_state = state["params"], state["opt"]
     self.history = None if extra.get("history") is None else np.asarray(extra["history"], np.int64)
     return last
+
+  def policy(self):
+    """The model with the current parameters (sharing their arrays): for rollout and evaluation."""
+    return self.executor.model(self.params)
 
   # --- one step: the pipeline ------------------------------------------------------------------
   def step(self, step: int) -> dict:
@@ -198,7 +201,7 @@ class GRPOTrainer:
     rl, rows = self.rl, local_rows(self.mesh, self.num_rows)
     pairs = local_prompts(functools.partial(self.sample_prompts, step), rows, rl.group_size)
     prompts_BxP, lens_B = self.task.prompt_batch([p for p, _ in pairs])
-    roll = local_rollout(self.executor.model(), prompts_BxP, lens_B, jax.random.key(step + 7919 * self.cfg.seed),
+    roll = local_rollout(self.policy(), prompts_BxP, lens_B, jax.random.key(step + 7919 * self.cfg.seed),
                          num_rows=self.num_rows, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
                          top_p=rl.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
     return rows, pairs, roll._replace(logprobs=None)
@@ -265,7 +268,9 @@ class GRPOTrainer:
       for i, micro_batches in enumerate(work.minibatches):
         if work.tables[i] is None:
           self.compile_ahead(step, micro_batches, self.plan_tables(step, work, i), ("train",), work.compiled)
-        updates.append(self.executor.train_step(micro_batches, work.tables[i]))
+        self.params, self.opt_state, out = self.executor.train_step(self.params, self.opt_state, micro_batches,
+                                                                    work.tables[i])
+        updates.append(out)
     return updates
 
   def plan_tables(self, step: int, work: StepWork, i: int):
@@ -374,20 +379,17 @@ class GRPOTrainer:
     if not programs:
       return
     self.compiled.update((p, key) for p in programs)
-    reports = [self.executor.precompile(abstract, tables, programs=programs, workers=self.rl.compile_workers)]
-    if self.reference is not None and "forward" in programs:
-      reports.append(self.reference.precompile(abstract, tables, programs=("forward",),
-                                               workers=self.rl.compile_workers))
+    # The reference's forward runs the policy's programs (same executor, same shapes): compiled here too.
+    report = self.executor.precompile(abstract, tables, programs=programs, workers=self.rl.compile_workers)
     if new:
       log.info("step %d: %d programs ready: lowering %.1f s, then XLA in %d threads %.1f s", step,
-               sum(r["programs"] for r in reports), sum(r["lower_s"] for r in reports), self.rl.compile_workers,
-               sum(r["compile_s"] for r in reports))
+               report["programs"], report["lower_s"], self.rl.compile_workers, report["compile_s"])
 
   def with_logprob_slots(self, micro_batches: list[dict], make) -> list[dict]:
     """Each micro-batch with its log-prob entries (old, and the reference's if any) made by make(mask):
     the recompute's placeholders and the update's batches then share one structure and sharding, which
     `compile_ahead` compiles for."""
-    keys = ("logp_old",) if self.reference is None else ("logp_old", "logp_ref")
+    keys = ("logp_old",) if self.reference_params is None else ("logp_old", "logp_ref")
     return [{**b, **{k: make(b["mask"]) for k in keys}} for b in micro_batches]
 
   def zeros_like_mask(self, mask):
@@ -400,10 +402,10 @@ class GRPOTrainer:
   def attach_logprobs(self, micro_batches: list[dict], tables) -> None:
     """Recompute: old (and reference) log-probs under replayed routes, forward only."""
     placeholders = self.with_logprob_slots(micro_batches, self.zeros_like_mask)
-    for key, executor in (("logp_old", self.executor), ("logp_ref", self.reference)):
-      if executor is None:
+    for key, params in (("logp_old", self.params), ("logp_ref", self.reference_params)):
+      if params is None:
         continue
-      for batch, (_, metrics) in zip(micro_batches, executor.forward(placeholders, tables)):
+      for batch, (_, metrics) in zip(micro_batches, self.executor.forward(params, placeholders, tables)):
         batch[key] = jax.device_put(metrics["logp"], batch["mask"].sharding)  # as compile_ahead assumed
 
   def run(self, logger=None, resume: bool = False) -> list[dict]:
