@@ -272,10 +272,12 @@ def test_the_trainer_compiles_each_group_ahead_once_and_names_new_capacities(tmp
       for tables, capacity_M, programs in groups:
         trainer.compile_ahead(3, batches[:len(capacity_M)], dataclasses.replace(tables, capacity_M=capacity_M),
                               programs, met)
-  assert calls == [(("forward", "train"), (16, 32, 48, 32), 4), (("train",), (16, 32), 4)]  # the third known
+  # The new capacity at every position too (all four micro-steps at 32); the third group is known.
+  assert calls == [(("forward", "train"), (16, 32, 48, 32), 4), (("forward", "train"), (32, 32, 32, 32), 4),
+                   (("train",), (16, 32), 4)]
   assert [r.getMessage() for r in caplog.records] == [
       "step 3: compiling forward/train programs for new padded capacities [32]",
-      "step 3: 2 programs ready: lowering 1.0 s, then XLA in 4 threads 2.0 s",
+      "step 3: 4 programs ready: lowering 2.0 s, then XLA in 4 threads 4.0 s",
       "step 3: compiling forward/train programs for new padded capacities [32]"]
 
 

@@ -21,7 +21,8 @@ STEPS = 6
 # programs whatever the planner's timing).
 SETTINGS = ["model.num_layers=1", "model.d_model=32", "model.d_ff_dense=32", "model.d_ff_expert=16",
             f"rl.steps={STEPS}", "rl.prompts_per_step=16", "rl.group_size=4", "rl.rows_per_shard=2",
-            "rl.tokens_per_shard=32", "rl.num_minibatches=2", "rl.capacity_buckets=1", "rl.recompute_layout=plan"]
+            "rl.tokens_per_shard=32", "rl.num_minibatches=2", "rl.capacity_buckets=1", "rl.recompute_layout=plan",
+            "rl.plan_matmul_tflops=0.001"]  # compute-bound plans: balancing by replicas pays
 
 
 def make_trainer(tmp_path, settings):

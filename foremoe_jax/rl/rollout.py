@@ -169,10 +169,16 @@ def local_prompts(sample_rows, rows: range, group_size: int) -> list:
   return [pairs[b // group_size - first] for b in rows]
 
 
+@functools.cache
+def _resharder(sharding):
+  """One jitted identity per target sharding: a new lambda per call would compile again every step."""
+  return jax.jit(lambda a: a, out_shardings=sharding)
+
+
 def _local_part(x: jax.Array, sharding) -> np.ndarray:
   """The rows of a batch-sharded global array this process holds, in order, as numpy."""
   if not x.sharding.is_equivalent_to(sharding, x.ndim):
-    x = jax.jit(lambda a: a, out_shardings=sharding)(x)
+    x = _resharder(sharding)(x)
   shards = {s.index[0].indices(x.shape[0])[0]: s.data for s in x.addressable_shards}
   return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
 

@@ -374,13 +374,18 @@ class GRPOTrainer:
       return  # each compiles when first called
     abstract = self.with_logprob_slots(
         micro_batches, lambda mask: jax.ShapeDtypeStruct(mask.shape, jnp.float32, sharding=mask.sharding))
-    key = _key(tables, abstract)
-    programs = tuple(p for p in programs if (p, key) not in self.compiled)
-    if not programs:
-      return
-    self.compiled.update((p, key) for p in programs)
-    # The reference's forward runs the policy's programs (same executor, same shapes): compiled here too.
-    report = self.executor.precompile(abstract, tables, programs=programs, workers=self.rl.compile_workers)
+    # A new capacity compiles at every micro-step position at once (first, middle, last): a later group
+    # of known capacities in another order then meets compiled programs only.
+    groups = [tables, *(dataclasses.replace(tables, capacity_M=(c,) * len(tables.capacity_M)) for c in new)]
+    report = dict(programs=0, lower_s=0.0, compile_s=0.0)
+    for group in groups:
+      key = _key(group, abstract)
+      todo = tuple(p for p in programs if (p, key) not in self.compiled)
+      if todo:
+        self.compiled.update((p, key) for p in todo)
+        # The reference's forward runs the policy's programs (same executor, same shapes): compiled here too.
+        done = self.executor.precompile(abstract, group, programs=todo, workers=self.rl.compile_workers)
+        report = {k: report[k] + done[k] for k in report}
     if new:
       log.info("step %d: %d programs ready: lowering %.1f s, then XLA in %d threads %.1f s", step,
                report["programs"], report["lower_s"], self.rl.compile_workers, report["compile_s"])
