@@ -18,6 +18,9 @@ run under `jax.lax.scan`, so one block body is lowered and compiled whatever the
 replay, working slots and the KV cache are scanned inputs; `scan_unroll` blocks run per loop iteration
 (lax.scan's unroll). `remat="block"` recomputes each block's
 activations in the backward pass (`jax.checkpoint` of the block body).
+
+Config: the MoE fields live once, in `ModelConfig.moe` (an `ExpertsConfig`, `--set model.moe.<field>`);
+`ModelConfig.moe_config()` extends them with the model's d_model and dtypes into the layer's `MoEConfig`.
 """
 import dataclasses
 import math
