@@ -118,8 +118,9 @@ def main(argv=None):
     summary = {"config": cfg.name, "sft_steps": state.step, "sft_final_loss": state.last_metrics.get("loss"),
                "sft_accuracy": accuracy, "devices": jax.device_count(), "processes": jax.process_count(),
                "backend": jax.default_backend(),
-               "dispatch": choose_dispatch(cfg.model.dispatch), "gmm_backend": resolve("gmm", cfg.model.gmm_backend),
-               "dispatch_backend": resolve("permute", cfg.model.dispatch_backend),
+               "dispatch": choose_dispatch(cfg.model.moe.dispatch),
+               "gmm_backend": resolve("gmm", cfg.model.moe.gmm_backend),
+               "dispatch_backend": resolve("permute", cfg.model.moe.dispatch_backend),
                **task.describe()}
     if args.rl_steps != 0:
       trainer = GRPOTrainer(cfg, state.model, state.mesh, state.task, run_dir)

@@ -86,7 +86,7 @@ def stack_setup(args, num_devices: int):
   from foremoe_jax import MoEConfig
 
   mesh = expert_mesh(num_devices)
-  cfg = MoEConfig(d_model=args.hidden, d_ff=args.expert_hidden, num_experts=E, top_k=K,
+  cfg = MoEConfig(d_model=args.hidden, d_ff_expert=args.expert_hidden, num_experts=E, top_k=K,
                   slots_per_device=E // num_devices + 1, dispatch="padded", dtype=jnp.bfloat16,
                   param_dtype=jnp.bfloat16, gmm_backend=args.gmm_backend, dispatch_backend=args.dispatch_backend)
 

@@ -35,9 +35,11 @@ def model_config(args, num_layers: int, scan_layers: bool, unroll: int = 1):
   cfg = qwen3_30b_a3b.get_config().model
   if args.smoke:
     cfg = dataclasses.replace(cfg, vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
-                              num_experts=8, top_k=2, d_ff_expert=16, dtype="float32", param_dtype="float32")
+                              moe=dataclasses.replace(cfg.moe, num_experts=8, top_k=2, d_ff_expert=16),
+                              dtype="float32", param_dtype="float32")
   return dataclasses.replace(cfg, num_layers=num_layers, scan_layers=scan_layers, scan_unroll=unroll,
-                             slots_per_device=None, max_seq_len=args.tokens, remat=args.remat)
+                             moe=dataclasses.replace(cfg.moe, slots_per_device=None), max_seq_len=args.tokens,
+                             remat=args.remat)
 
 
 def step_fn(graphdef, capacity):
@@ -67,7 +69,7 @@ def compile_step(args, mesh, num_layers: int, scan_layers: bool, unroll: int = 1
   capacity = abstract.no_drop_capacity(1, args.tokens)
   shard = batch_sharding(mesh)
   tokens = jax.ShapeDtypeStruct((1, args.tokens), jnp.int32, sharding=shard)
-  replay = jax.ShapeDtypeStruct((1, args.tokens, num_layers, cfg.top_k), jnp.int32, sharding=shard)
+  replay = jax.ShapeDtypeStruct((1, args.tokens, num_layers, cfg.moe.top_k), jnp.int32, sharding=shard)
   start = time.perf_counter()
   lowered = step_fn(graphdef, capacity).lower(params, tokens, replay)
   lower_s = time.perf_counter() - start
@@ -90,8 +92,8 @@ def real_inputs(cfg, mesh, tokens: int):
   params = jax.jit(lambda: nnx.state(Model(cfg, mesh=mesh, rngs=nnx.Rngs(0)), nnx.Param))()
   key_t, key_r = jax.random.split(jax.random.key(1))
   x = jax.random.randint(key_t, (1, tokens), 0, cfg.vocab_size, jnp.int32)
-  scores = jax.random.uniform(key_r, (1, tokens, cfg.num_layers, cfg.num_experts))
-  replay = jnp.argsort(scores, axis=-1)[..., :cfg.top_k].astype(jnp.int32)  # distinct experts per token
+  scores = jax.random.uniform(key_r, (1, tokens, cfg.num_layers, cfg.moe.num_experts))
+  replay = jnp.argsort(scores, axis=-1)[..., :cfg.moe.top_k].astype(jnp.int32)  # distinct experts per token
   return params, x, replay
 
 

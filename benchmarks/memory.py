@@ -50,9 +50,9 @@ def ep_config(preset: str, ep: int, overrides: list[str]):
   """The preset at EP `ep` (one redundant slot per device when ep > 1, as the qwen3 presets), then `--set`."""
   from configs import apply_overrides, get_config
   cfg = get_config(preset)
-  slots = cfg.model.num_experts // ep + (ep > 1)
-  cfg = dataclasses.replace(cfg, mesh_data=1, mesh_expert=ep,
-                            model=dataclasses.replace(cfg.model, slots_per_device=slots))
+  slots = cfg.model.moe.num_experts // ep + (ep > 1)
+  moe = dataclasses.replace(cfg.model.moe, slots_per_device=slots)
+  cfg = dataclasses.replace(cfg, mesh_data=1, mesh_expert=ep, model=dataclasses.replace(cfg.model, moe=moe))
   cfg = apply_overrides(cfg, overrides)
   cfg.model.validate(ep)
   return cfg
@@ -65,10 +65,10 @@ def param_counts(m) -> dict[str, int]:
   qk = 0 if not m.qk_norm else (2 * d if m.qk_norm_scope == "head" else (n + kv) * d)
   block = 2 * h + h * (n + 2 * kv) * d + n * d * h + qk
   num_moe = len(m.moe_layer_ids)
-  dense = 2 * m.vocab_size * h + h + m.num_layers * block + num_moe * h * m.num_experts
+  dense = 2 * m.vocab_size * h + h + m.num_layers * block + num_moe * h * m.moe.num_experts
   dense += (m.num_layers - num_moe) * 3 * h * m.d_ff_dense
-  return {"dense": dense, "expert": num_moe * m.num_experts * 3 * h * m.d_ff_expert,
-          "one_expert": 3 * h * m.d_ff_expert, "moe_layers": num_moe}
+  return {"dense": dense, "expert": num_moe * m.moe.num_experts * 3 * h * m.moe.d_ff_expert,
+          "one_expert": 3 * h * m.moe.d_ff_expert, "moe_layers": num_moe}
 
 
 def analytic(cfg, ep: int, rows: int, seq_len: int, capacity: int, tables_bytes: int, held_rows: int) -> dict:
@@ -79,9 +79,9 @@ def analytic(cfg, ep: int, rows: int, seq_len: int, capacity: int, tables_bytes:
   pb, ab = np.dtype(m.param_dtype).itemsize, np.dtype(rl.adam_dtype).itemsize
   plain = ep == 1  # S = E: the base is home and never left, nothing moves (executor.PLAIN)
   local = pc["dense"] + pc["expert"] // ep
-  slot_params = pc["moe_layers"] * m.slots_per_device * pc["one_expert"]
+  slot_params = pc["moe_layers"] * m.moe.slots_per_device * pc["one_expert"]
   n = rows * seq_len
-  batch = n * (4 + 4 + 4 + 4 * pc["moe_layers"] * m.top_k) + 4 * rows + 4  # tokens, mask, logp_old, replay; adv
+  batch = n * (4 + 4 + 4 + 4 * pc["moe_layers"] * m.moe.top_k) + 4 * rows + 4  # tokens, mask, logp_old, replay; adv
   held = 0 if plain else 4 * pc["moe_layers"] * held_rows * pc["one_expert"]  # H float32 rows per layer
   parts = {"weights": pb * local,
            "adam": 2 * ab * local + 4,  # m and v, and optax's int32 step count
@@ -116,12 +116,12 @@ def activations(m, rows: int, seq_len: int, ep: int, capacity: int, grad_bytes: 
   flash_acc = 2 * n * m.num_kv_heads * m.head_dim * 4 if path == "blockwise" else 0
   exchanged = ep * capacity
   attention = scores * (4 + a + 4) + 6 * n * h * a + flash_acc
-  moe = 2 * exchanged * (4 * h + 3 * m.d_ff_expert) * a + n * m.num_experts * 4
+  moe = 2 * exchanged * (4 * h + 3 * m.moe.d_ff_expert) * a + n * m.moe.num_experts * 4
   chunk = rows * min(m.logprob_chunk, seq_len) * m.vocab_size
   head = chunk * (4 + 4 + 4 + a) + 4 * h * m.vocab_size
-  routes = m.num_layers * n * m.top_k * 4
+  routes = m.num_layers * n * m.moe.top_k * 4
   kept_attention = scores * a if path == "dense" else n * m.num_heads * 4
-  kept_block = kept_attention + exchanged * (2 * h + 3 * m.d_ff_expert) * a + 6 * n * h * a
+  kept_block = kept_attention + exchanged * (2 * h + 3 * m.moe.d_ff_expert) * a + 6 * n * h * a
   per_layer = n * h * a if m.remat == "block" else kept_block
   saved = m.num_layers * per_layer + routes
   block = max(attention, moe)
@@ -141,7 +141,8 @@ def abstract_executor(m, mesh, tx, loss_fn):
   from foremoe_jax.executor import Executor
   from foremoe_jax.model import Model
   tiny_cfg = dataclasses.replace(m, vocab_size=8, d_model=8, num_heads=m.num_heads // m.num_kv_heads,
-                                 num_kv_heads=1, head_dim=2, d_ff_dense=4, d_ff_expert=2)
+                                 num_kv_heads=1, head_dim=2, d_ff_dense=4,
+                                 moe=dataclasses.replace(m.moe, d_ff_expert=2))
   tiny = nnx.state(Model(tiny_cfg, mesh=mesh, rngs=nnx.Rngs(0)), nnx.Param)
   graphdef, params, rest = nnx.split(abstract_model(m, mesh), nnx.Param, ...)
   if jax.tree.leaves(rest):
@@ -159,15 +160,15 @@ def step_tables(cfg, mesh, ep: int, rows: int, seq_len: int, micro_steps: int, s
   from foremoe_jax.step_tables import prepare_step
   from foremoe_jax.planner import CostModel, PlanConfig, plan_step
   m = cfg.model
-  e, num_moe = m.num_experts, len(m.moe_layer_ids)
+  e, num_moe = m.moe.num_experts, len(m.moe_layer_ids)
   rng = np.random.default_rng(seed)
   popularity = rng.lognormal(0.0, skew, (micro_steps, num_moe, 1, e))
   popularity = np.broadcast_to(popularity / popularity.sum(-1, keepdims=True), (micro_steps, num_moe, ep, e))
-  counts = rng.multinomial(rows * seq_len * m.top_k, popularity.reshape(-1, e)).reshape(popularity.shape)
+  counts = rng.multinomial(rows * seq_len * m.moe.top_k, popularity.reshape(-1, e)).reshape(popularity.shape)
   # A slow matmul makes every move pay, whatever the shapes: the plan leaves home and the base.
-  cost = CostModel(hidden=m.d_model, expert_intermediate=m.d_ff_expert,
+  cost = CostModel(hidden=m.d_model, expert_intermediate=m.moe.d_ff_expert,
                    bytes_per_param=np.dtype(m.param_dtype).itemsize, matmul_flops_per_s=1e9)
-  plan_cfg = PlanConfig(e, ep, m.slots_per_device, policy="static" if ep == 1 else "foremoe", cost=cost,
+  plan_cfg = PlanConfig(e, ep, m.moe.slots_per_device, policy="static" if ep == 1 else "foremoe", cost=cost,
                         capacity_buckets=cfg.rl.capacity_buckets)
   step = prepare_step(plan_step(counts, plan_cfg), counts, e, mesh=mesh)
   want = PLAIN if ep == 1 else (False, True)
@@ -190,7 +191,7 @@ def abstract_batch(m, mesh, rows: int, seq_len: int) -> dict:
   def sds(shape, dtype, sharding=shard):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   return {"tokens": sds((b, seq_len), jnp.int32), "mask": sds((b, seq_len), jnp.int32),
-          "replay": sds((b, seq_len, len(m.moe_layer_ids), m.top_k), jnp.int32),
+          "replay": sds((b, seq_len, len(m.moe_layer_ids), m.moe.top_k), jnp.int32),
           "adv": sds((b,), jnp.float32), "logp_old": sds((b, seq_len), jnp.float32),
           "num_tokens": sds((), jnp.float32, NamedSharding(mesh, P()))}
 
@@ -244,7 +245,7 @@ def measure(cfg, ep: int, rows: int, seq_len: int, programs, skew: float, micro_
   # micro-step 1's tables, as `Executor._micro_args` passes them (its refill's where it has one)
   tables = (step.tables_M[1], step.hold_tables_M[1], step.direct_moves_M[1], step.flush_moves_M[1],
             step.refill_moves_M[1], step.base_moves, step.refill_moves_M[0])
-  result = {"ep": ep, "slots_per_device": cfg.model.slots_per_device, "capacity": step.capacity_M[1],
+  result = {"ep": ep, "slots_per_device": cfg.model.moe.slots_per_device, "capacity": step.capacity_M[1],
             "held_rows": step.held_rows, "layout": "plain" if ep == 1 else "base + working slots",
             "analytic": analytic(cfg, ep, rows, seq_len, step.capacity_M[1], shard_bytes(tables), step.held_rows),
             "programs": {}}

@@ -7,7 +7,7 @@ planning beside the dispatch loop, table building, plan digests, compile-ahead c
 
   python benchmarks/rl_host.py --config gpu_1 --steps 3 --out $OUT/rl_host.json          # one GPU
   FOREMOE_CPU_DEVICES=1 python benchmarks/rl_host.py --set mesh_expert=1 \
-      --set model.slots_per_device=16 --set rl.prompts_per_step=16                        # CPU, one device
+      --set model.moe.slots_per_device=16 --set rl.prompts_per_step=16                        # CPU, one device
 """
 import argparse
 import cProfile

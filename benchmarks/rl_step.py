@@ -61,8 +61,8 @@ def main(argv=None):
   trainer = GRPOTrainer(cfg, model, mesh, make_task(cfg), f"/tmp/rl_step_bench_{os.getpid()}")
   if trace_root is not None:
     trainer.route_hook = trace_routes.esft_trace_routes(
-        trace_root, num_experts=cfg.model.num_experts, num_layers=len(cfg.model.moe_layer_ids),
-        top_k=cfg.model.top_k, group_size=cfg.rl.group_size, seed=cfg.seed,
+        trace_root, num_experts=cfg.model.moe.num_experts, num_layers=len(cfg.model.moe_layer_ids),
+        top_k=cfg.model.moe.top_k, group_size=cfg.rl.group_size, seed=cfg.seed,
         tasks=args.trace_tasks.split(",") if args.trace_tasks else trace_routes.traces.ESFT_TASKS)
     routes_note = f"traces ({trainer.route_hook.source}, {trace_root})"
   print(f"routes: {routes_note}", flush=True)

@@ -180,7 +180,7 @@ def overlap(args, mesh, num_devices):
   from foremoe_jax.trees import index
 
   slots = E // num_devices + max(args.moves)
-  cfg = MoEConfig(d_model=args.hidden, d_ff=args.expert_hidden, num_experts=E, top_k=K, slots_per_device=slots,
+  cfg = MoEConfig(d_model=args.hidden, d_ff_expert=args.expert_hidden, num_experts=E, top_k=K, slots_per_device=slots,
                   dispatch="padded", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
 
   def loss_fn(model, batch, *, tables, working, capacity):

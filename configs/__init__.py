@@ -1,7 +1,8 @@
 """Named presets: `get_config(name) -> TrainConfig`, `apply_overrides(cfg, ["model.d_model=128", ...])`.
 
-One module per preset, each with `get_config()`. Overrides use dotted field paths and are typed by the
-dataclass field (int, float, bool, str, `X | None` takes "none").
+One module per preset, each with `get_config()`. Overrides use dotted field paths through nested groups
+(`model.moe.num_experts=16`) and are typed by the dataclass field (int, float, bool, str, `X | None` takes
+"none"). A key naming a field of a group one level down (`model.num_experts`) fails, suggesting the full key.
 """
 import dataclasses
 import difflib
@@ -103,7 +104,11 @@ def _override(obj, path: list[str], value: str, key: str):
   names = {f.name: f for f in dataclasses.fields(obj)}
   field = names.get(path[0])
   if field is None:
-    near = difflib.get_close_matches(path[0], names, n=1)
+    # a field that moved into a group (model.num_experts -> model.moe.num_experts) names its new key
+    groups = [n for n in names if dataclasses.is_dataclass(getattr(obj, n))
+              and path[0] in {f.name for f in dataclasses.fields(getattr(obj, n))}]
+    prefix = key[:len(key) - len(".".join(path))]
+    near = [f"{prefix}{groups[0]}.{'.'.join(path)}"] if groups else difflib.get_close_matches(path[0], names, n=1)
     hint = f"did you mean {near[0]!r}? " if near else ""
     raise ValueError(f"--set {key}: unknown key {path[0]!r} in {type(obj).__name__}; {hint}valid keys: "
                      f"{', '.join(sorted(names))}")

@@ -8,14 +8,16 @@ Needs the text extra: pip install -e '.[text]'.
 """
 from configs import RLConfig, SFTConfig, TaskConfig, TrainConfig
 from foremoe_jax.model import ModelConfig
+from foremoe_jax.moe import ExpertsConfig
 
 QWEN3_TOKENIZER_VOCAB = 151669  # 151,643 BPE ranks + 26 special tokens (checked when the task loads)
 
 
 def get_config() -> TrainConfig:
   model = ModelConfig(vocab_size=QWEN3_TOKENIZER_VOCAB, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                      head_dim=16, d_ff_dense=64, num_experts=16, top_k=2, d_ff_expert=32,
-                      slots_per_device=16 // 8 + 1, max_seq_len=96)
+                      head_dim=16, d_ff_dense=64,
+                      moe=ExpertsConfig(num_experts=16, top_k=2, d_ff_expert=32, slots_per_device=16 // 8 + 1),
+                      max_seq_len=96)
   task = TaskConfig(kind="text", tokenizer="qwen3", data="gsm_symbolic", num_problems=192, max_prompt_tokens=72,
                     max_answer_tokens=12, format_weight=0.1)
   return TrainConfig(name="cpu_text", model=model, mesh_data=1, mesh_expert=8, task=task,

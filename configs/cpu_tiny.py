@@ -5,13 +5,15 @@ GRPO then raises the sampled reward within a few minutes on 2 cores.
 """
 from configs import RLConfig, SFTConfig, TaskConfig, TrainConfig
 from foremoe_jax.model import ModelConfig
+from foremoe_jax.moe import ExpertsConfig
 from foremoe_jax.rl.task import CharTokenizer
 
 
 def get_config() -> TrainConfig:
   model = ModelConfig(vocab_size=CharTokenizer().vocab_size, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      head_dim=16, d_ff_dense=128, num_experts=16, top_k=2, d_ff_expert=64,
-                      slots_per_device=16 // 8 + 1, max_seq_len=32)
+                      head_dim=16, d_ff_dense=128,
+                      moe=ExpertsConfig(num_experts=16, top_k=2, d_ff_expert=64, slots_per_device=16 // 8 + 1),
+                      max_seq_len=32)
   return TrainConfig(name="cpu_tiny", model=model, mesh_data=1, mesh_expert=8,
                      task=TaskConfig(num_digits=1, ops="+"), sft=SFTConfig(steps=60, batch_size=64, ckpt_every=30),
                      rl=RLConfig(steps=15, prompts_per_step=32, group_size=8, max_new_tokens=3, lr=3e-4,

@@ -4,6 +4,7 @@ Batch sizes scale with the GPU count; with more than one GPU each device has one
 """
 from configs import RLConfig, SFTConfig, TaskConfig, TrainConfig
 from foremoe_jax.model import ModelConfig
+from foremoe_jax.moe import ExpertsConfig
 from foremoe_jax.rl.task import CharTokenizer
 
 NUM_EXPERTS = 64
@@ -12,8 +13,9 @@ NUM_EXPERTS = 64
 def gpu_config(num_gpus: int) -> TrainConfig:
   slots = NUM_EXPERTS // num_gpus + (num_gpus > 1)
   model = ModelConfig(vocab_size=CharTokenizer().vocab_size, d_model=1024, num_layers=12, num_heads=16,
-                      num_kv_heads=4, head_dim=64, d_ff_dense=2816, num_experts=NUM_EXPERTS, top_k=4,
-                      d_ff_expert=512, slots_per_device=slots, max_seq_len=64, dtype="bfloat16",
+                      num_kv_heads=4, head_dim=64, d_ff_dense=2816,
+                      moe=ExpertsConfig(num_experts=NUM_EXPERTS, top_k=4, d_ff_expert=512, slots_per_device=slots),
+                      max_seq_len=64, dtype="bfloat16",
                       param_dtype="float32")
   return TrainConfig(name=f"gpu_{num_gpus}", model=model, mesh_data=1, mesh_expert=num_gpus,
                      task=TaskConfig(num_digits=3, ops="+-"),

@@ -15,6 +15,7 @@ that do not start from a checkpoint: one block body compiled instead of 48).
 """
 from configs import RLConfig, SFTConfig, TrainConfig
 from foremoe_jax.model import ModelConfig
+from foremoe_jax.moe import ExpertsConfig
 
 NUM_EXPERTS = 128
 
@@ -23,8 +24,9 @@ def qwen3_model(num_layers: int, expert_devices: int, max_seq_len: int) -> Model
   """The Qwen3-30B-A3B layer at `num_layers` depth; one redundant slot per device when D > 1."""
   slots = NUM_EXPERTS // expert_devices + (expert_devices > 1)
   return ModelConfig(vocab_size=151936, d_model=2048, num_layers=num_layers, num_heads=32, num_kv_heads=4,
-                     head_dim=128, d_ff_dense=6144, num_experts=NUM_EXPERTS, top_k=8, d_ff_expert=768,
-                     slots_per_device=slots, max_seq_len=max_seq_len, rope_theta=1e6, dtype="bfloat16",
+                     head_dim=128, d_ff_dense=6144,
+                     moe=ExpertsConfig(num_experts=NUM_EXPERTS, top_k=8, d_ff_expert=768, slots_per_device=slots),
+                     max_seq_len=max_seq_len, rope_theta=1e6, dtype="bfloat16",
                      param_dtype="bfloat16", attention="blockwise", attention_block=512, remat="block")
 
 

@@ -18,6 +18,9 @@ run under `jax.lax.scan`, so one block body is lowered and compiled whatever the
 replay, working slots and the KV cache are scanned inputs; `scan_unroll` blocks run per loop iteration
 (lax.scan's unroll). `remat="block"` recomputes each block's
 activations in the backward pass (`jax.checkpoint` of the block body).
+
+Config: the MoE fields live once, in `ModelConfig.moe` (an `ExpertsConfig`, `--set model.moe.<field>`);
+`ModelConfig.moe_config()` extends them with the model's d_model and dtypes into the layer's `MoEConfig`.
 """
 import dataclasses
 import math
@@ -33,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from foremoe_jax import backends, contracts
 from foremoe_jax import mesh as mesh_lib
 from foremoe_jax.attention import ATTENTION, Attention, KVCache, RMSNorm, init_param
-from foremoe_jax.moe import MoE, MoEConfig, check_replay
+from foremoe_jax.moe import ExpertsConfig, MoE, MoEConfig, check_replay
 from foremoe_jax.placement import Tables
 from foremoe_jax.planner.slots import check_layout
 
@@ -50,18 +53,10 @@ class ModelConfig:
   num_kv_heads: int = 2
   head_dim: int = 16
   d_ff_dense: int = 128
-  num_experts: int = 16
-  top_k: int = 2
-  d_ff_expert: int = 32
-  slots_per_device: int | None = None  # None: E / D (no redundant slots)
-  dispatch: str = "auto"  # the token exchange: a key of backends.DISPATCH, or "auto"
-  capacity_factor: float = 2.0
-  gmm_backend: str | None = None  # pallas_kernels backend of the grouped matmuls; None picks by platform
-  dispatch_backend: str | None = None  # pallas_kernels backend of permute/combine; None picks by platform
+  moe: ExpertsConfig = ExpertsConfig()  # the MoE layers' fields (foremoe_jax/moe.py); --set model.moe.<field>
   moe_every: int = 1  # block i is MoE when (i + 1) % moe_every == 0 (Qwen's decoder_sparse_step)
   qk_norm: bool = True
   qk_norm_scope: str = "head"  # "head": RMSNorm over head_dim (Qwen3); "projection": over all of q / k (OLMoE)
-  norm_topk_prob: bool = True  # renormalize the top-k gates to sum to 1 (Qwen3: true, OLMoE: false)
   norm_eps: float = 1e-6  # every RMSNorm's epsilon (HF rms_norm_eps)
   rope_theta: float = 1e6
   max_seq_len: int = 64
@@ -81,19 +76,20 @@ class ModelConfig:
   def validate(self, expert_devices: int | None = None) -> "ModelConfig":
     """Raises ValueError naming the first bad field; `expert_devices` also checks E against D."""
     positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff_dense",
-                "num_experts", "top_k", "d_ff_expert", "moe_every", "max_seq_len", "attention_block",
+                "moe.num_experts", "moe.top_k", "moe.d_ff_expert", "moe_every", "max_seq_len", "attention_block",
                 "logprob_chunk", "scan_unroll")
     for name in positive:
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+      value = getattr(self.moe, name[4:]) if name.startswith("moe.") else getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig: num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads} (GQA)")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig: head_dim={self.head_dim} must be even (RoPE rotates pairs)")
     try:  # with D unknown, only top_k against E: D = 1 divides E and gives every expert a slot
-      check_layout(self.num_experts, expert_devices or 1, self.slots_per_device if expert_devices else None,
-                   self.top_k)
+      check_layout(self.moe.num_experts, expert_devices or 1, self.moe.slots_per_device if expert_devices else None,
+                   self.moe.top_k)
     except ValueError as err:
       raise ValueError(f"ModelConfig: {err}") from None
     if not self.moe_layer_ids:
@@ -112,17 +108,16 @@ class ModelConfig:
     if self.scan_layers and self.moe_every != 1:
       raise ValueError(f"ModelConfig: scan_layers needs moe_every=1 (every block MoE, one block body), got "
                        f"moe_every={self.moe_every}")
-    if self.capacity_factor <= 0:
-      raise ValueError(f"ModelConfig: capacity_factor must be > 0, got {self.capacity_factor}")
-    backends.check_backends(self.dispatch, self.gmm_backend, self.dispatch_backend, "ModelConfig.")
+    if self.moe.capacity_factor <= 0:
+      raise ValueError(f"ModelConfig: capacity_factor must be > 0, got {self.moe.capacity_factor}")
+    backends.check_backends(self.moe.dispatch, self.moe.gmm_backend, self.moe.dispatch_backend, "ModelConfig.")
     return self
 
   def moe_config(self) -> MoEConfig:
-    return MoEConfig(d_model=self.d_model, d_ff=self.d_ff_expert, num_experts=self.num_experts, top_k=self.top_k,
-                     slots_per_device=self.slots_per_device, dispatch=self.dispatch,
-                     capacity_factor=self.capacity_factor, norm_topk_prob=self.norm_topk_prob,
-                     dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
-                     gmm_backend=self.gmm_backend, dispatch_backend=self.dispatch_backend)
+    """The standalone layer config: `moe`'s fields plus the model's d_model and dtypes."""
+    experts = {f.name: getattr(self.moe, f.name) for f in dataclasses.fields(self.moe)}
+    return MoEConfig(**experts, d_model=self.d_model, dtype=jnp.dtype(self.dtype),
+                     param_dtype=jnp.dtype(self.param_dtype))
 
 
 class ModelOutput(NamedTuple):
@@ -203,7 +198,7 @@ class Model(nnx.Module):
   def no_drop_capacity(self, batch: int, seq_len: int) -> int:
     """Padded dispatch capacity that can hold every (token, expert) pair of a device: exact results
     whatever the routing (rollout uses it so that prefill, decode and replay agree)."""
-    local = batch // mesh_lib.batch_shards(self.mesh) * seq_len * self.cfg.top_k
+    local = batch // mesh_lib.batch_shards(self.mesh) * seq_len * self.cfg.moe.top_k
     return max(8, math.ceil(local / 8) * 8)
 
   def __call__(self, tokens_BxT, tables: Tables | None = None, replay=None, *, capacity=None,
@@ -258,8 +253,8 @@ class Model(nnx.Module):
            logits=True):
     cfg = self.cfg
     num_moe = len(cfg.moe_layer_ids)
-    if replay is not None and replay.shape != (*tokens_BxT.shape, num_moe, cfg.top_k):
-      raise ValueError(f"replay must be [B, T, L_moe, k] = {(*tokens_BxT.shape, num_moe, cfg.top_k)}, "
+    if replay is not None and replay.shape != (*tokens_BxT.shape, num_moe, cfg.moe.top_k):
+      raise ValueError(f"replay must be [B, T, L_moe, k] = {(*tokens_BxT.shape, num_moe, cfg.moe.top_k)}, "
                        f"got {tuple(replay.shape)}")
     if working is not None and len(working) != num_moe:
       raise ValueError(f"working must have one entry per MoE layer ({num_moe}), got {len(working)}")
@@ -311,7 +306,7 @@ class Model(nnx.Module):
     """-> (x, MoEOutput with a leading [L] axis on every field but y (None), stacked cache)."""
     if replay is not None and not isinstance(replay, jax.core.Tracer):  # values, as the unrolled MoE checks
       b, t, l, k = replay.shape
-      check_replay(replay.reshape(b, t * l, k), (b, t * l, k), self.cfg.num_experts)
+      check_replay(replay.reshape(b, t * l, k), (b, t * l, k), self.cfg.moe.num_experts)
     graphdef, state = nnx.split(self.layers)
     xs = dict(state=state, cache=cache, moe_in=dict(
         tables=tables, replay=None if replay is None else jnp.moveaxis(replay, 2, 0),

@@ -3,6 +3,11 @@
 Tokens are sharded over the batch axes ("data" and "expert" where present); expert weights `[E, ...]` are
 sharded over "expert" (home layout). Dispatch runs inside `jax.shard_map`; a placement (`Tables`) moves
 replicas between physical slots without changing the math.
+
+Config: `ExpertsConfig` holds the MoE-specific fields (experts, top-k, dispatch, capacity, backends) and is
+what `ModelConfig.moe` nests, so `--set model.moe.num_experts=...` reaches the one definition.
+`MoEConfig` adds d_model and the dtypes for a layer built on its own (tests, benchmarks);
+`ModelConfig.moe_config()` fills them from the model, so no field is repeated between the two configs.
 """
 import dataclasses
 import functools
@@ -26,19 +31,25 @@ from foremoe_jax.transfer import working_slots_local
 
 
 @dataclasses.dataclass(frozen=True)
-class MoEConfig:
-  d_model: int
-  d_ff: int
-  num_experts: int
-  top_k: int
+class ExpertsConfig:
+  """The MoE-specific fields, defined once: `ModelConfig.moe` holds one, `MoEConfig` extends it."""
+  num_experts: int = 16
+  top_k: int = 2
+  d_ff_expert: int = 32  # each expert's SwiGLU hidden size
   slots_per_device: int | None = None  # default E / D (no redundant slots)
   dispatch: str = "auto"  # a token exchange of backends.DISPATCH, or "auto" (backends.choose_dispatch)
   capacity_factor: float = 2.0  # rows per (source, destination) over the even share (default capacity)
   norm_topk_prob: bool = True  # renormalize the top-k gates (Qwen3); False keeps the softmax values (OLMoE)
-  dtype: Any = jnp.float32  # expert matmul dtype
-  param_dtype: Any = jnp.float32
   gmm_backend: str | None = None  # pallas_kernels backend of the grouped matmuls; None picks by platform
   dispatch_backend: str | None = None  # pallas_kernels backend of permute/combine; None picks by platform
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEConfig(ExpertsConfig):
+  """A standalone layer's config: the expert fields plus what a model would otherwise supply."""
+  d_model: int
+  dtype: Any = jnp.float32  # expert matmul dtype
+  param_dtype: Any = jnp.float32
 
 
 class MoEOutput(NamedTuple):
@@ -83,7 +94,7 @@ class MoE(nnx.Module):
     self.mesh = mesh
     backends.check_backends(cfg.dispatch, cfg.gmm_backend, cfg.dispatch_backend, "MoEConfig.")
     self.num_devices, self.slots = check_mesh(cfg, mesh)
-    e, h, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+    e, h, f = cfg.num_experts, cfg.d_model, cfg.d_ff_expert
     home = NamedSharding(mesh, P(EXPERT_AXIS))
 
     def init(shape, fan_in, sharding):

@@ -15,6 +15,7 @@ from jax.sharding import AxisType
 from foremoe_jax.attention import (AUTO_BLOCKWISE_MIN_LEN, attend, attention_path, blockwise_attention,
                                    cudnn_attention, gqa_attention)
 from foremoe_jax.model import Model, ModelConfig
+from foremoe_jax.moe import ExpertsConfig
 from foremoe_jax.rl.grpo import chunked_token_logprobs, token_logprobs
 
 
@@ -120,7 +121,8 @@ def test_bad_config_is_refused(change, match):
 # --- inside the model ------------------------------------------------------------------------------------
 E, D, L, B, T = 8, 2, 2, 2, 12
 CFG = ModelConfig(vocab_size=18, d_model=32, num_layers=L, num_heads=4, num_kv_heads=2, head_dim=8, d_ff_dense=48,
-                  num_experts=E, top_k=2, d_ff_expert=16, max_seq_len=16, attention="dense", remat="block",
+                  moe=ExpertsConfig(num_experts=E, top_k=2, d_ff_expert=16),
+                  max_seq_len=16, attention="dense", remat="block",
                   logprob_chunk=5)
 PACKED_SEG = np.array([[1] * 5 + [2] * 6 + [0], [1] * 3 + [2] * 9], np.int32)  # segment 2 crosses blocks of 4
 

@@ -11,6 +11,7 @@ from jax.sharding import AxisType
 
 from foremoe_jax.attention import blockwise_attention, cudnn_attention, gqa_attention
 from foremoe_jax.model import Model, ModelConfig
+from foremoe_jax.moe import ExpertsConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
 
@@ -54,8 +55,8 @@ def test_cudnn_refuses_packed_rows():
 
 def test_bf16_model_forward_and_gradients_agree_across_paths():
   cfg = ModelConfig(vocab_size=64, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
-                    num_experts=4, top_k=2, d_ff_expert=64, max_seq_len=512, dtype="bfloat16", dispatch="padded",
-                    remat="block")
+                    moe=ExpertsConfig(num_experts=4, top_k=2, d_ff_expert=64, dispatch="padded"),
+                    max_seq_len=512, dtype="bfloat16", remat="block")
   mesh = jax.make_mesh((1, 1), ("data", "expert"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:1])
   x = jax.random.randint(jax.random.key(1), (2, 512), 0, cfg.vocab_size)
   results = {}

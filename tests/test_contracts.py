@@ -14,14 +14,14 @@ from jax.sharding import PartitionSpec as P
 from foremoe_jax import contracts, trees
 from foremoe_jax.executor import Executor
 from foremoe_jax.model import Model, ModelConfig
-from foremoe_jax.moe import MoEConfig
+from foremoe_jax.moe import ExpertsConfig, MoEConfig
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
 from foremoe_jax.step_tables import prepare_step
 from moe_reference import cpu_mesh
 from test_executor import D, E, S, loss_fn, make_model, skewed_micro_batches
 
 CFG = ModelConfig(vocab_size=18, d_model=16, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=8, d_ff_dense=16,
-                  num_experts=8, top_k=2, d_ff_expert=8, slots_per_device=5, max_seq_len=8)
+                  moe=ExpertsConfig(num_experts=8, top_k=2, d_ff_expert=8, slots_per_device=5), max_seq_len=8)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ class NoWorking(Stack):
 
 
 def moe_cfg():
-  return MoEConfig(d_model=8, d_ff=4, num_experts=E, top_k=2, slots_per_device=S)
+  return MoEConfig(d_model=8, d_ff_expert=4, num_experts=E, top_k=2, slots_per_device=S)
 
 
 @pytest.mark.parametrize("build,match", [

@@ -32,7 +32,7 @@ def test_ragged_matches_padded(top_k, skewed, masked):
   token_mask = jax.random.uniform(jax.random.key(2), x.shape[:2]) < 0.6 if masked else None
   outs = {}
   for mode in ("padded", "ragged"):
-    cfg = MoEConfig(d_model=32, d_ff=16, num_experts=num_experts, top_k=top_k, slots_per_device=slots,
+    cfg = MoEConfig(d_model=32, d_ff_expert=16, num_experts=num_experts, top_k=top_k, slots_per_device=slots,
                     dispatch=mode)
     moe = MoE(cfg, mesh=mesh, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(moe)

@@ -34,7 +34,7 @@ def loss_fn(model, batch, *, tables, working, capacity):
 
 
 def make_model(mesh):
-  cfg = MoEConfig(d_model=H, d_ff=8, num_experts=E, top_k=2, slots_per_device=S)
+  cfg = MoEConfig(d_model=H, d_ff_expert=8, num_experts=E, top_k=2, slots_per_device=S)
   return MoEStack(cfg, L, mesh=mesh, rngs=nnx.Rngs(0))
 
 
@@ -316,7 +316,7 @@ def test_a_step_at_home_is_the_plain_step(step_inputs, monkeypatch):
   gradients and update are plain autodiff's."""
   mesh, batches, counts, _ = step_inputs
   slots = E // D
-  model = MoEStack(MoEConfig(d_model=H, d_ff=8, num_experts=E, top_k=2, slots_per_device=slots), L, mesh=mesh,
+  model = MoEStack(MoEConfig(d_model=H, d_ff_expert=8, num_experts=E, top_k=2, slots_per_device=slots), L, mesh=mesh,
                    rngs=nnx.Rngs(0))
   calls = count_calls(monkeypatch, "apply_moves", "hold_rows", "flush_rows", "home_to_base", "home_to_base_transpose",
                       "pad_home")

@@ -38,7 +38,7 @@ def test_bf16_step_under_changing_placements_equals_static():
   num_devices = len(jax.devices())
   num_experts, slots = 8 * num_devices, 9
   mesh = cpu_mesh(1, num_devices)
-  cfg = MoEConfig(d_model=H, d_ff=F, num_experts=num_experts, top_k=K, slots_per_device=slots,
+  cfg = MoEConfig(d_model=H, d_ff_expert=F, num_experts=num_experts, top_k=K, slots_per_device=slots,
                   dispatch="padded", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   make = lambda: MoEStack(cfg, L, mesh=mesh, rngs=nnx.Rngs(0))  # noqa: E731
   rng = np.random.default_rng(0)

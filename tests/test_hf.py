@@ -19,6 +19,7 @@ from foremoe_jax import convert
 from foremoe_jax.convert import hf_weights
 from foremoe_jax.mesh import make_mesh
 from foremoe_jax.model import ModelConfig
+from foremoe_jax.moe import ExpertsConfig
 from foremoe_jax.rl.task import CharTokenizer
 
 # name -> (config.json, number of shard files); the last has a dense first layer (decoder_sparse_step=2)
@@ -121,9 +122,9 @@ def test_train_cli_init_from_and_export_to(tmp_path):
   out = tmp_path / "out"
   common = ["--init-from", str(src), "--sft-steps", "0", "--rl-steps", "0", "--run-dir", str(tmp_path / "run"),
             "--set", "sft.eval_prompts=8"]
-  with pytest.raises(ValueError, match=r"model.num_experts=16 contradicts.*num_experts gives num_experts=8"):
-    train.main(common + ["--set", "model.num_experts=16"])
-  train.main(common + ["--set", "model.slots_per_device=2", "--export-to", str(out)])
+  with pytest.raises(ValueError, match=r"model\.moe\.num_experts=16 contradicts.*num_experts gives num_experts=8"):
+    train.main(common + ["--set", "model.moe.num_experts=16"])
+  train.main(common + ["--set", "model.moe.slots_per_device=2", "--export-to", str(out)])
   exported = load_file(out / "model.safetensors")
   assert sorted(exported) == sorted(weights)
   for name, value in weights.items():
@@ -174,10 +175,10 @@ def test_unsupported_configs_are_refused_by_key(change, message):
 
 
 def test_overrides_must_agree_with_the_checkpoint():
-  current = ModelConfig(num_experts=16, slots_per_device=3, d_model=64, dtype="bfloat16")
+  current = ModelConfig(moe=ExpertsConfig(num_experts=16, slots_per_device=3), d_model=64, dtype="bfloat16")
   merged = convert.merge_with_overrides(ref.OLMOE, current, {"dtype"}, 8)
-  assert (merged.d_model, merged.num_experts, merged.dtype, merged.norm_eps) == (32, 8, "bfloat16", 1e-5)
-  assert merged.slots_per_device == 8 // 8 + 1  # the preset's one redundant slot per device is kept
+  assert (merged.d_model, merged.moe.num_experts, merged.dtype, merged.norm_eps) == (32, 8, "bfloat16", 1e-5)
+  assert merged.moe.slots_per_device == 8 // 8 + 1  # the preset's one redundant slot per device is kept
   agreeing = dataclasses.replace(current, d_model=32)
   assert convert.merge_with_overrides(ref.OLMOE, agreeing, {"d_model"}, 8).d_model == 32
   with pytest.raises(ValueError, match=r"--set model.d_model=64 contradicts.*d_model=32"):

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import memory  # noqa: E402
 
-TINY = ["model.num_experts=16", "model.num_layers=1", "model.scan_layers=true", "model.remat=block",
+TINY = ["model.moe.num_experts=16", "model.num_layers=1", "model.scan_layers=true", "model.remat=block",
         "rl.adam_dtype=float32", "rl.rows_per_shard=2"]
 
 

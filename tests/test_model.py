@@ -1,4 +1,5 @@
 """The decoder: shapes, route capture -> replay, KV-cache decode == full forward, presets and config errors."""
+import dataclasses
 import functools
 
 import jax
@@ -10,11 +11,13 @@ from flax import nnx
 import configs
 from foremoe_jax.mesh import make_mesh
 from foremoe_jax.model import Model, ModelConfig, param_count
+from foremoe_jax.moe import ExpertsConfig
 from foremoe_jax.placement import home_tables, stack_tables
 
 # Blocks 1 and 3 are MoE, 0 and 2 dense SwiGLU.
 CFG = ModelConfig(vocab_size=18, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, d_ff_dense=48,
-                  num_experts=16, top_k=2, d_ff_expert=16, slots_per_device=3, moe_every=2, max_seq_len=16)
+                  moe=ExpertsConfig(num_experts=16, top_k=2, d_ff_expert=16, slots_per_device=3),
+                  moe_every=2, max_seq_len=16)
 B, T = 8, 12
 
 
@@ -42,9 +45,9 @@ def tokens(seed=0):
 def test_forward_shapes(model, forward):
   out = forward(nnx.state(model), tokens(), None, None)
   assert out.logits.shape == (B, T, CFG.vocab_size) and out.logits.dtype == jnp.float32
-  assert out.routes.shape == (B, T, 2, CFG.top_k) and out.routes.dtype == jnp.int32
-  assert out.counts.shape == (2, CFG.num_experts) and out.slot_counts.shape == (2, 8 * 3)
-  np.testing.assert_array_equal(out.counts.sum(axis=1), B * T * CFG.top_k)
+  assert out.routes.shape == (B, T, 2, CFG.moe.top_k) and out.routes.dtype == jnp.int32
+  assert out.counts.shape == (2, CFG.moe.num_experts) and out.slot_counts.shape == (2, 8 * 3)
+  np.testing.assert_array_equal(out.counts.sum(axis=1), B * T * CFG.moe.top_k)
   assert int(out.dropped) == 0 and np.isfinite(float(out.aux_loss))
   assert len(model.moe_layers()) == 2 and [b.is_moe for b in model.blocks] == [False, True, False, True]
 
@@ -91,7 +94,7 @@ def test_qwen3_preset_parameter_count_without_allocating():
   m = cfg.model
   abstract = nnx.eval_shape(lambda: Model(m, mesh=make_mesh(1, 8), rngs=nnx.Rngs(0)))
   attn = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads) + 2 * m.head_dim
-  moe = m.d_model * m.num_experts + m.num_experts * 3 * m.d_model * m.d_ff_expert
+  moe = m.d_model * m.moe.num_experts + m.moe.num_experts * 3 * m.d_model * m.moe.d_ff_expert
   expected = 2 * m.vocab_size * m.d_model + m.num_layers * (attn + moe + 2 * m.d_model) + m.d_model
   assert param_count(abstract) == expected
   assert 30.0e9 < expected < 31.0e9
@@ -116,8 +119,9 @@ def test_presets_build_and_validate():
     (dict(dispatch_backend="cuda"), r"ModelConfig.dispatch_backend='cuda': known backends of permute/combine"),
 ])
 def test_bad_model_config_is_refused(kwargs, message):
+  moe = {k: kwargs.pop(k) for k in list(kwargs) if k in {f.name for f in dataclasses.fields(ExpertsConfig)}}
   with pytest.raises(ValueError, match=message):
-    ModelConfig(**{**CFG.__dict__, **kwargs}).validate(8)
+    dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, **moe), **kwargs).validate(8)
 
 
 def test_bad_preset_and_overrides_are_refused():
@@ -130,15 +134,27 @@ def test_bad_preset_and_overrides_are_refused():
     configs.apply_overrides(cfg, ["sft.steps=many"])
   with pytest.raises(ValueError, match="key=value"):
     configs.apply_overrides(cfg, ["sft.steps"])
-  over = configs.apply_overrides(cfg, ["sft.steps=7", "model.slots_per_device=none", "model.qk_norm=false"])
-  assert (over.sft.steps, over.model.slots_per_device, over.model.qk_norm) == (7, None, False)
+  over = configs.apply_overrides(cfg, ["sft.steps=7", "model.moe.slots_per_device=none", "model.qk_norm=false"])
+  assert (over.sft.steps, over.model.moe.slots_per_device, over.model.qk_norm) == (7, None, False)
   with pytest.raises(ValueError, match="not divisible"):
-    configs.apply_overrides(cfg, ["model.num_experts=12"]).validate()
+    configs.apply_overrides(cfg, ["model.moe.num_experts=12"]).validate()
+  with pytest.raises(ValueError, match="--set model.moe: 'moe' is a group; set one of its fields"):
+    configs.apply_overrides(cfg, ["model.moe=8"])
+  with pytest.raises(ValueError, match="unknown key 'nmu_experts' in ExpertsConfig; did you mean 'num_experts'"):
+    configs.apply_overrides(cfg, ["model.moe.nmu_experts=8"])
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(ExpertsConfig)])
+def test_flat_moe_keys_name_their_nested_key(field):
+  """The MoE fields moved from ModelConfig into ModelConfig.moe: an old key says where its field went."""
+  with pytest.raises(ValueError, match=rf"--set model\.{field}: unknown key '{field}' in ModelConfig; "
+                                       rf"did you mean 'model\.moe\.{field}'\?"):
+    configs.apply_overrides(configs.get_config("cpu_tiny"), [f"model.{field}=1"])
 
 
 def test_kernel_backends_pass_from_overrides_to_the_moe_layers():
   cfg = configs.apply_overrides(configs.get_config("cpu_tiny"),
-                                ["model.gmm_backend=interpret", "model.dispatch_backend=xla"]).validate()
+                                ["model.moe.gmm_backend=interpret", "model.moe.dispatch_backend=xla"]).validate()
   moe_cfg = cfg.model.moe_config()
   assert (moe_cfg.gmm_backend, moe_cfg.dispatch_backend) == ("interpret", "xla")
-  assert configs.apply_overrides(cfg, ["model.gmm_backend=none"]).model.moe_config().gmm_backend is None
+  assert configs.apply_overrides(cfg, ["model.moe.gmm_backend=none"]).model.moe_config().gmm_backend is None

@@ -15,13 +15,14 @@ from jax.sharding import PartitionSpec as P
 from foremoe_jax.executor import Executor
 from foremoe_jax.step_tables import prepare_step
 from foremoe_jax.model import Model, ModelConfig
+from foremoe_jax.moe import ExpertsConfig
 from foremoe_jax.placement import make_tables, stack_tables
 from foremoe_jax.planner import CostModel, PlanConfig, plan_step
 from foremoe_jax.transfer import materialize
 
 E, D, S, L = 8, 2, 5, 2
 CFG = ModelConfig(vocab_size=18, d_model=32, num_layers=L, num_heads=4, num_kv_heads=2, head_dim=8, d_ff_dense=48,
-                  num_experts=E, top_k=2, d_ff_expert=16, slots_per_device=S, max_seq_len=16)
+                  moe=ExpertsConfig(num_experts=E, top_k=2, d_ff_expert=16, slots_per_device=S), max_seq_len=16)
 B, T = 4, 8
 
 
@@ -97,7 +98,7 @@ def test_scanned_layout_stacks_the_unrolled_weights(models):
   unrolled, scanned = models
   assert_trees_close(to_scanned(nnx.state(unrolled)), nnx.state(scanned), 0)
   moe = scanned.moe_layers()
-  assert len(moe) == 1 and moe[0].w_gate_up.shape == (L, E, CFG.d_model, 2 * CFG.d_ff_expert)
+  assert len(moe) == 1 and moe[0].w_gate_up.shape == (L, E, CFG.d_model, 2 * CFG.moe.d_ff_expert)
   assert moe[0].w_gate_up[...].sharding.spec == P(None, "expert")
 
 
@@ -150,7 +151,7 @@ def test_executor_step_equals_unrolled(models, mesh):
   for m in range(2):
     x, _, replay, _ = inputs(unrolled, mesh, seed=10 + m)
     batches.append({"tokens": x, "target": tokens(20 + m), "replay": replay})
-    source = np.repeat(np.arange(B) // (B // D), T * CFG.top_k)
+    source = np.repeat(np.arange(B) // (B // D), T * CFG.moe.top_k)
     for l in range(L):
       np.add.at(counts[m, l], (source, np.asarray(replay[:, :, l]).reshape(-1)), 1)
   plan = plan_step(counts, PlanConfig(E, D, S, policy="foremoe", cost=CostModel(link_bytes_per_s=1e18)))
@@ -174,7 +175,7 @@ def dot_count(mesh, num_layers, scan_layers):
   cfg = dataclasses.replace(CFG, num_layers=num_layers, scan_layers=scan_layers)
   abstract = nnx.eval_shape(lambda: Model(cfg, mesh=mesh, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract)
-  replay = jax.ShapeDtypeStruct((B, T, num_layers, CFG.top_k), jnp.int32)
+  replay = jax.ShapeDtypeStruct((B, T, num_layers, CFG.moe.top_k), jnp.int32)
   def loss(params, x, replay):
     return jnp.sum(nnx.merge(graphdef, params)(x, None, replay, capacity=32).logits)
   text = jax.jit(jax.grad(loss)).lower(params, jax.ShapeDtypeStruct((B, T), jnp.int32), replay).as_text()

@@ -16,7 +16,7 @@ H, F = 16, 8
 
 
 def build(mesh, num_experts=16, top_k=2, slots=3, **kw):
-  cfg = MoEConfig(d_model=H, d_ff=F, num_experts=num_experts, top_k=top_k, slots_per_device=slots, **kw)
+  cfg = MoEConfig(d_model=H, d_ff_expert=F, num_experts=num_experts, top_k=top_k, slots_per_device=slots, **kw)
   return MoE(cfg, mesh=mesh, rngs=nnx.Rngs(0))
 
 
@@ -228,7 +228,7 @@ def test_pallas_kernel_gradients_trace_inside_shard_map():
   """The layer with the Pallas grouped matmul and permute/combine on a (data, expert) mesh: their custom
   VJPs must return cotangents of their inputs' mesh-axis types. Traced only: executing the GPU interpreter under
   shard_map on 8 virtual CPU devices can deadlock; the GPU tests run it for real."""
-  cfg = MoEConfig(d_model=64, d_ff=32, num_experts=8, top_k=2, slots_per_device=3, gmm_backend="interpret",
+  cfg = MoEConfig(d_model=64, d_ff_expert=32, num_experts=8, top_k=2, slots_per_device=3, gmm_backend="interpret",
                   dispatch_backend="interpret", dtype=jnp.bfloat16)
   moe = MoE(cfg, mesh=cpu_mesh(2, 4), rngs=nnx.Rngs(1))
   graphdef, state = nnx.split(moe)

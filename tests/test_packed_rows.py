@@ -10,7 +10,7 @@ from flax import nnx
 
 from foremoe_jax.dispatch import padded_exchange, route
 from foremoe_jax.mesh import make_mesh
-from foremoe_jax.moe import MoE, MoEConfig
+from foremoe_jax.moe import ExpertsConfig, MoE, MoEConfig
 from foremoe_jax.model import Model, ModelConfig
 from foremoe_jax.placement import make_tables, single_copy_share, stack_tables
 from foremoe_jax.planner import home_placement
@@ -22,7 +22,7 @@ from moe_reference import cpu_mesh, dense_moe, random_placement
 
 E, K, D, S, T = 16, 2, 8, 3, 12
 CFG = ModelConfig(vocab_size=18, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff_dense=48,
-                  num_experts=E, top_k=K, d_ff_expert=16, slots_per_device=S, max_seq_len=16)
+                  moe=ExpertsConfig(num_experts=E, top_k=K, d_ff_expert=16, slots_per_device=S), max_seq_len=16)
 # A row of its own (12 = T), rows of several sequences, and (8 devices x 2 rows) empty rows.
 LENGTHS = np.array([12, 11, 2, 3, 2, 5, 4, 6, 2, 3, 7, 2, 4, 3, 5, 2])
 
@@ -159,7 +159,8 @@ def test_moe_routes_masked_tokens_nowhere():
   gradients, under a placement with replicas (data x expert mesh; expert 0 gets no token)."""
   rng = np.random.default_rng(5)
   mesh, b, t = cpu_mesh(2, 4), 8, 6
-  moe = MoE(MoEConfig(d_model=16, d_ff=8, num_experts=E, top_k=K, slots_per_device=5), mesh=mesh, rngs=nnx.Rngs(0))
+  moe = MoE(MoEConfig(d_model=16, d_ff_expert=8, num_experts=E, top_k=K, slots_per_device=5), mesh=mesh,
+            rngs=nnx.Rngs(0))
   tables = make_tables(*random_placement(rng, E, 4, 5), E)
   x = jnp.asarray(rng.normal(size=(b, t, 16)), jnp.float32)
   replay = jnp.asarray(np.stack([1 + rng.permutation(E - 1)[:K] for _ in range(b * t)]).reshape(b, t, K), jnp.int32)

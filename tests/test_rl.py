@@ -244,7 +244,7 @@ def test_the_record_carries_speed_and_the_running_policy_report(tmp_path):
   assert off["tokens_per_s"] == pytest.approx(off["real_tokens"] / off["step_s"])
   assert off["train_tokens_per_s"] == pytest.approx(off["real_tokens"] / off["seconds"]["update"])
   model = trainer.cfg.model  # every real position went through each MoE layer to top_k experts
-  assert np.sum(off["load"]["expert_tokens_LxE"]) == off["real_tokens"] * model.top_k * len(model.moe_layer_ids)
+  assert np.sum(off["load"]["expert_tokens_LxE"]) == off["real_tokens"] * model.moe.top_k * len(model.moe_layer_ids)
   line = format_record(0, off, "foremoe")
   assert "tok/s" in line and "foremoe* " in line and "eplb_step" not in line
 

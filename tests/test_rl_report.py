@@ -7,6 +7,7 @@ import pytest
 
 from foremoe_jax import distributed
 from foremoe_jax.model import ModelConfig
+from foremoe_jax.moe import ExpertsConfig
 from foremoe_jax.planner import PlanConfig, plan_step
 from foremoe_jax.rl.report import (STAGES, THROUGHPUT, format_record, home_device_load, imbalance_report,
                                    moe_flop_share, summarize, throughput)
@@ -35,7 +36,7 @@ def test_imbalance_report_by_hand():
 
 def test_moe_flop_share_by_hand():
   cfg = ModelConfig(vocab_size=10, d_model=4, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=2, d_ff_dense=8,
-                    num_experts=4, top_k=2, d_ff_expert=3, moe_every=2)
+                    moe=ExpertsConfig(num_experts=4, top_k=2, d_ff_expert=3), moe_every=2)
   # Per token: attention 4*2*(2+2+1+1) = 48 per layer (2 layers); layer 1 is MoE: experts 2*3*4*3 = 72,
   # router 4*4 = 16; layer 0 dense: 3*4*8 = 96; LM head 4*10 = 40. Total 96 + 72 + 16 + 96 + 40 = 320.
   assert moe_flop_share(cfg) == pytest.approx(72 / 320)

@@ -45,7 +45,7 @@ def test_replayed_routes_give_the_rollout_logprobs(setup):
   model, prompts, lens, forward = setup
   out = rollout(model, prompts, lens, jax.random.key(0), max_new_tokens=NEW, group_size=2, temperature=1.0)
   check_layout(out, prompts, lens, 2)
-  assert out.routes.shape == (8, 7 + NEW, 2, CFG.top_k) and out.routes.dtype == jnp.int32
+  assert out.routes.shape == (8, 7 + NEW, 2, CFG.moe.top_k) and out.routes.dtype == jnp.int32
   state = nnx.state(model)
   replayed = forward(state, out.tokens, replay=out.routes)
   mask = np.asarray(out.completion_mask, bool)

@@ -19,7 +19,7 @@ STEPS = 6
 # Tiny and quick: few capacities (buckets of powers of two, few tokens per (source, destination) pair), two
 # micro-steps per mini-batch (first and last programs, refills between them), plans waited for (the same
 # programs whatever the planner's timing).
-SETTINGS = ["model.num_layers=1", "model.d_model=32", "model.d_ff_dense=32", "model.d_ff_expert=16",
+SETTINGS = ["model.num_layers=1", "model.d_model=32", "model.d_ff_dense=32", "model.moe.d_ff_expert=16",
             f"rl.steps={STEPS}", "rl.prompts_per_step=16", "rl.group_size=4", "rl.rows_per_shard=2",
             "rl.tokens_per_shard=32", "rl.num_minibatches=2", "rl.capacity_buckets=1", "rl.recompute_layout=plan",
             "rl.plan_matmul_tflops=0.001"]  # compute-bound plans: balancing by replicas pays
@@ -34,7 +34,7 @@ def make_trainer(tmp_path, settings):
 def test_base_rows_pad_the_base_less_and_grow_to_a_plan_that_needs_more(tmp_path):
   """rl.base_rows=0 sizes the base transfer for any base (S rows per device pair); a smaller value is
   raised, for the rest of the run, to the first base that needs more."""
-  slots = configs.get_config("cpu_tiny").model.slots_per_device
+  slots = configs.get_config("cpu_tiny").model.moe.slots_per_device
   assert make_trainer(tmp_path, SETTINGS).sizes.base == slots
   trainer = make_trainer(tmp_path, [*SETTINGS, "rl.base_rows=1"])
   assert trainer.sizes.base == 1

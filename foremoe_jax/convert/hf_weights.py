@@ -50,7 +50,8 @@ def _copy(path, name, shape) -> Spec:
 
 def tensor_specs(cfg: ModelConfig) -> list[Spec]:
   """Every parameter of `Model(cfg)` in HF checkpoint order."""
-  h, n, kv, d, v, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.num_experts
+  h, n, kv, d, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+  e = cfg.moe.num_experts
   q_dim, k_dim = (d, d) if cfg.qk_norm_scope == "head" else (n * d, kv * d)
   specs = [_copy(("embed",), "model.embed_tokens.weight", (v, h))]
   for i in range(cfg.num_layers):
@@ -65,7 +66,7 @@ def tensor_specs(cfg: ModelConfig) -> list[Spec]:
                 _copy(blk + ("attn", "k_norm", "scale"), pre + "self_attn.k_norm.weight", (k_dim,))]
     specs.append(_copy(blk + ("ffn_norm", "scale"), pre + "post_attention_layernorm.weight", (h,)))
     if i in cfg.moe_layer_ids:
-      f, mlp = cfg.d_ff_expert, pre + "mlp.experts.{e}."
+      f, mlp = cfg.moe.d_ff_expert, pre + "mlp.experts.{e}."
       specs += [_linear(blk + ("ffn", "router"), pre + "mlp.gate.weight", (h, e), (e, h)),
                 Spec(blk + ("ffn", "w_gate_up"), (mlp + "gate_proj.weight", mlp + "up_proj.weight"), "gate_up",
                      (h, 2 * f), (f, h), e),

@@ -57,9 +57,9 @@ def moe_flop_share(model_cfg) -> float:
   update as for the forward."""
   c = model_cfg
   attention = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  experts = c.top_k * 3 * c.d_model * c.d_ff_expert
+  experts = c.moe.top_k * 3 * c.d_model * c.moe.d_ff_expert
   num_moe = len(c.moe_layer_ids)
-  total = (c.num_layers * attention + num_moe * (experts + c.d_model * c.num_experts)
+  total = (c.num_layers * attention + num_moe * (experts + c.d_model * c.moe.num_experts)
            + (c.num_layers - num_moe) * 3 * c.d_model * c.d_ff_dense + c.d_model * c.vocab_size)
   return num_moe * experts / total
 

@@ -109,12 +109,12 @@ class GRPOTrainer:
     self.tok = task.tokenizer
     moe = model.moe_layers()[0]
     self.expert_devices = moe.num_devices
-    cost = CostModel(hidden=cfg.model.d_model, expert_intermediate=cfg.model.d_ff_expert,
+    cost = CostModel(hidden=cfg.model.d_model, expert_intermediate=cfg.model.moe.d_ff_expert,
                      bytes_per_param=jnp.dtype(cfg.model.param_dtype).itemsize,
                      matmul_flops_per_s=self.rl.plan_matmul_tflops * 1e12, link_bytes_per_s=self.rl.plan_link_gbs * 1e9,
                      a2a_bytes_per_s=self.rl.plan_a2a_gbs * 1e9,
                      dispatch=backends.choose_dispatch(moe.cfg.dispatch))
-    self.plan_cfg = PlanConfig(num_experts=cfg.model.num_experts, num_devices=moe.num_devices,
+    self.plan_cfg = PlanConfig(num_experts=cfg.model.moe.num_experts, num_devices=moe.num_devices,
                                slots_per_device=moe.slots, policy=self.rl.policy, cost=cost,
                                capacity_buckets=self.rl.capacity_buckets)
     # One table shape and layout for the whole run (the planner's bounds): no plan compiles new programs.
