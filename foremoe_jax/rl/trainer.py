@@ -239,26 +239,27 @@ class GRPOTrainer:
 
   def recompute(self, step: int, work: StepWork) -> None:
     """Old (and reference) log-probs of each mini-batch, forward only: under its plan's tables when
-    `use_plan` (its update's programs then compile here too), else under the home layout's."""
+    `recompute_tables` picks it (its update's programs then compile here too), else the home layout's."""
     for i, micro_batches in enumerate(work.minibatches):
-      if self.use_plan(work.futures[i], work.counts[i]):
-        tables, programs = self.plan_tables(step, work, i), ("forward", "train")
-      else:
-        tables, programs = self.home_tables(work.counts[i]), ("forward",)
-        work.at_home += 1
+      tables, programs = self.recompute_tables(step, work, i)
       self.compile_ahead(step, micro_batches, tables, programs, work.compiled)
       self.attach_logprobs(micro_batches, tables)
       self.forwards.update((m == 0, c) for m, c in enumerate(tables.capacity_M))
 
-  def use_plan(self, future, counts_MxLxDxE) -> bool:
-    """rl.recompute_layout: recompute this mini-batch under its plan ("ready": if it is in by now, or if
+  def recompute_tables(self, step: int, work: StepWork, i: int):
+    """rl.recompute_layout: mini-batch i's recompute under its plan ("ready": if it is in by now, or if
     the home layout would compile a forward program: a padded capacity no recompute met; the plan's
-    programs compile anyway, for the update, and planning takes less than a compile)."""
-    if self.rl.recompute_layout == "ready":  # timing differs between processes; their programs must not
-      home = self.home_tables(counts_MxLxDxE).capacity_M
-      return (not self.forwards.issuperset((m == 0, c) for m, c in enumerate(home))
-              or distributed.true_on_every_process(future.done()))
-    return self.rl.recompute_layout == "plan"
+    programs compile anyway, for the update, and planning takes less than a compile) or at home.
+    -> (tables, the programs to compile ahead for them)."""
+    layout = self.rl.recompute_layout
+    home = None if layout == "plan" else self.home_tables(work.counts[i])
+    # A plan's readiness differs between processes, their programs must not: voted.
+    if layout == "plan" or (layout == "ready" and (
+        not self.forwards.issuperset((m == 0, c) for m, c in enumerate(home.capacity_M))
+        or distributed.true_on_every_process(work.futures[i].done()))):
+      return self.plan_tables(step, work, i), ("forward", "train")
+    work.at_home += 1
+    return home, ("forward",)
 
   def update(self, step: int, work: StepWork) -> list[dict]:
     """ppo_epochs x num_minibatches optimizer steps, each under its plan (waited for only now when the
