@@ -36,6 +36,8 @@ def parse_args(argv=None):
   p.add_argument("--out", default=None, help="JSON results path")
   p.add_argument("--routes", default="live", help="live | traces | traces:ROOT (see above)")
   p.add_argument("--trace-tasks", default=None, help="ESFT tasks replayed, comma-separated (default: all four)")
+  p.add_argument("--profile", action="store_true",
+                 help="after the timed passes, one more step per policy under the profiler: device kernels by time")
   return p.parse_args(argv)
 
 
@@ -82,12 +84,14 @@ def main(argv=None):
             flush=True)  # partial results survive a time limit
       if repeat:
         runs[policy].append(record)
+  profiles = profile_steps(trainer, initial, policies) if args.profile else {}
   rows = []
   for policy, records in runs.items():
     med = {k: float(np.median([r["seconds"][k] for r in records])) for k in records[0]["seconds"]}
     rows.append({"policy": policy, "seconds": med, "imbalance": records[0]["imbalance"][policy],
                  "planner_ms": float(np.median([r["planner_ms"] for r in records])),
-                 "micro_steps": records[0]["micro_steps"], "capacity_mean": records[0]["capacity_mean"]})
+                 "micro_steps": records[0]["micro_steps"], "capacity_mean": records[0]["capacity_mean"],
+                 **profiles.get(policy, {})})
   result = {"config": args.config, "overrides": args.set, "routes": routes_note, "devices": jax.device_count(),
             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "repeats": args.repeats,
             "capacities_compiled": len(trainer.capacities), "rows": rows, "date": time.strftime("%Y-%m-%d")}
@@ -104,6 +108,26 @@ def main(argv=None):
     print(f"{r['policy']:<14}{r['imbalance']:>10.3f}{r['capacity_mean']:>10.0f}{r['planner_ms']:>12.1f}"
           f"{s['rollout']:>11.3f}{s['plan_wait']:>13.3f}{s['recompute']:>13.3f}{s['update']:>10.3f}{s['total']:>9.3f}")
   return result
+
+
+def profile_steps(trainer, initial, policies) -> dict[str, dict]:
+  """One step per policy under the profiler (compiled and warm by now): {policy: device ms, top kernels}."""
+  import jax
+  from kernel_profile import device_ms, kernel_table, print_table
+
+  def step():
+    trainer.params, trainer.opt_state = jax.tree.map(lambda a: a.copy(), initial)
+    trainer.history = None
+    trainer.step(0)
+    return trainer.params
+
+  out = {}
+  for policy in policies:
+    trainer.plan_cfg = dataclasses.replace(trainer.plan_cfg, policy=policy)
+    kernels = kernel_table(step, (), repeats=1)
+    print_table(f"{policy} step", kernels, top=25)
+    out[policy] = {"device_ms": device_ms(kernels), "kernels": kernels[:40]}
+  return out
 
 
 if __name__ == "__main__":
