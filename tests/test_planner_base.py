@@ -148,5 +148,5 @@ def test_a_base_move_pays_its_float32_gradient_on_the_way_back():
   base = home.copy()
   base[0, 0, 8], base[1, 1, 8], base[1, 2, 8] = 9, 0, 31  # fetched: 1 slot on device 0, 1 each on 1 and 2
   zeros = np.zeros((3, 2))
-  extra = foremoe.step_s(zeros, zeros, zeros, base, cfg) - foremoe.step_s(zeros, zeros, zeros, home, cfg)
+  extra = foremoe.step_s(zeros, zeros, 0, base, cfg) - foremoe.step_s(zeros, zeros, 0, home, cfg)
   assert math.isclose(extra, 2 * bf16.base_move_s)  # the busiest device's fetches, per layer
