@@ -145,12 +145,22 @@ class CostModel:
     times its capacity, a ragged one about the busiest receiver's load. Elementwise on arrays."""
     return rows * self.a2a_s_per_token
 
+  def _link_units(self) -> tuple[float, float]:
+    """Link seconds of a one-micro-step and of a longer tenure, before any overlap with compute."""
+    if self.link_exposed_s is None:
+      return self.direct_move_s, self.move_s
+    return self.link_exposed_s, self.link_exposed_s * self.move_s / self.direct_move_s
+
+  def _exposed(self, link_s, compute_s):
+    """Link seconds less the share of the compute they overlap (measured costs are exposed already)."""
+    if self.link_exposed_s is not None:
+      return link_s
+    return np.maximum(link_s - self.overlap_fraction * np.asarray(compute_s), 0.0)
+
   def _link_s(self, short, long, compute_s):
     """Exposed seconds of `short` one-micro-step and `long` longer tenures fetched over the link."""
-    if self.link_exposed_s is None:
-      moves_s = short * self.direct_move_s + long * self.move_s
-      return np.maximum(moves_s - self.overlap_fraction * np.asarray(compute_s), 0.0)
-    return (short + long * (self.move_s / self.direct_move_s)) * self.link_exposed_s
+    per_short, per_long = self._link_units()
+    return self._exposed(short * per_short + long * per_long, compute_s)
 
   def _split_s(self, short, long, compute_s):
     """[Hs+1, Hl+1, ...]: exposed seconds of a device's new tenures (`short` of one micro-step, `long`
@@ -189,8 +199,12 @@ class CostModel:
     each priced with its fetch and its one gradient return; the busiest device's transfers count.
     """
     compute = max_load * self.token_compute_s
-    short_xD, long_xD = (np.atleast_1d(np.asarray(a, np.float64)) for a in (short_xD, long_xD))
-    exposed = self.moves_s(short_xD, long_xD, np.asarray(compute)[..., None]).max(-1)
+    short_xD, long_xD = (np.atleast_1d(a) for a in (short_xD, long_xD))
+    if self.host_exposed_s is None:  # one path: the busiest device's link time, then the overlap
+      per_short, per_long = self._link_units()
+      exposed = self._exposed((short_xD * per_short + long_xD * per_long).max(-1), compute)
+    else:
+      exposed = self.moves_s(short_xD, long_xD, np.asarray(compute)[..., None]).max(-1)
     return compute + exposed + max_remote_tokens * self.a2a_s_per_token
 
 

@@ -24,6 +24,15 @@ def _continues(slot_expert_MxLxDxS: np.ndarray, off_MxLxDxS: np.ndarray) -> np.n
   return goes_on
 
 
+def per_device(mask_xS: np.ndarray) -> np.ndarray:
+  """int16 [...]: the True slots per device, summed slot by slot (a device has few slots, and a
+  reduction over a short last axis costs several times more)."""
+  count = mask_xS[..., 0].astype(np.int16)
+  for j in range(1, mask_xS.shape[-1]):
+    count += mask_xS[..., j]
+  return count
+
+
 def tenure_starts(slot_expert_MxLxDxS: np.ndarray, base_LxDxS: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """bool [M, L, D, S] twice: the slots starting a tenure in (m, l) that lasts one micro-step, and those
   starting a longer one: slots holding an expert off the base that they did not hold in micro-step m-1,
@@ -38,7 +47,7 @@ def tenure_starts(slot_expert_MxLxDxS: np.ndarray, base_LxDxS: np.ndarray) -> tu
 def new_tenures(slot_expert_MxLxDxS: np.ndarray, base_LxDxS: np.ndarray) -> np.ndarray:
   """int [2, M, L, D]: per device the tenures that start in (m, l), [0] those of one micro-step and [1]
   those of more (`tenure_starts`). Each costs one fetch and one gradient return (`CostModel.layer_s`)."""
-  return np.stack([starts.sum(-1) for starts in tenure_starts(slot_expert_MxLxDxS, base_LxDxS)])
+  return np.stack([per_device(starts) for starts in tenure_starts(slot_expert_MxLxDxS, base_LxDxS)])
 
 
 def keep_or_move(load_2xMxL: np.ndarray, se_MxLxDxS: np.ndarray, base_LxDxS: np.ndarray, cfg: PlanConfig,
@@ -59,18 +68,20 @@ def keep_or_move(load_2xMxL: np.ndarray, se_MxLxDxS: np.ndarray, base_LxDxS: np.
   fresh = off.copy()
   fresh[1:] &= se_MxLxDxS[1:] != se_MxLxDxS[:-1]
   goes_on = _continues(se_MxLxDxS, off)
-  # [4, M, L, D] tenures starting at m: (after a keep, after a move) x (next keeps, next moves).
-  starts = np.stack([off, off, fresh, fresh])
-  long_4 = starts & np.array([False, True, False, True])[:, None, None, None, None] & goes_on
-  short_4xMxLxD, long_4xMxLxD = (starts & ~long_4).sum(-1), long_4.sum(-1)
+  # Per device, the tenures starting at m: after a keep (every off-base slot) or a move (the changed
+  # ones), of which those going on if m+1 moves too. All end at m if m+1 keeps: the busiest device's
+  # count prices them (a device's price grows with its count).
+  off_n, fresh_n, off_on, fresh_on = (per_device(a) for a in (off, fresh, goes_on, fresh & goes_on))
   extra = np.broadcast_to(extra_2xMxL, load_2xMxL.shape)
   keep_s = cfg.cost.layer_s(load_2xMxL[0]) + extra[0]
-  after_keep_end, after_keep_on, after_move_end, after_move_on = (
-      cfg.cost.layer_s(load_2xMxL[1], short_4xMxLxD, long_4xMxLxD) + extra[1])
+  busiest_2xMxLx1 = np.stack([off_n, fresh_n]).max(-1, keepdims=True)
+  after_keep_end, after_move_end = cfg.cost.layer_s(load_2xMxL[1], busiest_2xMxLx1) + extra[1]
+  short_2xMxLxD, long_2xMxLxD = np.stack([off_n - off_on, fresh_n - fresh_on]), np.stack([off_on, fresh_on])
+  after_keep_on, after_move_on = cfg.cost.layer_s(load_2xMxL[1], short_2xMxLxD, long_2xMxLxD) + extra[1]
   # best[state]: the cheapest micro-steps 0..m-1 of paths in that state at m (keep, move after keep,
   # move after move); micro-step m's price is added on the way to m+1.
   best = np.stack([np.zeros(num_layers), np.zeros(num_layers), np.full(num_layers, np.inf)])
-  came_from = np.zeros((num_micro, 2, num_layers), np.int64)  # into keep (0, 1, 2) and into move-after-move (1, 2)
+  came_from = np.zeros((num_micro, 2, num_layers), np.int64)  # into keep (from 0, 1, 2), into move after move (1, 2)
   for m in range(num_micro):
     to_keep = np.stack([best[0] + keep_s[m], best[1] + after_keep_end[m], best[2] + after_move_end[m]])
     to_stay = np.stack([best[1] + after_keep_on[m], best[2] + after_move_on[m]])
