@@ -5,6 +5,7 @@ import math
 import numpy as np
 
 from foremoe_jax.planner import CostModel, PlanConfig, foremoe, home_placement, pairs, plan_step
+from foremoe_jax.planner.tenures import new_tenures
 from test_planner import skewed_counts
 
 
@@ -87,7 +88,8 @@ def test_exchange_s_prices_each_micro_step_at_its_own_capacity():
 
 
 def estimate(plan, cfg):
-  return foremoe.estimated_step_s(plan.slot_load, plan.pair_need, plan.moved_mask().sum(-1).max(-1), plan.base, cfg)
+  moves = new_tenures(plan.slot_expert, plan.base)
+  return foremoe.estimated_step_s(plan.slot_load, plan.pair_need, moves, plan.base, cfg)
 
 
 def test_foremoe_is_never_slower_than_eplb_step_on_its_cost_model():
@@ -133,16 +135,18 @@ def test_a_ragged_exchange_prices_each_micro_steps_own_rows():
 
 
 def test_a_base_move_pays_its_float32_gradient_on_the_way_back():
-  """The base's gradients go home as float32 sums, and so do a replica's at the end of its tenure: a
-  bf16 expert fetched into the base or a slot costs 1 + 2 expert-sized transfers, a float32 one 1 + 1."""
+  """The base's gradients go home as float32 sums, and so do a replica's at the end of a tenure of two
+  micro-steps or more: a bf16 expert fetched into the base or such a slot costs 1 + 2 expert-sized
+  transfers, a float32 one 1 + 1 (a one-micro-step tenure's goes back in the weights' dtype: 1 + 1)."""
   bf16, f32 = CostModel(bytes_per_param=2), CostModel(bytes_per_param=4)
   for cost, units in ((bf16, 3), (f32, 2)):
     assert math.isclose(cost.base_move_s, cost.move_s)
     assert math.isclose(cost.move_s, units * cost.expert_bytes / cost.link_bytes_per_s)
+    assert math.isclose(cost.direct_move_s, 2 * cost.expert_bytes / cost.link_bytes_per_s)
   cfg = PlanConfig(32, 4, 9, cost=bf16)
   home = np.stack([home_placement(32, 4, 9)] * 2)
   base = home.copy()
   base[0, 0, 8], base[1, 1, 8], base[1, 2, 8] = 9, 0, 31  # fetched: 1 slot on device 0, 1 each on 1 and 2
   zeros = np.zeros((3, 2))
-  extra = foremoe.step_s(zeros, zeros, zeros, base, cfg) - foremoe.step_s(zeros, zeros, zeros, home, cfg)
+  extra = foremoe.step_s(zeros, zeros, 0, base, cfg) - foremoe.step_s(zeros, zeros, 0, home, cfg)
   assert math.isclose(extra, 2 * bf16.base_move_s)  # the busiest device's fetches, per layer

@@ -10,6 +10,7 @@ import pytest
 
 from foremoe_jax.planner import CostModel, PlanConfig, home_placement, plan_step
 from foremoe_jax.planner.config import CALIBRATION_DIR, DEFAULT_CARD
+from foremoe_jax.planner.tenures import keep_or_move, new_tenures
 
 
 def test_calibrated_loads_the_committed_calibration():
@@ -34,15 +35,21 @@ def test_calibration_scales_with_expert_bytes_and_names_missing_cards(tmp_path):
 def test_refills_split_between_concurrent_paths():
   cost = CostModel(link_exposed_s=1.0, host_exposed_s=0.5, link_bytes_per_s=1e30)  # no gradient return cost
   moves = np.array([0, 1, 2, 3, 4])
+  zeros = np.zeros_like(moves)
   # h on the host, the rest on the link, concurrently: max(0.5 h, k - h) at its best h.
-  np.testing.assert_array_equal(cost.host_moves(moves), [0, 1, 1, 2, 3])
-  np.testing.assert_allclose(cost.moves_s(moves), [0.0, 0.5, 1.0, 1.0, 1.5])
+  np.testing.assert_array_equal(cost.host_moves(moves, zeros)[0], [0, 1, 1, 2, 3])
+  np.testing.assert_allclose(cost.moves_s(moves, zeros), [0.0, 0.5, 1.0, 1.0, 1.5])
+  # A longer tenure's link cost is scaled by its bytes (bf16: 3 expert-sized transfers to 2); the host
+  # fetch costs the same whatever the tenure's length.
+  np.testing.assert_allclose(cost.moves_s(zeros, moves), [0.0, 0.5, 1.0, 1.5, 1.5])
+  np.testing.assert_array_equal(cost.host_moves(zeros, moves)[1], [0, 1, 2, 2, 3])
+  np.testing.assert_allclose(cost.moves_s(moves, moves), [0.0, 1.0, 1.5, 2.0, 3.0])
   link_only = dataclasses.replace(cost, host_exposed_s=None)
-  np.testing.assert_allclose(link_only.moves_s(moves), moves * 1.0)
-  assert (link_only.host_moves(moves) == 0).all()
+  np.testing.assert_allclose(link_only.moves_s(moves, zeros), moves * 1.0)
+  assert all((h == 0).all() for h in link_only.host_moves(moves, moves))
   # The host refills' gradients go home over the link: priced there.
   slow_grads = dataclasses.replace(cost, link_bytes_per_s=cost.expert_bytes * 2 / 10.0)
-  assert (slow_grads.host_moves(moves) == 0).all()
+  assert all((h == 0).all() for h in slow_grads.host_moves(moves, moves))
 
 
 def skewed_counts(seed, micro=4, layers=2, devices=8, experts=32):
@@ -70,42 +77,47 @@ def test_plan_records_host_path_refills_where_the_host_is_cheaper():
 
 def test_a_replica_kept_over_micro_steps_is_priced_once():
   """A tenure (a slot holding one replica over consecutive micro-steps) pays one fetch and one gradient
-  return where it starts; an emptied slot and a slot back on the base pay nothing."""
-  from foremoe_jax.planner.foremoe import new_tenures
+  return where it starts, by its length; an emptied slot and a slot back on the base pay nothing."""
   base = np.stack([home_placement(8, 2, 5)])  # [L=1, D=2, S=5]: slots 4 on each device are redundant
   se = np.repeat(base[None], 4, 0)
-  se[:, 0, 0, 4] = 5  # device 0 holds a replica of expert 5 all four micro-steps: one tenure
+  se[:, 0, 0, 4] = 5  # device 0 holds a replica of expert 5 all four micro-steps: one long tenure
   se[1:3, 0, 1, 4] = [1, 2]  # device 1: two one-micro-step tenures
   se[3, 0, 1, 4] = -1  # emptied: no tenure
-  np.testing.assert_array_equal(new_tenures(se, base)[:, 0], [1, 1, 1, 0])
+  short, long = new_tenures(se, base)
+  np.testing.assert_array_equal(short[:, 0], [[0, 0], [0, 1], [0, 1], [0, 0]])
+  np.testing.assert_array_equal(long[:, 0], [[1, 0], [0, 0], [0, 0], [0, 0]])
   np.testing.assert_array_equal((se != base[None]).sum(-1).max(-1)[:, 0], [1, 1, 1, 1])
 
 
 def test_keep_or_move_is_the_cheapest_path_over_micro_steps():
   """foremoe's per-layer choice between the base and the moved candidate, micro-step by micro-step, is
-  exact on the cost model (brute force over every choice), and keeps a replica whose saving per
-  micro-step is below a tenure's cost when it holds over enough micro-steps."""
-  from foremoe_jax.planner.foremoe import keep_or_move, new_tenures
+  exact on the cost model, one-micro-step tenures priced at their bf16 return (brute force over every
+  choice, with and without a host path), and keeps a replica whose saving per micro-step is below a
+  tenure's cost when it holds over enough micro-steps."""
   rng = np.random.default_rng(1)
   num_micro, layers = 5, 3
-  cfg = PlanConfig(8, 2, 5, cost=CostModel())
-  base = np.stack([home_placement(8, 2, 5)] * layers)
+  base = np.stack([home_placement(8, 2, 6)] * layers)
   moved = np.repeat(base[None], num_micro, 0)
-  moved[..., 4] = rng.choice([-1, 0, 5], size=(num_micro, layers, 2))
-  saving = cfg.cost.move_s / cfg.cost.token_compute_s / 3  # a third of a tenure's price per micro-step
-  keep_load = rng.uniform(1e4, 2e4, (num_micro, layers))
-  load = np.stack([keep_load, keep_load - saving * rng.uniform(0.5, 1.5, (num_micro, layers))])
-  choice, seconds = keep_or_move(load, moved, base, cfg)
-  for l in range(layers):
-    best = np.inf
-    for path in itertools.product((0, 1), repeat=num_micro):
-      se = np.where(np.array(path)[:, None, None], moved[:, l], base[l])
-      tenures = new_tenures(se[:, None], base[l][None])[:, 0]
-      best = min(best, cfg.cost.layer_s(load[list(path), range(num_micro), l], tenures).sum())
-      if path == tuple(choice[:, l]):
-        assert math.isclose(cfg.cost.layer_s(load[list(path), range(num_micro), l], tenures).sum(), seconds[l])
-    assert math.isclose(seconds[l], best)
+  moved[..., 4:] = rng.choice([-1, 0, 5, 6], size=(num_micro, layers, 2, 2))
+  for cost in (CostModel(), CostModel(link_exposed_s=1e-4, host_exposed_s=1.2e-4)):
+    cfg = PlanConfig(8, 2, 6, cost=cost)
+    saving = cfg.cost.direct_move_s / cfg.cost.token_compute_s / 2  # half a one-micro-step tenure's price
+    keep_load = rng.uniform(1e4, 2e4, (num_micro, layers))
+    load = np.stack([keep_load, keep_load - saving * rng.uniform(0.5, 1.5, (num_micro, layers))])
+    choice, seconds = keep_or_move(load, moved, base, cfg)
+    for l in range(layers):
+      best = np.inf
+      for path in itertools.product((0, 1), repeat=num_micro):
+        se = np.where(np.array(path)[:, None, None], moved[:, l], base[l])
+        tenures = new_tenures(se[:, None], base[l][None])[:, :, 0]
+        total = cfg.cost.layer_s(load[list(path), range(num_micro), l], *tenures)
+        best = min(best, total.sum())
+        if path == tuple(choice[:, l]):
+          assert math.isclose(total.sum(), seconds[l])
+      assert math.isclose(seconds[l], best)
+  cfg = PlanConfig(8, 2, 6, cost=CostModel())
   held = np.repeat(base[None], num_micro, 0)
   held[:, :, 0, 4] = 5
+  saving = cfg.cost.move_s / cfg.cost.token_compute_s / 3  # a third of a long tenure's price per micro-step
   steady = np.stack([keep_load, keep_load - saving])
   assert (keep_or_move(steady, held, base, cfg)[0] == 1).all()

@@ -32,16 +32,19 @@ class CostModel:
   Qwen3-30B-A3B-shaped expert (hidden 2048, SwiGLU intermediate 768, bf16: 9.4 MB per expert).
   A benchmark calibrates it by passing measured rates (`benchmarks/planner.py --flops ... --link ...`).
 
-  Moves are priced per tenure: the micro-steps a slot keeps one replica (the executor fetches it once
-  and holds its gradients in a float32 accumulator until the tenure ends, then sends them back once;
-  a one-micro-step tenure's go back in the weights' dtype, but every return is priced in float32).
-  A tenure's fetch takes one of two paths: "link" (from another device's base slot over NVLink) or
-  "host" (from the pinned-host copy over the device's own host link, `foremoe_jax.host_transfer`);
-  its gradient goes back over the link either way. The two links run concurrently, so a device's
-  refills split between them (`host_moves`). `link_exposed_s` / `host_exposed_s` are the measured
-  exposed seconds per moved expert-layer (what a refill adds to a micro-step after overlapping its
-  compute, not its isolated time); `CostModel.calibrated()` loads them. None: the link is estimated
-  from `link_bytes_per_s` and `overlap_fraction`, and there is no host path.
+  Moves are priced per tenure: the micro-steps a slot keeps one replica. The executor fetches it once
+  and sends its gradient back once, when the tenure ends: a tenure of one micro-step straight from that
+  micro-step's gradient, in the weights' dtype (`direct_return_s`); a longer one as the sum it held in a
+  float32 accumulator row (`held_return_s`). So a one-micro-step tenure costs `direct_move_s`, a longer
+  one `move_s` (bf16 weights: 2 and 3 expert-sized transfers). A tenure's fetch takes one of two paths:
+  "link" (from another device's base slot over NVLink) or "host" (from the pinned-host copy over the
+  device's own host link, `foremoe_jax.host_transfer`); its gradient goes back over the link either way.
+  The two links run concurrently, so a device's refills split between them (`host_moves`).
+  `link_exposed_s` / `host_exposed_s` are the measured exposed seconds per moved expert-layer (what a
+  refill adds to a micro-step after overlapping its compute, not its isolated time); `CostModel.calibrated()`
+  loads them. The link's was measured on one-micro-step tenures (weights in, gradient back in bf16); a
+  longer tenure's is scaled by its bytes (`link_exposed_s * move_s / direct_move_s`). None: the link is
+  estimated from `link_bytes_per_s` and `overlap_fraction`, and there is no host path.
   """
 
   hidden: int = 2048
@@ -99,15 +102,37 @@ class CostModel:
     return 3 * 2 * 3 * self.hidden * self.expert_intermediate / self.matmul_flops_per_s
 
   @property
+  def fetch_s(self) -> float:
+    """A replica's weights in over the link, by bandwidth."""
+    return self.expert_bytes / self.link_bytes_per_s
+
+  @property
+  def direct_return_s(self) -> float:
+    """A one-micro-step tenure's gradient back over the link: sent at once, in the weights' dtype."""
+    return self.expert_bytes / self.link_bytes_per_s
+
+  @property
+  def held_return_s(self) -> float:
+    """A longer tenure's (or a base slot's) gradient back over the link: its float32 accumulator row
+    (at least float32: wider weights accumulate in their own dtype), by bandwidth."""
+    return max(self.bytes_per_param, 4) / self.bytes_per_param * self.expert_bytes / self.link_bytes_per_s
+
+  @property
+  def direct_move_s(self) -> float:
+    """A tenure of one micro-step: its weights in, its gradient back in the weights' dtype."""
+    return self.fetch_s + self.direct_return_s
+
+  @property
   def move_s(self) -> float:
-    """One tenure of a replica in a slot: its weights in when it starts, and when it ends its gradient,
-    summed over the tenure's micro-steps in (at least) float32, back to the base, once."""
-    return self.expert_bytes / self.link_bytes_per_s + self.grad_return_s
+    """A tenure of two micro-steps or more: its weights in when it starts, and when it ends its gradient,
+    summed over the tenure's micro-steps in float32, back to the base, once."""
+    return self.fetch_s + self.held_return_s
 
   @property
   def base_move_s(self) -> float:
     """One base slot fetched from another device: its weights in when the step begins, and at its end
-    its gradient, summed over the micro-steps in (at least) float32, back home: a tenure of the step."""
+    its gradient, summed over the micro-steps in float32, back home: a tenure of the step (held even
+    when the step has one micro-step: the base's gradients always start a float32 accumulator)."""
     return self.move_s
 
   @property
@@ -120,42 +145,66 @@ class CostModel:
     times its capacity, a ragged one about the busiest receiver's load. Elementwise on arrays."""
     return rows * self.a2a_s_per_token
 
-  @property
-  def grad_return_s(self) -> float:
-    """A tenure's gradient sum going back over the link (float32 at least), by bandwidth."""
-    return max(self.bytes_per_param, 4) / self.bytes_per_param * self.expert_bytes / self.link_bytes_per_s
-
-  def _split_s(self, moves, compute_s):
-    """[H+1, ...]: exposed seconds of `moves` refills on one device with h = 0..H of them on the host path
-    (inf where h > moves); the paths run concurrently, the host refills' gradients use the link."""
-    moves = np.asarray(moves, np.float64)
-    most = int(moves.max(initial=0)) if self.host_exposed_s is not None else 0
-    h = np.arange(most + 1, dtype=np.float64).reshape(-1, *[1] * moves.ndim)
-    link = moves - h
+  def _link_units(self) -> tuple[float, float]:
+    """Link seconds of a one-micro-step and of a longer tenure, before any overlap with compute."""
     if self.link_exposed_s is None:
-      link_s = np.maximum(link * self.move_s - self.overlap_fraction * np.asarray(compute_s), 0.0)
-    else:
-      link_s = link * self.link_exposed_s
-    host_s = h * (self.host_exposed_s or 0.0)
-    return np.where(h <= moves, np.maximum(host_s, link_s + h * self.grad_return_s), np.inf)
+      return self.direct_move_s, self.move_s
+    return self.link_exposed_s, self.link_exposed_s * self.move_s / self.direct_move_s
 
-  def moves_s(self, moves, compute_s=0.0):
-    """Exposed seconds of `moves` slot refills on one device, at the best split between the paths.
-    Elementwise on arrays; compute_s (the (m, l)'s compute) matters only to the estimated link."""
-    return self._split_s(moves, compute_s).min(0)
+  def _exposed(self, link_s, compute_s):
+    """Link seconds less the share of the compute they overlap (measured costs are exposed already)."""
+    if self.link_exposed_s is not None:
+      return link_s
+    return np.maximum(link_s - self.overlap_fraction * np.asarray(compute_s), 0.0)
 
-  def host_moves(self, moves, compute_s=0.0):
-    """int64, elementwise: how many of `moves` refills the best split sends over the host path."""
-    return self._split_s(moves, compute_s).argmin(0).astype(np.int64)
+  def _link_s(self, short, long, compute_s):
+    """Exposed seconds of `short` one-micro-step and `long` longer tenures fetched over the link."""
+    per_short, per_long = self._link_units()
+    return self._exposed(short * per_short + long * per_long, compute_s)
 
-  def layer_s(self, max_load, max_moves_per_device, max_remote_tokens=0.0):
+  def _split_s(self, short, long, compute_s):
+    """[Hs+1, Hl+1, ...]: exposed seconds of a device's new tenures (`short` of one micro-step, `long`
+    of more) with hs of the short and hl of the long fetched over the host path (inf where more than
+    there are); the paths run concurrently, the host fetches' gradients use the link."""
+    short, long = np.broadcast_arrays(np.asarray(short, np.float64), np.asarray(long, np.float64))
+    most_short, most_long = (int(a.max(initial=0)) for a in (short, long))
+    hs = np.arange(most_short + 1, dtype=np.float64).reshape(-1, 1, *[1] * short.ndim)
+    hl = np.arange(most_long + 1, dtype=np.float64).reshape(1, -1, *[1] * short.ndim)
+    link_s = self._link_s(short - hs, long - hl, compute_s) + hs * self.direct_return_s + hl * self.held_return_s
+    return np.where((hs <= short) & (hl <= long), np.maximum((hs + hl) * self.host_exposed_s, link_s), np.inf)
+
+  def moves_s(self, short, long, compute_s=0.0):
+    """Exposed seconds of a device's new tenures, `short` of one micro-step and `long` of more, at the
+    best split between the paths. Elementwise on arrays; compute_s (the (m, l)'s compute) matters only
+    to the estimated link."""
+    if self.host_exposed_s is None:
+      return self._link_s(np.asarray(short, np.float64), np.asarray(long, np.float64), compute_s)
+    return self._split_s(short, long, compute_s).min((0, 1))
+
+  def host_moves(self, short, long, compute_s=0.0):
+    """(int64, int64), elementwise: how many of the `short` and of the `long` tenures the best split
+    fetches over the host path."""
+    if self.host_exposed_s is None:
+      zeros = np.zeros(np.broadcast_shapes(np.shape(short), np.shape(long)), np.int64)
+      return zeros, zeros
+    split_s = self._split_s(short, long, compute_s)
+    best = split_s.reshape(-1, *split_s.shape[2:]).argmin(0)
+    return np.divmod(best, split_s.shape[1])
+
+  def layer_s(self, max_load, short_xD=0, long_xD=0, max_remote_tokens=0.0):
     """Estimated time of one (m, l): slowest device's compute, plus exposed transfer and dispatch time.
 
-    Works elementwise on arrays: max_load and max_remote_tokens in tokens, moves in tenures that start
-    in this (m, l) on the busiest device (each priced with its fetch and its one gradient return).
+    Works elementwise on arrays: max_load and max_remote_tokens in tokens; short / long: per device (the
+    last axis) the tenures that start in this (m, l), of one micro-step / of more (`tenures.new_tenures`),
+    each priced with its fetch and its one gradient return; the busiest device's transfers count.
     """
     compute = max_load * self.token_compute_s
-    exposed = self.moves_s(max_moves_per_device, compute)
+    short_xD, long_xD = (np.atleast_1d(a) for a in (short_xD, long_xD))
+    if self.host_exposed_s is None:  # one path: the busiest device's link time, then the overlap
+      per_short, per_long = self._link_units()
+      exposed = self._exposed((short_xD * per_short + long_xD * per_long).max(-1), compute)
+    else:
+      exposed = self.moves_s(short_xD, long_xD, np.asarray(compute)[..., None]).max(-1)
     return compute + exposed + max_remote_tokens * self.a2a_s_per_token
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from foremoe_jax.planner import align, eplb, pairs, slots, split
 from foremoe_jax.planner.config import PlanConfig
+from foremoe_jax.planner.tenures import keep_or_move
 
 
 def place_replicas(slot_expert_BxDxS: np.ndarray, free_BxDxS: np.ndarray, w_BxE: np.ndarray):
@@ -226,61 +227,23 @@ def moved_placements(w_BxE: np.ndarray, bases_NxLxDxS: np.ndarray, cfg: PlanConf
   return se, split.merge_same_device_copies(se, x.reshape(se.shape)).reshape(se.shape[0], -1)
 
 
-def new_tenures(slot_expert_MxLxDxS: np.ndarray, base_LxDxS: np.ndarray) -> np.ndarray:
-  """int [M, L]: the busiest device's count of tenures that start in (m, l): slots holding an expert off
-  the base that they did not hold in micro-step m-1. A tenure costs one fetch and one gradient return
-  (`CostModel.move_s`) however many micro-steps it lasts."""
-  off = (slot_expert_MxLxDxS >= 0) & (slot_expert_MxLxDxS != base_LxDxS[None])
-  fresh = off.copy()
-  fresh[1:] &= slot_expert_MxLxDxS[1:] != slot_expert_MxLxDxS[:-1]
-  return fresh.sum(-1).max(-1)
-
-
-def keep_or_move(load_2xMxL: np.ndarray, se_MxLxDxS: np.ndarray, base_LxDxS: np.ndarray, cfg: PlanConfig,
-                 extra_2xMxL=0.0):
-  """Per layer, which (m, l) keep the base (0) and which take the moved candidate (1), and its time.
-
-  A tenure costs its fetch and gradient return once, where it starts (`new_tenures`), so a moved
-  placement is cheaper after the same moves in the micro-step before: the choices of a layer's
-  micro-steps depend on each other. Exact on the cost model: a shortest path over the two states,
-  micro-step by micro-step (vectorized over layers). load: the busiest device's pairs under the base
-  (0) and the moved candidate (1); extra: seconds either adds. Returns (choice int [M, L], seconds [L])."""
-  num_micro = se_MxLxDxS.shape[0]
-  off = (se_MxLxDxS >= 0) & (se_MxLxDxS != base_LxDxS[None])
-  from_base = off.sum(-1).max(-1)
-  kept = np.zeros_like(from_base)
-  kept[1:] = (off[1:] & (se_MxLxDxS[1:] != se_MxLxDxS[:-1])).sum(-1).max(-1)
-  extra = np.broadcast_to(extra_2xMxL, load_2xMxL.shape)
-  keep_s = cfg.cost.layer_s(load_2xMxL[0], 0) + extra[0]
-  move_s, stay_s = (cfg.cost.layer_s(load_2xMxL[1], moves) + extra[1] for moves in (from_base, kept))
-  best = np.stack([keep_s[0], move_s[0]])  # [2, L]: the fastest path ending in each state
-  came_from = np.zeros((num_micro, 2, best.shape[1]), np.int64)
-  for m in range(1, num_micro):
-    came_from[m] = [best.argmin(0), (best[1] + stay_s[m] < best[0] + move_s[m]).astype(np.int64)]
-    best = np.stack([best.min(0) + keep_s[m], np.minimum(best[0] + move_s[m], best[1] + stay_s[m])])
-  choice = np.zeros(from_base.shape, np.int64)
-  choice[-1] = best.argmin(0)
-  for m in range(num_micro - 1, 0, -1):
-    choice[m - 1] = np.take_along_axis(came_from[m], choice[m][None], 0)[0]
-  return choice, best.min(0)
-
-
-def estimated_step_s(slot_load_MxLxG: np.ndarray, pair_need_MxL: np.ndarray, moves_MxL: np.ndarray,
-                     base_LxDxS: np.ndarray, cfg: PlanConfig) -> float:
+def estimated_step_s(slot_load_MxLxG: np.ndarray, pair_need_MxL: np.ndarray, tenures_2xMxLxD, base_LxDxS: np.ndarray,
+                     cfg: PlanConfig) -> float:
   """The cost model's time of a whole planned step: every (m, l) at its slowest device with its moves
-  (`new_tenures`: the tenures starting there on the busiest device), the base transfer, and the padded
-  all_to_alls, each micro-step's at its own capacity: its layers' largest (source, destination) pair
-  count, bucketed."""
+  (`tenures.new_tenures`: per device the tenures starting there, of one micro-step and of more; 0: none),
+  the base transfer, and the padded all_to_alls, each micro-step's at its own capacity: its layers'
+  largest (source, destination) pair count, bucketed."""
   num_micro, num_layers = pair_need_MxL.shape
   max_load = slot_load_MxLxG.reshape(num_micro, num_layers, cfg.num_devices, -1).sum(-1).max(-1)
-  return step_s(max_load, pair_need_MxL, moves_MxL, base_LxDxS, cfg)
+  return step_s(max_load, pair_need_MxL, tenures_2xMxLxD, base_LxDxS, cfg)
 
 
-def step_s(max_load_MxL: np.ndarray, need_MxL: np.ndarray, moves_MxL: np.ndarray, base_LxDxS: np.ndarray,
+def step_s(max_load_MxL: np.ndarray, need_MxL: np.ndarray, tenures_2xMxLxD, base_LxDxS: np.ndarray,
            cfg: PlanConfig) -> float:
   """estimated_step_s from each (m, l)'s busiest-device load and pair need; nondecreasing in each of
   them while the cost model's overlap_fraction is at most 1."""
-  return float(cfg.cost.layer_s(max_load_MxL, moves_MxL).sum()
+  short, long = (0, 0) if np.ndim(tenures_2xMxLxD) == 0 else tenures_2xMxLxD
+  return float(cfg.cost.layer_s(max_load_MxL, short, long).sum()
                + remote_base_slots(base_LxDxS, cfg).sum() * cfg.cost.base_move_s
                + exchange_s(max_load_MxL, need_MxL, cfg))
 
@@ -376,7 +339,7 @@ def plan_foremoe(counts_MxLxDxE: np.ndarray, cfg: PlanConfig, eplb_base_LxDxS: n
     a2a_cxMxL = 0.0 if cfg.cost.padded_a2a else cfg.cost.a2a_s(load_cxMxL)
     if len(cands) == 1:  # the base itself: no moves
       pick_MxL = np.zeros((num_micro, num_layers), np.int64)
-      layers_s = (cfg.cost.layer_s(load_cxMxL[0], 0) + np.broadcast_to(a2a_cxMxL, load_cxMxL.shape)[0]).sum(0)
+      layers_s = (cfg.cost.layer_s(load_cxMxL[0]) + np.broadcast_to(a2a_cxMxL, load_cxMxL.shape)[0]).sum(0)
     else:
       moved_MxLxDxS = se_CxBxDxS[cands[1]].reshape(num_micro, num_layers, num_devices, -1)
       pick_MxL, layers_s = keep_or_move(load_cxMxL, moved_MxLxDxS, bases[b], cfg, a2a_cxMxL)

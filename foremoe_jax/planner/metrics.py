@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from foremoe_jax.planner.foremoe import new_tenures
 from foremoe_jax.planner.plan import Plan
 from foremoe_jax.planner.slots import home_placement
+from foremoe_jax.planner.tenures import new_tenures
 
 
 def per_micro_step_imbalance(plan: Plan, counts_MxLxDxE) -> np.ndarray:
@@ -42,8 +42,8 @@ def estimated_step_s(plan: Plan, counts_MxLxDxE) -> float:
   dispatch (the most-sending source), plus the once-per-step home -> base moves (largest per device)."""
   cost = plan.config.cost
   load = plan.device_load(counts_MxLxDxE)
-  moves = new_tenures(plan.slot_expert, plan.base)
-  per_layer = cost.layer_s(load.max(-1), moves, remote_pairs(plan, counts_MxLxDxE).max(-1))
+  short, long = new_tenures(plan.slot_expert, plan.base)
+  per_layer = cost.layer_s(load.max(-1), short, long, remote_pairs(plan, counts_MxLxDxE).max(-1))
   cfg = plan.config
   home = home_placement(cfg.num_experts, cfg.num_devices, cfg.slots_per_device)
   base_moves = (plan.base != home[None]).sum(-1).max(-1)

@@ -31,8 +31,8 @@ class Plan:
   # padded all_to_all must hold.
   slot_load: np.ndarray | None = None
   pair_need: np.ndarray | None = None
-  # bool [M, L, D, S]: the moved slots refilled over the host path (from the pinned-host copy,
-  # `foremoe_jax.host_transfer`); the other moved slots over the link. None: all over the link.
+  # bool [M, L, D, S]: the slots starting a tenure whose replica comes over the host path (from the
+  # pinned-host copy, `foremoe_jax.host_transfer`); the other refills over the link. None: all over the link.
   host_path: np.ndarray | None = None
 
   @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from foremoe_jax.planner import align, eplb, foremoe, slots, split
+from foremoe_jax.planner import align, eplb, foremoe, slots, split, tenures
 from foremoe_jax.planner.config import PlanConfig
 from foremoe_jax.planner.plan import Plan
 
@@ -39,13 +39,16 @@ def _plan(counts, placement_MxLxDxS, base_LxDxS, cfg: PlanConfig, slot_pairs_BxG
 
 def host_path_mask(placement_MxLxDxS: np.ndarray, base_LxDxS: np.ndarray, load_MxLxG: np.ndarray,
                    cfg: PlanConfig) -> np.ndarray:
-  """bool [M, L, D, S]: per (m, l) and device, the first `CostModel.host_moves` of its refilled slots
-  (the cost model's best split of that device's refills between the host path and the link)."""
+  """bool [M, L, D, S]: per (m, l) and device, the slots starting a tenure there that the cost model's best
+  split (`CostModel.host_moves`) fetches over the host path: the first of its one-micro-step tenures
+  and the first of its longer ones, as many of each as the split sends there."""
   num_micro, num_layers, num_devices, num_slots = placement_MxLxDxS.shape
-  moved = (placement_MxLxDxS != base_LxDxS[None]) & (placement_MxLxDxS >= 0)
+  short, long = tenures.tenure_starts(placement_MxLxDxS, base_LxDxS)
   busiest = load_MxLxG.reshape(num_micro, num_layers, num_devices, num_slots).sum(-1).max(-1)
-  host = cfg.cost.host_moves(moved.sum(-1), busiest[..., None] * cfg.cost.token_compute_s)
-  return moved & (np.cumsum(moved, -1) <= host[..., None])
+  compute = busiest[..., None] * cfg.cost.token_compute_s
+  host_short, host_long = cfg.cost.host_moves(short.sum(-1), long.sum(-1), compute)
+  return ((short & (np.cumsum(short, -1) <= host_short[..., None]))
+          | (long & (np.cumsum(long, -1) <= host_long[..., None])))
 
 
 def _make_plan(placement_MxLxDxS, share_BxDxG, base_LxDxS, cfg: PlanConfig, load_BxG, need_B) -> Plan:
@@ -132,9 +135,8 @@ def _foremoe(counts, cfg: PlanConfig, history) -> Plan:
   # destination) pairs, which the per-layer choice only bounds; EPLB's step placement with its even
   # split may then need smaller padded capacities. Keep whichever the cost model finds faster.
   step_plan = _plan(counts, _repeated(step_base, num_micro), step_base, cfg)
-  no_moves = np.zeros((num_micro, num_layers), np.int64)
-  step_level_s = foremoe.estimated_step_s(step_plan.slot_load, step_plan.pair_need, no_moves, step_base, cfg)
-  moves = foremoe.new_tenures(slot_expert, base)
+  step_level_s = foremoe.estimated_step_s(step_plan.slot_load, step_plan.pair_need, 0, step_base, cfg)
+  moves = tenures.new_tenures(slot_expert, base)
 
   def slower(busiest_B, need_B):
     """Whether our plan is estimated slower with these per-(m, l) busiest-device loads and pair needs."""
