@@ -3,7 +3,7 @@
 The MoE step's grouped GEMMs see the busiest device's slot loads of each (micro-step, layer): groups
 that are not multiples of the 128-row tile. This times the six grouped matmuls of a layer (gate+up
 and down forward, their d(lhs) with the weights transposed, and the weight gradients) on those exact sizes with
-`mosaic_gmm.TUNED`, beside the `ideal` routes' tile-aligned sizes, with the row tiles each costs:
+`mosaic_gmm.tuned()`, beside the `ideal` routes' tile-aligned sizes, with the row tiles each costs:
 what unaligned groups cost the kernel.
 
     python benchmarks/moe_step.py --make-data --ep 2 4          # host: .bench_data routes
@@ -62,11 +62,11 @@ def layer_matmuls(num_groups: int, rows: int):
   from pallas_kernels import mosaic_gmm, mosaic_tgmm
   out = []
   for name, k, n, transpose in MATMULS:
-    cfg = mosaic_gmm.TUNED[(k, n)]
+    cfg = mosaic_gmm.tuned()[(k, n)]
     out.append((name, k, n, (num_groups, n, k) if transpose else (num_groups, k, n),
                 functools.partial(mosaic_gmm.gmm, transpose_rhs=transpose, config=cfg)))
   for name, k, n in TGMMS:
-    out.append((name, k, n, (rows, n), functools.partial(mosaic_tgmm.tgmm, config=mosaic_tgmm.TUNED[(k, n)])))
+    out.append((name, k, n, (rows, n), functools.partial(mosaic_tgmm.tgmm, config=mosaic_tgmm.tuned()[(k, n)])))
   return out
 
 

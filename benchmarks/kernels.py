@@ -194,7 +194,7 @@ def tokamax_anchor(rec, res, lhs, rhs, gs, dout, ref):
 def sweep(m, out_rows):
   """Block sweep at m rows, balanced, both shapes: our gmm/tgmm configs and the example's.
 
-  The winners become the tuned defaults (mosaic_gmm.TUNED, mosaic_tgmm.TUNED) for the rest of
+  The winners become the tuned defaults (this card's `mosaic_gmm.tuned()`, `mosaic_tgmm.tuned()`) for the rest of
   the run, and are printed in the form to commit.
   """
   best = {}
@@ -203,12 +203,12 @@ def sweep(m, out_rows):
     flops = 2 * m * k * n
     for label, fn, configs, args, table, key in [
         ("gmm", lambda c: jax.jit(lambda a, b, g: mosaic_gmm.gmm(a, b, g, config=c)),
-         GMM_SWEEP, (lhs, rhs, gs), mosaic_gmm.TUNED, (k, n)),
+         GMM_SWEEP, (lhs, rhs, gs), mosaic_gmm.tuned(), (k, n)),
         ("gmm_t", lambda c: jax.jit(lambda a, b, g: mosaic_gmm.gmm(a, b, g, transpose_rhs=True,
                                                                    config=c)),
-         GMM_SWEEP, (dout, rhs, gs), mosaic_gmm.TUNED, (n, k)),
+         GMM_SWEEP, (dout, rhs, gs), mosaic_gmm.tuned(), (n, k)),
         ("tgmm", lambda c: jax.jit(lambda a, b, g: mosaic_tgmm.tgmm(a, b, g, config=c)),
-         TGMM_SWEEP, (lhs, dout, gs), mosaic_tgmm.TUNED, (k, n))]:
+         TGMM_SWEEP, (lhs, dout, gs), mosaic_tgmm.tuned(), (k, n))]:
       winner = (0.0, None)
       for cfg in configs:
         try:

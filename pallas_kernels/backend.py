@@ -35,6 +35,13 @@ def is_hopper() -> bool:
   return str(capability).startswith("9")
 
 
+def card_table(by_card: dict[str, dict]) -> dict:
+  """The entry of `by_card` ({card name fragment: table}) for the default device, matched against its
+  device_kind (e.g. "NVIDIA H100 80GB HBM3" -> "H100"); the first entry where no name matches."""
+  kind = jax.devices()[0].device_kind
+  return next((table for name, table in by_card.items() if name in kind), next(iter(by_card.values())))
+
+
 def default_backend(op: str) -> str:
   return GPU_DEFAULT[op] if is_hopper() else "xla"
 

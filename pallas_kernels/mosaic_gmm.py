@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import tiling
+from pallas_kernels import backend, tiling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +57,24 @@ def num_sms(interpret=None) -> int:
   return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-# Sweep winners at 64K rows, 17 balanced groups (benchmarks/results/kernels.md: H200, jax 0.11.2, run 4),
-# keyed by (K, N) of the call: the gate+up and down projections of Qwen3-30B-A3B and their d(lhs). At
-# every shape the row-split warpgroups (64 x 256 wgmmas each) with 4 stages and a halved epilogue won.
+# Sweep winners at 64K rows, 17 balanced groups (benchmarks/results/kernels.md), per card, keyed by
+# (K, N) of the call: the gate+up and down projections of Qwen3-30B-A3B and their d(lhs). On H200 (run 4)
+# the row-split warpgroups (64 x 256 wgmmas each) with 4 stages and a halved epilogue won at every shape;
+# on H100 (run 7) two shapes preferred 128 x 128 column-split tiles with 4 stages and the row split
+# walked 4 N tiles per row tile.
 _ROW_SPLIT = GmmConfig(block_n=256, split_m=True, max_concurrent_steps=4, epi_split=2, delay_release=1)
-TUNED: dict[tuple[int, int], GmmConfig] = {
-    (2048, 1536): _ROW_SPLIT,
-    (1536, 2048): _ROW_SPLIT,
-    (768, 2048): _ROW_SPLIT,
-    (2048, 768): _ROW_SPLIT,
+_ROW_SPLIT_SNAKE = dataclasses.replace(_ROW_SPLIT, grid_block_n=4)
+_COL_SPLIT_4 = GmmConfig(max_concurrent_steps=4, epi_split=2, delay_release=1)
+TUNED_BY_CARD: dict[str, dict[tuple[int, int], GmmConfig]] = {
+    "H200": {(2048, 1536): _ROW_SPLIT, (1536, 2048): _ROW_SPLIT, (768, 2048): _ROW_SPLIT, (2048, 768): _ROW_SPLIT},
+    "H100": {(2048, 1536): _COL_SPLIT_4, (1536, 2048): _ROW_SPLIT_SNAKE, (768, 2048): _ROW_SPLIT_SNAKE,
+             (2048, 768): _COL_SPLIT_4},
 }
+
+
+def tuned() -> dict[tuple[int, int], GmmConfig]:
+  """This card's tuned tiles by (K, N) (H200's where the card has no table of its own)."""
+  return backend.card_table(TUNED_BY_CARD)
 
 
 def _fits(config: GmmConfig, k: int, n: int) -> bool:
@@ -78,8 +86,8 @@ def default_config(m, k, n, dtype, out_dtype=None) -> GmmConfig | None:
   del m
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return None
-  tuned = TUNED.get((k, n))
-  config = tuned if tuned is not None and _fits(tuned, k, n) else next(
+  tuned_config = tuned().get((k, n))
+  config = tuned_config if tuned_config is not None and _fits(tuned_config, k, n) else next(
       (c for c in (GmmConfig(), GmmConfig(block_n=64, max_concurrent_steps=4)) if _fits(c, k, n)),
       None)
   if config is not None and jnp.dtype(out_dtype or dtype).itemsize > 2:

@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import tiling
+from pallas_kernels import backend, tiling
 from pallas_kernels.mosaic_gmm import num_sms
 
 
@@ -30,12 +30,17 @@ class TgmmConfig:
   grid_block_n: int = 4  # planar_snake width over the (K tile, N tile) grid of one group
 
 
-# Sweep winners at 64K rows, 17 balanced groups (benchmarks/results/kernels.md: H200, jax 0.11.2),
+# Sweep winners at 64K rows, 17 balanced groups (benchmarks/results/kernels.md, jax 0.11.2), per card,
 # keyed by (K, N) of the call.
-TUNED: dict[tuple[int, int], TgmmConfig] = {
-    (2048, 1536): TgmmConfig(max_concurrent_steps=6),
-    (768, 2048): TgmmConfig(),
+TUNED_BY_CARD: dict[str, dict[tuple[int, int], TgmmConfig]] = {
+    "H200": {(2048, 1536): TgmmConfig(max_concurrent_steps=6), (768, 2048): TgmmConfig()},
+    "H100": {(2048, 1536): TgmmConfig(), (768, 2048): TgmmConfig()},
 }
+
+
+def tuned() -> dict[tuple[int, int], TgmmConfig]:
+  """This card's tuned tiles by (K, N) (H200's where the card has no table of its own)."""
+  return backend.card_table(TUNED_BY_CARD)
 
 
 def default_config(m, k, n, dtype, out_dtype=None) -> TgmmConfig | None:
@@ -43,7 +48,7 @@ def default_config(m, k, n, dtype, out_dtype=None) -> TgmmConfig | None:
   del m
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return None
-  config = TUNED.get((k, n))
+  config = tuned().get((k, n))
   if config is None or k % config.block_m or n % config.block_n:
     block_m = next((b for b in (128, 64) if k % b == 0), None)
     block_n = next((b for b in (128, 64) if n % b == 0), None)

@@ -213,6 +213,18 @@ def test_backend_selection(monkeypatch):
     pk.gmm(jnp.ones((8, 48)), jnp.ones((2, 48, 64)), jnp.array([4, 4]))
 
 
+@pytest.mark.parametrize("kind,want", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                       ("NVIDIA GH200 480GB", "h200"), ("cpu", "h200")])
+def test_tuned_tables_follow_the_card(monkeypatch, kind, want):
+  class Device:
+    device_kind = kind
+  monkeypatch.setattr(kb.jax, "devices", lambda *a: [Device()])
+  assert kb.card_table({"H200": "h200", "H100": "h100"}) == want
+  from pallas_kernels import mosaic_gmm, mosaic_tgmm
+  assert mosaic_gmm.tuned() is mosaic_gmm.TUNED_BY_CARD[want.upper()]
+  assert mosaic_tgmm.tuned() is mosaic_tgmm.TUNED_BY_CARD[want.upper()]
+
+
 def test_shape_errors():
   with pytest.raises(ValueError, match="contracting"):
     pk.gmm(jnp.ones((8, 16)), jnp.ones((2, 32, 8)), jnp.array([4, 4]))
