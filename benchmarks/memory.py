@@ -156,7 +156,8 @@ def step_tables(cfg, mesh, ep: int, rows: int, seq_len: int, micro_steps: int, s
   EP 1 (the plain step), "foremoe" beyond, whose base leaves home and whose micro-steps leave the base
   (base and working slots both in memory: the larger layout). Capacities as the executor sizes them
   (each micro-step's need, bucketed)."""
-  from foremoe_jax.executor import PLAIN, Executor
+  from foremoe_jax.executor import Executor
+  from foremoe_jax.step_programs import PLAIN
   from foremoe_jax.step_tables import prepare_step
   from foremoe_jax.planner import CostModel, PlanConfig, plan_step
   m = cfg.model
