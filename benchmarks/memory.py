@@ -39,7 +39,7 @@ from common import abstract_model, expert_mesh, memory_stats, shard_bytes, with_
 
 PROGRAMS = ("first", "micro", "last", "forward")
 PARTS = ("weights", "adam", "acc", "slots", "batch", "tables")
-# Positional arguments of each executor program (Executor._micro_fn, _last_fn, _forward_fn), by state part.
+# Positional arguments of each executor program (StepPrograms._micro_fn, _last_fn, _forward_fn), by state part.
 ARG_PARTS = {"micro": ("weights", "slots", "slots", "acc", "batch") + ("tables",) * 7,
              "last": ("weights", "adam", "slots", "slots", "acc", "batch") + ("tables",) * 7,
              "forward": ("weights", "slots", "slots", "batch") + ("tables",) * 4}
@@ -156,7 +156,8 @@ def step_tables(cfg, mesh, ep: int, rows: int, seq_len: int, micro_steps: int, s
   EP 1 (the plain step), "foremoe" beyond, whose base leaves home and whose micro-steps leave the base
   (base and working slots both in memory: the larger layout). Capacities as the executor sizes them
   (each micro-step's need, bucketed)."""
-  from foremoe_jax.executor import PLAIN, Executor
+  from foremoe_jax.executor import Executor
+  from foremoe_jax.step_programs import PLAIN
   from foremoe_jax.step_tables import prepare_step
   from foremoe_jax.planner import CostModel, PlanConfig, plan_step
   m = cfg.model
@@ -202,16 +203,16 @@ def lower_program(executor, step, batch, name: str):
   num = step.num_micro_steps
   m = {"first": 0, "micro": 1, "last": num - 1, "forward": 1}[name]
   tables, kw = executor._micro_args(step, m, None)
-  base, working, acc = ((), (), ()) if kw["first"] else executor._state(kw["layout"], step.held_rows)
+  base, working, acc = ((), (), ()) if kw["first"] else executor.programs.state(kw["layout"], step.held_rows)
   reads_held = not kw["first"] and (kw["filled"] or kw["flushed"])
   params, opt_state = executor.abstract_state
   if name == "forward":
     forward_tables, kw = executor.forward_args(tables, kw)
     args = (params, base, working, batch, *forward_tables)
-    return executor._forward.lower(*args, **kw), args, False
+    return executor.programs.forward.lower(*args, **kw), args, False
   last = name == "last"
   args = (params, *((opt_state,) if last else ()), base, working, acc, batch, *tables)
-  return (executor._last if last else executor._micro).lower(*args, **kw), args, reads_held
+  return (executor.programs.last if last else executor.programs.micro).lower(*args, **kw), args, reads_held
 
 
 def compiled_program(executor, step, batch, name: str, state_bytes: dict) -> dict:
@@ -254,7 +255,7 @@ def measure(cfg, ep: int, rows: int, seq_len: int, programs, skew: float, micro_
   loss = functools.partial(grpo_objective, clip_eps=cfg.rl.clip_eps, kl_coef=0.0)
   executor = abstract_executor(cfg.model, mesh, rl_optimizer(cfg.rl.lr, cfg.rl.adam_dtype), loss)
   batch = abstract_batch(cfg.model, mesh, rows, seq_len)
-  base, working, acc = executor._state(executor.layout(step), step.held_rows)
+  base, working, acc = executor.programs.state(executor.layout(step), step.held_rows)
   params, opt_state = executor.abstract_state
   state_bytes = {"weights": shard_bytes(params), "adam": shard_bytes(opt_state),
                  "acc": shard_bytes(acc), "slots": shard_bytes((base, working)), "batch": shard_bytes(batch),

@@ -94,13 +94,13 @@ def main(argv=None):
                  **profiles.get(policy, {})})
   result = {"config": args.config, "overrides": args.set, "routes": routes_note, "devices": jax.device_count(),
             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "repeats": args.repeats,
-            "capacities_compiled": len(trainer.capacities), "rows": rows, "date": time.strftime("%Y-%m-%d")}
+            "capacities_compiled": len(trainer.ahead.capacities), "rows": rows, "date": time.strftime("%Y-%m-%d")}
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
   print(f"\nRL step, {args.config}, {result['devices']} x {result['device_kind']}, jax {jax.__version__}, "
         f"median of {args.repeats}, {rows[0]['micro_steps']} micro-steps, "
-        f"{len(trainer.capacities)} padded capacities compiled, routes: {routes_note}")
+        f"{len(trainer.ahead.capacities)} padded capacities compiled, routes: {routes_note}")
   print(f"{'policy':<14}{'imbalance':>10}{'capacity':>10}{'planner ms':>12}{'rollout s':>11}{'plan wait s':>13}"
         f"{'recompute s':>13}{'update s':>10}{'total s':>9}")
   for r in rows:

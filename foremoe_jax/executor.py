@@ -32,6 +32,8 @@ empty tables moving nothing, so the only programs a run meets are per position a
 Each micro-step's padded all_to_all is sized to that micro-step's exact need, bucketed:
 the routes are known before the step runs, so a balanced micro-step ships fewer rows; each bucket a
 micro-step meets compiles its program once (jit's cache), a handful over a run.
+The programs are traced in `step_programs.py` (`executor.programs`); this module runs them: which program
+each micro-step runs with which tables, the host loop, and their compiling ahead (`precompile`).
 """
 import concurrent.futures
 import time
@@ -41,21 +43,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from foremoe_jax import contracts
-from foremoe_jax.opt_state import init_sharded, state_shardings
+from foremoe_jax.opt_state import init_sharded
+from foremoe_jax.step_programs import PLAIN, LossFn, StepPrograms
 from foremoe_jax.step_tables import StepTables
-from foremoe_jax.transfer import (apply_moves, apply_moves_transpose, check_exchange, flush_rows, hold_rows,
-                                  home_to_base, home_to_base_transpose, pad_home)
-from foremoe_jax.trees import abstract, accumulators, accumulators_abstract, add, constrain, index
-
-# loss_fn(model, batch, *, tables, working, capacity) -> (scalar loss, metrics dict)
-LossFn = Callable[..., tuple[jax.Array, dict]]
-
-# Executor.layout of a step whose base is home everywhere and never left: the plain step's programs.
-PLAIN = (True, False)
+from foremoe_jax.transfer import check_exchange
+from foremoe_jax.trees import accumulators
 
 
 class Executor:
@@ -82,193 +76,23 @@ class Executor:
                exchange: str = "all_to_all", fused: bool = True):
     check_exchange(exchange)
     contracts.check_model(model)
-    self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
-    self.tx, self.loss_fn, self.mesh, self.prefetch, self.exchange = tx, loss_fn, mesh, prefetch, exchange
-    self.fused = fused
-    layer = model.moe_layers()[0]
-    self.slots_per_device, self.home_rows = layer.slots, layer.cfg.num_experts // layer.num_devices
-    self.num_slots, self.num_devices = layer.slots * layer.num_devices, layer.num_devices
-    self._is_expert = contracts.expert_weight_filter(model)
-    params = abstract(params)
-    opt_abstract = jax.eval_shape(tx.init, params)
-    opt_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract,
-                                state_shardings(opt_abstract, params, mesh))
-    self.abstract_state = (params, opt_abstract)  # (params, opt_state) as `init` makes them: shapes, shardings
-    self._slots_abstract = [tuple(jax.ShapeDtypeStruct((self.num_slots, *w.shape[1:]), w.dtype, sharding=w.sharding)
-                                  for w in h) for h in contracts.layer_abstract(model)]
-    micro_static = ("capacity", "refill", "filled", "direct", "flushed", "first", "layout")
-    self._begin = jax.jit(self._begin_fn, static_argnames="layout")
-    self._micro = jax.jit(self._micro_fn, static_argnames=micro_static, donate_argnames=("working", "acc"))
-    self._forward = jax.jit(self._forward_fn, static_argnames=("capacity", "refill", "first", "layout"),
-                            donate_argnames="working")
-    # The update hands back parameters and optimizer state sharded as it got them: left to XLA, a leaf
-    # could come back sharded otherwise, and the next step's update would compile a second program.
-    shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
-    replicated = NamedSharding(mesh, P())
-    self._finish = jax.jit(self._finish_fn, static_argnames="layout", donate_argnums=(0, 1, 2),
-                           out_shardings=(*shardings, replicated))
-    # The last micro-step's program updates too: parameters and optimizer state are handed over to it
-    # (the loss and metrics come out replicated, as `finish`'s norm).
-    self._last = jax.jit(self._last_fn, static_argnames=micro_static,
-                         donate_argnames=("params", "opt_state", "base", "working", "acc"),
-                         out_shardings=(*shardings, replicated, replicated, replicated))
-    self._home_grads = jax.jit(self._home_grads_fn)
+    self.programs = StepPrograms(model, tx, loss_fn, mesh, exchange)
+    self.tx, self.mesh, self.prefetch, self.fused = tx, mesh, prefetch, fused
+    self.abstract_state = self.programs.abstract_state  # (params, opt_state) as `init` makes them: shapes, shardings
     self._zeros = {}  # one zero-fill program per (tree structure, shardings)
 
   def init(self, model) -> tuple[Any, Any]:
     """(params, opt_state) of `model` (a model of this executor's graph): its parameters and a fresh
     optimizer state, each moment sharded as its parameter."""
     graphdef, params, _ = nnx.split(model, nnx.Param, ...)
-    if graphdef != self.graphdef:
+    if graphdef != self.programs.graphdef:
       raise ValueError("Executor.init: the model's graph differs from the one the executor was built for")
     return params, init_sharded(self.tx, params, self.mesh)
 
   def model(self, params):
     """The model with `params` (sharing their arrays): for rollout or evaluation."""
-    return nnx.merge(self.graphdef, params, self.rest)
+    return nnx.merge(self.programs.graphdef, params, self.programs.rest)
 
-  # --- traced pieces -------------------------------------------------------------------------------
-  def _split(self, params):
-    """(dense, experts): the parameters the loss is differentiated by, and the home expert weights."""
-    return params.split(nnx.Not(self._is_expert), ...)
-
-  def _pad(self, home_pair):
-    """A layer's home weights as its working slots in the home layout: the E/D home rows of each device,
-    then zero rows for slots beyond them (a local copy); the home arrays themselves when S = E/D."""
-    if self.slots_per_device == self.home_rows:
-      return home_pair
-    return pad_home(home_pair, self.mesh, self.slots_per_device)
-
-  def _to_base(self, home, base_moves):
-    return [home_to_base(h, index(base_moves, l), self.mesh, self.slots_per_device, self.exchange)
-            for l, h in enumerate(home)]
-
-  def _refill(self, base, working, moves, prefetch=False):
-    exchange = "ppermute_all" if prefetch and self.exchange == "ppermute" else self.exchange
-    return [apply_moves(b, w, index(moves, l), self.mesh, exchange) for l, (b, w) in enumerate(zip(base, working))]
-
-  def _begin_fn(self, params, base_moves, first_refill, *, layout):
-    """(base, first working slots). A base equal to home everywhere is the padded home weights (no
-    transfer); when no micro-step leaves the base, the slots are the base itself and base is ()."""
-    at_home, filled = layout
-    home = contracts.layer_weights(nnx.merge(self.graphdef, params, self.rest))
-    base = [self._pad(h) for h in home] if at_home else self._to_base(home, base_moves)
-    return (base, self._refill(base, base, first_refill)) if filled else ((), base)
-
-  def _loss(self, dense, experts, working, batch, tables, capacity):
-    model = nnx.merge(self.graphdef, dense, experts, self.rest)
-    return self.loss_fn(model, batch, tables=tables, working=working, capacity=capacity)
-
-  def _plain_loss(self, params, batch, tables, capacity):
-    """The loss differentiated by the home weights themselves: the step of a base that is home everywhere
-    and never left (`PLAIN`). Gradients land in the home layout, nothing moves."""
-    model = nnx.merge(self.graphdef, params, self.rest)
-    working = [self._pad(h) for h in contracts.layer_weights(model)]
-    return self.loss_fn(model, batch, tables=tables, working=working, capacity=capacity)
-
-  def _around_refill(self, base, working, refill_moves, refill, compute):
-    """compute(working) with the refill: "before" (this micro-step's changed slots first), "after" (the
-    next micro-step's, independent of this compute: the prefetch) or None. Returns (out, working)."""
-    if refill == "before":
-      working = self._refill(base, working, refill_moves)
-    out = compute(working)
-    if refill == "after":
-      working = self._refill(base, working, refill_moves, prefetch=True)
-    return out, working
-
-  def _state(self, layout, held_rows: int):
-    """Abstract (base, working, acc) that a micro-step's program hands the next one, for `layout` and
-    `held_rows` (H) rows of `held` per device."""
-    if layout == PLAIN:
-      return (), (), accumulators_abstract(self.abstract_state[0])
-    slots = self._slots_abstract
-    dense = self._split(self.abstract_state[0])[0]
-    # The fill's slots' gradients, waiting for their tenure's end: H rows per device, sharded as the slots.
-    held = [tuple(jax.ShapeDtypeStruct((held_rows * self.num_devices, *w.shape[1:]), w.dtype, sharding=w.sharding)
-                  for w in pair) for pair in slots] if layout[1] else ()
-    return (slots if layout[1] else ()), slots, accumulators_abstract((dense, slots, held))
-
-  def _grads(self, params, base, working, acc, batch, tables, hold, direct_moves, flush, refill_moves, base_moves,
-             first_refill, *, capacity, refill, filled, direct, flushed, first, layout):
-    """One micro-step's gradients added to acc = (dense, base layout, held); `first`: the step's first
-    program, which also builds the base and the first working slots (`_begin_fn`) and starts acc.
-    filled: some slot's gradient waits in `held` (a tenure of two micro-steps or more): `hold` names
-    those slots and their held rows (its K is H); direct: some tenure lasts this micro-step only
-    (`direct_moves`, its fill moves): its gradient goes straight back to its base row, in the weights'
-    dtype (half a float32 sum's bytes for bf16 weights); flushed: some held tenures end here (`flush`):
-    their held rows go back to their base rows and are zeroed. Neither: the slots' gradients are the base's.
-    Returns (acc, base, working, loss, metrics): base is () but in the first program."""
-    state = self._state(layout, hold.held_DxK.shape[-1])
-    if layout == PLAIN:
-      (loss, metrics), grads = jax.value_and_grad(self._plain_loss, has_aux=True)(params, batch, tables, capacity)
-      return constrain(add(accumulators(grads) if first else acc, grads), state[2]), (), (), loss, metrics
-    if first:
-      base, working = self._begin_fn(params, base_moves, first_refill, layout=layout)
-
-    def compute(working):
-      grad_fn = jax.value_and_grad(self._loss, argnums=(0, 2), has_aux=True)
-      (loss, metrics), (grad_dense, grad_slots) = grad_fn(*self._split(params), working, batch, tables, capacity)
-      held_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state[2][2])
-      dense, grad_base, held = (*accumulators((grad_dense, grad_slots)), held_zeros) if first else acc
-      # Layer by layer (each waits only for its own gradients, so XLA may overlap its flush with the
-      # backward of the layers before it): the fill's slots' gradients wait in `held` or (one-micro-step
-      # tenures) go back at once, the rest are the base rows' own; the held tenures that end here go
-      # back to their base rows. Held rows leave `g` first: a direct return may add to a base row whose
-      # slot the fill overwrote with a held replica.
-      grad_base, held = list(grad_base), (list(held) if layout[1] else ())
-      for l, g in enumerate(grad_slots):
-        if filled:
-          g, held[l] = hold_rows(g, held[l], index(hold, l), self.mesh)
-        if direct:
-          g = apply_moves_transpose(g, None, index(direct_moves, l), self.mesh, self.exchange)
-        grad_base[l] = add(grad_base[l], g)
-        if flushed:
-          grad_base[l], held[l] = flush_rows(held[l], grad_base[l], index(flush, l), self.mesh, self.exchange)
-      return constrain((add(dense, grad_dense), grad_base, held), state[2]), loss, metrics
-
-    (acc, loss, metrics), working = self._around_refill(base, working, refill_moves, refill, compute)
-    # The base goes out of the program that built it only: returning an input would copy it.
-    return acc, (constrain(base, state[0]) if first else ()), constrain(working, state[1]), loss, metrics
-
-  def _micro_fn(self, params, base, working, acc, batch, *tables, **static):
-    return self._grads(params, base, working, acc, batch, *tables, **static)
-
-  def _last_fn(self, params, opt_state, base, working, acc, batch, *tables, layout, **static):
-    """The last micro-step and the update in one program: its flush sends every tenure left home to the
-    base, the base gradients go home, and the optimizer runs, while XLA still schedules this micro-step's
-    backward. Returns (params, opt_state, grad_norm, loss, metrics)."""
-    acc, _, _, loss, metrics = self._grads(params, base, working, acc, batch, *tables, layout=layout, **static)
-    return *self._finish_fn(params, opt_state, acc, tables[-2], layout=layout), loss, metrics
-
-  def _forward_fn(self, params, base, working, batch, tables, refill_moves, base_moves, first_refill, *,
-                  capacity, refill, first, layout):
-    """(loss, metrics), base (built here when `first`, else ()), working."""
-    if layout == PLAIN:
-      return self._plain_loss(params, batch, tables, capacity), (), ()
-    if first:
-      base, working = self._begin_fn(params, base_moves, first_refill, layout=layout)
-    out, working = self._around_refill(base, working, refill_moves, refill,
-                                       lambda working: self._loss(*self._split(params), working, batch, tables,
-                                                                  capacity))
-    return out, (base if first else ()), working
-
-  def _home_grads_fn(self, params, acc, base_moves):
-    """Accumulated (dense, base[, held: zeros after the last flush]) gradients -> gradients of the
-    home-layout parameters (float32)."""
-    grad_dense, grad_base = acc[:2]
-    grad_home = [home_to_base_transpose(g, index(base_moves, l), self.mesh, self.home_rows, self.exchange)
-                 for l, g in enumerate(grad_base)]
-    # merge shares Variables with its states: a copy of the experts' keeps set_layer_weights off `params`
-    grad_model = nnx.merge(self.graphdef, grad_dense, jax.tree.map(lambda w: w, self._split(params)[1]), self.rest)
-    contracts.set_layer_weights(grad_model, grad_home)
-    return nnx.state(grad_model, nnx.Param)
-
-  def _finish_fn(self, params, opt_state, acc, base_moves, *, layout):
-    grads = acc if layout == PLAIN else self._home_grads_fn(params, acc, base_moves)
-    updates, opt_state = self.tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
-
-  # --- host loop -----------------------------------------------------------------------------------
   @staticmethod
   def layout(step: StepTables) -> tuple[bool, bool]:
     """(base is home in every layer, some micro-step leaves the base): which programs a step runs; fixed
@@ -287,9 +111,9 @@ class Executor:
     return ("after" if prefetch else "before"), step.refill_moves_M[target]
 
   def _micro_args(self, step: StepTables, m: int, prefetch: bool | None):
-    """(tables, static keywords) of micro-step m's program: `_micro_fn` after its (params, base, working,
-    acc, batch); `_forward_fn` takes them as `forward_args` leaves them. With fixed sizes a micro-step
-    holds, returns and flushes wherever its layout leaves the base: no per-plan variants."""
+    """(tables, static keywords) of micro-step m's program: `StepPrograms.micro` takes them after its
+    (params, base, working, acc, batch); `StepPrograms.forward` as `forward_args` leaves them. With fixed
+    sizes a micro-step holds, returns and flushes wherever its layout leaves the base: no per-plan variants."""
     refill, moves = self._schedule(step, m, prefetch)
     tables = (step.tables_M[m], step.hold_tables_M[m], step.direct_moves_M[m], step.flush_moves_M[m], moves,
               step.base_moves, step.refill_moves_M[0])
@@ -300,7 +124,7 @@ class Executor:
 
   @staticmethod
   def forward_args(tables, kw):
-    """`_micro_args`' (tables, static keywords) as `_forward_fn` takes them: without the gradients' own
+    """`_micro_args`' (tables, static keywords) as `StepPrograms.forward` takes them: without the gradients' own
     (hold, direct and flush tables, and their flags)."""
     return (tables[0], *tables[4:]), {k: v for k, v in kw.items() if k not in ("filled", "direct", "flushed")}
 
@@ -327,8 +151,8 @@ class Executor:
       return (), (), ()
     base, working = (), ()
     if layout != PLAIN:
-      base, working = self._begin(params, step.base_moves, step.refill_moves_M[0], layout=layout)
-    return base, working, self.zero_accumulators(self._state(layout, step.held_rows)[2])
+      base, working = self.programs.begin(params, step.base_moves, step.refill_moves_M[0], layout=layout)
+    return base, working, self.zero_accumulators(self.programs.state(layout, step.held_rows)[2])
 
   def accumulate(self, params, micro_batches: list[Any], step: StepTables, *, prefetch: bool | None = None,
                  stage_done: Callable[[str, Any], None] | None = None):
@@ -344,24 +168,24 @@ class Executor:
     """The step's micro-steps; given `opt_state`, the optimizer update too (in the last micro-step's
     program when fused). Returns (params, opt_state, acc, losses, metrics, grad_norm): acc is () and
     (params, opt_state, grad_norm) the updated ones after an update."""
-    stage_done, update = stage_done or (lambda name, value: None), opt_state is not None
+    stage_done, update, programs = stage_done or (lambda name, value: None), opt_state is not None, self.programs
     base, working, acc = self._start(params, micro_batches, step)
     stage_done("begin", working)  # () when fused: the first micro-step's program builds them
     losses, metrics, grad_norm, last = [], [], None, step.num_micro_steps - 1
     for m, batch in enumerate(micro_batches):
       tables, kw = self._micro_args(step, m, prefetch)
       if update and self.fused and m == last:
-        params, opt_state, grad_norm, loss, met = self._last(params, opt_state, base, working, acc, batch, *tables,
-                                                             **kw)
+        params, opt_state, grad_norm, loss, met = programs.last(params, opt_state, base, working, acc, batch, *tables,
+                                                                **kw)
         acc = ()
       else:
-        acc, built, working, loss, met = self._micro(params, base, working, acc, batch, *tables, **kw)
+        acc, built, working, loss, met = programs.micro(params, base, working, acc, batch, *tables, **kw)
         base = built if kw["first"] else base
       stage_done("micro", acc)
       losses.append(loss)
       metrics.append(met)
     if update and not self.fused:
-      params, opt_state, grad_norm = self._finish(params, opt_state, acc, step.base_moves, layout=self.layout(step))
+      params, opt_state, grad_norm = programs.finish(params, opt_state, acc, step.base_moves, layout=self.layout(step))
       acc = ()
     if update:
       stage_done("finish", params)
@@ -379,14 +203,14 @@ class Executor:
       raise ValueError(f"precompile programs must be 'train' and/or 'forward', got {sorted(unknown)}")
     step, tic = step.place(self.mesh), time.perf_counter()
     layout, (params, opt_state) = self.layout(step), self.abstract_state
-    state = self._state(layout, step.held_rows)  # what one micro-step's program hands the next (constrained)
+    state = self.programs.state(layout, step.held_rows)  # what one micro-step's program hands the next (constrained)
     train, lowered, seen = "train" in programs, [], set()
     if not self.fused:
       if layout != PLAIN:
-        lowered.append(self._begin.lower(params, step.base_moves, step.refill_moves_M[0], layout=layout))
+        lowered.append(self.programs.begin.lower(params, step.base_moves, step.refill_moves_M[0], layout=layout))
       if train:
         lowered += [self._zeros_program(state[2]).lower(state[2]),
-                    self._finish.lower(params, opt_state, state[2], step.base_moves, layout=layout)]
+                    self.programs.finish.lower(params, opt_state, state[2], step.base_moves, layout=layout)]
     for m, batch in enumerate(micro_batches):
       tables, kw = self._micro_args(step, m, prefetch)
       base, working, acc = ((), (), ()) if kw["first"] else state
@@ -394,11 +218,11 @@ class Executor:
       forward_tables, forward_kw = self.forward_args(tables, kw)
       if "forward" in programs and ("forward", *forward_kw.values()) not in seen:
         seen.add(("forward", *forward_kw.values()))
-        lowered.append(self._forward.lower(params, base, working, batch, *forward_tables, **forward_kw))
+        lowered.append(self.programs.forward.lower(params, base, working, batch, *forward_tables, **forward_kw))
       if train and ("train", last, *kw.values()) not in seen:
         seen.add(("train", last, *kw.values()))
         args = (params, *((opt_state,) if last else ()), base, working, acc, batch, *tables)
-        lowered.append((self._last if last else self._micro).lower(*args, **kw))
+        lowered.append((self.programs.last if last else self.programs.micro).lower(*args, **kw))
     lower_s, tic = time.perf_counter() - tic, time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
       list(pool.map(lambda program: program.compile(), lowered))
@@ -423,7 +247,7 @@ class Executor:
     outs = []
     for m, batch in enumerate(micro_batches):
       tables, kw = self.forward_args(*self._micro_args(step, m, prefetch))
-      out, built, working = self._forward(params, base, working, batch, *tables, **kw)
+      out, built, working = self.programs.forward(params, base, working, batch, *tables, **kw)
       base = built if kw["first"] else base
       outs.append(out)
     return outs
@@ -432,4 +256,4 @@ class Executor:
     """The step's accumulated gradients of the home-layout parameters, without an update."""
     step = step.place(self.mesh)
     acc = self._accumulate(params, None, micro_batches, step, prefetch, None)[2]
-    return acc if self.layout(step) == PLAIN else self._home_grads(params, acc, step.base_moves)
+    return acc if self.layout(step) == PLAIN else self.programs.home_grads(params, acc, step.base_moves)

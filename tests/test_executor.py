@@ -12,8 +12,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from foremoe_jax import MoEConfig
-from foremoe_jax import executor as executor_module
-from foremoe_jax.executor import PLAIN, Executor
+from foremoe_jax import step_programs
+from foremoe_jax.executor import Executor
+from foremoe_jax.step_programs import PLAIN
 from foremoe_jax.step_tables import prepare_step, table_sizes
 from foremoe_jax.moe_stack import MoEStack
 from foremoe_jax.trees import accumulators
@@ -166,11 +167,11 @@ def test_table_sizes_hold_every_plan_of_their_policy():
 
 
 def count_calls(monkeypatch, *names):
-  """Replaces the executor's transfer functions `names` by counting wrappers; returns the calls' names."""
+  """Replaces the step programs' transfer functions `names` by counting wrappers; returns the calls' names."""
   calls = []
   for name in names:
-    fn = getattr(executor_module, name)
-    monkeypatch.setattr(executor_module, name,
+    fn = getattr(step_programs, name)
+    monkeypatch.setattr(step_programs, name,
                         lambda *a, _fn=fn, _name=name, **k: (calls.append(_name), _fn(*a, **k))[1])
   return calls
 
@@ -333,8 +334,8 @@ def test_a_step_at_home_is_the_plain_step(step_inputs, monkeypatch):
     return loss_fn(model, batch, tables=tables, working=working, capacity=64)
 
   tables, kw = executor._micro_args(step, 1, None)
-  acc = executor._state(PLAIN, step.held_rows)[2]
-  program = executor._micro.lower(params, (), (), acc, batches[1], *tables, **kw)
+  acc = executor.programs.state(PLAIN, step.held_rows)[2]
+  program = executor.programs.micro.lower(params, (), (), acc, batches[1], *tables, **kw)
   plain_grad = jax.jit(jax.value_and_grad(plain_loss, has_aux=True))
   want_ops = collectives(plain_grad.lower(params, batches[1], step.tables_M[1]).as_text())
   assert want_ops["all_to_all"] > 0 and collectives(program.as_text()) == want_ops

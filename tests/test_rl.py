@@ -176,7 +176,7 @@ def test_recompute_layouts_give_the_same_step(tmp_path):
     records.append(trainer.step(0))
     params.append(jax.tree.map(np.asarray, trainer.params))
   assert [r["recompute_at_home"] for r in records] == [2, 0, 2, 0]
-  assert len(trainer.home) == 1  # both mini-batches have as many micro-steps
+  assert len(trainer.run_tables.home) == 1  # both mini-batches have as many micro-steps
   assert records[0]["new_capacities"] and all(r["new_capacities"] == [] for r in records[1:])  # compiled once
   assert "compiled for new padded capacities" in format_record(0, records[0], "foremoe")
   for record, p in zip(records[1:], params[1:]):
@@ -211,13 +211,13 @@ def test_home_tables_are_cached_and_equal_fresh_ones(tmp_path):
   static = dataclasses.replace(trainer.plan_cfg, policy="static")
   for scale in (1, 40, 3):
     counts = rng.integers(0, scale + 1, size=(2, 2, 8, 16)) * (rng.random((2, 2, 8, 16)) < 0.7)
-    want = prepare_step(timed_plan(counts, static, None)[0], counts, 16, sizes=trainer.sizes)
-    got = trainer.home_tables(counts)
+    want = prepare_step(timed_plan(counts, static, None)[0], counts, 16, sizes=trainer.run_tables.sizes)
+    got = trainer.run_tables.home_tables(counts)
     assert got.capacity_M == want.capacity_M and got.moved_slots == want.moved_slots == 0
     for a, b in zip(jax.tree.leaves((want.tables_M, want.base_moves, want.fill_moves_M, want.refill_moves_M)),
                     jax.tree.leaves((got.tables_M, got.base_moves, got.fill_moves_M, got.refill_moves_M))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert list(trainer.home) == [2]
+  assert list(trainer.run_tables.home) == [2]
 
 
 def test_the_record_carries_speed_and_the_running_policy_report(tmp_path):
@@ -261,14 +261,14 @@ def test_the_trainer_compiles_each_group_ahead_once_and_names_new_capacities(tmp
     return {"programs": 2, "lower_s": 1.0, "compile_s": 2.0}
 
   trainer.executor.precompile = precompile
-  four, two = (trainer.home_tables(np.zeros((m, 2, 8, 16), np.int64)) for m in (4, 2))
+  four, two = (trainer.run_tables.home_tables(np.zeros((m, 2, 8, 16), np.int64)) for m in (4, 2))
   batches = [{"mask": jax.device_put(jnp.zeros((16, 3)), batch_sharding(trainer.mesh))}] * 4
   groups = ((four, (16, 32, 48, 32), ("forward", "train")), (two, (16, 32), ("train",)),
             (four, (16, 32, 48, 32), ("forward",)))
   for workers in (4, 0):
     trainer.rl = dataclasses.replace(trainer.rl, compile_workers=workers)
-    trainer.capacities, met = {16}, [48]
-    with caplog.at_level("INFO", logger="foremoe_jax.rl.trainer"):
+    trainer.ahead.capacities, met = {16}, [48]
+    with caplog.at_level("INFO", logger="foremoe_jax.rl.compile_ahead"):
       for tables, capacity_M, programs in groups:
         trainer.compile_ahead(3, batches[:len(capacity_M)], dataclasses.replace(tables, capacity_M=capacity_M),
                               programs, met)

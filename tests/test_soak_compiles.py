@@ -35,21 +35,21 @@ def test_base_rows_pad_the_base_less_and_grow_to_a_plan_that_needs_more(tmp_path
   """rl.base_rows=0 sizes the base transfer for any base (S rows per device pair); a smaller value is
   raised, for the rest of the run, to the first base that needs more."""
   slots = configs.get_config("cpu_tiny").model.moe.slots_per_device
-  assert make_trainer(tmp_path, SETTINGS).sizes.base == slots
+  assert make_trainer(tmp_path, SETTINGS).run_tables.sizes.base == slots
   trainer = make_trainer(tmp_path, [*SETTINGS, "rl.base_rows=1"])
-  assert trainer.sizes.base == 1
+  assert trainer.run_tables.sizes.base == 1
   home = np.array([[2 * d, 2 * d + 1, -1] for d in range(8)])
   base = home.copy()
   base[1, :2] = base[0, :2]  # device 0's two experts on device 1: two rows from 0 to 1
-  trainer.home = {2: "stale"}
-  trainer.fit_base(0, types.SimpleNamespace(base=np.stack([home, base])))
-  assert trainer.sizes.base == 2 and not trainer.home
-  trainer.fit_base(1, types.SimpleNamespace(base=np.stack([home, home])))
-  assert trainer.sizes.base == 2
+  trainer.run_tables.home = {2: "stale"}
+  trainer.run_tables.fit_base(0, types.SimpleNamespace(base=np.stack([home, base])))
+  assert trainer.run_tables.sizes.base == 2 and not trainer.run_tables.home
+  trainer.run_tables.fit_base(1, types.SimpleNamespace(base=np.stack([home, home])))
+  assert trainer.run_tables.sizes.base == 2
   # rl.table_sizes="plan" (the GPU presets'): each plan sizes its own tables, so nothing is fixed or raised
   trainer = make_trainer(tmp_path, [*SETTINGS, "rl.table_sizes=plan"])
-  trainer.fit_base(0, types.SimpleNamespace(base=np.stack([home, base])))
-  assert trainer.sizes is None
+  trainer.run_tables.fit_base(0, types.SimpleNamespace(base=np.stack([home, base])))
+  assert trainer.run_tables.sizes is None
 
 
 def test_a_grpo_run_compiles_nothing_after_its_first_step(tmp_path):

@@ -18,7 +18,6 @@ Per RL step (`GRPOTrainer.step`, one method per stage):
 import contextlib
 import dataclasses
 import functools
-import logging
 import os
 import time
 import weakref
@@ -33,20 +32,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from foremoe_jax import backends, distributed, trees
 from foremoe_jax.checkpoint import Checkpointer
 from foremoe_jax.executor import Executor
-from foremoe_jax.step_tables import base_pair_need, capacity_power_of_two, pair_need, prepare_step, table_sizes
 from foremoe_jax.load_monitor import expert_tokens, load_record
 from foremoe_jax.mesh import batch_shards
-from foremoe_jax.planner import CostModel, PlanConfig, plan_step
-from foremoe_jax.planner.pairs import micro_capacities
+from foremoe_jax.planner import CostModel, PlanConfig
 from foremoe_jax.rl.grpo import chunked_token_logprobs, group_advantages, grpo_loss
 from foremoe_jax.rl import host_batches
+from foremoe_jax.rl.compile_ahead import CompileAhead
 from foremoe_jax.rl.optim import rl_optimizer
 from foremoe_jax.rl.planning import Planner, minibatches, timed_plan
 from foremoe_jax.rl.report import STAGES, format_record, home_device_load, imbalance_report, policy_loads, throughput
+from foremoe_jax.rl.run_tables import RunTables
 from foremoe_jax.rl.rollout import local_prompts, local_rollout, local_rows, response_rows, summarize_lengths
 from foremoe_jax.rl.task import sample_rows
 
-log = logging.getLogger(__name__)
 __all__ = ["GRPOTrainer", "format_record", "grpo_objective"]
 
 
@@ -87,17 +85,6 @@ class StepWork:
     self.tables, self.plan_loads, self.digests = [None] * n, [None] * n, [None] * n
 
 
-def _key(tables, batches) -> tuple:
-  """What decides the programs a group runs (jit's cache keys, with the program): its capacities and
-  layout (tables with fixed `TableSizes` run every micro-step's full program) and the arguments'
-  structure, shapes, dtypes and shardings."""
-  leaves, treedef = jax.tree.flatten((batches, tables.tables_M, tables.base_moves, tables.fill_moves_M,
-                                      tables.refill_moves_M, tables.hold_tables_M, tables.direct_moves_M,
-                                      tables.flush_moves_M))
-  return (tables.capacity_M, Executor.layout(tables), treedef,
-          tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
-
-
 class GRPOTrainer:
   """Owns the policy's state (`params`, `opt_state`; `reference_params`, the frozen KL reference) and runs
   RL steps through the executor, which holds none: each update hands the state in and takes the new one."""
@@ -117,24 +104,21 @@ class GRPOTrainer:
     self.plan_cfg = PlanConfig(num_experts=cfg.model.moe.num_experts, num_devices=moe.num_devices,
                                slots_per_device=moe.slots, policy=self.rl.policy, cost=cost,
                                capacity_buckets=self.rl.capacity_buckets)
-    # One table shape and layout for the whole run (the planner's bounds): no plan compiles new programs.
-    self.sizes = table_sizes(self.plan_cfg, self.rl.base_rows) if self.rl.table_sizes == "fixed" else None
+    self.run_tables = RunTables(self.plan_cfg, mesh, base_rows=self.rl.base_rows, fixed=self.rl.table_sizes == "fixed")
     self.planner = Planner(self.rl.plan_in_process)  # a process starts now: its imports are paid early
     weakref.finalize(self, self.planner.close)
     self.prompts = task.load_prompts(self.rl.prompt_file) if self.rl.prompt_file else None
     objective = functools.partial(grpo_objective, clip_eps=self.rl.clip_eps, kl_coef=self.rl.kl_coef)
     tx = rl_optimizer(self.rl.lr, self.rl.adam_dtype)
     self.executor = Executor(model, tx, objective, mesh)
+    self.ahead = CompileAhead(self.executor)
     self.params, self.opt_state = self.executor.init(model)
     # A frozen copy: the policy's update donates its parameter buffers.
     self.reference_params = trees.copy(self.params) if self.rl.kl_coef > 0 else None
     self.ckpt = Checkpointer(os.path.join(run_dir, "rl_ckpt"))
     self.history = None
     self.route_hook = None  # fn(Rollout of rows `rows` of num_rows, rows, num_rows) -> Rollout: trace routes
-    self.capacities = set()  # the padded capacities met so far: each compiled its programs once
-    self.compiled = set()  # (program, _key) of the groups compile_ahead compiled so far
     self.forwards = set()  # (first micro-step, padded capacity) of every forward program run so far
-    self.home = {}  # micro-steps -> (home plan, its placed StepTables)
     self.zeros = {}  # (shape, sharding) -> the recompute's log-prob placeholder
 
   # --- checkpoints ---------------------------------------------------------------------------------
@@ -252,7 +236,7 @@ class GRPOTrainer:
     programs compile anyway, for the update, and planning takes less than a compile) or at home.
     -> (tables, the programs to compile ahead for them)."""
     layout = self.rl.recompute_layout
-    home = None if layout == "plan" else self.home_tables(work.counts[i])
+    home = None if layout == "plan" else self.run_tables.home_tables(work.counts[i])
     # A plan's readiness differs between processes, their programs must not: voted.
     if layout == "plan" or (layout == "ready" and (
         not self.forwards.issuperset((m == 0, c) for m, c in enumerate(home.capacity_M))
@@ -286,45 +270,9 @@ class GRPOTrainer:
       # silently mix placements, so compare hashes (one tiny all-gather) and fail loudly.
       work.digests[i] = distributed.check_same_across_processes(
           (plan.slot_expert, plan.slot_share, plan.base), f"rl step {step}: the plan of mini-batch {i}")
-      self.fit_base(step, plan)
-      home_plan, _ = self.home_layout(work.counts[i])
-      at_home = all(np.array_equal(getattr(plan, f), getattr(home_plan, f)) for f in ("slot_expert", "slot_share",
-                                                                                      "base"))
-      work.tables[i] = (self.home_tables(work.counts[i]) if at_home else
-                        prepare_step(plan, work.counts[i], self.plan_cfg.num_experts, sizes=self.sizes,
-                                     mesh=self.mesh))
+      work.tables[i] = self.run_tables.for_plan(step, plan, work.counts[i])
       work.planner_s += plan_s + time.perf_counter() - prepare
     return work.tables[i]
-
-  def fit_base(self, step: int, plan) -> None:
-    """Raises the run's base rows (`rl.base_rows`) to a plan's need (a power of two) where it needs more;
-    the home tables are remade at the new size."""
-    need = base_pair_need(plan, self.plan_cfg.num_experts)
-    if self.sizes is not None and need > self.sizes.base:
-      rows = min(self.plan_cfg.slots_per_device, capacity_power_of_two(need))
-      log.warning("rl step %d: a base needs %d rows per device pair, rl.base_rows allows %d: %d from now on (its "
-                  "programs compile)", step, need, self.sizes.base, rows)
-      self.sizes, self.home = self.sizes._replace(base=rows), {}
-
-  def home_layout(self, counts_MxLxDxE):
-    """(home plan, its placed StepTables) for this many micro-steps, made once: neither depends on the
-    counts but through the padded capacities, which `home_tables` sets. The tables have the run's sizes
-    and layout, so a home recompute runs the programs of the plans' (empty moves)."""
-    num_micro = counts_MxLxDxE.shape[0]
-    if num_micro not in self.home:
-      cfg = dataclasses.replace(self.plan_cfg, policy="static")
-      plan = plan_step(counts_MxLxDxE, cfg)
-      self.home[num_micro] = plan, prepare_step(plan, counts_MxLxDxE, cfg.num_experts, sizes=self.sizes,
-                                                mesh=self.mesh)
-    return self.home[num_micro]
-
-  def home_tables(self, counts_MxLxDxE):
-    """StepTables of the home layout (the static policy's) for these counts: the cached tables with the
-    counts' padded capacities."""
-    plan, tables = self.home_layout(counts_MxLxDxE)
-    need_MxL = pair_need(plan, counts_MxLxDxE)
-    capacity_M = tuple(int(c) for c in micro_capacities(need_MxL, self.plan_cfg.capacity_buckets))
-    return dataclasses.replace(tables, capacity_M=capacity_M)
 
   def step_loads(self, work: StepWork) -> dict[str, np.ndarray]:
     """policy -> device load [M, L, D] of the step: every policy's (rl.report_policies), else the running
@@ -338,8 +286,7 @@ class GRPOTrainer:
     rl, per_row = self.rl, work.per_row
     expert_LxE = distributed.gather_over_processes([work.experts.result()])[0].sum(0)  # every process's rows
     capacity_M = [c for tables in work.tables for c in tables.capacity_M]
-    new_capacities = sorted(set(work.compiled) - self.capacities)  # their programs compiled in this step
-    self.capacities.update(work.compiled)
+    new_capacities = self.ahead.end_step(work.compiled)
     return {"step": step, "reward": float(per_row["reward"].mean()),
             "kl": float(np.mean([u["metrics"]["approx_kl"].sum() for u in updates])),
             "loss": float(np.mean([u["loss"] for u in updates])),
@@ -349,7 +296,7 @@ class GRPOTrainer:
             "recompute_at_home": work.at_home, "real_token_share": work.inputs.real_token_share,
             **imbalance_report(loads),
             "dropped": int(sum(u["metrics"]["dropped"].sum() for u in updates)),
-            "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.capacities),
+            "capacity_mean": float(np.mean(capacity_M)), "capacities_compiled": len(self.ahead.capacities),
             "new_capacities": new_capacities,
             "load": load_record(expert_LxE, {p: x.sum(1) for p, x in loads.items()}),
             "response_length": summarize_lengths(per_row["new_tokens"], per_row["clipped"]),
@@ -361,35 +308,11 @@ class GRPOTrainer:
     return host_batches.device_batch(batch, self.mesh)
 
   def compile_ahead(self, step: int, micro_batches: list[dict], tables, programs, met_this_step: list) -> None:
-    """The programs a stage will run for `tables` compile before it, `rl.compile_workers` at a time
-    (`Executor.precompile`), instead of one by one inside the stage: each recompute or update program of
-    a new padded capacity takes tens of seconds for a large model on a GPU. A known capacity can still
-    meet a new variant (another micro-step count), so every group is checked, by what decides its programs (`_key`):
-    a group seen before is skipped, since precompiling known programs still lowers them (~15 ms a group
-    on the CI box, on the dispatch thread). New capacities are named before the wait."""
-    new = sorted(set(tables.capacity_M) - self.capacities - set(met_this_step))
-    met_this_step += tables.capacity_M
-    if new:
-      log.info("step %d: compiling %s programs for new padded capacities %s", step, "/".join(programs), new)
-    if not self.rl.compile_workers:
-      return  # each compiles when first called
+    """A stage's programs for `tables` compile before it (`CompileAhead`), for the batches it will pass:
+    with their log-prob entries, abstract."""
     abstract = self.with_logprob_slots(
         micro_batches, lambda mask: jax.ShapeDtypeStruct(mask.shape, jnp.float32, sharding=mask.sharding))
-    # A new capacity compiles at every micro-step position at once (first, middle, last): a later group
-    # of known capacities in another order then meets compiled programs only.
-    groups = [tables, *(dataclasses.replace(tables, capacity_M=(c,) * len(tables.capacity_M)) for c in new)]
-    report = dict(programs=0, lower_s=0.0, compile_s=0.0)
-    for group in groups:
-      key = _key(group, abstract)
-      todo = tuple(p for p in programs if (p, key) not in self.compiled)
-      if todo:
-        self.compiled.update((p, key) for p in todo)
-        # The reference's forward runs the policy's programs (same executor, same shapes): compiled here too.
-        done = self.executor.precompile(abstract, group, programs=todo, workers=self.rl.compile_workers)
-        report = {k: report[k] + done[k] for k in report}
-    if new:
-      log.info("step %d: %d programs ready: lowering %.1f s, then XLA in %d threads %.1f s", step,
-               report["programs"], report["lower_s"], self.rl.compile_workers, report["compile_s"])
+    self.ahead(step, abstract, tables, programs, met_this_step, workers=self.rl.compile_workers)
 
   def with_logprob_slots(self, micro_batches: list[dict], make) -> list[dict]:
     """Each micro-batch with its log-prob entries (old, and the reference's if any) made by make(mask):
