@@ -60,14 +60,20 @@ def test_gmm_values(backend, m, k, n, sizes):
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0)
 
 
-@pytest.mark.parametrize("split_m", [False, True])
-def test_warp_specialized_gmm_in_the_interpreter(split_m):
-  """The warp-specialized kernel (two compute warpgroups splitting the N tile or the rows, one TMA
-  loader) on boundary-straddling, empty and tail row tiles, against float64 numpy."""
+def _tuned_gmm_configs():
   from pallas_kernels import mosaic_gmm
-  m, k, n, sizes = 300, 64, 128, [70, 0, 130, 50]  # block 0: group 2's rows 70-127 miss warpgroup 0
+  return sorted({c for table in mosaic_gmm.TUNED_BY_CARD.values() for c in table.values()}, key=str)
+
+
+@pytest.mark.parametrize("cfg", _tuned_gmm_configs(),
+                         ids=lambda c: f"n{c.block_n}_split{int(c.split_m)}_snake{c.grid_block_n}_epi{c.epi_split}")
+def test_tuned_gmm_configs_in_the_interpreter(cfg):
+  """The warp-specialized kernel (two compute warpgroups splitting the N tile or the rows, one TMA loader)
+  in every tile a card's tuned table commits (tile order, epilogue chunks), on boundary-straddling, empty
+  and tail row tiles, against float64 numpy."""
+  from pallas_kernels import mosaic_gmm
+  m, k, n, sizes = 300, 128, 2 * cfg.cta_n, [70, 0, 130, 50]  # block 0: group 2's rows 70-127 miss row half 0
   lhs, rhs = rand(1, (m, k), jnp.bfloat16), rand(2, (len(sizes), k, n), jnp.bfloat16)
-  cfg = mosaic_gmm.GmmConfig(block_m=128, block_n=64, max_concurrent_steps=2, split_m=split_m)
   out = mosaic_gmm.gmm(lhs, rhs, jnp.array(sizes), config=cfg, interpret=pk_gmm._interpret_params())
   assert rel_err(out, gmm_np(lhs, rhs, sizes)) < 1e-2  # bf16 output rounding
   np.testing.assert_array_equal(np.asarray(out, np.float32)[sum(sizes):], 0)
