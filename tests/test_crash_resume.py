@@ -10,7 +10,10 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--sft-steps", "4", "--rl-steps", "3", "--set", "sft.ckpt_every=2", "--set", "sft.log_every=1",
+# One 32-wide layer: the four launches spend their time tracing and compiling, and what is checked (resume
+# from each checkpoint, every step once) does not depend on the model's size.
+TINY = ["--sft-steps", "4", "--rl-steps", "3", "--set", "model.d_model=32", "--set", "model.num_layers=1",
+        "--set", "sft.ckpt_every=2", "--set", "sft.log_every=1",
         "--set", "sft.batch_size=16", "--set", "sft.eval_prompts=8", "--set", "rl.prompts_per_step=8",
         "--set", "rl.group_size=2", "--set", "rl.num_minibatches=2", "--set", "rl.max_new_tokens=2",
         "--set", "rl.recompute_layout=home"]  # deterministic: "ready" depends on each run's timing

@@ -72,7 +72,9 @@ def test_overlap_benchmark_smoke_writes_rows_and_calibration(tmp_path):
   import subprocess
   import sys
   root = pathlib.Path(__file__).resolve().parents[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  # One device; the caller's other XLA flags (scripts/test.sh's -O0) kept.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=1"]))
   out, cal = tmp_path / "overlap.json", tmp_path / "cal.json"
   subprocess.run([sys.executable, str(root / "benchmarks" / "overlap.py"), "--smoke", "--out", str(out), "--calibrate",
                   "--calibrate-out", str(cal)], check=True, env=env, cwd=root, capture_output=True, timeout=300)

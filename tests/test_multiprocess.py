@@ -28,6 +28,11 @@ def _env(cache_dir) -> dict:
   # The resumed run reuses the first two-process run's programs: the compiles dominate this test.
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  # The caller's XLA flags but its device count (train.py and the launcher set each process's): -O0 from
+  # scripts/test.sh makes the five train.py processes' compiles cheaper.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+  if flags:
+    env["XLA_FLAGS"] = " ".join(flags)
   return env
 
 
