@@ -9,8 +9,4 @@ export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 # compile-bound test takes ~30% less CPU (HLO passes, fusion and buffer assignment are unchanged).
 if [[ "$JAX_PLATFORMS" == cpu ]]; then export XLA_FLAGS="$XLA_FLAGS --xla_backend_optimization_level=0"; fi
 ruff check --quiet "$(dirname "$0")/.."  # lint first: seconds, before minutes of tests
-# Two pytest-xdist workers on CPU: one process compiles on about one core, and CI has two. Workers share
-# the session's compilation cache (tests/conftest.py); `-n 0` after the script runs one process.
-workers=()
-if [[ "$JAX_PLATFORMS" == cpu ]]; then workers=(-n "${TEST_WORKERS:-2}" --dist worksteal); fi
-exec python3 -m pytest -q -x --durations=15 "${workers[@]}" "$@"
+exec python3 -m pytest -q -x --durations=15 "$@"

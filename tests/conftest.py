@@ -11,8 +11,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # One persistent compilation cache for the session, set before jax is imported so this process and every
 # train.py it starts (the environment is inherited) load a program another test already compiled instead
 # of compiling it again: tests rebuild the same models and steps under new jit objects. A cache dir set by
-# the caller is kept (and reused across sessions); the session's own is removed at the end. Under
-# pytest-xdist the controller makes it and the workers inherit it as the caller's: one cache, removed once.
+# the caller is kept (and reused across sessions); the session's own is removed at the end.
 _OWN_CACHE = None
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   _OWN_CACHE = tempfile.mkdtemp(prefix="foremoe_jax_cache_")
