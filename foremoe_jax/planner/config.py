@@ -200,11 +200,7 @@ class CostModel:
     """
     compute = max_load * self.token_compute_s
     short_xD, long_xD = (np.atleast_1d(a) for a in (short_xD, long_xD))
-    if self.host_exposed_s is None:  # one path: the busiest device's link time, then the overlap
-      per_short, per_long = self._link_units()
-      exposed = self._exposed((short_xD * per_short + long_xD * per_long).max(-1), compute)
-    else:
-      exposed = self.moves_s(short_xD, long_xD, np.asarray(compute)[..., None]).max(-1)
+    exposed = self.moves_s(short_xD, long_xD, np.asarray(compute)[..., None]).max(-1)
     return compute + exposed + max_remote_tokens * self.a2a_s_per_token
 
 
