@@ -13,15 +13,16 @@ import numpy as np
 from foremoe_jax.planner.config import PlanConfig
 
 
-def _off_base(slot_expert_MxLxDxS: np.ndarray, base_LxDxS: np.ndarray) -> np.ndarray:
-  return (slot_expert_MxLxDxS >= 0) & (slot_expert_MxLxDxS != base_LxDxS[None])
-
-
-def _continues(slot_expert_MxLxDxS: np.ndarray, off_MxLxDxS: np.ndarray) -> np.ndarray:
-  """bool [M, L, D, S]: the slot holds its off-base expert in micro-step m+1 too (never after the last)."""
-  goes_on = np.zeros_like(off_MxLxDxS)
-  goes_on[:-1] = off_MxLxDxS[:-1] & (slot_expert_MxLxDxS[1:] == slot_expert_MxLxDxS[:-1])
-  return goes_on
+def _masks(slot_expert_MxLxDxS: np.ndarray, base_LxDxS: np.ndarray):
+  """bool [M, L, D, S] three times: off (the slot holds an expert off the base), fresh (off, and not the
+  expert it held in micro-step m-1: a tenure starts) and goes_on (off, and held in m+1 too)."""
+  same_as_next = slot_expert_MxLxDxS[1:] == slot_expert_MxLxDxS[:-1]
+  off = (slot_expert_MxLxDxS >= 0) & (slot_expert_MxLxDxS != base_LxDxS[None])
+  fresh = off.copy()
+  fresh[1:] &= ~same_as_next
+  goes_on = np.zeros_like(off)
+  goes_on[:-1] = off[:-1] & same_as_next
+  return off, fresh, goes_on
 
 
 def per_device(mask_xS: np.ndarray) -> np.ndarray:
@@ -37,10 +38,7 @@ def tenure_starts(slot_expert_MxLxDxS: np.ndarray, base_LxDxS: np.ndarray) -> tu
   """bool [M, L, D, S] twice: the slots starting a tenure in (m, l) that lasts one micro-step, and those
   starting a longer one: slots holding an expert off the base that they did not hold in micro-step m-1,
   split by whether they still hold it in m+1."""
-  off = _off_base(slot_expert_MxLxDxS, base_LxDxS)
-  fresh = off.copy()
-  fresh[1:] &= slot_expert_MxLxDxS[1:] != slot_expert_MxLxDxS[:-1]
-  goes_on = _continues(slot_expert_MxLxDxS, off)
+  _, fresh, goes_on = _masks(slot_expert_MxLxDxS, base_LxDxS)
   return fresh & ~goes_on, fresh & goes_on
 
 
@@ -64,10 +62,7 @@ def keep_or_move(load_2xMxL: np.ndarray, se_MxLxDxS: np.ndarray, base_LxDxS: np.
   and holds that slot's expert. load: the busiest device's pairs under the base (0) and the moved
   candidate (1); extra: seconds either adds. Returns (choice int [M, L], seconds [L])."""
   num_micro, num_layers = se_MxLxDxS.shape[:2]
-  off = _off_base(se_MxLxDxS, base_LxDxS)
-  fresh = off.copy()
-  fresh[1:] &= se_MxLxDxS[1:] != se_MxLxDxS[:-1]
-  goes_on = _continues(se_MxLxDxS, off)
+  off, fresh, goes_on = _masks(se_MxLxDxS, base_LxDxS)
   # Per device, the tenures starting at m: after a keep (every off-base slot) or a move (the changed
   # ones), of which those going on if m+1 moves too. All end at m if m+1 keeps: the busiest device's
   # count prices them (a device's price grows with its count).
